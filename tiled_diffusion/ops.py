@@ -1,0 +1,269 @@
+"""Every op of the package: its schema, its fake (meta) implementation and its dispatch.
+
+Namespace `tiled_diffusion`; call them as `torch.ops.tiled_diffusion.<name>` or through the wrappers below.
+Dispatch: CPU -> C++ (`_C`) or the package's CPU path, CUDA -> C++/CUDA or Triton, any other device ->
+the pure-PyTorch reference (reference.py). `TILED_DIFFUSION_LOG=debug` logs which path ran and why (once
+per op, device and reason).
+
+Tensor layouts are given in each schema's docstring in reference.py.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("tiled_diffusion")
+
+# The native library is optional at import time (NATTEN's stubs.py idea): a missing `_C` only fails the ops
+# that need it, with the fix in the message.
+try:
+    from . import _C  # noqa: F401  (registers the private ops in namespace tiled_diffusion_C)
+
+    NATIVE_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - depends on the build
+    _C = None
+    NATIVE_ERROR = str(e)
+
+_FIX = 'build it with: pip install --no-build-isolation -e ".[dev]"  (see README.md)'
+
+LIB = torch.library.Library("tiled_diffusion", "DEF")
+LIB.define("quantize_per_token(Tensor x) -> (Tensor, Tensor)")
+LIB.define(
+    "int8_gemm(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor"
+)
+LIB.define("pack_int8_weight(Tensor w) -> Tensor")
+LIB.define(
+    "int8_gemm_packed(Tensor a, Tensor a_scale, Tensor w_packed, Tensor w_scale, Tensor? bias, "
+    "ScalarType out_dtype) -> Tensor"
+)
+LIB.define(
+    "window_attention(Tensor q, Tensor k, Tensor v, Tensor neighbours, Tensor? bias=None, float? scale=None)"
+    " -> (Tensor, Tensor)"
+)
+LIB.define(
+    "seam_blend(Tensor tiles, Tensor origins_y, Tensor origins_x, Tensor weights, int batch, int height, "
+    "int width) -> Tensor"
+)
+LIB.define(
+    "blend_lcm_step(Tensor tiles, Tensor origins_y, Tensor origins_x, Tensor weights, Tensor sample, "
+    "Tensor? noise, float sqrt_alpha_t, float sqrt_beta_t, float c_skip, float c_out, float sqrt_alpha_prev, "
+    "float sqrt_beta_prev) -> (Tensor, Tensor)"
+)
+
+OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", "window_attention",
+       "seam_blend", "blend_lcm_step")
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(op: str, device: str, path: str, why: str) -> None:
+    log.debug("%s on %s: %s (%s)", op, device, path, why)
+
+
+def choose(op: str, device: torch.device, path: str, why: str) -> None:
+    """Record which implementation an op takes; logged once per (op, device, path, reason)."""
+    if log.isEnabledFor(logging.DEBUG):
+        _log_choice(op, device.type, path, why)
+
+
+def native_op(name: str) -> Callable:
+    """The C++ kernel `tiled_diffusion_C::<name>`, or a clear error when the library is missing."""
+    if _C is None:
+        raise RuntimeError(f"tiled_diffusion._C is not available ({NATIVE_ERROR}); {_FIX}")
+    try:
+        return getattr(torch.ops.tiled_diffusion_C, name)
+    except (AttributeError, RuntimeError) as e:
+        raise RuntimeError(f"tiled_diffusion._C has no kernel {name!r} ({e}); {_FIX}") from None
+
+
+def native_has(name: str, device_type: str) -> bool:
+    """Whether `_C` was built with a `device_type` kernel for `name` (e.g. CUDA kernels need nvcc at build)."""
+    if _C is None:
+        return False
+    try:
+        op = getattr(torch.ops.tiled_diffusion_C, name)
+    except (AttributeError, RuntimeError):
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op._name, key)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    devs = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devs.values()))
+    for n, d in devs.items():
+        _check(d == first, f"{n} is on {d} but {next(iter(devs))} is on {first}: all tensors must share a device")
+
+
+# ------------------------------------------------------------------------------------------ int8 GEMM
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_quantize_per_token(x: torch.Tensor) -> None:
+    _check(x.dim() == 2, f"quantize_per_token: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _check(x.dtype in _FLOATS, f"quantize_per_token: x must be float32/bfloat16/float16, got {x.dtype}")
+
+
+def check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype, *, packed: bool = False) -> None:
+    op = "int8_gemm_packed" if packed else "int8_gemm"
+    _check_same_device(a=a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias)
+    _check(a.dim() == 2, f"{op}: a must be 2-D [M, K], got shape {tuple(a.shape)}")
+    _check(a.dtype == torch.int8, f"{op}: a must be int8, got {a.dtype}")
+    _check(w.dtype == torch.int8, f"{op}: w must be int8, got {w.dtype}")
+    _check(a_scale.dtype == torch.float32 and a_scale.shape == (a.shape[0],),
+           f"{op}: a_scale must be float32 [M={a.shape[0]}], got {a_scale.dtype} {tuple(a_scale.shape)}")
+    _check(w_scale.dtype == torch.float32 and w_scale.dim() == 1,
+           f"{op}: w_scale must be float32 [N], got {w_scale.dtype} {tuple(w_scale.shape)}")
+    n = w_scale.shape[0]
+    if not packed:
+        _check(w.dim() == 2 and w.shape[1] == a.shape[1],
+               f"{op}: w must be [N, K={a.shape[1]}], got shape {tuple(w.shape)}")
+        _check(w.shape[0] == n, f"{op}: w_scale must have N={w.shape[0]} entries, got {n}")
+    if bias is not None:
+        _check(bias.shape == (n,), f"{op}: bias must be [N={n}], got {tuple(bias.shape)}")
+        _check(bias.dtype in _FLOATS, f"{op}: bias must be a float tensor, got {bias.dtype}")
+    _check(out_dtype in _FLOATS, f"{op}: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+
+
+@torch.library.register_fake("tiled_diffusion::quantize_per_token")
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+@torch.library.register_fake("tiled_diffusion::int8_gemm")
+def _(a, a_scale, w, w_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("tiled_diffusion::int8_gemm_packed")
+def _(a, a_scale, w_packed, w_scale, bias, out_dtype):
+    return a.new_empty((a.shape[0], w_scale.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("tiled_diffusion::pack_int8_weight")
+def _(w):
+    if w.device.type == "cpu":
+        return w.new_empty((packed_numel_cpu(w.shape[0], w.shape[1]),), dtype=torch.int8)
+    return w.new_empty(w.shape, dtype=torch.int8)
+
+
+def packed_numel_cpu(n: int, k: int) -> int:
+    """Bytes of the CPU packed-weight layout for w [N, K] (must match csrc/cpu/int8_gemm.cpp)."""
+    raise NotImplementedError("filled in with the CPU kernel")
+
+
+def _quantize_per_token_impl(x):
+    check_quantize_per_token(x)
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and native_has("quantize_per_token", dev):
+        choose("quantize_per_token", x.device, "C++", "native kernel built")
+        return native_op("quantize_per_token")(x.contiguous())
+    choose("quantize_per_token", x.device, "reference", "no native kernel for this device")
+    return reference.quantize_per_token(x)
+
+
+def _int8_gemm_impl(a, a_scale, w, w_scale, bias, out_dtype):
+    check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+    dev = a.device.type
+    if dev in ("cpu", "cuda") and native_has("int8_gemm", dev):
+        choose("int8_gemm", a.device, "C++", "native kernel built")
+        return native_op("int8_gemm")(a.contiguous(), a_scale.contiguous(), w.contiguous(), w_scale.contiguous(),
+                                      None if bias is None else bias.contiguous(), out_dtype)
+    choose("int8_gemm", a.device, "reference", "no native kernel for this device")
+    return reference.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+
+
+def _pack_int8_weight_impl(w):
+    _check(w.dim() == 2 and w.dtype == torch.int8, f"pack_int8_weight: w must be int8 [N, K], got {w.dtype} "
+           f"{tuple(w.shape)}")
+    if w.device.type == "cpu":
+        return native_op("pack_int8_weight")(w.contiguous())
+    choose("pack_int8_weight", w.device, "identity", "only the CPU kernel uses a packed layout")
+    return w.contiguous().clone()
+
+
+def _int8_gemm_packed_impl(a, a_scale, w_packed, w_scale, bias, out_dtype):
+    check_int8_gemm(a, a_scale, w_packed, w_scale, bias, out_dtype, packed=True)
+    if a.device.type == "cpu":
+        choose("int8_gemm_packed", a.device, "C++", "CPU packed layout")
+        return native_op("int8_gemm_packed")(a.contiguous(), a_scale.contiguous(), w_packed, w_scale.contiguous(),
+                                             None if bias is None else bias.contiguous(), out_dtype)
+    return _int8_gemm_impl(a, a_scale, w_packed, w_scale, bias, out_dtype)  # packed == plain off the CPU
+
+
+for _name, _fn in (("quantize_per_token", _quantize_per_token_impl), ("int8_gemm", _int8_gemm_impl),
+                   ("pack_int8_weight", _pack_int8_weight_impl), ("int8_gemm_packed", _int8_gemm_packed_impl)):
+    torch.library.impl(LIB, _name, "CompositeExplicitAutograd")(_fn)
+
+
+# ----------------------------------------------------------------------------------- window attention
+
+
+@torch.library.register_fake("tiled_diffusion::window_attention")
+def _(q, k, v, neighbours, bias=None, scale=None):
+    T, H, L, _ = q.shape
+    return torch.empty_like(q), q.new_empty((T, H, L), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- seam blend
+
+
+@torch.library.register_fake("tiled_diffusion::seam_blend")
+def _(tiles, origins_y, origins_x, weights, batch, height, width):
+    return tiles.new_empty((batch, tiles.shape[1], height, width))
+
+
+@torch.library.register_fake("tiled_diffusion::blend_lcm_step")
+def _(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
+      sqrt_alpha_prev, sqrt_beta_prev):
+    return torch.empty_like(sample), torch.empty_like(sample)
+
+
+# ------------------------------------------------------------------------------------ Python wrappers
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.tiled_diffusion.quantize_per_token(x)
+
+
+def int8_gemm(a, a_scale, w, w_scale, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    return torch.ops.tiled_diffusion.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+
+
+def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.tiled_diffusion.pack_int8_weight(w)
+
+
+def int8_gemm_packed(a, a_scale, w_packed, w_scale, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    return torch.ops.tiled_diffusion.int8_gemm_packed(a, a_scale, w_packed, w_scale, bias, out_dtype)
+
+
+def window_attention(q, k, v, neighbours, bias=None, scale=None):
+    return torch.ops.tiled_diffusion.window_attention(q, k, v, neighbours, bias, scale)
+
+
+merge_attention = reference.merge_attention  # a few elementwise ops: torch is already optimal here
+
+
+def seam_blend(tiles, origins_y, origins_x, weights, batch, height, width):
+    return torch.ops.tiled_diffusion.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width)
+
+
+def blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
+                   sqrt_alpha_prev, sqrt_beta_prev):
+    return torch.ops.tiled_diffusion.blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise,
+                                                    sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev,
+                                                    sqrt_beta_prev)

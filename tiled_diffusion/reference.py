@@ -1,0 +1,171 @@
+"""Pure-PyTorch version of every op: the test oracle and the fallback on devices without a kernel.
+
+Short and obviously right beats fast here. Each function has the same name and argument order as its op
+in ops.py (`torch.ops.tiled_diffusion.<name>`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+# --------------------------------------------------------------------------------------------- int8 GEMM
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (x_i8 [M, K] int8, scale [M] fp32); symmetric: x ≈ x_i8 * scale, scale = absmax / 127.
+
+    An all-zero row gets scale 0 and zeros (no NaN). Rounding is round-half-to-even (torch.round).
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    x_i8 = torch.round(xf * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return x_i8, scale
+
+
+def int8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """a [M, K] int8, a_scale [M] fp32, w [N, K] int8, w_scale [N] fp32, bias [N] -> out [M, N] out_dtype.
+
+    out = (a @ wᵀ computed exactly in integers) * a_scale[:, None] * w_scale[None, :] + bias
+    """
+    acc = (a.to(torch.int64) @ w.to(torch.int64).t()).to(torch.float64)
+    out = acc * a_scale.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        out = out + bias.double()[None, :]
+    return out.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------- window attention
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    neighbours: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query tile attends to the keys of the tiles listed in its neighbour row.
+
+    q, k, v: [T, H, L, D] (T tiles, batch folded in; L tokens per tile). neighbours: int32 [T, NB], key-tile
+    indices, -1 = empty slot. bias: fp32 [T, NB] additive log-weight per neighbour (-inf = excluded).
+    Returns out [T, H, L, D] (q's dtype) and lse [T, H, L] fp32 (natural log of the softmax denominator,
+    scaled logits). A query with no valid key gets out = 0 and lse = -inf.
+    """
+    T, H, L, D = q.shape
+    NB = neighbours.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    nb = neighbours.long()
+    valid = nb >= 0
+    idx = nb.clamp(min=0)
+    kg = k.double()[idx]  # [T, NB, H, L, D]
+    vg = v.double()[idx]
+    kg = kg.permute(0, 2, 1, 3, 4).reshape(T, H, NB * L, D)
+    vg = vg.permute(0, 2, 1, 3, 4).reshape(T, H, NB * L, D)
+    logits = torch.einsum("thld,thsd->thls", q.double(), kg) * scale
+    slot_bias = torch.zeros(T, NB, dtype=torch.float64, device=q.device) if bias is None else bias.double()
+    slot_bias = torch.where(valid, slot_bias, torch.full_like(slot_bias, -math.inf))
+    logits = logits + slot_bias.repeat_interleave(L, dim=1)[:, None, None, :]
+    lse = torch.logsumexp(logits, dim=-1)  # -inf for rows without a valid key
+    p = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    p = torch.nan_to_num(p, nan=0.0)
+    out = torch.einsum("thls,thsd->thld", p, vg)
+    return out.to(q.dtype), lse.float()
+
+
+def merge_attention(
+    out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attention results over disjoint key sets: out [..., L, D], lse [..., L]."""
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w1 = torch.exp(lse1 - safe)[..., None]
+    w2 = torch.exp(lse2 - safe)[..., None]
+    out = w1 * out1.float() + w2 * out2.float()
+    return out.to(out1.dtype), lse
+
+
+# ------------------------------------------------------------------------------------------ seam blend
+
+
+def seam_blend(
+    tiles: torch.Tensor,
+    origins_y: torch.Tensor,
+    origins_x: torch.Tensor,
+    weights: torch.Tensor,
+    batch: int,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """Weighted average of overlapping tiles on the canvas.
+
+    tiles [N, C, th, tw] with N = batch * ny * nx ordered (b, iy, ix); origins_y int32 [ny], origins_x int32
+    [nx]: top-left corner of each tile row/column on the canvas; weights fp32 [th, tw]: the window profile.
+    canvas[b, c, y, x] = Σ w·tile / Σ w over the tiles covering (y, x); 0 where Σ w = 0. Output dtype = tiles'.
+    """
+    N, C, th, tw = tiles.shape
+    ny, nx = origins_y.numel(), origins_x.numel()
+    acc = torch.zeros(batch, C, height, width, dtype=torch.float64, device=tiles.device)
+    wsum = torch.zeros(height, width, dtype=torch.float64, device=tiles.device)
+    t = tiles.double().reshape(batch, ny, nx, C, th, tw)
+    w = weights.double()
+    for iy, oy in enumerate(origins_y.tolist()):
+        for ix, ox in enumerate(origins_x.tolist()):
+            acc[:, :, oy : oy + th, ox : ox + tw] += t[:, iy, ix] * w
+            wsum[oy : oy + th, ox : ox + tw] += w
+    out = torch.where(wsum > 0, acc / torch.where(wsum > 0, wsum, torch.ones_like(wsum)), torch.zeros_like(acc))
+    return out.to(tiles.dtype)
+
+
+def lcm_step(
+    eps: torch.Tensor,
+    sample: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    sqrt_alpha_t: float,
+    sqrt_beta_t: float,
+    c_skip: float,
+    c_out: float,
+    sqrt_alpha_prev: float,
+    sqrt_beta_prev: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LCMScheduler.step for an epsilon-predicting model (diffusers' formula, no thresholding).
+
+    x0 = (sample - sqrt_beta_t * eps) / sqrt_alpha_t; denoised = c_out * x0 + c_skip * sample;
+    prev = sqrt_alpha_prev * denoised + sqrt_beta_prev * noise (noise None on the last step: prev = denoised).
+    Returns (prev_sample, denoised) in sample's dtype.
+    """
+    s = sample.double()
+    x0 = (s - sqrt_beta_t * eps.double()) / sqrt_alpha_t
+    denoised = c_out * x0 + c_skip * s
+    prev = denoised if noise is None else sqrt_alpha_prev * denoised + sqrt_beta_prev * noise.double()
+    return prev.to(sample.dtype), denoised.to(sample.dtype)
+
+
+def blend_lcm_step(
+    tiles: torch.Tensor,
+    origins_y: torch.Tensor,
+    origins_x: torch.Tensor,
+    weights: torch.Tensor,
+    sample: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    sqrt_alpha_t: float,
+    sqrt_beta_t: float,
+    c_skip: float,
+    c_out: float,
+    sqrt_alpha_prev: float,
+    sqrt_beta_prev: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """seam_blend of tile ε-predictions onto sample's canvas [B, C, H, W], then lcm_step on the canvas."""
+    B, _, H, W = sample.shape
+    eps = seam_blend(tiles.double(), origins_y, origins_x, weights, B, H, W)
+    return lcm_step(eps, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev, sqrt_beta_prev)
