@@ -92,7 +92,7 @@ def native_has(name: str, device_type: str) -> bool:
     except (AttributeError, RuntimeError):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op._name, key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
 
 
 def _check(cond: bool, msg: str) -> None:
