@@ -1,0 +1,109 @@
+"""`tiled-diffusion generate | bench | inspect`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+SUITES = {  # suite name -> benchmarks/bench_<file>.py
+    "gemm": "bench_int8_gemm",
+    "attention": "bench_window_attention",
+    "blend": "bench_seam_blend",
+    "pipeline": "bench_pipeline",
+}
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT (e.g. 4096x2304), got {text!r}") from None
+    return w, h
+
+
+def _benchmarks_dir() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "benchmarks")
+    if not os.path.isdir(path):
+        raise SystemExit("tiled-diffusion bench needs a source checkout (the benchmarks/ folder beside the package)")
+    return path
+
+
+def bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    sys.path.insert(0, _benchmarks_dir())
+    import harness
+
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    env = harness.environment()
+    print("  ".join(f"{k}={v}" for k, v in env.items()))
+    results = {}
+    for name in names:
+        module = importlib.import_module(SUITES[name])
+        rows = module.suite(quick=args.quick)
+        harness.print_table(f"{name} ({'quick' if args.quick else 'full'})", rows)
+        results[name] = rows
+    if args.json:
+        harness.write_json(args.json, results)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def inspect_cmd(args: argparse.Namespace) -> int:
+    from . import inspect
+
+    argv = (["--check"] if args.check else []) + (["--json"] if args.json else [])
+    return inspect.main(argv)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from .generate import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tiled-diffusion", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate one image on a tiled canvas")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--size", type=_size, default=(2048, 2048), help="WIDTHxHEIGHT in pixels (multiples of 16)")
+    g.add_argument("--steps", type=int, default=4, help="LCM steps (2-4 for PixArt-δ)")
+    g.add_argument("--model", default="tiny", help="a local diffusers PixArt folder, or 'tiny' (built-in test model)")
+    g.add_argument("--mode", choices=["cross_tile", "multidiffusion", "global"], default="cross_tile")
+    g.add_argument("--tile", type=int, default=1024, help="tile size in pixels")
+    g.add_argument("--radius", type=int, default=1, help="cross_tile: neighbour radius in tiles")
+    g.add_argument("--overlap", type=float, default=0.5, help="multidiffusion: overlap as a fraction of the tile")
+    g.add_argument("--profile", choices=["uniform", "linear", "cosine", "gaussian"], default="cosine")
+    g.add_argument("--int8", choices=["w8a8", "none"], default="w8a8", help="transformer linear layers")
+    g.add_argument("--guidance-scale", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 (fp16 on GPU)")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--max-memory-gb", type=float, default=None, help="refuse requests whose estimate exceeds this")
+    g.add_argument("--out", default="image.png")
+    g.add_argument("--json", default=None, help="write per-stage timings here")
+    g.set_defaults(func=generate)
+
+    b = sub.add_parser("bench", help="run a benchmark suite and print a table")
+    b.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    b.add_argument("--quick", action="store_true", help="tiny sizes (what CI runs)")
+    b.add_argument("--json", default=None, help="also write the rows and environment to this file")
+    b.set_defaults(func=bench)
+
+    i = sub.add_parser("inspect", help="static GPU report: compile every kernel for sm_80/sm_90, list resources")
+    i.add_argument("--check", action="store_true", help="exit non-zero on spills or missing tensor-core code")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=inspect_cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
