@@ -95,6 +95,15 @@ def native_has(name: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
 
 
+def _native_for(name: str, device: torch.device) -> Callable:
+    """The C++ kernel for `device`, or a clear error (e.g. `_C` built without CUDA because nvcc was missing)."""
+    op = native_op(name)
+    if not native_has(name, device.type):
+        raise RuntimeError(f"tiled_diffusion._C was built without a {device.type.upper()} kernel for {name!r} "
+                           f"(CUDA kernels need a CUDA build of torch and nvcc at build time); {_FIX}")
+    return op
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -167,22 +176,21 @@ def packed_numel_cpu(n: int, k: int) -> int:
 
 def _quantize_per_token_impl(x):
     check_quantize_per_token(x)
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and native_has("quantize_per_token", dev):
-        choose("quantize_per_token", x.device, "C++", "native kernel built")
-        return native_op("quantize_per_token")(x.contiguous())
-    choose("quantize_per_token", x.device, "reference", "no native kernel for this device")
+    if x.device.type in ("cpu", "cuda"):
+        choose("quantize_per_token", x.device, "C++", "native kernel")
+        return _native_for("quantize_per_token", x.device)(x.contiguous())
+    choose("quantize_per_token", x.device, "reference", "no native kernel for this device type")
     return reference.quantize_per_token(x)
 
 
 def _int8_gemm_impl(a, a_scale, w, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
-    dev = a.device.type
-    if dev in ("cpu", "cuda") and native_has("int8_gemm", dev):
-        choose("int8_gemm", a.device, "C++", "native kernel built")
-        return native_op("int8_gemm")(a.contiguous(), a_scale.contiguous(), w.contiguous(), w_scale.contiguous(),
-                                      None if bias is None else bias.contiguous(), out_dtype)
-    choose("int8_gemm", a.device, "reference", "no native kernel for this device")
+    if a.device.type in ("cpu", "cuda"):
+        choose("int8_gemm", a.device, "C++", "native kernel")
+        return _native_for("int8_gemm", a.device)(a.contiguous(), a_scale.contiguous(), w.contiguous(),
+                                                  w_scale.contiguous(), None if bias is None else bias.contiguous(),
+                                                  out_dtype)
+    choose("int8_gemm", a.device, "reference", "no native kernel for this device type")
     return reference.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
 
 
@@ -190,7 +198,8 @@ def _pack_int8_weight_impl(w):
     _check(w.dim() == 2 and w.dtype == torch.int8, f"pack_int8_weight: w must be int8 [N, K], got {w.dtype} "
            f"{tuple(w.shape)}")
     if w.device.type == "cpu":
-        return native_op("pack_int8_weight")(w.contiguous())
+        choose("pack_int8_weight", w.device, "C++", "the CPU kernel's VNNI layout")
+        return _native_for("pack_int8_weight", w.device)(w.contiguous())
     choose("pack_int8_weight", w.device, "identity", "only the CPU kernel uses a packed layout")
     return w.contiguous().clone()
 
@@ -199,7 +208,7 @@ def _int8_gemm_packed_impl(a, a_scale, w_packed, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w_packed, w_scale, bias, out_dtype, packed=True)
     if a.device.type == "cpu":
         choose("int8_gemm_packed", a.device, "C++", "CPU packed layout")
-        return native_op("int8_gemm_packed")(a.contiguous(), a_scale.contiguous(), w_packed, w_scale.contiguous(),
+        return _native_for("int8_gemm_packed", a.device)(a.contiguous(), a_scale.contiguous(), w_packed, w_scale.contiguous(),
                                              None if bias is None else bias.contiguous(), out_dtype)
     return _int8_gemm_impl(a, a_scale, w_packed, w_scale, bias, out_dtype)  # packed == plain off the CPU
 
