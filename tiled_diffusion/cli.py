@@ -10,6 +10,7 @@ SUITES = {  # suite name -> benchmarks/bench_<file>.py
     "attention": "bench_window_attention",
     "blend": "bench_seam_blend",
     "pipeline": "bench_pipeline",
+    "memory": "bench_memory",
 }
 
 
