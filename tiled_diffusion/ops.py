@@ -170,14 +170,29 @@ def _(w):
 
 
 def packed_numel_cpu(n: int, k: int) -> int:
-    """Bytes of the CPU packed-weight layout for w [N, K] (must match csrc/cpu/int8_gemm.cpp)."""
-    raise NotImplementedError("filled in with the CPU kernel")
+    """Bytes of the CPU packed-weight layout for w [N, K] (must match csrc/cpu/int8_gemm.cpp).
+
+    Np = N rounded up to 16, Kp = K rounded up to 4: Np*Kp int8 weights in blocks [Np/16][Kp/4][16][4], then
+    int32 comp[Np] = 128 * Σ_k w[n, k] (the u8×s8 vpdpbusd correction), then 16 int32 flags.
+    """
+    np_, kp = -(-n // 16) * 16, -(-k // 4) * 4
+    return np_ * kp + 4 * np_ + 64
+
+
+def cpu_isa() -> str:
+    """ISA path the CPU int8 kernels take now: avx512 (VNNI), avx2 or scalar. TD_CPU_ISA=avx512|avx2|scalar
+    (read at every call) forces one."""
+    return torch.ops.tiled_diffusion_C.cpu_isa() if _C is not None else "none"
+
+
+def _int8_path(device: torch.device) -> str:
+    return f"C++ {cpu_isa()}" if device.type == "cpu" else "C++"
 
 
 def _quantize_per_token_impl(x):
     check_quantize_per_token(x)
     if x.device.type in ("cpu", "cuda"):
-        choose("quantize_per_token", x.device, "C++", "native kernel")
+        choose("quantize_per_token", x.device, _int8_path(x.device), "native kernel")
         return _native_for("quantize_per_token", x.device)(x.contiguous())
     choose("quantize_per_token", x.device, "reference", "no native kernel for this device type")
     return reference.quantize_per_token(x)
@@ -186,7 +201,7 @@ def _quantize_per_token_impl(x):
 def _int8_gemm_impl(a, a_scale, w, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
     if a.device.type in ("cpu", "cuda"):
-        choose("int8_gemm", a.device, "C++", "native kernel")
+        choose("int8_gemm", a.device, _int8_path(a.device), "native kernel")
         return _native_for("int8_gemm", a.device)(a.contiguous(), a_scale.contiguous(), w.contiguous(),
                                                   w_scale.contiguous(), None if bias is None else bias.contiguous(),
                                                   out_dtype)
@@ -207,7 +222,7 @@ def _pack_int8_weight_impl(w):
 def _int8_gemm_packed_impl(a, a_scale, w_packed, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w_packed, w_scale, bias, out_dtype, packed=True)
     if a.device.type == "cpu":
-        choose("int8_gemm_packed", a.device, "C++", "CPU packed layout")
+        choose("int8_gemm_packed", a.device, _int8_path(a.device), "CPU packed layout")
         return _native_for("int8_gemm_packed", a.device)(a.contiguous(), a_scale.contiguous(), w_packed, w_scale.contiguous(),
                                              None if bias is None else bias.contiguous(), out_dtype)
     return _int8_gemm_impl(a, a_scale, w_packed, w_scale, bias, out_dtype)  # packed == plain off the CPU
@@ -239,6 +254,79 @@ def _(tiles, origins_y, origins_x, weights, batch, height, width):
 def _(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
       sqrt_alpha_prev, sqrt_beta_prev):
     return torch.empty_like(sample), torch.empty_like(sample)
+
+
+def check_seam_blend(op, tiles, origins_y, origins_x, weights, batch, height, width) -> None:
+    """Shapes, dtypes, devices and tile placement (origins are read on the host: H + W ints, cheap)."""
+    _check_same_device(tiles=tiles, origins_y=origins_y, origins_x=origins_x, weights=weights)
+    _check(tiles.dim() == 4, f"{op}: tiles must be 4-D [N, C, th, tw], got shape {tuple(tiles.shape)}")
+    _check(tiles.dtype in _FLOATS, f"{op}: tiles must be float32/bfloat16/float16, got {tiles.dtype}")
+    N, C, th, tw = tiles.shape
+    for name, o in (("origins_y", origins_y), ("origins_x", origins_x)):
+        _check(o.dtype == torch.int32 and o.dim() == 1 and o.numel() > 0,
+               f"{op}: {name} must be a non-empty 1-D int32 tensor, got {o.dtype} {tuple(o.shape)}")
+    ny, nx = origins_y.numel(), origins_x.numel()
+    _check(batch >= 1 and N == batch * ny * nx,
+           f"{op}: tiles has N={N} tiles but batch*ny*nx = {batch}*{ny}*{nx} = {batch * ny * nx}")
+    _check(weights.shape == (th, tw) and weights.dtype == torch.float32,
+           f"{op}: weights must be float32 [th={th}, tw={tw}], got {weights.dtype} {tuple(weights.shape)}")
+    for name, o, t, size, dim in (("origins_y", origins_y, th, height, "height"),
+                                  ("origins_x", origins_x, tw, width, "width")):
+        v = o.tolist()
+        _check(all(a <= b for a, b in zip(v, v[1:])), f"{op}: {name} must be sorted, got {v}")
+        _check(v[0] >= 0 and v[-1] + t <= size,
+               f"{op}: {name} {v} places tiles of size {t} outside the canvas {dim} {size}")
+
+
+def _seam_blend_impl(tiles, origins_y, origins_x, weights, batch, height, width):
+    check_seam_blend("seam_blend", tiles, origins_y, origins_x, weights, batch, height, width)
+    dev = tiles.device
+    if dev.type == "cuda":
+        from .triton_kernels.seam_blend import seam_blend_triton
+
+        choose("seam_blend", dev, "Triton", "CUDA tensors")
+        return seam_blend_triton(tiles, origins_y, origins_x, weights, batch, height, width)
+    if dev.type == "cpu":
+        from .cpu.seam_blend import seam_blend_cpu
+
+        choose("seam_blend", dev, "CPU", "fp32 slicing adds with pre-normalised weights")
+        return seam_blend_cpu(tiles, origins_y, origins_x, weights, batch, height, width)
+    choose("seam_blend", dev, "reference", f"no kernel for {dev.type}")
+    return reference.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width)
+
+
+def _blend_lcm_step_impl(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip,
+                         c_out, sqrt_alpha_prev, sqrt_beta_prev):
+    op = "blend_lcm_step"
+    _check(sample.dim() == 4, f"{op}: sample must be 4-D [B, C, H, W], got shape {tuple(sample.shape)}")
+    B, C, H, W = sample.shape
+    check_seam_blend(op, tiles, origins_y, origins_x, weights, B, H, W)
+    _check_same_device(tiles=tiles, sample=sample, noise=noise)
+    _check(tiles.shape[1] == C, f"{op}: tiles have C={tiles.shape[1]} channels but sample has {C}")
+    _check(sample.dtype in _FLOATS, f"{op}: sample must be float32/bfloat16/float16, got {sample.dtype}")
+    if noise is not None:
+        _check(noise.shape == sample.shape,
+               f"{op}: noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
+    _check(sqrt_alpha_t != 0.0, f"{op}: sqrt_alpha_t must be non-zero")
+    args = (tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
+            sqrt_alpha_prev, sqrt_beta_prev)
+    dev = tiles.device
+    if dev.type == "cuda":
+        from .triton_kernels.seam_blend import blend_lcm_step_triton
+
+        choose(op, dev, "Triton", "CUDA tensors")
+        return blend_lcm_step_triton(*args)
+    if dev.type == "cpu":
+        from .cpu.seam_blend import blend_lcm_step_cpu
+
+        choose(op, dev, "CPU", "fp32 slicing adds with the step folded into the weights")
+        return blend_lcm_step_cpu(*args)
+    choose(op, dev, "reference", f"no kernel for {dev.type}")
+    return reference.blend_lcm_step(*args)
+
+
+torch.library.impl(LIB, "seam_blend", "CompositeExplicitAutograd")(_seam_blend_impl)
+torch.library.impl(LIB, "blend_lcm_step", "CompositeExplicitAutograd")(_blend_lcm_step_impl)
 
 
 # ------------------------------------------------------------------------------------ Python wrappers

@@ -1,0 +1,58 @@
+"""Scalars of one diffusers `LCMScheduler.step`, for the fused `blend_lcm_step` op.
+
+The scheduler is stateful (its step index advances in `step`); these helpers only read its state, so a sampler
+that calls the fused op instead of `scheduler.step` must advance the scheduler itself (`advance`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def lcm_coefficients(scheduler, step_index: int) -> dict:
+    """The scalars `blend_lcm_step` takes for step `step_index` of `scheduler.timesteps` (set_timesteps done).
+
+    Mirrors LCMScheduler.step for prediction_type "epsilon" without thresholding/clipping:
+    returns {"timestep", "sqrt_alpha_t", "sqrt_beta_t", "c_skip", "c_out", "sqrt_alpha_prev", "sqrt_beta_prev",
+    "last"}; "last" = the final step, where the op gets noise=None (prev_sample = denoised).
+    """
+    cfg = scheduler.config
+    if cfg.prediction_type != "epsilon":
+        raise ValueError(f"lcm_coefficients: only prediction_type='epsilon' is supported, got {cfg.prediction_type!r}")
+    if cfg.thresholding or cfg.clip_sample:
+        raise ValueError("lcm_coefficients: thresholding/clip_sample are not fused; disable them in the scheduler")
+    timesteps = scheduler.timesteps
+    if timesteps is None or scheduler.num_inference_steps is None:
+        raise ValueError("lcm_coefficients: call scheduler.set_timesteps(...) first")
+    if not 0 <= step_index < len(timesteps):
+        raise ValueError(f"lcm_coefficients: step_index {step_index} outside [0, {len(timesteps)})")
+    t = int(timesteps[step_index])
+    prev_t = int(timesteps[step_index + 1]) if step_index + 1 < len(timesteps) else t
+    ac = scheduler.alphas_cumprod  # fp32, as the scheduler computes with it
+    a_t = ac[t]
+    a_prev = ac[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    return {
+        "timestep": t,
+        "sqrt_alpha_t": float(a_t.sqrt()),
+        "sqrt_beta_t": float((1 - a_t).sqrt()),
+        "c_skip": float(c_skip),
+        "c_out": float(c_out),
+        "sqrt_alpha_prev": float(torch.as_tensor(a_prev).sqrt()),
+        "sqrt_beta_prev": float((1 - torch.as_tensor(a_prev)).sqrt()),
+        "last": step_index == scheduler.num_inference_steps - 1,
+    }
+
+
+STEP_ARGS = ("sqrt_alpha_t", "sqrt_beta_t", "c_skip", "c_out", "sqrt_alpha_prev", "sqrt_beta_prev")
+
+
+def step_args(coeffs: dict) -> tuple[float, ...]:
+    """The six float arguments of `blend_lcm_step`, in schema order."""
+    return tuple(coeffs[k] for k in STEP_ARGS)
+
+
+def advance(scheduler) -> None:
+    """Advance the scheduler's step index as its own `step` would have (after a fused step)."""
+    if scheduler.step_index is None:
+        scheduler._init_step_index(scheduler.timesteps[0])
+    scheduler._step_index += 1
