@@ -242,6 +242,67 @@ def _(q, k, v, neighbours, bias=None, scale=None):
     return torch.empty_like(q), q.new_empty((T, H, L), dtype=torch.float32)
 
 
+def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_indices: bool = True) -> None:
+    """Shapes, dtypes, devices; neighbour indices in [-1, T) (a device sync on CUDA; skip with check_indices)."""
+    op = "window_attention"
+    _check_same_device(q=q, k=k, v=v, neighbours=neighbours, bias=bias)
+    _check(q.dim() == 4, f"{op}: q must be 4-D [T, H, L, D], got shape {tuple(q.shape)}")
+    _check(q.dtype in _FLOATS, f"{op}: q must be float32/bfloat16/float16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        _check(t.shape == q.shape, f"{op}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        _check(t.dtype == q.dtype, f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    T = q.shape[0]
+    _check(neighbours.dim() == 2 and neighbours.shape[0] == T,
+           f"{op}: neighbours must be [T={T}, NB], got shape {tuple(neighbours.shape)}")
+    _check(neighbours.dtype in (torch.int32, torch.int64),
+           f"{op}: neighbours must be int32 (or int64), got {neighbours.dtype}")
+    if bias is not None:
+        _check(bias.shape == neighbours.shape,
+               f"{op}: bias must be [T, NB]={tuple(neighbours.shape)} like neighbours, got {tuple(bias.shape)}")
+        _check(bias.dtype == torch.float32, f"{op}: bias must be float32, got {bias.dtype}")
+    _check(scale is None or 0 < scale < float("inf"), f"{op}: scale must be a finite number > 0, "
+           f"got {scale}")
+    if check_indices and neighbours.numel() and neighbours.device.type != "meta":
+        lo, hi = int(neighbours.min()), int(neighbours.max())
+        _check(lo >= -1 and hi < T, f"{op}: neighbours must hold tile indices in [0, T={T}) or -1 for an empty "
+               f"slot, got values in [{lo}, {hi}]")
+
+
+def _window_attention_impl(q, k, v, neighbours, bias=None, scale=None):
+    check_window_attention(q, k, v, neighbours, bias, scale)
+    dev = q.device
+    if dev.type == "cuda":
+        why = _triton_window_attention_unavailable(q.shape[-1])
+        if why is None:
+            from .triton_kernels.window_attention import window_attention_triton
+
+            choose("window_attention", dev, "Triton", "triton importable and head dim supported")
+            return window_attention_triton(q, k, v, neighbours, bias, scale)
+        choose("window_attention", dev, "reference", why)
+        return reference.window_attention(q, k, v, neighbours, bias, scale)
+    if dev.type == "cpu":
+        from .cpu.window_attention import window_attention_cpu
+
+        choose("window_attention", dev, "CPU path", "fused CPU flash attention over gathered neighbours")
+        return window_attention_cpu(q, k, v, neighbours, bias, scale)
+    choose("window_attention", dev, "reference", f"no kernel for device type {dev.type}")
+    return reference.window_attention(q, k, v, neighbours, bias, scale)
+
+
+def _triton_window_attention_unavailable(head_dim: int) -> Optional[str]:
+    """None when the Triton kernel can run, else the reason it cannot."""
+    try:
+        from .triton_kernels.window_attention import supports_head_dim
+    except ImportError as e:
+        return f"triton not importable ({e})"
+    if not supports_head_dim(head_dim):
+        return f"head dim {head_dim} unsupported by the Triton kernel (needs 16..256 with <= 12.5% tail waste)"
+    return None
+
+
+torch.library.impl(LIB, "window_attention", "CompositeExplicitAutograd")(_window_attention_impl)
+
+
 # ---------------------------------------------------------------------------------------- seam blend
 
 

@@ -1,0 +1,229 @@
+"""Triton forward kernel of `window_attention`: flash attention over each query tile's neighbour tiles.
+
+Layouts: q, k, v, out [T, H, L, D] contiguous; neighbours int32 [T, NB]
+(-1 = empty slot); bias fp32 [T, NB] (additive log-weight per neighbour slot, -inf = excluded);
+lse fp32 [T, H, L] (natural log).
+
+One program = BLOCK_M queries of one (tile, head); grid (cdiv(L, BLOCK_M), T*H). The program walks the
+neighbour slots; a -1 or -inf slot gets an empty key loop (its bound is set to 0), so excluded tiles cost
+nothing. Online softmax in base 2 with fp32 state: the scale is pre-multiplied by log2(e) so every
+exponential is one exp2, and the per-slot bias is folded in log2 units. L need not be a multiple of the
+block sizes (masked loads, -inf logits past L).
+
+Head dim without padding to 128: D is split into a power-of-two main part DA and a tail DB (a power of two
+≥ 16, the smallest `tl.dot` operand; masked past D). PixArt's D = 72 runs as 64 + 16 (8 of the 16 tail
+columns are masked): 80 computed columns for 72 useful = 11.1% extra FLOPs (padding to 128 would be 78%).
+D = 64 / 128 have no tail (DB = 0).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Small blocks for the interpreter (tests use tiny L; 16 is the smallest tl.dot size).
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+def split_head_dim(d: int) -> tuple[int, int]:
+    """D -> (DA, DB): DA the largest power of two ≤ D (≥ 16), DB the tail rounded up to a power of two ≥ 16
+    (0 when D is a power of two). Wasted columns: DA + DB - D."""
+    if d < 16:
+        raise ValueError(f"window_attention (Triton): head dim D={d} < 16 is not supported")
+    da = 1 << (d.bit_length() - 1)
+    rest = d - da
+    db = 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
+    return da, db
+
+
+def supports_head_dim(d: int) -> bool:
+    """Head dims the kernel runs at ≤ 12.5% wasted FLOPs (16 ≤ D ≤ 256, tail waste ≤ D/8)."""
+    if d < 16 or d > 256:
+        return False
+    da, db = split_head_dim(d)
+    return (da + db - d) <= d / 8
+
+
+@triton.jit
+def _window_attention_fwd(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, nb_ptr, bias_ptr,
+    H, L, NB, qk_scale,
+    HEAD_D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_th = tl.program_id(1)
+    t = pid_th // H
+    h = pid_th % H
+    t64 = t.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_a = tl.arange(0, DA)
+    m_ok = offs_m < L
+
+    # Contiguous [T, H, L, D]: row stride is the constexpr HEAD_D, so the compiler can prove 16-byte
+    # alignment of every row (D = 72 -> 144 bytes) and vectorize / pipeline (cp.async) the K, V loads.
+    # Runtime strides would hide that alignment and leave the loads scalar and unpipelined.
+    q_base = q_ptr + (t64 * H + h) * L * HEAD_D
+    q_a = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_a[None, :], mask=m_ok[:, None], other=0.0)
+    if DB > 0:
+        offs_b = DA + tl.arange(0, DB)
+        b_ok = offs_b < HEAD_D
+        q_b = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
+                      other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+
+    for j in range(0, NB):
+        kt = tl.load(nb_ptr + t64 * NB + j)
+        if HAS_BIAS:
+            slot_bias = tl.load(bias_ptr + t64 * NB + j) * 1.4426950408889634  # log2 units
+            use = (kt >= 0) & (slot_bias > float("-inf"))
+        else:
+            slot_bias = 0.0
+            use = kt >= 0
+        n_end = tl.where(use, L, 0)  # an excluded slot runs no key block at all
+        kt64 = tl.maximum(kt, 0).to(tl.int64)
+        kv_off = (kt64 * H + h) * L * HEAD_D
+        k_base = k_ptr + kv_off
+        v_base = v_ptr + kv_off
+        for n0 in range(0, n_end, BLOCK_N):
+            cols = n0 + offs_n
+            n_ok = cols < L
+            k_a = tl.load(k_base + cols[None, :] * HEAD_D + offs_a[:, None], mask=n_ok[None, :], other=0.0)
+            if FP32_DOT:
+                s = tl.dot(q_a, k_a, input_precision="ieee")
+            else:
+                s = tl.dot(q_a, k_a)
+            if DB > 0:
+                k_b = tl.load(k_base + cols[None, :] * HEAD_D + offs_b[:, None], mask=n_ok[None, :] & b_ok[:, None],
+                              other=0.0)
+                if FP32_DOT:
+                    s += tl.dot(q_b, k_b, input_precision="ieee")
+                else:
+                    s += tl.dot(q_b, k_b)
+            s = s * qk_scale + slot_bias
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has ≥ 1 valid column
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            v_a = tl.load(v_base + cols[:, None] * HEAD_D + offs_a[None, :], mask=n_ok[:, None], other=0.0)
+            p_in = p.to(v_a.dtype)
+            if FP32_DOT:
+                acc_a = acc_a * alpha[:, None] + tl.dot(p_in, v_a, input_precision="ieee")
+            else:
+                acc_a = tl.dot(p_in, v_a, acc_a * alpha[:, None])
+            if DB > 0:
+                v_b = tl.load(v_base + cols[:, None] * HEAD_D + offs_b[None, :], mask=n_ok[:, None] & b_ok[None, :],
+                              other=0.0)
+                if FP32_DOT:
+                    acc_b = acc_b * alpha[:, None] + tl.dot(p_in, v_b, input_precision="ieee")
+                else:
+                    acc_b = tl.dot(p_in, v_b, acc_b * alpha[:, None])
+
+    # Rows that saw no valid key keep l_i = 0: output 0 and lse = -inf, no NaN.
+    nonempty = l_i > 0
+    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + (t64 * H + h) * L + offs_m, lse, mask=m_ok)
+    o_base = o_ptr + (t64 * H + h) * L * HEAD_D
+    tl.store(o_base + offs_m[:, None] * HEAD_D + offs_a[None, :], (acc_a * inv_l[:, None]).to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+    if DB > 0:
+        tl.store(o_base + offs_m[:, None] * HEAD_D + offs_b[None, :],
+                 (acc_b * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & b_ok[None, :])
+
+
+# Tensor-core configs, checked ahead of time for sm_80 and sm_90 at D = 72 (bf16/fp16, with and without bias):
+# cp.async-pipelined, no stack frame (cuobjdump STACK 0). sm_80 runs at the 255-register limit for BLOCK_M 128,
+# and these variants spilled there, so they are left out: m128n64w4s3, m128n32w4s2, m64n64w4s3/s2,
+# m128n64w8s2. 8 warps for BLOCK_M 128 = two warpgroups for wgmma on sm_90.
+TUNE_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+]
+
+_window_attention_fwd_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                           num_stages=c["num_stages"]) for c in TUNE_CONFIGS],
+    key=["L", "HEAD_D", "FP32_DOT"],
+)(_window_attention_fwd)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbours: torch.Tensor,
+                            bias: torch.Tensor | None = None, scale: float | None = None,
+                            config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel. Inputs are assumed checked (ops.check_window_attention). CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1. `config` forces one block config (skips autotuning)."""
+    T, H, L, D = q.shape
+    NB = neighbours.shape[1]
+    da, db = split_head_dim(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    nb = neighbours.to(torch.int32).contiguous()
+    has_bias = bias is not None
+    bias_arg = bias.to(torch.float32).contiguous() if has_bias else nb  # never read without HAS_BIAS
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((T, H, L), dtype=torch.float32, device=q.device)
+    if T == 0 or L == 0 or H == 0:
+        return out, lse
+    args = (q, k, v, out, lse, nb, bias_arg, H, L, NB, scale * LOG2E)
+    meta = dict(HEAD_D=D, DA=da, DB=db, HAS_BIAS=has_bias, FP32_DOT=q.dtype == torch.float32)
+    if config is None and _interpreting():
+        config = INTERPRET_CONFIG
+    if config is not None:
+        grid = (triton.cdiv(L, config["BLOCK_M"]), T * H)
+        _window_attention_fwd[grid](*args, **meta, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                                    num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    else:
+        grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), T * H)  # noqa: E731
+        _window_attention_fwd_tuned[grid](*args, **meta)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------ ahead-of-time configs
+
+
+def _aot_configs() -> list[dict]:
+    configs = []
+    for dt in ("bf16", "fp16"):
+        ptr = f"*{dt}"
+        for has_bias in (True, False):
+            for c in TUNE_CONFIGS:
+                name = (f"window_attention_d72_{dt}{'_bias' if has_bias else ''}_m{c['BLOCK_M']}n{c['BLOCK_N']}"
+                        f"w{c['num_warps']}s{c['num_stages']}")
+                sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "lse_ptr": "*fp32",
+                       "nb_ptr": "*i32", "bias_ptr": "*fp32", "H": "i32", "L": "i32", "NB": "i32", "qk_scale": "fp32"}
+                configs.append({
+                    "name": name, "kernel": _window_attention_fwd,
+                    "signature": sig,
+                    "constexprs": {"HEAD_D": 72, "DA": 64, "DB": 16, "HAS_BIAS": has_bias, "FP32_DOT": False,
+                                   "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                    "num_warps": c["num_warps"], "num_stages": c["num_stages"], "expects_mma": True,
+                    # What the JIT launcher specializes on (torch allocations are 16-byte aligned); without it the
+                    # compiler cannot prove aligned rows and neither vectorizes nor pipelines the K/V loads.
+                    "attrs": {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values())
+                              if t.startswith("*")},
+                })
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
