@@ -1,0 +1,152 @@
+"""tiled_diffusion/inspect.py: the static GPU report (runs without a GPU).
+
+inspect compiles Triton kernels, which cannot happen under TRITON_INTERPRET=1 (conftest sets it on machines
+without a GPU), so everything that compiles runs in a subprocess with that variable removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tiled_diffusion import inspect as td_inspect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=timeout)
+
+
+RES_USAGE = """
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,8]
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z3fooPf:
+  REG:40 STACK:8 SHARED:1024 LOCAL:16 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_90
+ Function _Z3fooPf:
+  REG:38 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+SASS = """
+	code for sm_80
+		Function : _Z3fooPf
+        /*0100*/                   IMMA.16832.S8.S8 R4, R8.ROW, R12.COL, R4 ;
+        /*0110*/                   LDSM.16.M88.4 R8, [R2] ;
+		Function : _Z3barPf
+        /*0100*/                   FFMA R4, R8, R12, R4 ;
+"""
+
+
+def test_parse_res_usage():
+    u = td_inspect.parse_res_usage(RES_USAGE)
+    assert u["sm_80"]["_Z3fooPf"]["REG"] == 40 and u["sm_80"]["_Z3fooPf"]["LOCAL"] == 16
+    assert u["sm_90"]["_Z3fooPf"]["REG"] == 38 and u["sm_90"]["_Z3fooPf"]["STACK"] == 0
+
+
+def test_parse_sass_tensor_core():
+    tc = td_inspect.parse_sass_tc("arch = sm_80\n" + SASS)
+    assert tc["sm_80"]["_Z3fooPf"] == ["IMMA.16832.S8.S8"]
+    assert tc["sm_80"]["_Z3barPf"] == []
+
+
+def test_check_flags_problems():
+    r = td_inspect.Record("cuda", "k", "sm_80", registers=255, shared=200 * 1024, local=8,
+                          expects_tensor_core=True).check()
+    assert len(r.problems) == 3, r.problems
+    ok = td_inspect.Record("cuda", "k", "sm_90", registers=128, shared=200 * 1024, local=0,
+                           tensor_core=["IMMA.16832.S8.S8"], expects_tensor_core=True).check()
+    assert ok.problems == []
+
+
+def test_demangle_short_names():
+    names = td_inspect._demangle(["_ZN12_GLOBAL__N_116int8_gemm_kernelILb1EfEEvPKaPKfS2_S4_S4_PT0_iii"])
+    assert list(names.values())[0] == "int8_gemm_kernel<true, float>"
+
+
+_SELFTEST = textwrap.dedent('''
+    import json, sys
+    import triton
+    import triton.language as tl
+    from tiled_diffusion import inspect as td_inspect
+
+    @triton.jit
+    def tiny_dot(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
+        r = tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + r[:, None] * BLOCK + r[None, :])
+        b = tl.load(b_ptr + r[:, None] * BLOCK + r[None, :])
+        tl.store(c_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
+
+    @triton.jit
+    def tiny_add(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + o, tl.load(x_ptr + o, mask=o < n) + 1.0, mask=o < n)
+
+    configs = [
+        {"name": "tiny_dot", "kernel": tiny_dot, "signature": {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},
+         "constexprs": {"BLOCK": 64}, "num_warps": 4, "num_stages": 1, "expects_mma": True},
+        {"name": "tiny_add_claims_mma", "kernel": tiny_add,
+         "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"},
+         "constexprs": {"BLOCK": 256}, "num_warps": 4, "num_stages": 1, "expects_mma": True},
+    ]
+    recs = td_inspect.triton_records(configs)
+    print(json.dumps([r.__dict__ for r in recs]))
+''')
+
+
+def test_triton_aot_records(tmp_path):
+    """AOT path on two tiny kernels: a tl.dot must show tensor cores on both archs; an elementwise kernel
+    that claims expects_mma must be flagged."""
+    pytest.importorskip("triton")
+    script = tmp_path / "selftest.py"
+    script.write_text(_SELFTEST)
+    r = _run([str(script)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {(x["name"], x["arch"]): x for x in json.loads(r.stdout.strip().splitlines()[-1])}
+    for arch in ("sm_80", "sm_90"):
+        dot = recs[("tiny_dot", arch)]
+        assert dot["problems"] == [], dot
+        assert dot["tensor_core"], dot
+        assert dot["shared"] is not None and dot["registers"] and dot["local"] == 0, dot
+        add = recs[("tiny_add_claims_mma", arch)]
+        assert any("tensor-core" in p for p in add["problems"]), add
+    assert any(t.startswith(("HGMMA", "ptx:wgmma")) for t in recs[("tiny_dot", "sm_90")]["tensor_core"]) or \
+        recs[("tiny_dot", "sm_90")]["tensor_core"], recs[("tiny_dot", "sm_90")]
+
+
+def test_cuda_int8_gemm_records():
+    """The built _C: every int8_gemm kernel uses IMMA with zero spills on sm_80 and sm_90."""
+    r = _run(["-m", "tiled_diffusion.inspect", "--json", "--no-triton", "--check"], timeout=300)
+    out = json.loads(r.stdout)
+    recs = out["records"]
+    if not recs:
+        pytest.skip("; ".join(out["notes"]) or "tiled_diffusion._C was built without CUDA kernels")
+    assert r.returncode == 0, out
+    gemm = [x for x in recs if x["name"].startswith("int8_gemm_kernel")]
+    assert {x["arch"] for x in gemm} == {"sm_80", "sm_90"}, [x["name"] for x in recs]
+    for x in gemm:
+        assert any(t.startswith("IMMA") for t in x["tensor_core"]), x
+        assert x["local"] == 0 and x["stack"] == 0, x
+        assert x["shared"] >= 64 * 1024, x  # 4 stages x 16 KiB dynamic shared memory
+    quant = [x for x in recs if x["name"].startswith("quantize_per_token_kernel")]
+    assert quant and all(x["local"] == 0 for x in quant), quant
