@@ -1,0 +1,244 @@
+"""accelerate(pipe) / restore(pipe): table-driven module swaps into a diffusers PixArt pipeline, and the stages
+of one tiled generation (encode, denoise, decode).
+
+Every swap is one row of SWAPS: (name, applies_to, apply, revert). `apply` returns a record of what it replaced;
+the records are kept on the transformer (`transformer._tiled_diffusion`) and `restore` reverts them in reverse
+order, so the pipeline is returned to its exact original modules (the original nn.Linear objects are kept
+unless `keep_original_weights=False`, in which case restore rebuilds float layers from the int8 weights).
+
+Works for PixArtAlphaPipeline, PixArtSigmaPipeline (anything with .transformer/.text_encoder) and a bare
+PixArtTransformer2DModel.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .attention import CrossTileAttnProcessor, TileContext
+from .positional import CanvasPatchEmbed
+from .sampler import TiledConfig, check_memory, check_size, denoise, estimate_memory
+
+
+@dataclasses.dataclass
+class AccelerateState:
+    config: TiledConfig
+    context: TileContext
+    int8: Optional[str]
+    text_encoder_int8: bool
+    keep_original_weights: bool
+    records: list = dataclasses.field(default_factory=list)  # [(swap name, target, record)]
+
+
+# ------------------------------------------------------------------------------------- the swaps
+
+
+def _apply_processors(tr, st: AccelerateState):
+    original = dict(tr.attn_processors)
+    proc = CrossTileAttnProcessor(st.context)
+    new = {k: (proc if k.endswith("attn1.processor") else v) for k, v in original.items()}
+    if not any(k.endswith("attn1.processor") for k in original):
+        raise ValueError("accelerate: the transformer has no self-attention (attn1) processors; is it PixArt?")
+    tr.set_attn_processor(new)
+    return original
+
+
+def _revert_processors(tr, original):
+    tr.set_attn_processor(original)
+
+
+def _apply_pos_embed(tr, st: AccelerateState):
+    pe = tr.pos_embed
+    if type(pe).__name__ != "PatchEmbed" and not isinstance(pe, CanvasPatchEmbed):
+        raise ValueError(f"accelerate: unsupported pos_embed {type(pe).__name__} (expected diffusers PatchEmbed)")
+    old_cls = type(pe)
+    pe.__class__ = CanvasPatchEmbed  # same object, parameters and state-dict keys; only forward changes
+    pe._td_state = st.context
+    return old_cls
+
+
+def _revert_pos_embed(tr, old_cls):
+    pe = tr.pos_embed
+    pe.__class__ = old_cls
+    pe.__dict__.pop("_td_state", None)
+
+
+def _apply_token_order(tr, st: AccelerateState):
+    """Tokens leave the blocks tile-major; norm_out is token-wise, so put them back to raster before it (the
+    unpatchify after proj_out needs raster order)."""
+    ctx = st.context
+
+    def to_raster(module, args):
+        if ctx.grid is None:
+            return None
+        return (ctx.from_tile_major(args[0]),) + tuple(args[1:])
+
+    return tr.norm_out.register_forward_pre_hook(to_raster)
+
+
+def _revert_token_order(tr, handle):
+    handle.remove()
+
+
+def _apply_int8(module, mode: str, exclude, keep: bool):
+    from . import int8
+
+    originals = {n: m for n, m in module.named_modules() if type(m) is nn.Linear} if keep else None
+    swapped = int8.quantize_model(module, mode=mode, exclude=exclude)
+    return {"swapped": swapped, "originals": {n: originals[n] for n in swapped} if keep else None}
+
+
+def _revert_int8(module, rec):
+    from . import int8
+
+    if rec["originals"] is None:
+        int8.restore_linears(module)
+        return
+    for name, lin in rec["originals"].items():
+        int8._set_submodule(module, name, lin)
+
+
+def _apply_transformer_int8(tr, st: AccelerateState):
+    from . import int8
+
+    return _apply_int8(tr, st.int8, int8.PIXART_KEEP_HIGH_PRECISION, st.keep_original_weights)
+
+
+def _apply_text_encoder_int8(te, st: AccelerateState):
+    return _apply_int8(te, "w8a16", (), st.keep_original_weights)
+
+
+# (name, which component, when, apply, revert). int8 runs first so that the hooks attach to the final modules.
+SWAPS: list[tuple[str, str, Callable[[AccelerateState], bool], Callable, Callable]] = [
+    ("int8_linears", "transformer", lambda s: s.int8 is not None, _apply_transformer_int8, _revert_int8),
+    ("text_encoder_int8", "text_encoder", lambda s: s.text_encoder_int8, _apply_text_encoder_int8, _revert_int8),
+    ("attn1_processors", "transformer", lambda s: True, _apply_processors, _revert_processors),
+    ("canvas_pos_embed", "transformer", lambda s: True, _apply_pos_embed, _revert_pos_embed),
+    ("token_order_hook", "transformer", lambda s: True, _apply_token_order, _revert_token_order),
+]
+
+
+def _components(obj) -> dict:
+    if hasattr(obj, "transformer"):
+        return {"transformer": obj.transformer, "text_encoder": getattr(obj, "text_encoder", None)}
+    if hasattr(obj, "transformer_blocks") and hasattr(obj, "pos_embed"):
+        return {"transformer": obj, "text_encoder": None}
+    raise TypeError(f"accelerate: expected a PixArt pipeline or PixArtTransformer2DModel, got {type(obj).__name__}")
+
+
+def accelerate(pipe, mode: str = "cross_tile", tile: int = 1024, radius: int = 1, shift: bool = False,
+               overlap: float = 0.5, profile: str = "cosine", int8: Optional[str] = "w8a8",
+               text_encoder_int8: bool = True, positional: str = "canvas_stretched",
+               tile_batch_size: Optional[int] = None, head_chunk: Optional[int] = None,
+               keep_original_weights: bool = True):
+    """Swap the tiled-generation modules into `pipe` (in place) and return it.
+
+    Calling it again with the same settings is a no-op; with different settings it raises (restore first).
+    int8: "w8a8" | "w8a16" | None for the transformer's linear layers (PIXART_KEEP_HIGH_PRECISION stay float);
+    text_encoder_int8: T5 weight-only int8 (pipelines only). Other knobs: see sampler.TiledConfig.
+    """
+    comps = _components(pipe)
+    tr = comps["transformer"]
+    if int8 not in (None, "w8a8", "w8a16"):
+        raise ValueError(f"int8 must be 'w8a8', 'w8a16' or None, got {int8!r}")
+    cfg = TiledConfig(mode=mode, tile=tile, radius=radius, shift=shift, overlap=overlap, profile=profile,
+                      positional=positional, tile_batch_size=tile_batch_size, head_chunk=head_chunk).validate()
+    te_int8 = bool(text_encoder_int8 and comps["text_encoder"] is not None)
+    existing: Optional[AccelerateState] = getattr(tr, "_tiled_diffusion", None)
+    if existing is not None:
+        same = (existing.config == cfg and existing.int8 == int8 and existing.text_encoder_int8 == te_int8)
+        if same:
+            return pipe
+        raise RuntimeError("accelerate: this pipeline is already accelerated with other settings; "
+                           "call tiled_diffusion.restore(pipe) first")
+    st = AccelerateState(cfg, TileContext(positional, radius, head_chunk), int8, te_int8, keep_original_weights)
+    try:
+        for name, comp, when, apply, _ in SWAPS:
+            target = comps[comp]
+            if target is not None and when(st):
+                st.records.append((name, target, apply(target, st)))
+    except Exception:
+        _revert_records(st)
+        raise
+    tr._tiled_diffusion = st
+    return pipe
+
+
+def _revert_records(st: AccelerateState) -> None:
+    reverts = {name: revert for name, _, _, _, revert in SWAPS}
+    while st.records:
+        name, target, rec = st.records.pop()
+        reverts[name](target, rec)
+
+
+def restore(pipe):
+    """Undo accelerate(pipe) exactly (modules, processors, classes, hooks); returns pipe. No-op if not accelerated."""
+    tr = _components(pipe)["transformer"]
+    st: Optional[AccelerateState] = getattr(tr, "_tiled_diffusion", None)
+    if st is None:
+        return pipe
+    _revert_records(st)
+    del tr._tiled_diffusion
+    return pipe
+
+
+def state(pipe) -> AccelerateState:
+    st = getattr(_components(pipe)["transformer"], "_tiled_diffusion", None)
+    if st is None:
+        raise RuntimeError("the pipeline is not accelerated: call tiled_diffusion.accelerate(pipe) first")
+    return st
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+
+@torch.no_grad()
+def encode(pipe, prompt, negative_prompt: str = "", guidance_scale: float = 0.0, max_sequence_length: int = 120):
+    """T5-encode once: returns (embeds, mask), CFG-stacked (uncond first) when guidance_scale > 1."""
+    cfg_on = guidance_scale > 1.0
+    pe, pm, ne, nm = pipe.encode_prompt(prompt, cfg_on, negative_prompt=negative_prompt,
+                                        device=pipe._execution_device, clean_caption=False,
+                                        max_sequence_length=max_sequence_length)
+    if cfg_on:
+        return torch.cat([ne, pe]), torch.cat([nm, pm])
+    return pe, pm
+
+
+@torch.no_grad()
+def decode(pipe, latents, tiled: bool = True, output_type: str = "pil"):
+    """VAE-decode the canvas (tiled with shared GroupNorm statistics when tiled=True) and post-process."""
+    lat = latents / pipe.vae.config.scaling_factor
+    if tiled:
+        try:
+            from .vae import tiled_decode
+        except ImportError:  # pragma: no cover - until vae.py lands
+            tiled_decode = None
+        image = tiled_decode(pipe.vae, lat.to(pipe.vae.dtype)) if tiled_decode else pipe.vae.decode(
+            lat.to(pipe.vae.dtype), return_dict=False)[0]
+    else:
+        image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+    if output_type == "pt_raw":
+        return image
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+@torch.no_grad()
+def generate(pipe, prompt, *, width: int, height: int, steps: int = 4, seed: int = 0, guidance_scale: float = 0.0,
+             negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
+             max_memory_gb: Optional[float] = None, **overrides: Any):
+    """One tiled generation with the accelerated pipeline; `overrides` replace TiledConfig fields for this call."""
+    st = state(pipe)
+    cfg = dataclasses.replace(st.config, **overrides).validate()
+    check_size(width, height)
+    est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
+                          dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8)
+    check_memory(est, max_memory_gb, cfg)
+    embeds, mask = encode(pipe, prompt, negative_prompt, guidance_scale)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=height, width=width, steps=steps, cfg=cfg,
+                  guidance_scale=guidance_scale, generator=gen, progress=progress)
+    if output_type == "latent":
+        return lat
+    return decode(pipe, lat, output_type=output_type)

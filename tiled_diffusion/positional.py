@@ -1,0 +1,110 @@
+"""Canvas-aware patch + positional embedding for tokens cut from a large canvas.
+
+`CanvasPatchEmbed` is a subclass of diffusers' `PatchEmbed` that is swapped in by changing the instance's class
+(`accelerate` does it, `restore` swaps back), so parameters, buffers and state-dict keys are untouched. With no
+canvas set on its state it is exactly `PatchEmbed.forward`.
+
+Positional modes (PixArt uses a 2-D sincos embedding; its grid is `arange(h) / (h / base) / interpolation_scale`,
+i.e. every input size is stretched onto the trained range [0, base / interpolation_scale)):
+
+- ``canvas_stretched`` (default): the whole canvas grid is stretched onto the trained range, and each tile gets
+  its crop of it. This is what diffusers itself does for a canvas of that size (so `global` mode equals the
+  plain pipeline), every token keeps a unique position (no tile thinks it is the whole image, which is what makes
+  tile-local embeddings repeat objects in every tile), and no position leaves the trained range.
+  Cost: tokens are denser in position space than in training (2x at 2048² for the 1024 model).
+- ``canvas_native``: the grid at the model's native density (position = index / interpolation_scale), cropped
+  per tile and extended beyond the trained range on large canvases (extrapolation: local detail stays at the
+  trained scale, but far positions were never seen).
+- ``tile_local``: every tile gets the embedding of a full image of the tile's size (what naive tiling does);
+  content repeats across tiles.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed, get_2d_sincos_pos_embed_from_grid
+
+MODES = ("canvas_stretched", "canvas_native", "tile_local")
+
+
+def check_mode(positional: str) -> str:
+    if positional not in MODES:
+        raise ValueError(f"positional must be one of {MODES}, got {positional!r}")
+    return positional
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_embed(mode: str, dim: int, h: int, w: int, base: int, interp: float, device_str: str) -> torch.Tensor:
+    """fp32 [h, w, dim] embedding of an h x w token grid (the canvas, or one tile for tile_local)."""
+    device = torch.device(device_str)
+    if mode in ("canvas_stretched", "tile_local"):
+        # Exactly diffusers' own computation, so the whole-canvas case matches the plain pipeline bitwise.
+        emb = get_2d_sincos_pos_embed(dim, (h, w), base_size=base, interpolation_scale=interp, device=device,
+                                      output_type="pt")
+    else:  # canvas_native: the density of the base grid (h == base), extended beyond it
+        gh = torch.arange(h, device=device, dtype=torch.float32) / interp
+        gw = torch.arange(w, device=device, dtype=torch.float32) / interp
+        grid = torch.stack(torch.meshgrid(gw, gh, indexing="xy"), dim=0).reshape(2, 1, h, w)
+        emb = get_2d_sincos_pos_embed_from_grid(dim, grid, output_type="pt")
+    return emb.float().reshape(h, w, dim)
+
+
+def positional_embedding(mode: str, dim: int, canvas: tuple[int, int], tile: tuple[int, int],
+                         offsets: Optional[torch.Tensor], base: int, interp: float,
+                         device: torch.device) -> torch.Tensor:
+    """Embedding of tile-sized token grids cut from a canvas.
+
+    canvas (Ht, Wt) and tile (h, w) in tokens; offsets int64 [n, 2] (top, left) of each input's tile on the canvas
+    in tokens, or None (one tile at (0, 0) shared by the whole batch). Returns fp32 [n or 1, h*w, dim].
+    """
+    h, w = tile
+    if mode == "tile_local":
+        return _grid_embed(mode, dim, h, w, base, float(interp), str(device)).reshape(1, h * w, dim)
+    emb = _grid_embed(mode, dim, canvas[0], canvas[1], base, float(interp), str(device))
+    if offsets is None:
+        return emb[:h, :w].reshape(1, h * w, dim)
+    ys = offsets[:, 0:1].to(device) + torch.arange(h, device=device)  # [n, h]
+    xs = offsets[:, 1:2].to(device) + torch.arange(w, device=device)  # [n, w]
+    return emb[ys[:, :, None], xs[:, None, :]].reshape(offsets.shape[0], h * w, dim)
+
+
+class CanvasPatchEmbed(PatchEmbed):
+    """PatchEmbed that knows where its input sits on the canvas (read from `self._td_state`, a TileContext).
+
+    Input latent [B, C, h*p, w*p] -> tokens [B, h*w, dim]: the positional embedding is added in raster order;
+    when the context has a token TileGrid (cross_tile mode) the tokens are then permuted to tile-major order
+    ONCE here (every other op of a PixArt block is token-wise, so order only matters to self-attention), and the
+    transformer's norm_out pre-hook puts them back (see pipeline.py).
+    """
+
+    _td_state = None
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        st = self._td_state
+        if st is None or st.canvas_tokens is None or self.pos_embed is None or self.pos_embed_max_size:
+            return super().forward(latent)
+        h, w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
+        x = self.proj(latent)
+        x = x.flatten(2).transpose(1, 2)  # BCHW -> BNC (raster order)
+        if self.layer_norm:
+            x = self.norm(x)
+        pos = positional_embedding(st.positional, self.pos_embed.shape[-1], st.canvas_tokens, (h, w),
+                                   st.offsets, self.base_size, self.interpolation_scale, x.device)
+        if st.positional == "tile_local" and st.grid is not None:
+            pos = _tile_local_canvas(st.grid, self.pos_embed.shape[-1], self.base_size, self.interpolation_scale,
+                                     x.device)
+        if pos.shape[0] > 1 and pos.shape[0] != x.shape[0]:  # CFG doubled the batch: offsets repeat
+            pos = pos.repeat(x.shape[0] // pos.shape[0], 1, 1)
+        x = (x + pos).to(x.dtype)
+        if st.grid is not None:
+            x = st.to_tile_major(x)
+        return x
+
+
+def _tile_local_canvas(grid, dim: int, base: int, interp: float, device) -> torch.Tensor:
+    """cross_tile + tile_local: the tile embedding repeated over the canvas, raster order [1, N, dim]."""
+    th, tw = grid.tokens_h // grid.ny, grid.tokens_w // grid.nx
+    emb = _grid_embed("tile_local", dim, th, tw, base, float(interp), str(device))
+    return emb.repeat(grid.ny, grid.nx, 1).reshape(1, -1, dim)
