@@ -55,6 +55,7 @@ def _window_attention_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, nb_ptr, bias_ptr,
     H, L, NB, qk_scale,
     HEAD_D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -73,11 +74,15 @@ def _window_attention_fwd(
     # Runtime strides would hide that alignment and leave the loads scalar and unpipelined.
     q_base = q_ptr + (t64 * H + h) * L * HEAD_D
     q_a = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_a[None, :], mask=m_ok[:, None], other=0.0)
+    if UPCAST:
+        q_a = q_a.to(tl.float32)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         b_ok = offs_b < HEAD_D
         q_b = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
                       other=0.0)
+        if UPCAST:
+            q_b = q_b.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -102,6 +107,8 @@ def _window_attention_fwd(
             cols = n0 + offs_n
             n_ok = cols < L
             k_a = tl.load(k_base + cols[None, :] * HEAD_D + offs_a[:, None], mask=n_ok[None, :], other=0.0)
+            if UPCAST:
+                k_a = k_a.to(tl.float32)
             if FP32_DOT:
                 s = tl.dot(q_a, k_a, input_precision="ieee")
             else:
@@ -109,6 +116,8 @@ def _window_attention_fwd(
             if DB > 0:
                 k_b = tl.load(k_base + cols[None, :] * HEAD_D + offs_b[:, None], mask=n_ok[None, :] & b_ok[:, None],
                               other=0.0)
+                if UPCAST:
+                    k_b = k_b.to(tl.float32)
                 if FP32_DOT:
                     s += tl.dot(q_b, k_b, input_precision="ieee")
                 else:
@@ -121,7 +130,11 @@ def _window_attention_fwd(
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
             v_a = tl.load(v_base + cols[:, None] * HEAD_D + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-            p_in = p.to(v_a.dtype)
+            if UPCAST:
+                v_a = v_a.to(tl.float32)
+            p_in = p.to(v_ptr.dtype.element_ty)  # P rounded to the input dtype, as on the GPU
+            if UPCAST:
+                p_in = p_in.to(tl.float32)
             if FP32_DOT:
                 acc_a = acc_a * alpha[:, None] + tl.dot(p_in, v_a, input_precision="ieee")
             else:
@@ -129,6 +142,8 @@ def _window_attention_fwd(
             if DB > 0:
                 v_b = tl.load(v_base + cols[:, None] * HEAD_D + offs_b[None, :], mask=n_ok[:, None] & b_ok[None, :],
                               other=0.0)
+                if UPCAST:
+                    v_b = v_b.to(tl.float32)
                 if FP32_DOT:
                     acc_b = acc_b * alpha[:, None] + tl.dot(p_in, v_b, input_precision="ieee")
                 else:
@@ -170,9 +185,11 @@ def _interpreting() -> bool:
 
 def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbours: torch.Tensor,
                             bias: torch.Tensor | None = None, scale: float | None = None,
-                            config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            config: dict | None = None, out: torch.Tensor | None = None,
+                            lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel. Inputs are assumed checked (ops.check_window_attention). CUDA tensors, or CPU
-    tensors under TRITON_INTERPRET=1. `config` forces one block config (skips autotuning)."""
+    tensors under TRITON_INTERPRET=1. `config` forces one block config (skips autotuning); `out` / `lse`
+    (contiguous, like the results) let a caller provide the buffers (tests poison them with NaN)."""
     T, H, L, D = q.shape
     NB = neighbours.shape[1]
     da, db = split_head_dim(D)
@@ -181,12 +198,18 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n
     nb = neighbours.to(torch.int32).contiguous()
     has_bias = bias is not None
     bias_arg = bias.to(torch.float32).contiguous() if has_bias else nb  # never read without HAS_BIAS
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((T, H, L), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty((T, H, L), dtype=torch.float32, device=q.device)
     if T == 0 or L == 0 or H == 0:
         return out, lse
     args = (q, k, v, out, lse, nb, bias_arg, H, L, NB, scale * LOG2E)
-    meta = dict(HEAD_D=D, DA=da, DB=db, HAS_BIAS=has_bias, FP32_DOT=q.dtype == torch.float32)
+    # The Triton 3.8 interpreter computes tl.dot on bf16 operands wrongly (garbage ~1e10); under the interpreter
+    # bf16 tiles are widened to fp32 right after loading (exact) and P is rounded to bf16 before widening, so
+    # the arithmetic matches a bf16 MMA with fp32 accumulation. Compiled kernels never take this branch.
+    upcast = _interpreting() and q.dtype == torch.bfloat16
+    meta = dict(HEAD_D=D, DA=da, DB=db, HAS_BIAS=has_bias, FP32_DOT=q.dtype == torch.float32, UPCAST=upcast)
     if config is None and _interpreting():
         config = INTERPRET_CONFIG
     if config is not None:
@@ -215,7 +238,7 @@ def _aot_configs() -> list[dict]:
                 configs.append({
                     "name": name, "kernel": _window_attention_fwd,
                     "signature": sig,
-                    "constexprs": {"HEAD_D": 72, "DA": 64, "DB": 16, "HAS_BIAS": has_bias, "FP32_DOT": False,
+                    "constexprs": {"HEAD_D": 72, "DA": 64, "DB": 16, "HAS_BIAS": has_bias, "FP32_DOT": False, "UPCAST": False,
                                    "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
                     "num_warps": c["num_warps"], "num_stages": c["num_stages"], "expects_mma": True,
                     # What the JIT launcher specializes on (torch allocations are 16-byte aligned); without it the
