@@ -59,9 +59,13 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .generate import run
+    from .generate import RequestError, run
 
-    return run(args)
+    try:
+        return run(args)
+    except RequestError as e:  # a bad request: one clear line, no traceback
+        print(f"tiled-diffusion generate: error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

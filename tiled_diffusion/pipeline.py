@@ -233,7 +233,8 @@ def generate(pipe, prompt, *, width: int, height: int, steps: int = 4, seed: int
     cfg = dataclasses.replace(st.config, **overrides).validate()
     check_size(width, height)
     est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
-                          dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8)
+                          dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8,
+                          vae_channels=pipe.vae.config.block_out_channels[0])
     check_memory(est, max_memory_gb, cfg)
     embeds, mask = encode(pipe, prompt, negative_prompt, guidance_scale)
     gen = torch.Generator(device="cpu").manual_seed(seed)

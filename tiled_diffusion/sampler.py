@@ -296,7 +296,7 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
             attn = 0
     act = n_fwd * hidden * es * 14
     canvas = 6 * batch * 4 * lat_h * lat_w * 4
-    vae = 6 * 512 * 512 * vae_channels * 4 + batch * height * width * 3 * 4
+    vae = 6 * min(512 * 512, height * width) * vae_channels * 4 + batch * height * width * 3 * 4
     total = weights + max(act + attn, vae) + canvas + text_encoder_bytes
     return {"total": total, "weights": weights, "activations": act, "attention": attn, "canvas": canvas,
             "vae_decode": vae, "text_encoder": text_encoder_bytes, "tokens_per_forward": n_fwd}
@@ -309,7 +309,9 @@ def check_memory(estimate: dict, limit_gb: Optional[float], cfg: TiledConfig) ->
     gb = estimate["total"] / 2**30
     if gb <= limit_gb:
         return
-    if cfg.mode == "multidiffusion":
+    if estimate["vae_decode"] >= estimate["activations"] + estimate["attention"]:
+        knob = "the tiled VAE decode dominates: use a smaller --size (the decoded image itself is the floor)"
+    elif cfg.mode == "multidiffusion":
         knob = "lower the tile batch size (tile_batch_size) or the tile size (--tile)"
     elif cfg.mode == "cross_tile":
         knob = "lower --tile / --radius, set head_chunk, or use a smaller --size"

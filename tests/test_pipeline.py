@@ -1,0 +1,126 @@
+"""accelerate(pipe) / restore(pipe): the table-driven swaps and their exact revert (tiny model, CPU)."""
+import pytest
+import torch
+from diffusers import PixArtSigmaPipeline
+
+from tiled_diffusion import pipeline as P
+from tiled_diffusion.attention import CrossTileAttnProcessor
+from tiled_diffusion.positional import CanvasPatchEmbed
+from tiled_diffusion.tiny import tiny_pipeline
+
+PROMPT = "a small dog in the snow"
+
+
+def run_plain(pipe, w=256, h=256):
+    gen = torch.Generator().manual_seed(3)
+    return pipe(PROMPT, width=w, height=h, num_inference_steps=2, guidance_scale=0.0, generator=gen,
+                use_resolution_binning=False, output_type="latent", clean_caption=False).images
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture()
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.mark.parametrize("int8", [None, "w8a8"])
+def test_restore_returns_original_behaviour(pipe, int8):
+    before = run_plain(pipe)
+    tr_state, te_state = snapshot(pipe.transformer), snapshot(pipe.text_encoder)
+    procs = {k: type(v) for k, v in pipe.transformer.attn_processors.items()}
+    P.accelerate(pipe, int8=int8, text_encoder_int8=int8 is not None)
+    P.generate(pipe, PROMPT, width=384, height=256, steps=1, output_type="latent", progress=False, tile=128)
+    P.restore(pipe)
+    assert same_state(snapshot(pipe.transformer), tr_state)
+    assert same_state(snapshot(pipe.text_encoder), te_state)
+    assert {k: type(v) for k, v in pipe.transformer.attn_processors.items()} == procs
+    assert type(pipe.transformer.pos_embed).__name__ == "PatchEmbed"
+    assert not pipe.transformer.norm_out._forward_pre_hooks
+    assert not hasattr(pipe.transformer, "_tiled_diffusion")
+    assert torch.equal(run_plain(pipe), before)
+
+
+def test_swaps_are_in_place_and_keep_state_dict_keys(pipe):
+    keys = set(pipe.transformer.state_dict())
+    P.accelerate(pipe, int8=None, text_encoder_int8=False)
+    tr = pipe.transformer
+    assert set(tr.state_dict()) == keys
+    assert isinstance(tr.pos_embed, CanvasPatchEmbed)
+    procs = tr.attn_processors
+    assert all(isinstance(v, CrossTileAttnProcessor) for k, v in procs.items() if "attn1" in k)
+    assert not any(isinstance(v, CrossTileAttnProcessor) for k, v in procs.items() if "attn2" in k)
+
+
+def test_int8_swap_adds_only_scales(pipe):
+    keys = set(pipe.transformer.state_dict())
+    P.accelerate(pipe, int8="w8a8", text_encoder_int8=False)
+    new = set(pipe.transformer.state_dict())
+    assert keys <= new and all(k.endswith("weight_scale") for k in new - keys)
+
+
+def test_accelerated_pipe_called_directly_is_unchanged(pipe):
+    """With no canvas set, the processors are AttnProcessor2_0 and the patch embedding is PatchEmbed."""
+    before = run_plain(pipe)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False)
+    assert torch.equal(run_plain(pipe), before)
+
+
+def test_accelerate_twice(pipe):
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=512)
+    assert P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=512) is pipe  # same settings: no-op
+    with pytest.raises(RuntimeError, match="restore"):
+        P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    P.restore(pipe)
+    P.restore(pipe)  # not accelerated: no-op
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="mode"):
+        P.accelerate(pipe, mode="tiles")
+    with pytest.raises(ValueError, match="int8"):
+        P.accelerate(pipe, int8="w4a4")
+    with pytest.raises(TypeError, match="PixArt"):
+        P.accelerate(torch.nn.Linear(2, 2))
+    assert not hasattr(pipe.transformer, "_tiled_diffusion")
+    with pytest.raises(RuntimeError, match="accelerate"):
+        P.generate(pipe, PROMPT, width=256, height=256)
+
+
+def test_bare_transformer(pipe):
+    tr = pipe.transformer
+    state = snapshot(tr)
+    P.accelerate(tr, int8="w8a8")
+    assert isinstance(tr.pos_embed, CanvasPatchEmbed)
+    P.restore(tr)
+    assert same_state(snapshot(tr), state)
+    assert type(tr.pos_embed).__name__ == "PatchEmbed"
+
+
+def test_sigma_pipeline(pipe):
+    sigma = PixArtSigmaPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                transformer=pipe.transformer, scheduler=pipe.scheduler)
+    sigma.set_progress_bar_config(disable=True)
+    P.accelerate(sigma, int8=None, text_encoder_int8=False, tile=128)
+    lat = P.generate(sigma, PROMPT, width=256, height=256, steps=1, output_type="latent", progress=False)
+    assert lat.shape == (1, 4, 32, 32) and torch.isfinite(lat).all()
+    P.restore(sigma)
+
+
+def test_failed_accelerate_leaves_pipe_untouched(pipe, monkeypatch):
+    def boom(tr, st):
+        raise RuntimeError("boom")
+
+    rows = [(n, c, w, boom if n == "token_order_hook" else a, r) for n, c, w, a, r in P.SWAPS]
+    monkeypatch.setattr(P, "SWAPS", rows)
+    with pytest.raises(RuntimeError, match="boom"):
+        P.accelerate(pipe, int8=None, text_encoder_int8=False)
+    assert type(pipe.transformer.pos_embed).__name__ == "PatchEmbed"
+    assert not any(isinstance(v, CrossTileAttnProcessor) for v in pipe.transformer.attn_processors.values())

@@ -1,0 +1,222 @@
+"""The tiled LCM sampler on the built-in tiny model (CPU, fp32).
+
+Tolerances: paths that run the same float ops as diffusers are compared bitwise. Paths that reorder float
+arithmetic (window attention over tiles, fp64 blend + fused step, GEMMs with another batch size) are compared
+relative to max|reference|: their ε differs by fp32 rounding (~1e-7 relative), and LCM's first step at t=999
+amplifies ε errors by 1/sqrt(alpha_bar_999) ≈ 156, so 1e-4 relative leaves ~6x headroom.
+"""
+import pytest
+import torch
+
+from tiled_diffusion import pipeline as P
+from tiled_diffusion.sampler import TiledConfig, check_memory, estimate_memory
+from tiled_diffusion.tiny import tiny_pipeline
+
+PROMPT = "a photo of a red house by the lake"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def accel(pipe):
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    yield pipe
+    P.restore(pipe)
+
+
+def plain_latents(pipe, w, h, steps=2, guidance_scale=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(PROMPT, width=w, height=h, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+                use_resolution_binning=False, output_type="latent", clean_caption=False).images
+
+
+def tiled(pipe, w, h, steps=2, **kw):
+    return P.generate(pipe, PROMPT, width=w, height=h, steps=steps, seed=0, output_type="latent", progress=False,
+                      **kw)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_one_tile_global_matches_diffusers_bitwise(pipe):
+    ref = plain_latents(pipe, 256, 256)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    try:
+        out = tiled(pipe, 256, 256, mode="global")
+    finally:
+        P.restore(pipe)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("mode", ["cross_tile", "multidiffusion"])
+def test_one_tile_matches_diffusers(pipe, mode):
+    ref = plain_latents(pipe, 256, 256)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    try:
+        out = tiled(pipe, 256, 256, mode=mode)
+    finally:
+        P.restore(pipe)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_one_tile_with_cfg_matches_diffusers(pipe):
+    ref = plain_latents(pipe, 256, 256, guidance_scale=3.0)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    try:
+        out = P.generate(pipe, PROMPT, width=256, height=256, steps=2, seed=0, guidance_scale=3.0,
+                         output_type="latent", progress=False, mode="cross_tile")
+    finally:
+        P.restore(pipe)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_one_tile_image_matches_diffusers(pipe):
+    gen = torch.Generator().manual_seed(0)
+    ref = pipe(PROMPT, width=256, height=256, num_inference_steps=2, guidance_scale=0.0, generator=gen,
+               use_resolution_binning=False, output_type="pt", clean_caption=False).images
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    try:
+        out = P.generate(pipe, PROMPT, width=256, height=256, steps=2, seed=0, output_type="pt", progress=False,
+                         mode="global")
+    finally:
+        P.restore(pipe)
+    # tiled VAE decode with a single 256² (32-latent) canvas: one VAE tile, so the decode is the plain one
+    assert (out - ref).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("size", [(512, 384), (384, 320)])
+def test_cross_tile_full_radius_equals_global(accel, size):
+    w, h = size
+    g = tiled(accel, w, h, mode="global")
+    c = tiled(accel, w, h, mode="cross_tile", tile=128, radius=3)  # ≤ 4x3 tiles: radius 3 covers the canvas
+    assert rel_err(c, g) < 1e-4
+
+
+def test_cross_tile_small_radius_differs_from_global(accel):
+    g = tiled(accel, 512, 384, mode="global")
+    c = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=1)
+    assert rel_err(c, g) > 1e-3
+
+
+@pytest.mark.parametrize("tile_batch_size", [1, 2, 5])
+def test_multidiffusion_same_result_across_tile_batch_sizes(accel, tile_batch_size):
+    ref = tiled(accel, 512, 384, mode="multidiffusion", tile=256)
+    out = tiled(accel, 512, 384, mode="multidiffusion", tile=256, tile_batch_size=tile_batch_size)
+    # same initial noise (drawn once on the canvas); only GEMM blocking changes with the batch
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_same_noise_across_tile_batch_sizes(accel):
+    seen = []
+    for tb in (1, None):
+        lat = []
+        P.generate(accel, PROMPT, width=384, height=256, steps=1, seed=7, output_type="latent", progress=False,
+                   mode="multidiffusion", tile=256, tile_batch_size=tb)
+        from tiled_diffusion.sampler import initial_latents
+
+        lat.append(initial_latents(1, 4, 32, 48, torch.float32, "cpu", torch.Generator().manual_seed(7)))
+        seen.append(lat[0])
+    assert torch.equal(seen[0], seen[1])
+
+
+@pytest.mark.parametrize("head_chunk", [1])
+def test_cross_tile_head_chunking_is_exact(accel, head_chunk):
+    ref = tiled(accel, 512, 384, mode="cross_tile", tile=128)
+    out = tiled(accel, 512, 384, mode="cross_tile", tile=128, head_chunk=head_chunk)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_fused_blend_step_matches_scheduler_step(accel):
+    fused = tiled(accel, 512, 384, steps=3, mode="multidiffusion", tile=256)
+    plain = tiled(accel, 512, 384, steps=3, mode="multidiffusion", tile=256, fused_step=False)
+    assert rel_err(fused, plain) < 1e-4
+
+
+def test_scheduler_state_consistent_after_fused_steps(accel):
+    tiled(accel, 384, 256, steps=4, mode="multidiffusion", tile=256)
+    assert accel.scheduler.step_index == 4
+
+
+@pytest.mark.parametrize("positional", ["canvas_native", "tile_local"])
+@pytest.mark.parametrize("mode", ["cross_tile", "multidiffusion"])
+def test_positional_modes_run(accel, positional, mode):
+    out = tiled(accel, 384, 256, mode=mode, tile=128, positional=positional, shift=True)
+    assert torch.isfinite(out).all()
+
+
+def test_shifted_grid_differs(accel):
+    a = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0)
+    b = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0, shift=True)
+    assert not torch.equal(a, b)  # step 1 (odd) runs on a grid moved by half a tile
+    from tiled_diffusion.sampler import token_grid
+
+    cfg = TiledConfig(tile=128, shift=True)
+    assert token_grid(cfg, 48, 64, 2, 0).shift == (0, 0)
+    assert token_grid(cfg, 48, 64, 2, 1).shift == (4, 4)
+
+
+def test_canvas_stretched_crop_is_the_canvas_embedding():
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from tiled_diffusion.positional import positional_embedding
+
+    full = get_2d_sincos_pos_embed(16, (12, 20), base_size=16, interpolation_scale=1.0, output_type="pt")
+    full = full.float().reshape(12, 20, 16)
+    offs = torch.tensor([[0, 0], [4, 6], [6, 12]])
+    crops = positional_embedding("canvas_stretched", 16, (12, 20), (6, 8), offs, 16, 1.0, torch.device("cpu"))
+    for i, (y, x) in enumerate(offs.tolist()):
+        assert torch.equal(crops[i], full[y:y + 6, x:x + 8].reshape(48, 16))
+
+
+def test_canvas_native_equals_stretched_at_base_size():
+    from tiled_diffusion.positional import positional_embedding
+
+    a = positional_embedding("canvas_native", 16, (16, 16), (16, 16), None, 16, 2.0, torch.device("cpu"))
+    b = positional_embedding("canvas_stretched", 16, (16, 16), (16, 16), None, 16, 2.0, torch.device("cpu"))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(mode="tiles"), dict(tile=100), dict(radius=-1), dict(overlap=1.0),
+                                 dict(positional="absolute"), dict(tile_batch_size=0)])
+def test_bad_config_is_a_clear_error(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        TiledConfig(**bad).validate()
+
+
+def test_size_not_multiple_of_16_is_a_clear_error(accel):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiled(accel, 250, 256)
+
+
+def test_memory_estimate_grows_linearly_with_area_in_cross_tile(accel):
+    cfg = TiledConfig(mode="cross_tile", tile=1024)
+    from tiled_diffusion.tiny import tiny_transformer
+
+    big = tiny_transformer(num_attention_heads=16, attention_head_dim=72, num_layers=2)
+    e2 = estimate_memory(big.config, height=2048, width=2048, cfg=cfg)
+    e4 = estimate_memory(big.config, height=4096, width=4096, cfg=cfg)
+    assert 3.5 < e4["activations"] / e2["activations"] < 4.5
+
+
+def test_memory_above_limit_is_refused_before_running(accel):
+    with pytest.raises(MemoryError, match=r"estimated peak memory .* exceeds .*to fit"):
+        P.generate(accel, PROMPT, width=4096, height=4096, steps=1, seed=0, output_type="latent",
+                   progress=False, mode="multidiffusion", tile=256, max_memory_gb=1e-3)
+
+
+@pytest.mark.parametrize("mode,knob", [("multidiffusion", "tile_batch_size"), ("cross_tile", "--tile"),
+                                       ("global", "cross_tile")])
+def test_memory_refusal_names_the_knob(mode, knob):
+    from tiled_diffusion.tiny import tiny_transformer
+
+    big = tiny_transformer(num_attention_heads=16, attention_head_dim=72, num_layers=2).config
+    cfg = TiledConfig(mode=mode, tile=1024)
+    est = estimate_memory(big, height=8192, width=8192, cfg=cfg)
+    with pytest.raises(MemoryError, match=knob):
+        check_memory(est, est["total"] / 2**30 * 0.9, cfg)
+    check_memory(est, est["total"] / 2**30 + 1e-6, cfg)  # at the limit: accepted

@@ -1,0 +1,159 @@
+"""`tiled-diffusion generate`: validate, load, accelerate, encode once, denoise the canvas, tiled VAE decode,
+write the PNG atomically, report per-stage timings."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from .sampler import MODES, TiledConfig, check_memory, check_size, estimate_memory
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class RequestError(ValueError):
+    """A bad request, reported before any heavy work starts."""
+
+
+def _pipeline_class(path: str):
+    import diffusers
+
+    name = "PixArtAlphaPipeline"
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            name = json.load(f).get("_class_name", name)
+    except OSError:
+        raise RequestError(f"--model {path!r}: not a diffusers folder (no model_index.json); use a local "
+                           f"PixArt-α/Σ pipeline folder or 'tiny'") from None
+    if name not in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
+        raise RequestError(f"--model {path!r} holds a {name}, expected PixArtAlphaPipeline or PixArtSigmaPipeline")
+    return getattr(diffusers, name)
+
+
+def _transformer_config(model: str):
+    if model == "tiny":
+        from .tiny import tiny_transformer
+
+        return tiny_transformer().config
+    with open(os.path.join(model, "transformer", "config.json")) as f:
+        return SimpleNamespace(**json.load(f))
+
+
+def _vae_channels(model: str) -> int:
+    """Channels of the VAE decoder's full-resolution block (its activations dominate the decode)."""
+    if model == "tiny":
+        from .tiny import tiny_vae
+
+        return tiny_vae().config.block_out_channels[0]
+    with open(os.path.join(model, "vae", "config.json")) as f:
+        return json.load(f)["block_out_channels"][0]
+
+
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def validate(args) -> TiledConfig:
+    """Check the request before loading anything; returns the sampler config."""
+    w, h = args.size
+    try:
+        check_size(w, h)
+    except ValueError as e:
+        raise RequestError(f"--size {w}x{h}: {e}") from None
+    if args.mode not in MODES:
+        raise RequestError(f"--mode {args.mode!r}: unknown mode; choose one of {', '.join(MODES)}")
+    if args.steps < 1:
+        raise RequestError(f"--steps must be >= 1, got {args.steps}")
+    try:
+        return TiledConfig(mode=args.mode, tile=args.tile, radius=args.radius, overlap=args.overlap,
+                           profile=args.profile).validate()
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def run(args) -> int:
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    cfg = validate(args)
+    w, h = args.size
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    int8 = None if args.int8 in (None, "none") else args.int8
+    if args.model != "tiny" and not os.path.isdir(args.model):
+        raise RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or 'tiny')")
+
+    est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=dtype,
+                          guidance_scale=args.guidance_scale, int8=int8, vae_channels=_vae_channels(args.model))
+    try:
+        check_memory(est, args.max_memory_gb, cfg)
+    except MemoryError as e:
+        raise RequestError(str(e)) from None
+    print(f"estimated peak memory {est['total'] / 2**30:.2f} GB ({cfg.mode}, {w}x{h}, {dtype})", file=sys.stderr)
+
+    from . import pipeline as P
+
+    t0 = time.perf_counter()
+    if args.model == "tiny":
+        from .tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(device=device, dtype=dtype)
+    else:
+        pipe = _pipeline_class(args.model).from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, overlap=cfg.overlap, profile=cfg.profile,
+                 int8=int8, text_encoder_int8=int8 is not None, keep_original_weights=False)
+    timings["accelerate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    embeds, mask = P.encode(pipe, args.prompt, guidance_scale=args.guidance_scale)
+    pipe.text_encoder = None  # encoded once: free T5 (the largest model of the pipeline) before denoising
+    gc.collect()
+    timings["encode_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    with torch.no_grad():
+        from .sampler import denoise
+
+        lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=h, width=w, steps=args.steps, cfg=cfg,
+                      guidance_scale=args.guidance_scale, generator=gen, progress=True)
+    timings["denoise_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    image = P.decode(pipe, lat, output_type="pil")[0]
+    timings["decode_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _atomic_write(args.out, lambda p: image.save(p, format="PNG"))
+    timings["write_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+
+    print(f"wrote {args.out} ({w}x{h}, {cfg.mode}, {args.steps} steps)")
+    print("  ".join(f"{k}={v:.2f}" for k, v in timings.items()))
+    if args.json:
+        report = {"timings": timings, "size": [w, h], "mode": cfg.mode, "steps": args.steps, "model": args.model,
+                  "device": str(device), "dtype": str(dtype).replace("torch.", ""), "int8": int8,
+                  "estimated_memory_gb": est["total"] / 2**30, "out": args.out}
+        _atomic_write(args.json, lambda p: _write_text(p, json.dumps(report, indent=2)))
+    return 0
