@@ -77,6 +77,8 @@ def test_check_flags_problems():
     ok = td_inspect.Record("cuda", "k", "sm_90", registers=128, shared=200 * 1024, local=0,
                            tensor_core=["IMMA.16832.S8.S8"], expects_tensor_core=True).check()
     assert ok.problems == []
+    spill = td_inspect.Record("triton", "k", "sm_90", registers=255, shared=0, stack=8, local=0).check()
+    assert any("spills" in p for p in spill.problems), spill.problems
 
 
 def test_demangle_short_names():
