@@ -70,7 +70,11 @@ def tiny_text_encoder(vocab_size: int):
 def tiny_scheduler():
     from diffusers import LCMScheduler
 
-    return LCMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+    # PixArt-δ's schedule has beta_end=0.02 (alpha_bar(999) ≈ 4e-5): x0 = (x - σ·ε)/α amplifies any ε that is not
+    # the true noise ~156x, so a random model's images are amplified noise, identical in every mode. A gentler
+    # schedule (alpha_bar(999) ≈ 0.35) keeps latents O(1) and lets the model's own (tile-dependent) output show
+    # in the image, which is what seam measurements need. The scheduler arithmetic is the same code either way.
+    return LCMScheduler(beta_start=1e-4, beta_end=0.002, beta_schedule="linear", prediction_type="epsilon",
                         num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
 
 

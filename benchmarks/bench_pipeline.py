@@ -1,0 +1,237 @@
+"""Pipeline benchmark: the tiled LCM sampler per mode, and the seam ratio per mode.
+
+suite(quick=False):
+- Speed/memory: PixArt-XL width (hidden 1152, 16 heads, D=72) with 2 blocks, synthetic weights, bf16, synthetic
+  prompt embeddings (120 x 4096), 4 LCM steps, at 1024², 2048², 4096² px per mode: global (skipped at 4096²),
+  multidiffusion (tile 1024 px, 50% overlap), cross_tile (radius 1) at tiles of 512 and 256 px.
+  The 4 LCM steps cost the same (only the timestep scalar changes), so beyond 1024² ONE step is timed and the
+  4-step time is that x4 (column `steps_timed`): the whole suite must stay within ~10 minutes on 2 CPU cores.
+  Peak memory = the largest RSS increase seen while the loop runs (sampled every 2 ms), model already loaded.
+- Seam ratio: the tiny model at 1024² (tiles of 256 px = 4x4 tiles), 2 steps, per mode; decoded image before
+  clamping; seams at the tile boundaries (multiples of 256 px); mean |gradient| across seams / elsewhere
+  (1.0 = seams invisible to the metric).
+suite(quick=True): the tiny model at 256² (4 steps, all modes) and the seam ratio at 512².
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from harness import measure
+
+PROMPT_LEN, TEXT_DIM = 120, 4096
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Largest RSS increase over the baseline at entry, sampled every `period` s in a thread."""
+
+    def __init__(self, period: float = 0.002):
+        self.period, self.peak, self._stop = period, 0, threading.Event()
+
+    def __enter__(self):
+        self.base = _rss()
+        self.peak = self.base
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.period)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+def xl_transformer(layers: int = 2, dtype=torch.bfloat16):
+    """PixArt-XL-2-1024 width with `layers` blocks and random (seeded) weights."""
+    from tiled_diffusion.tiny import tiny_transformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tr = tiny_transformer(num_attention_heads=16, attention_head_dim=72, num_layers=layers,
+                              cross_attention_dim=1152, caption_channels=TEXT_DIM, sample_size=128,
+                              interpolation_scale=2, norm_num_groups=32).eval()
+    return tr.to(dtype)
+
+
+def _scheduler():
+    from tiled_diffusion.tiny import tiny_scheduler
+
+    return tiny_scheduler()
+
+
+def run_denoise(tr, sched, embeds, mask, size: int, mode: str, tile: int, steps: int, **kw):
+    from tiled_diffusion.sampler import TiledConfig, denoise
+
+    cfg = TiledConfig(mode=mode, tile=tile, radius=1, overlap=0.5, **kw)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return denoise(tr, sched, embeds, mask, height=size, width=size, steps=steps, cfg=cfg, generator=gen,
+                       progress=False)
+
+
+def _one_step_timer(tr, sched, embeds, mask, size, mode, tile, **kw):
+    """Time of one denoising step (the first of 4): a callback stops the loop after step 0."""
+    class Stop(Exception):
+        pass
+
+    def cb(i, t, lat):
+        raise Stop
+
+    from tiled_diffusion.sampler import TiledConfig, denoise
+
+    cfg = TiledConfig(mode=mode, tile=tile, radius=1, overlap=0.5, **kw)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            denoise(tr, sched, embeds, mask, height=size, width=size, steps=4, cfg=cfg, generator=gen,
+                    progress=False, callback=cb)
+    except Stop:
+        pass
+    return time.perf_counter() - t0
+
+
+def _configs(size: int):
+    rows = []
+    if size <= 2048:
+        rows.append(("global", size, {}))
+    rows.append(("multidiffusion", 1024, {}))
+    rows += [("cross_tile", 512, {}), ("cross_tile", 256, {})]
+    return rows
+
+
+def speed_rows(sizes=(1024, 2048, 4096), layers: int = 2, dtype=torch.bfloat16) -> list[dict]:
+    from tiled_diffusion import pipeline as P
+
+    tr = xl_transformer(layers, dtype)
+    P.accelerate(tr, int8=None)
+    sched = _scheduler()
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(1, PROMPT_LEN, TEXT_DIM, generator=g).to(dtype)
+    mask = torch.ones(1, PROMPT_LEN, dtype=torch.long)
+    rows = []
+    for size in sizes:
+        for mode, tile, kw in _configs(size):
+            full = size <= 1024
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                if full:
+                    run_denoise(tr, sched, embeds, mask, size, mode, tile, 4, **kw)
+                    step = (time.perf_counter() - t0) / 4
+                else:
+                    step = _one_step_timer(tr, sched, embeds, mask, size, mode, tile, **kw)
+            tokens = (size // 16) ** 2
+            rows.append({"size": f"{size}²", "mode": mode, "tile_px": tile, "steps_timed": 4 if full else 1,
+                         "time_4steps_s": 4 * step, "ms_per_ktoken_step": 1e3 * step / (tokens / 1e3),
+                         "peak_rss_gb": mem.delta / 2**30, "peak_mb_per_ktoken": mem.delta / 2**20 / (tokens / 1e3),
+                         "load_avg": round(os.getloadavg()[0], 2)})
+    P.restore(tr)
+    by = {(r["size"], r["mode"], r["tile_px"]): r["time_4steps_s"] for r in rows}
+    for r in rows:
+        md = by.get((r["size"], "multidiffusion", 1024))
+        r["x_multidiffusion"] = r["time_4steps_s"] / md if md else None
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ seam ratio
+
+
+def _seam_ratio(image, seams_y, seams_x):
+    try:
+        from tiled_diffusion.metrics import seam_ratio
+    except ImportError:  # until metrics.py lands: the same definition, inline
+        seam_ratio = _seam_ratio_inline
+    return float(seam_ratio(image, seams_y, seams_x))
+
+
+def _seam_ratio_inline(image, seams_y, seams_x):
+    """image [B, C, H, W]; mean |∇| across the seam lines / mean |∇| everywhere else."""
+    img = image.float()
+    gy = (img[:, :, 1:] - img[:, :, :-1]).abs().mean(dim=(0, 1))  # [H-1, W]: between rows y-1 and y at index y-1
+    gx = (img[:, :, :, 1:] - img[:, :, :, :-1]).abs().mean(dim=(0, 1))  # [H, W-1]
+    sy = torch.zeros(gy.shape[0], dtype=torch.bool)
+    sx = torch.zeros(gx.shape[1], dtype=torch.bool)
+    for s in seams_y:
+        sy[s - 1] = True
+    for s in seams_x:
+        sx[s - 1] = True
+    seam = torch.cat([gy[sy].flatten(), gx[:, sx].flatten()])
+    rest = torch.cat([gy[~sy].flatten(), gx[:, ~sx].flatten()])
+    return (seam.mean() / rest.mean()).item()
+
+
+def seam_rows(size: int = 1024, tile: int = 256, steps: int = 2) -> list[dict]:
+    from tiled_diffusion import pipeline as P
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=tile)
+    seams = list(range(tile, size, tile))
+    rows = []
+    for mode, kw in (("global", {}), ("multidiffusion", {"overlap": 0.5}), ("multidiffusion", {"overlap": 0.25}),
+                     ("cross_tile", {"radius": 1}), ("cross_tile", {"radius": 0}),
+                     ("cross_tile", {"radius": 0, "shift": True})):
+        img = P.generate(pipe, "a photo of a mountain lake at sunset", width=size, height=size, steps=steps,
+                         seed=0, output_type="pt_raw", progress=False, mode=mode, **kw)
+        desc = ", ".join(f"{k}={v}" for k, v in kw.items())
+        rows.append({"size": f"{size}²", "tiles": f"{size // tile}x{size // tile}", "mode": mode, "options": desc,
+                     "seam_ratio": _seam_ratio(img, seams, seams)})
+    P.restore(pipe)
+    return rows
+
+
+def quick_rows() -> list[dict]:
+    from tiled_diffusion import pipeline as P
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=128)
+    rows = []
+    for mode in ("global", "multidiffusion", "cross_tile"):
+        r = measure(lambda: P.generate(pipe, "a cat", width=256, height=256, steps=4, seed=0, output_type="latent",
+                                       progress=False, mode=mode), warmup=1, iters=3)
+        rows.append({"size": "256²", "model": "tiny", "mode": mode, "tile_px": 128, "time_4steps_s": r["median_s"]})
+    P.restore(pipe)
+    return rows
+
+
+def suite(quick: bool) -> list[dict]:
+    if quick:
+        return quick_rows() + seam_rows(size=512, tile=128, steps=1)
+    t0 = time.perf_counter()
+    rows = speed_rows()
+    rows += seam_rows()
+    rows.append({"note": f"suite wall time {time.perf_counter() - t0:.0f} s; global skipped at 4096² (full attention "
+                         f"over 65k tokens: ~40 TFLOP per step on 2 cores)"})
+    return rows
+
+
+def test_pipeline_cross_tile_tiny(benchmark):
+    from tiled_diffusion import pipeline as P
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=128)
+    out = benchmark(lambda: P.generate(pipe, "a cat", width=256, height=256, steps=2, seed=0, output_type="latent",
+                                       progress=False))
+    assert torch.isfinite(out).all()
