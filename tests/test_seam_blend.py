@@ -284,3 +284,14 @@ def test_aot_compile_sm80_sm90():
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count(" ok") == 2 * 9
+
+
+def test_cpu_weight_cache_sees_inplace_change_and_new_tensors():
+    g = _grid(37, 45, 16, 5, 2)
+    tiles, oy, ox, w = _inputs(g, 4, torch.float32, "cosine")
+    ops.seam_blend(tiles, oy, ox, w, 2, 37, 45)
+    w.mul_(torch.rand_like(w) + 0.5)  # same object, new version: must not reuse the cached maps
+    _assert_close_blend(ops.seam_blend(tiles, oy, ox, w, 2, 37, 45), tiles, oy, ox, w, 2, 37, 45)
+    for profile in PROFILES:  # fresh tensors that may reuse freed memory
+        w2 = g.blend_weights(profile)
+        _assert_close_blend(ops.seam_blend(tiles, oy, ox, w2, 2, 37, 45), tiles, oy, ox, w2, 2, 37, 45)
