@@ -19,6 +19,7 @@ Layouts: latents [B, 4, H/8, W/8]; prompt_embeds [B, S, C_text] (CFG: uncond fir
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -115,16 +116,22 @@ def _cfg_rows(t: torch.Tensor, idx: torch.Tensor, cfg_on: bool, batch: int) -> t
     return torch.cat([t[idx], t[idx + batch]])
 
 
-def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int, vae_scale_factor: int = 8):
-    """The cross_tile TileGrid of a step (shifted by half a tile on odd steps when cfg.shift)."""
+@functools.lru_cache(maxsize=32)
+def _grid_for_tokens(lat_h: int, lat_w: int, tile: int, patch: int, shifted: bool):
+    # Cached per canvas: the grid caches its permutations and neighbour tables, so they are built once.
     from .tiling import TileGrid
 
-    tile = max(patch, cfg.tile // vae_scale_factor)
     grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch)
-    if cfg.shift and step % 2 == 1:
+    if shifted:
         grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch,
                                    shift=(grid.tile_tokens_h // 2, grid.tile_tokens_w // 2))
     return grid
+
+
+def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int, vae_scale_factor: int = 8):
+    """The cross_tile TileGrid of a step (shifted by half a tile on odd steps when cfg.shift)."""
+    tile = max(patch, cfg.tile // vae_scale_factor)
+    return _grid_for_tokens(lat_h, lat_w, tile, patch, bool(cfg.shift and step % 2 == 1))
 
 
 def pixel_grid(cfg: TiledConfig, lat_h: int, lat_w: int, batch: int, patch: int, vae_scale_factor: int = 8):
