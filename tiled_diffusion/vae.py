@@ -33,7 +33,6 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
 from .tiling import TileGrid
