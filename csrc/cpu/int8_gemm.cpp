@@ -102,6 +102,7 @@ struct Epi {
   void* out;            // [M, N]
   int64_t M, N;
   at::ScalarType odt;
+  bool has_bf16 = false;  // CPU has AVX512-BF16 (vcvtne2ps2bf16) for the bf16 epilogue
 };
 
 void epilogue_scalar(const Epi& e, const int32_t* acc /*[rows][16]*/, int64_t m0, int64_t rows, int64_t n0) {
@@ -191,6 +192,60 @@ void pack_a(const int8_t* a, int64_t M, int64_t K, int64_t m0, int64_t rows, boo
 
 // ------------------------------------------------------------------------------------------ avx512
 
+// pack_a<8> for the avx512 path: per 8-row panel, 8x8 dword transposes (row r, k-group q) -> (q, r) in ymm,
+// xor 0x80 on the way. The scalar pack_a cost ~8% of a K=1152 GEMM; this is a few shuffles per 32 bytes.
+TD_AVX512 void pack_a8_avx512(const int8_t* a, int64_t M, int64_t K, int64_t m0, int64_t rows, int8_t* dst) {
+  constexpr int MR = 8;
+  const int64_t kp = round_up(K, 4), kq = kp / 4, kq8 = (K / 4) / 8 * 8;
+  const __m256i x80 = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t p = 0; p < rows; p += MR) {
+    int8_t* panel = dst + p * kp;
+    const int8_t* src[MR];
+    bool full = true;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t m = m0 + p + r;
+      src[r] = m < M ? a + m * K : nullptr;
+      full &= m < M;
+    }
+    int64_t q = 0;
+    if (full) {
+      for (; q < kq8; q += 8) {
+        __m256i r[MR], t[MR], u[MR];
+        for (int i = 0; i < MR; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[i] + 4 * q));
+        for (int i = 0; i < MR; i += 2) {
+          t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+          t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int h = 0; h < MR; h += 4) {
+          u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+          u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+          u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+          u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+        }
+        __m256i* d = reinterpret_cast<__m256i*>(panel + q * MR * 4);
+        for (int i = 0; i < 4; ++i) {
+          _mm256_storeu_si256(d + i, _mm256_xor_si256(_mm256_permute2x128_si256(u[i], u[i + 4], 0x20), x80));
+          _mm256_storeu_si256(d + i + 4, _mm256_xor_si256(_mm256_permute2x128_si256(u[i], u[i + 4], 0x31), x80));
+        }
+      }
+    }
+    // the rest (short panels, the last < 8 groups and the K % 4 tail) one dword at a time
+    for (int r = 0; r < MR; ++r) {
+      uint32_t* d = reinterpret_cast<uint32_t*>(panel) + r;
+      for (int64_t qq = q; qq < kq; ++qq) {
+        uint8_t t4[4] = {0, 0, 0, 0};
+        if (src[r] != nullptr)
+          for (int64_t k = 4 * qq; k < std::min<int64_t>(K, 4 * qq + 4); ++k)
+            t4[k - 4 * qq] = static_cast<uint8_t>(src[r][k]) ^ 0x80u;
+        uint32_t v;
+        std::memcpy(&v, t4, 4);
+        d[qq * MR] = v;
+      }
+    }
+  }
+}
+
+
 constexpr int kMR512 = 8;  // 8 rows x 2 zmm (32 columns) = 16 accumulators; 2 B loads + 8 broadcasts per k4
 
 TD_AVX512 inline void store16(const Epi& e, __m512 v, int64_t m, int64_t n0, __mmask16 mask) {
@@ -214,71 +269,81 @@ TD_AVX512 inline void store16(const Epi& e, __m512 v, int64_t m, int64_t n0, __m
   }
 }
 
-// One MR x (NBLK*16) tile over all of K: ap = packed A panel [Kp/4][MR][4] (u8), bp = first B block,
-// consecutive blocks bstride bytes apart. The epilogue writes straight from the accumulators.
-template <int MR, int NBLK>
-TD_AVX512 void tile_avx512(const int8_t* ap, const int8_t* bp, int64_t bstride, int64_t kq, const Epi& e,
-                           int64_t m0, int64_t n0) {
-  __m512i acc[MR][NBLK];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NBLK; ++j) acc[r][j] = _mm512_setzero_si512();
-  if constexpr (MR == 8 && NBLK == 2) {
-    // The hot loop in asm: gcc's own schedule of the intrinsics rotated the 16 accumulators through extra
-    // register moves every iteration. Per k4 step: 2 B loads, 8 A broadcasts, 16 vpdpbusd.
+// Accumulators of one 8 x 32 tile live in a 1 KiB slot of an L1-resident buffer between K blocks:
+// slot[(2*r + j) * 16 + lane] = row r, column block j.
+constexpr int64_t kSlot = 16 * 16;
+
+// 8 rows x 2 blocks over qn k4-groups: ap = packed A panel slice [qn][8][4] (u8), bp = block 0 of the B slice
+// (block 1 is bstride bytes further), acc slot in/out (init: start from 0).
+TD_AVX512 void kern_8x2(const int8_t* ap, const int8_t* bp, int64_t bstride, int64_t qn, int32_t* slot, bool init) {
+  // In asm: gcc's schedule of the intrinsics rotated the 16 accumulators through extra register moves every
+  // iteration, and gcc allows only 30 asm operands, so the accumulators are fixed registers zmm0..zmm15
+  // (row r, block j -> zmm(2r+j)). Per k4 step: 2 B loads, 8 A broadcasts, 16 vpdpbusd.
 #define TD_ROW(r0, r1, off)                    \
   "vpbroadcastd " #off "(%[a]), %%zmm18\n\t"   \
   "vpdpbusd %%zmm16, %%zmm18, %%zmm" #r0 "\n\t" \
   "vpdpbusd %%zmm17, %%zmm18, %%zmm" #r1 "\n\t"
+#define TD_LD(r) "vmovdqa64 " #r "*64(%[o]), %%zmm" #r "\n\t"
 #define TD_ST(r) "vmovdqa64 %%zmm" #r ", " #r "*64(%[o])\n\t"
-    // accumulators live in zmm0..zmm15 (row r, block j -> zmm(2r+j)); gcc caps asm operands at 30, so they
-    // are named here and handed to the epilogue through a 1 KiB stack buffer once per tile.
-    alignas(64) int32_t buf[16 * 16];
-    const int8_t* a = ap;
-    const int8_t* b = bp;
-    int64_t n = kq;
-    __asm__ volatile(
-        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
-        "vmovdqa64 %%zmm0, %%zmm1\n\t vmovdqa64 %%zmm0, %%zmm2\n\t vmovdqa64 %%zmm0, %%zmm3\n\t"
-        "vmovdqa64 %%zmm0, %%zmm4\n\t vmovdqa64 %%zmm0, %%zmm5\n\t vmovdqa64 %%zmm0, %%zmm6\n\t"
-        "vmovdqa64 %%zmm0, %%zmm7\n\t vmovdqa64 %%zmm0, %%zmm8\n\t vmovdqa64 %%zmm0, %%zmm9\n\t"
-        "vmovdqa64 %%zmm0, %%zmm10\n\t vmovdqa64 %%zmm0, %%zmm11\n\t vmovdqa64 %%zmm0, %%zmm12\n\t"
-        "vmovdqa64 %%zmm0, %%zmm13\n\t vmovdqa64 %%zmm0, %%zmm14\n\t vmovdqa64 %%zmm0, %%zmm15\n\t"
-        "test %[n], %[n]\n\t"
-        "jz 2f\n\t"
-        ".p2align 5\n\t"
-        "1:\n\t"
-        "vmovdqu64 (%[b]), %%zmm16\n\t"
-        "vmovdqu64 (%[b],%[bs]), %%zmm17\n\t"
-        TD_ROW(0, 1, 0) TD_ROW(2, 3, 4) TD_ROW(4, 5, 8) TD_ROW(6, 7, 12) TD_ROW(8, 9, 16) TD_ROW(10, 11, 20)
-        TD_ROW(12, 13, 24) TD_ROW(14, 15, 28)
-        "add $64, %[b]\n\t"
-        "add $32, %[a]\n\t"
-        "dec %[n]\n\t"
-        "jnz 1b\n\t"
-        "2:\n\t"
-        TD_ST(0) TD_ST(1) TD_ST(2) TD_ST(3) TD_ST(4) TD_ST(5) TD_ST(6) TD_ST(7) TD_ST(8) TD_ST(9) TD_ST(10)
-        TD_ST(11) TD_ST(12) TD_ST(13) TD_ST(14) TD_ST(15)
-        : [a] "+r"(a), [b] "+r"(b), [n] "+r"(n)
-        : [bs] "r"(bstride), [o] "r"(buf)
-        : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11",
-          "zmm12", "zmm13", "zmm14", "zmm15", "zmm16", "zmm17", "zmm18", "cc", "memory");
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NBLK; ++j) acc[r][j] = _mm512_load_si512(buf + (2 * r + j) * 16);
-#undef TD_ST
+  const int8_t* a = ap;
+  const int8_t* b = bp;
+  int64_t n = qn;
+  const int64_t zero = init ? 1 : 0;
+  __asm__ volatile(
+      "test %[z], %[z]\n\t"
+      "jz 3f\n\t"
+      "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+      "vmovdqa64 %%zmm0, %%zmm1\n\t vmovdqa64 %%zmm0, %%zmm2\n\t vmovdqa64 %%zmm0, %%zmm3\n\t"
+      "vmovdqa64 %%zmm0, %%zmm4\n\t vmovdqa64 %%zmm0, %%zmm5\n\t vmovdqa64 %%zmm0, %%zmm6\n\t"
+      "vmovdqa64 %%zmm0, %%zmm7\n\t vmovdqa64 %%zmm0, %%zmm8\n\t vmovdqa64 %%zmm0, %%zmm9\n\t"
+      "vmovdqa64 %%zmm0, %%zmm10\n\t vmovdqa64 %%zmm0, %%zmm11\n\t vmovdqa64 %%zmm0, %%zmm12\n\t"
+      "vmovdqa64 %%zmm0, %%zmm13\n\t vmovdqa64 %%zmm0, %%zmm14\n\t vmovdqa64 %%zmm0, %%zmm15\n\t"
+      "jmp 4f\n\t"
+      "3:\n\t"
+      TD_LD(0) TD_LD(1) TD_LD(2) TD_LD(3) TD_LD(4) TD_LD(5) TD_LD(6) TD_LD(7) TD_LD(8) TD_LD(9) TD_LD(10)
+      TD_LD(11) TD_LD(12) TD_LD(13) TD_LD(14) TD_LD(15)
+      "4:\n\t"
+      "test %[n], %[n]\n\t"
+      "jz 2f\n\t"
+      ".p2align 5\n\t"
+      "1:\n\t"
+      "vmovdqu64 (%[b]), %%zmm16\n\t"
+      "vmovdqu64 (%[b],%[bs]), %%zmm17\n\t"
+      TD_ROW(0, 1, 0) TD_ROW(2, 3, 4) TD_ROW(4, 5, 8) TD_ROW(6, 7, 12) TD_ROW(8, 9, 16) TD_ROW(10, 11, 20)
+      TD_ROW(12, 13, 24) TD_ROW(14, 15, 28)
+      "add $64, %[b]\n\t"
+      "add $32, %[a]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      "2:\n\t"
+      TD_ST(0) TD_ST(1) TD_ST(2) TD_ST(3) TD_ST(4) TD_ST(5) TD_ST(6) TD_ST(7) TD_ST(8) TD_ST(9) TD_ST(10)
+      TD_ST(11) TD_ST(12) TD_ST(13) TD_ST(14) TD_ST(15)
+      : [a] "+r"(a), [b] "+r"(b), [n] "+r"(n)
+      : [bs] "r"(bstride), [o] "r"(slot), [z] "r"(zero)
+      : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11",
+        "zmm12", "zmm13", "zmm14", "zmm15", "zmm16", "zmm17", "zmm18", "cc", "memory");
 #undef TD_ROW
-  } else {
-    const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
-    for (int64_t q = 0; q < kq; ++q) {
-      __m512i b[NBLK];
-      for (int j = 0; j < NBLK; ++j) b[j] = _mm512_loadu_si512(bp + j * bstride + q * 64);
-      for (int r = 0; r < MR; ++r) {
-        const __m512i av = _mm512_set1_epi32(a32[q * MR + r]);
-        for (int j = 0; j < NBLK; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, b[j]);
-      }
-    }
+#undef TD_LD
+#undef TD_ST
+}
+
+// The same for the last, single 16-column block when N/16 is odd (intrinsics; rare).
+TD_AVX512 void kern_8x1(const int8_t* ap, const int8_t* bp, int64_t qn, int32_t* slot, bool init) {
+  __m512i acc[kMR512];
+  for (int r = 0; r < kMR512; ++r)
+    acc[r] = init ? _mm512_setzero_si512() : _mm512_load_si512(slot + 2 * r * 16);
+  const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
+  for (int64_t q = 0; q < qn; ++q) {
+    const __m512i b = _mm512_loadu_si512(bp + q * 64);
+    for (int r = 0; r < kMR512; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(a32[q * kMR512 + r]), b);
   }
-  const int64_t rows = std::min<int64_t>(MR, e.M - m0);
-  for (int j = 0; j < NBLK; ++j) {
+  for (int r = 0; r < kMR512; ++r) _mm512_store_si512(slot + 2 * r * 16, acc[r]);
+}
+
+// Epilogue of one tile from its slot: out = float(acc - comp) * (a_scale * w_scale) + bias, cast, masked store.
+TD_AVX512 void epi_tile(const int32_t* slot, int nblk, const Epi& e, int64_t m0, int64_t n0) {
+  const int64_t rows = std::min<int64_t>(kMR512, e.M - m0);
+  for (int j = 0; j < nblk; ++j) {
     const int64_t n = n0 + j * kNB;
     const int64_t ncols = std::min<int64_t>(kNB, e.N - n);
     if (ncols <= 0) break;
@@ -286,27 +351,67 @@ TD_AVX512 void tile_avx512(const int8_t* ap, const int8_t* bp, int64_t bstride, 
     const __m512i comp = _mm512_loadu_si512(e.comp + n);
     const __m512 ws = _mm512_loadu_ps(e.ws + n);
     const __m512 bias = _mm512_loadu_ps(e.bias + n);
-    for (int r = 0; r < MR; ++r) {
-      if (r >= rows) break;
+    for (int r = 0; r < rows; ++r) {
+      const __m512i acc = _mm512_load_si512(slot + (2 * r + j) * 16);
       const __m512 s = _mm512_mul_ps(_mm512_set1_ps(e.a_scale[m0 + r]), ws);
-      const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], comp)), s, bias);
+      const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, comp)), s, bias);
       store16(e, v, m0 + r, n, mask);
     }
   }
 }
 
-// Rows [m0, m0+rows) (A block packed in ablk) against column blocks [b0, b1).
+#define TD_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
+
+// Full 8 x 32 tile to bf16 with vcvtne2ps2bf16 (round to nearest even, as store16): one 64-byte store per row.
+TD_AVX512BF16 void epi_tile_bf16x32(const int32_t* slot, const Epi& e, int64_t m0, int64_t n0) {
+  const int64_t rows = std::min<int64_t>(kMR512, e.M - m0);
+  const __m512i c0 = _mm512_loadu_si512(e.comp + n0), c1 = _mm512_loadu_si512(e.comp + n0 + 16);
+  const __m512 w0 = _mm512_loadu_ps(e.ws + n0), w1 = _mm512_loadu_ps(e.ws + n0 + 16);
+  const __m512 b0 = _mm512_loadu_ps(e.bias + n0), b1 = _mm512_loadu_ps(e.bias + n0 + 16);
+  for (int r = 0; r < rows; ++r) {
+    const __m512 as = _mm512_set1_ps(e.a_scale[m0 + r]);
+    const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(slot + 2 * r * 16), c0)),
+                                      _mm512_mul_ps(as, w0), b0);
+    const __m512 v1 = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(slot + (2 * r + 1) * 16), c1)), _mm512_mul_ps(as, w1),
+        b1);
+    _mm512_storeu_si512(static_cast<c10::BFloat16*>(e.out) + (m0 + r) * e.N + n0,
+                        reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0)));
+  }
+}
+
+// Rows [m0, m0+rows) (A block packed in ablk) against column blocks [b0, b1). For each 32-column B panel the
+// K loop is cut in slices of <= kKC k4-groups so that the B slice (2 x 64 x qn bytes, ~8 KiB), the tile
+// accumulators (8 KiB) and the A slice of the tile being computed (2 KiB) stay in L1 while the slice is reused
+// by every 8-row tile of the block; A and B stream from L2 (the whole A block and the B panel fit there).
+constexpr int64_t kKC = 96;
 TD_AVX512 void block_avx512(const int8_t* ablk, int64_t rows, const int8_t* wp, int64_t kq, const Epi& e,
                             int64_t m0, int64_t b0, int64_t b1) {
   const int64_t bstride = kq * 64;
-  for (int64_t b = b0; b < b1; b += 2) {  // one B panel of 32 columns, reused by every row panel of the block
+  const int64_t nslices = std::max<int64_t>(1, (kq + kKC - 1) / kKC);
+  const int64_t slice = (kq + nslices - 1) / nslices;
+  alignas(64) int32_t acc[kMC / kMR512][kSlot];
+  const int64_t ntiles = rows / kMR512;
+  for (int64_t b = b0; b < b1; b += 2) {
+    const int nblk = b + 1 < b1 ? 2 : 1;
     const int8_t* bp = wp + b * bstride;
-    for (int64_t p = 0; p < rows; p += kMR512) {
-      const int8_t* ap = ablk + p * kq * 4;
-      if (b + 1 < b1)
-        tile_avx512<kMR512, 2>(ap, bp, bstride, kq, e, m0 + p, b * kNB);
+    for (int64_t q0 = 0; q0 < kq || q0 == 0; q0 += slice) {
+      const int64_t qn = std::min(slice, kq - q0);
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int8_t* ap = ablk + t * kMR512 * kq * 4 + q0 * kMR512 * 4;
+        if (nblk == 2)
+          kern_8x2(ap, bp + q0 * 64, bstride, qn, acc[t], q0 == 0);
+        else
+          kern_8x1(ap, bp + q0 * 64, qn, acc[t], q0 == 0);
+      }
+      if (kq == 0) break;
+    }
+    const bool fast_bf16 = e.has_bf16 && e.odt == at::kBFloat16 && nblk == 2 && (b + 2) * kNB <= e.N;
+    for (int64_t t = 0; t < ntiles; ++t) {
+      if (fast_bf16)
+        epi_tile_bf16x32(acc[t], e, m0 + t * kMR512, b * kNB);
       else
-        tile_avx512<kMR512, 1>(ap, bp, bstride, kq, e, m0 + p, b * kNB);
+        epi_tile(acc[t], nblk, e, m0 + t * kMR512, b * kNB);
     }
   }
 }
@@ -391,6 +496,11 @@ void gemm_packed_into(const at::Tensor& a, const at::Tensor& a_scale, const int8
   if (isa != Isa::avx512) zero_comp.assign(np, 0);
   Epi e{isa == Isa::avx512 ? comp : zero_comp.data(), a_scale.data_ptr<float>(), ws.data(), bs.data(),
         out.data_ptr(), M, N, out.scalar_type()};
+  static const bool has_bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  e.has_bf16 = has_bf16;
 
   const int mr = isa == Isa::avx512 ? kMR512 : kMR2;
   const int64_t mblocks = (M + kMC - 1) / kMC;
@@ -411,8 +521,10 @@ void gemm_packed_into(const at::Tensor& a, const at::Tensor& a_scale, const int8
       const int64_t m0 = mb * kMC, rows = std::min<int64_t>(kMC, M - m0);
       const int64_t rows_p = round_up(rows, mr);
       if (packed_m != m0) {
-        if (mr == kMR512)
-          pack_a<kMR512>(ap, M, K, m0, rows_p, isa == Isa::avx512, ablk.data());
+        if (isa == Isa::avx512)
+          pack_a8_avx512(ap, M, K, m0, rows_p, ablk.data());
+        else if (mr == kMR512)
+          pack_a<kMR512>(ap, M, K, m0, rows_p, false, ablk.data());
         else
           pack_a<kMR2>(ap, M, K, m0, rows_p, false, ablk.data());
         packed_m = m0;
