@@ -186,7 +186,8 @@ def cpu_isa() -> str:
 
 
 def _int8_path(device: torch.device) -> str:
-    return f"C++ {cpu_isa()}" if device.type == "cpu" else "C++"
+    # cpu_isa() is an op call (~µs): only ask for it when the choice is actually logged
+    return f"C++ {cpu_isa()}" if device.type == "cpu" and log.isEnabledFor(logging.DEBUG) else "C++"
 
 
 def _quantize_per_token_impl(x):
