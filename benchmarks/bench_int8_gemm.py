@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 
@@ -103,10 +104,15 @@ def suite(quick: bool) -> list[dict]:
         impls, notes = _impls(M, K, N)
         ops_count = 2 * M * N * K
         big = ops_count > 1e11
-        times = {}
-        for name, fn in impls.items():
-            r = measure(fn, warmup=1, iters=3 if big else 7)
-            times[name] = r["median_s"]
+        # Round robin (every impl once per round, median over rounds): on a shared machine a burst of someone
+        # else's work then hits all rows alike instead of whichever row happened to run during it.
+        samples = {name: [] for name in impls}
+        for fn in impls.values():
+            measure(fn, warmup=0, iters=1)
+        for _ in range(3 if big else 7):
+            for name, fn in impls.items():
+                samples[name].append(measure(fn, warmup=0, iters=1)["median_s"])
+        times = {name: statistics.median(v) for name, v in samples.items()}
         if not quick:
             peak = max(peak, vnni_peak(0.3))
         for name, t in times.items():

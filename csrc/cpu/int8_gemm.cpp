@@ -39,7 +39,7 @@ namespace {
 enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
 
 constexpr int64_t kNB = 16;  // columns per packed block = int32 lanes of a zmm
-constexpr int64_t kMC = 64;  // rows per task: the packed A block (kMC x Kp) stays in L2 beside one B panel
+constexpr int64_t kMC = 128; // rows per task: the packed A block (kMC x Kp) stays in L2 beside one B panel
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -381,10 +381,10 @@ TD_AVX512BF16 void epi_tile_bf16x32(const int32_t* slot, const Epi& e, int64_t m
 }
 
 // Rows [m0, m0+rows) (A block packed in ablk) against column blocks [b0, b1). For each 32-column B panel the
-// K loop is cut in slices of <= kKC k4-groups so that the B slice (2 x 64 x qn bytes, ~8 KiB), the tile
-// accumulators (8 KiB) and the A slice of the tile being computed (2 KiB) stay in L1 while the slice is reused
+// K loop is cut in slices of <= kKC k4-groups so that the B slice (2 x 64 x qn bytes, <= 8 KiB), the 16 tiles'
+// accumulators (16 KiB) and the A slice of the tile being computed (2 KiB) stay in L1 while the slice is reused
 // by every 8-row tile of the block; A and B stream from L2 (the whole A block and the B panel fit there).
-constexpr int64_t kKC = 96;
+constexpr int64_t kKC = 64;
 TD_AVX512 void block_avx512(const int8_t* ablk, int64_t rows, const int8_t* wp, int64_t kq, const Epi& e,
                             int64_t m0, int64_t b0, int64_t b1) {
   const int64_t bstride = kq * 64;
