@@ -159,32 +159,9 @@ def speed_rows(sizes=(1024, 2048, 4096), layers: int = 2, dtype=torch.bfloat16, 
 # ------------------------------------------------------------------------------------------ seam ratio
 
 
-def _seam_ratio(image, seams_y, seams_x):
-    try:
-        from tiled_diffusion.metrics import seam_ratio
-    except ImportError:  # until metrics.py lands: the same definition, inline
-        seam_ratio = _seam_ratio_inline
-    return float(seam_ratio(image, seams_y, seams_x))
-
-
-def _seam_ratio_inline(image, seams_y, seams_x):
-    """image [B, C, H, W]; mean |∇| across the seam lines / mean |∇| everywhere else."""
-    img = image.float()
-    gy = (img[:, :, 1:] - img[:, :, :-1]).abs().mean(dim=(0, 1))  # [H-1, W]: between rows y-1 and y at index y-1
-    gx = (img[:, :, :, 1:] - img[:, :, :, :-1]).abs().mean(dim=(0, 1))  # [H, W-1]
-    sy = torch.zeros(gy.shape[0], dtype=torch.bool)
-    sx = torch.zeros(gx.shape[1], dtype=torch.bool)
-    for s in seams_y:
-        sy[s - 1] = True
-    for s in seams_x:
-        sx[s - 1] = True
-    seam = torch.cat([gy[sy].flatten(), gx[:, sx].flatten()])
-    rest = torch.cat([gy[~sy].flatten(), gx[:, ~sx].flatten()])
-    return (seam.mean() / rest.mean()).item()
-
-
 def seam_rows(size: int = 1024, tile: int = 256, steps: int = 2) -> list[dict]:
     from tiled_diffusion import pipeline as P
+    from tiled_diffusion.metrics import seam_ratio
     from tiled_diffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
@@ -198,7 +175,7 @@ def seam_rows(size: int = 1024, tile: int = 256, steps: int = 2) -> list[dict]:
                          seed=0, output_type="pt_raw", progress=False, mode=mode, **kw)
         desc = ", ".join(f"{k}={v}" for k, v in kw.items())
         rows.append({"size": f"{size}²", "tiles": f"{size // tile}x{size // tile}", "mode": mode, "options": desc,
-                     "seam_ratio": _seam_ratio(img, seams, seams)})
+                     "seam_ratio": seam_ratio(img, seams, seams)})
     P.restore(pipe)
     return rows
 
