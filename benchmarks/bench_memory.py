@@ -46,7 +46,9 @@ def _materialize(module: torch.nn.Module, dtype: torch.dtype, after_leaf=None) -
 
     Values come from one random pool, tiled: random enough for memory/speed work and fast on 2 cores."""
     pool = torch.randn(1 << 22) * 0.02
-    for name, leaf in list(module.named_modules()):
+    # Names, not modules: a list of the modules themselves would keep every replaced bf16 layer alive.
+    for name in [n for n, _ in module.named_modules()]:
+        leaf = module.get_submodule(name)
         tensors = list(leaf.parameters(recurse=False)) + list(leaf.buffers(recurse=False))
         if not any(t.is_meta for t in tensors):
             continue
@@ -60,6 +62,7 @@ def _materialize(module: torch.nn.Module, dtype: torch.dtype, after_leaf=None) -
             p.data = p.data.to(dtype)
         if after_leaf is not None:
             after_leaf(name, leaf)
+        del leaf
 
 
 def measure_config(config: str, quick: bool) -> dict:
