@@ -146,7 +146,8 @@ class CrossTileAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if q.device.type != "cpu":  # the CPU path reads these token-major views as they are (no copy)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = window_attention(q, k, v, ctx.neighbours(B, q.device), ctx.head_chunk)
         out = out.transpose(1, 2).reshape(B, N, inner).to(query.dtype)
         out = attn.to_out[0](out)

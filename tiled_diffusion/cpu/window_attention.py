@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-MAX_GATHER_BYTES = 256 << 20
+MAX_GATHER_BYTES = 128 << 20
 
 
 def _flash_cpu(q, k, v, mask, scale):
@@ -51,7 +51,7 @@ def window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neig
     """Inputs are assumed checked (ops.check_window_attention)."""
     T, H, L, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    out = q.new_zeros((T, H, L, D))
+    out = q.new_empty((T, H, L, D))
     lse = torch.full((T, H, L), -math.inf, dtype=torch.float32, device=q.device)
     if T == 0 or H == 0 or L == 0:
         return out, lse
@@ -61,15 +61,19 @@ def window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neig
     if bias is not None:
         valid &= bias > -math.inf
     counts = valid.sum(dim=1)
+    empty = torch.nonzero(counts == 0).flatten()
+    if empty.numel():
+        out.index_fill_(0, empty, 0)  # no valid key: out 0, lse -inf (already)
     # Stable sort puts each row's valid slots first, keeping their order (the order does not change the result).
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
     nb_c = torch.gather(nb, 1, order)
     bias_c = None if bias is None else torch.gather(bias.float(), 1, order)
 
-    kh = k.transpose(0, 1).contiguous()  # [H, T, L, D]
+    kh = k.transpose(0, 1).contiguous()  # [H, T, L, D]; one copy also from token-major views
     vh = v.transpose(0, 1).contiguous()
     qc = q.contiguous()
     per_tile_bytes = 2 * H * L * D * k.element_size()  # K + V of one key tile
+    kbuf = vbuf = None  # gather buffers reused by every chunk: fresh pages cost more here than the copy
 
     for c in torch.unique(counts).tolist():
         if c == 0:
@@ -81,8 +85,13 @@ def window_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neig
             tg = tq.numel()
             keys = nb_c[tq, :c]  # [tg, c]
             flat = keys.reshape(-1)
-            kg = kh.index_select(1, flat).view(H, tg, c * L, D).transpose(0, 1)  # [tg, H, c*L, D] view
-            vg = vh.index_select(1, flat).view(H, tg, c * L, D).transpose(0, 1)
+            n = tg * c * L * H * D
+            if kbuf is None or kbuf.numel() < n:
+                kbuf, vbuf = kh.new_empty(n), vh.new_empty(n)
+            kg = torch.index_select(kh, 1, flat, out=kbuf[:n].view(H, tg * c, L, D))
+            vg = torch.index_select(vh, 1, flat, out=vbuf[:n].view(H, tg * c, L, D))
+            kg = kg.view(H, tg, c * L, D).transpose(0, 1)  # [tg, H, c*L, D] view
+            vg = vg.view(H, tg, c * L, D).transpose(0, 1)
             mask = None
             if bias_c is not None:
                 b = bias_c[tq, :c]
