@@ -150,7 +150,7 @@ def suite(quick: bool) -> list[dict]:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), config] + (["--quick"] if quick else []),
                            capture_output=True, text=True, timeout=3600)
         if r.returncode != 0:
-            raise RuntimeError(f"memory benchmark {config} failed:\n{r.stderr[-4000:]}")
+            raise RuntimeError(f"memory benchmark {config} failed (exit code {r.returncode}):\n{r.stderr[-4000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     base = rows[0]["peak_rss_gb"]
     for r in rows:
