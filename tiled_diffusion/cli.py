@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=4, help="LCM steps (2-4 for PixArt-δ)")
     g.add_argument("--model", default="tiny", help="a local diffusers PixArt folder, or 'tiny' (built-in test model)")
     g.add_argument("--mode", choices=["cross_tile", "multidiffusion", "global"], default="cross_tile")
-    g.add_argument("--tile", type=int, default=1024, help="tile size in pixels")
+    g.add_argument("--tile", type=int, default=None,
+                   help="tile size in pixels (default: 512 for cross_tile, 1024 for multidiffusion)")
     g.add_argument("--radius", type=int, default=1, help="cross_tile: neighbour radius in tiles")
     g.add_argument("--overlap", type=float, default=0.5, help="multidiffusion: overlap as a fraction of the tile")
     g.add_argument("--profile", choices=["uniform", "linear", "cosine", "gaussian"], default="cosine")

@@ -128,7 +128,7 @@ def _components(obj) -> dict:
     raise TypeError(f"accelerate: expected a PixArt pipeline or PixArtTransformer2DModel, got {type(obj).__name__}")
 
 
-def accelerate(pipe, mode: str = "cross_tile", tile: int = 1024, radius: int = 1, shift: bool = False,
+def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radius: int = 1, shift: bool = False,
                overlap: float = 0.5, profile: str = "cosine", int8: Optional[str] = "w8a8",
                text_encoder_int8: bool = True, positional: str = "canvas_stretched",
                tile_batch_size: Optional[int] = None, head_chunk: Optional[int] = None,
@@ -137,7 +137,8 @@ def accelerate(pipe, mode: str = "cross_tile", tile: int = 1024, radius: int = 1
 
     Calling it again with the same settings is a no-op; with different settings it raises (restore first).
     int8: "w8a8" | "w8a16" | None for the transformer's linear layers (PIXART_KEEP_HIGH_PRECISION stay float);
-    text_encoder_int8: T5 weight-only int8 (pipelines only). Other knobs: see sampler.TiledConfig.
+    text_encoder_int8: T5 weight-only int8 (pipelines only). tile: pixels, default per mode
+    (sampler.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see sampler.TiledConfig.
     """
     comps = _components(pipe)
     tr = comps["transformer"]
