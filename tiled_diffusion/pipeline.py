@@ -212,12 +212,9 @@ def decode(pipe, latents, tiled: bool = True, output_type: str = "pil"):
     """VAE-decode the canvas (tiled with shared GroupNorm statistics when tiled=True) and post-process."""
     lat = latents / pipe.vae.config.scaling_factor
     if tiled:
-        try:
-            from .vae import tiled_decode
-        except ImportError:  # pragma: no cover - until vae.py lands
-            tiled_decode = None
-        image = tiled_decode(pipe.vae, lat.to(pipe.vae.dtype)) if tiled_decode else pipe.vae.decode(
-            lat.to(pipe.vae.dtype), return_dict=False)[0]
+        from .vae import tiled_decode
+
+        image = tiled_decode(pipe.vae, lat.to(pipe.vae.dtype))
     else:
         image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
     if output_type == "pt_raw":
