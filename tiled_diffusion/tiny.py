@@ -100,4 +100,13 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, seed: int = SEED):
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=tiny_scheduler())
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    # Modules built from configs have no `_keep_in_fp32_modules` to honour; diffusers warns about that on every
+    # cast, so the warning is muted for this one call.
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        return pipe.to(device=device, dtype=dtype)
+    finally:
+        dlogging.set_verbosity(level)
