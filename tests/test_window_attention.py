@@ -250,3 +250,13 @@ def test_cuda_vs_reference(dtype):
     base = (naive_same_dtype(q, k, v, nb, bias.cpu().cuda(), 1 / math.sqrt(D)).double() - ref_out).abs().max()
     assert (out.double() - ref_out).abs().max() <= 2 * base + 1e-3
     torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+
+
+def test_neighbour_check_is_cached_but_sees_in_place_changes():
+    q = torch.randn(3, 2, 5, 8)
+    nb = torch.tensor([[0, 1], [1, 2], [2, -1]], dtype=torch.int32)
+    ops.window_attention(q, q, q, nb)
+    ops.window_attention(q, q, q, nb)  # second call: cached check
+    nb[0, 0] = 7  # bumps the tensor's version: checked again
+    with pytest.raises(ValueError, match="neighbours must hold tile indices"):
+        ops.window_attention(q, q, q, nb)

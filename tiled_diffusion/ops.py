@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -243,6 +244,9 @@ def _(q, k, v, neighbours, bias=None, scale=None):
     return torch.empty_like(q), q.new_empty((T, H, L), dtype=torch.float32)
 
 
+_CHECKED_NEIGHBOURS: dict = {}  # id -> (weakref to the tensor, (version, T)) of tables already checked
+
+
 def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_indices: bool = True) -> None:
     """Shapes, dtypes, devices; neighbour indices in [-1, T) (a device sync on CUDA; skip with check_indices)."""
     op = "window_attention"
@@ -264,9 +268,16 @@ def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_
     _check(scale is None or 0 < scale < float("inf"), f"{op}: scale must be a finite number > 0, "
            f"got {scale}")
     if check_indices and neighbours.numel() and neighbours.device.type != "meta":
-        lo, hi = int(neighbours.min()), int(neighbours.max())
-        _check(lo >= -1 and hi < T, f"{op}: neighbours must hold tile indices in [0, T={T}) or -1 for an empty "
-               f"slot, got values in [{lo}, {hi}]")
+        # The same neighbour table serves every layer and step: check each version once, not once per call (on
+        # CUDA the check is a device sync).
+        seen = _CHECKED_NEIGHBOURS.get(id(neighbours))
+        if seen is None or seen[0]() is not neighbours or seen[1] != (neighbours._version, T):
+            lo, hi = int(neighbours.min()), int(neighbours.max())
+            _check(lo >= -1 and hi < T, f"{op}: neighbours must hold tile indices in [0, T={T}) or -1 for an "
+                   f"empty slot, got values in [{lo}, {hi}]")
+            if len(_CHECKED_NEIGHBOURS) > 64:
+                _CHECKED_NEIGHBOURS.clear()
+            _CHECKED_NEIGHBOURS[id(neighbours)] = (weakref.ref(neighbours), (neighbours._version, T))
 
 
 def _window_attention_impl(q, k, v, neighbours, bias=None, scale=None):
