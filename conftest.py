@@ -1,4 +1,4 @@
-"""Test setup: Triton kernels run in the interpreter on CPU tensors wherever no GPU exists."""
+"""Test setup for tests/ and benchmarks/: Triton kernels run in the interpreter on CPU tensors without a GPU."""
 import os
 
 import pytest
