@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from . import ops
@@ -67,51 +66,16 @@ class TileContext:
         return nb
 
 
-_WINDOW_OP_AVAILABLE: dict = {}
-
-
-def _gathered_sdpa(q, k, v, neighbours, tile_chunk: int = 8):
-    """Stand-in for devices where window_attention has no kernel yet: SDPA per chunk of query tiles over the
-    gathered neighbour keys (empty slots masked). Same contract as ops.window_attention's `out`."""
-    T, H, L, D = q.shape
-    NB = neighbours.shape[1]
-    out = torch.empty_like(q)
-    nb = neighbours.long()
-    for t0 in range(0, T, tile_chunk):
-        idx = nb[t0:t0 + tile_chunk]
-        n = idx.shape[0]
-        kg = k[idx.clamp(min=0)].permute(0, 2, 1, 3, 4).reshape(n, H, NB * L, D)
-        vg = v[idx.clamp(min=0)].permute(0, 2, 1, 3, 4).reshape(n, H, NB * L, D)
-        if bool((idx < 0).any()):
-            mask = (idx >= 0).repeat_interleave(L, dim=1)[:, None, None, :]
-            out[t0:t0 + n] = F.scaled_dot_product_attention(q[t0:t0 + n], kg, vg, attn_mask=mask)
-        else:
-            out[t0:t0 + n] = F.scaled_dot_product_attention(q[t0:t0 + n], kg, vg)
-    return out
-
-
 def window_attention(q, k, v, neighbours, head_chunk: Optional[int] = None) -> torch.Tensor:
-    """ops.window_attention (out only) over chunks of heads: q, k, v [T, H, L, D], neighbours int32 [T, NB].
-
-    Falls back to `_gathered_sdpa` only while the op has no kernel registered for this device (the ops are being
-    implemented in parallel); the fallback is reported once through the package logger.
-    """
+    """ops.window_attention (out only), over chunks of heads to bound memory: q, k, v [T, H, L, D],
+    neighbours int32 [T, NB]."""
     H = q.shape[1]
     step = H if not head_chunk else max(1, min(H, head_chunk))
-    dev = q.device.type
-    outs = []
-    for h0 in range(0, H, step):
-        qs, ks, vs = (t[:, h0:h0 + step] for t in (q, k, v))
-        if _WINDOW_OP_AVAILABLE.get(dev, True):
-            try:
-                outs.append(ops.window_attention(qs, ks, vs, neighbours)[0])
-                _WINDOW_OP_AVAILABLE[dev] = True
-                continue
-            except NotImplementedError:
-                _WINDOW_OP_AVAILABLE[dev] = False
-                ops.choose("window_attention", q.device, "attention._gathered_sdpa", "op has no kernel yet")
-        outs.append(_gathered_sdpa(qs, ks, vs, neighbours))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if step == H:
+        return ops.window_attention(q, k, v, neighbours)[0]
+    outs = [ops.window_attention(q[:, h0:h0 + step], k[:, h0:h0 + step], v[:, h0:h0 + step], neighbours)[0]
+            for h0 in range(0, H, step)]
+    return torch.cat(outs, dim=1)
 
 
 class CrossTileAttnProcessor:
