@@ -220,3 +220,142 @@ def test_memory_refusal_names_the_knob(mode, knob):
     with pytest.raises(MemoryError, match=knob):
         check_memory(est, est["total"] / 2**30 * 0.9, cfg)
     check_memory(est, est["total"] / 2**30 + 1e-6, cfg)  # at the limit: accepted
+
+
+# ------------------------------------------------------------------------------ micro-conditions
+
+
+# adaln_single splits its width in three (resolution: 2 x D//3, aspect ratio: D//3), so D must divide by 3
+MICRO_WIDTH = dict(num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24)
+
+
+def micro_pipe(**transformer_kw):
+    """The tiny pipeline with its transformer rebuilt with other micro-condition settings (seeded weights)."""
+    from diffusers import PixArtAlphaPipeline
+
+    from tiled_diffusion.tiny import tiny_transformer
+
+    base = tiny_pipeline()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        tr = tiny_transformer(**MICRO_WIDTH, **transformer_kw).eval()
+    p = PixArtAlphaPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=tr,
+                            scheduler=base.scheduler)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def micro():
+    # sample_size 128 is the only size at which PixArtAlphaPipeline itself passes micro-conditions
+    p = micro_pipe(sample_size=128, use_additional_conditions=True)
+    assert p.transformer.adaln_single.emb.use_additional_conditions
+    return p
+
+
+@pytest.mark.parametrize("sample_size,flag,expected", [(128, None, True), (128, True, True), (128, False, False),
+                                                       (32, None, False), (32, True, True), (64, False, False)])
+def test_micro_conditions_follow_the_model_rule(sample_size, flag, expected):
+    from tiled_diffusion.sampler import _added_cond, uses_micro_conditions
+    from tiled_diffusion.tiny import tiny_transformer
+
+    tr = tiny_transformer(**MICRO_WIDTH, sample_size=sample_size, use_additional_conditions=flag)
+    assert uses_micro_conditions(tr) is expected is tr.use_additional_conditions
+    added = _added_cond(tr, 3, 256, 384, torch.bfloat16, "cpu")
+    if expected:  # as PixArtAlphaPipeline builds them: (height, width) in pixels and height / width
+        assert added["resolution"].dtype == added["aspect_ratio"].dtype == torch.bfloat16
+        assert added["resolution"].tolist() == [[256.0, 384.0]] * 3
+        assert added["aspect_ratio"].float().tolist() == [[float(torch.tensor(256 / 384).bfloat16())]] * 3
+    else:
+        assert added == {"resolution": None, "aspect_ratio": None}
+
+
+def test_micro_conditions_change_the_output(micro):
+    """Guards the comparisons below: with these weights the micro-conditions are not a no-op."""
+    tr = micro.transformer
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+
+    def run(h, w):
+        cond = {"resolution": torch.tensor([[h, w]], dtype=torch.float32), "aspect_ratio": torch.tensor([[h / w]])}
+        return tr(x, encoder_hidden_states=emb, timestep=torch.tensor([999]), added_cond_kwargs=cond,
+                  return_dict=False)[0]
+
+    assert rel_err(run(256, 256), run(512, 256)) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["global", "cross_tile", "multidiffusion"])
+def test_one_tile_with_micro_conditions_matches_diffusers(micro, mode):
+    ref = plain_latents(micro, 256, 256)
+    P.accelerate(micro, int8=None, text_encoder_int8=False, tile=256)
+    try:
+        out = tiled(micro, 256, 256, mode=mode)
+    finally:
+        P.restore(micro)
+    if mode == "global":
+        assert torch.equal(out, ref)
+    else:
+        assert rel_err(out, ref) < 1e-4
+
+
+def test_cross_tile_full_radius_equals_global_with_micro_conditions(micro):
+    """cross_tile passes the canvas size (not its 128-px tile), so a radius covering the canvas is global."""
+    P.accelerate(micro, int8=None, text_encoder_int8=False, tile=128)
+    try:
+        g = tiled(micro, 384, 256, mode="global")
+        c = tiled(micro, 384, 256, mode="cross_tile", radius=2)
+    finally:
+        P.restore(micro)
+    assert rel_err(c, g) < 1e-4
+
+
+@pytest.mark.parametrize("positional,expected", [("canvas_stretched", (256, 384)), ("tile_local", (128, 128))])
+@pytest.mark.parametrize("mode", ["cross_tile", "multidiffusion"])
+def test_micro_condition_size_per_mode(micro, mode, positional, expected):
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append((kwargs["added_cond_kwargs"]["resolution"], kwargs["added_cond_kwargs"]["aspect_ratio"]))
+
+    P.accelerate(micro, int8=None, text_encoder_int8=False, tile=128)
+    handle = micro.transformer.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        P.generate(micro, PROMPT, width=384, height=256, steps=2, seed=0, guidance_scale=2.0, output_type="latent",
+                   progress=False, mode=mode, positional=positional, shift=True, tile_batch_size=2)
+    finally:
+        handle.remove()
+        P.restore(micro)
+    assert seen
+    for res, ar in seen:  # one row per forward row (tiles x CFG halves), all the same size
+        assert res.shape == (ar.shape[0], 2) and res.shape[0] >= 2
+        assert res.tolist() == [list(map(float, expected))] * res.shape[0]
+        assert torch.equal(ar, torch.full_like(ar, expected[0] / expected[1]))
+
+
+@pytest.mark.parametrize("mode", ["global", "cross_tile"])
+def test_micro_conditions_off_at_sample_size_128(mode):
+    """PixArt-Σ 1024 style: sample_size 128 with use_additional_conditions=False. diffusers' pipeline still
+    passes resolution (its own check is sample_size == 128) and the model ignores it; we pass None."""
+    p = micro_pipe(sample_size=128, use_additional_conditions=False)
+    ref = plain_latents(p, 256, 256)
+    P.accelerate(p, int8=None, text_encoder_int8=False, tile=256)
+    try:
+        out = tiled(p, 256, 256, mode=mode)
+    finally:
+        P.restore(p)
+    if mode == "global":
+        assert torch.equal(out, ref)
+    else:
+        assert rel_err(out, ref) < 1e-4
+
+
+def test_micro_conditions_on_at_another_sample_size():
+    """use_additional_conditions=True at sample_size 32: the flag decides, so the model gets its conditions
+    (a sample_size == 128 rule would pass None and crash inside adaln_single)."""
+    p = micro_pipe(use_additional_conditions=True)
+    P.accelerate(p, int8=None, text_encoder_int8=False, tile=128)
+    try:
+        out = tiled(p, 384, 256, mode="cross_tile", steps=1)
+    finally:
+        P.restore(p)
+    assert torch.isfinite(out).all()

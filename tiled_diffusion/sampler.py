@@ -94,13 +94,50 @@ def _state(transformer):
     return st
 
 
+def uses_micro_conditions(transformer) -> bool:
+    """Whether the transformer consumes PixArt-α's resolution / aspect-ratio micro-conditions.
+
+    diffusers' own rule (PixArtTransformer2DModel.__init__): the `use_additional_conditions` config, where None
+    means sample_size == 128 (PixArt-α 1024, PixArt-δ/LCM 1024); PixArt-Σ 1024 checkpoints set it to False
+    explicitly. The resolved value is the model attribute of the same name, which its forward checks. A model
+    that uses them crashes on resolution=None; one that does not ignores whatever it is given.
+    """
+    flag = getattr(transformer, "use_additional_conditions", None)
+    if flag is None:
+        flag = getattr(transformer.config, "use_additional_conditions", None)
+    if flag is None:
+        flag = transformer.config.sample_size == 128
+    return bool(flag)
+
+
 def _added_cond(transformer, batch: int, height: int, width: int, dtype, device) -> dict:
-    """PixArt-α 1024's micro-conditions (only models with sample_size 128 use them), as the pipeline builds them."""
-    if transformer.config.sample_size != 128:
+    """The micro-conditions for `batch` rows, built exactly as PixArtAlphaPipeline builds them: resolution
+    [batch, 2] = (height, width) in image pixels and aspect_ratio [batch, 1] = height / width, both in the
+    prompt embeddings' dtype; None for models that do not use them (see `uses_micro_conditions`)."""
+    if not uses_micro_conditions(transformer):
         return {"resolution": None, "aspect_ratio": None}
     res = torch.tensor([height, width]).repeat(batch, 1).to(dtype=dtype, device=device)
     ar = torch.tensor([float(height / width)]).repeat(batch, 1).to(dtype=dtype, device=device)
     return {"resolution": res, "aspect_ratio": ar}
+
+
+def micro_condition_size(cfg: "TiledConfig", height: int, width: int, tile_px: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels that the micro-conditions describe, in every mode.
+
+    They describe the image whose positional embedding the tokens carry, which is what they described in
+    training (PixArt-α's multi-scale data: aspect_ratio = the bin of the crop the model saw, whose positional
+    grid is stretched per axis onto the trained range, so the aspect ratio is what tells the model how
+    anisotropic its token density is; resolution = the source image's size):
+    - canvas_stretched / canvas_native (default): the canvas (height, width), in every mode. Every tile's
+      positions are its crop of the canvas grid, so it is part of a canvas-sized image. `global` is then the
+      plain pipeline at the canvas size, and a cross_tile forward whose radius covers the canvas equals it.
+    - tile_local: the tile (`tile_px`: the multidiffusion tile, or the cross_tile token-grid tile), since every
+      tile carries the embedding of a whole tile-sized image. In `global` the tile is the canvas.
+    With one tile covering the canvas both are the canvas size: every mode equals the plain pipeline.
+    """
+    if cfg.positional == "tile_local" and cfg.mode != "global":
+        return tile_px
+    return height, width
 
 
 def _predict(transformer, x, t, embeds, mask, guidance_scale, added_cond):
@@ -195,10 +232,14 @@ def denoise(transformer, scheduler, prompt_embeds, prompt_mask, *, height: int, 
                             dtype=torch.long)
         tb = cfg.tile_batch_size or batch * T
         tile_px = (pgrid.th * vsf, pgrid.tw * vsf)
-        added = _added_cond(transformer, 1, *tile_px, dtype, device)
+    elif cfg.mode == "cross_tile":
+        g0 = token_grid(cfg, lat_h, lat_w, patch, 0, vsf)  # a shifted grid has the same tile size
+        tile_px = (g0.th * vsf, g0.tw * vsf)
     else:
-        tile_px = (height, width) if cfg.mode == "global" else None
-        added = None
+        tile_px = (height, width)
+    # One size for every forward of the run: the canvas, or the tile with tile_local positions (see
+    # micro_condition_size for why); rows are repeated per image, tile and CFG half.
+    added = _added_cond(transformer, 1, *micro_condition_size(cfg, height, width, tile_px), dtype, device)
 
     try:
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"{cfg.mode} {width}x{height}")):
@@ -206,12 +247,9 @@ def denoise(transformer, scheduler, prompt_embeds, prompt_mask, *, height: int, 
             ctx.offsets = None
             if cfg.mode in ("global", "cross_tile"):
                 ctx.set_grid(token_grid(cfg, lat_h, lat_w, patch, i, vsf) if cfg.mode == "cross_tile" else None)
-                if tile_px is None:
-                    g = ctx.grid
-                    tile_px = (g.th * vsf, g.tw * vsf)
                 n_in = batch * (2 if cfg_on else 1)
                 eps = _predict(transformer, scheduler.scale_model_input(latents, t), t, prompt_embeds, prompt_mask,
-                               guidance_scale, _batched(_added_cond(transformer, 1, *tile_px, dtype, device), n_in))
+                               guidance_scale, _batched(added, n_in))
                 out = scheduler.step(eps, t, latents, generator=generator, return_dict=False)
                 latents = out[1] if steps == 1 else out[0]
             else:
@@ -237,9 +275,10 @@ def denoise(transformer, scheduler, prompt_embeds, prompt_mask, *, height: int, 
     return latents
 
 
-def _batched(added: Optional[dict], n: int) -> Optional[dict]:
-    if added is None or added["resolution"] is None:
-        return added if added is not None else {"resolution": None, "aspect_ratio": None}
+def _batched(added: dict, n: int) -> dict:
+    """The micro-conditions for n forward rows (images, tiles, CFG halves: all rows share one size)."""
+    if added["resolution"] is None:
+        return added
     return {k: v[:1].repeat(n, 1) for k, v in added.items()}
 
 
