@@ -119,3 +119,68 @@ def test_safetensors_round_trip_and_float_checkpoint(tmp_path):
     third.load_state_dict(float_state, strict=False)
     assert torch.equal(third.attn.weight, model.attn.weight)
     torch.testing.assert_close(third.attn(x), model.attn(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,k", [(64, 32), (67, 129), (16, 4)], ids=str)
+def test_unpack_inverts_the_cpu_packing(n, k):
+    from tiled_diffusion import ops
+
+    w = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
+    assert torch.equal(ops.unpack_int8_weight_cpu(ops.pack_int8_weight(w), n, k), w)
+
+
+def test_pack_only_keeps_one_copy_and_behaves_the_same(tmp_path):
+    torch.manual_seed(2)
+    lin = nn.Linear(129, 67)
+    full, compact = Int8Linear.from_linear(lin), Int8Linear.from_linear(lin).pack_only_()
+    assert compact.weight is None and compact.packed_weight() is not None
+    assert [k for k, _ in compact.state_dict().items()] == [k for k, _ in full.state_dict().items()]
+    assert all(torch.equal(compact.state_dict()[k], v) for k, v in full.state_dict().items())
+    x = torch.randn(5, 129, dtype=torch.bfloat16)
+    assert torch.equal(compact(x), full(x))
+    assert torch.equal(compact.dequantized_weight(torch.float32), full.dequantized_weight(torch.float32))
+    assert torch.equal(compact.to_linear().weight, full.to_linear().weight)
+    # Loading a different checkpoint re-packs: the output follows the new weights.
+    other = Int8Linear.from_linear(nn.Linear(129, 67))
+    compact.load_state_dict(other.state_dict())
+    assert compact.weight is None and torch.equal(compact(x), other(x))
+    # .to() keeps working (the plain weight is rebuilt for the move, then dropped again on the CPU).
+    compact.to(torch.float32)
+    assert compact.weight is None and torch.equal(compact(x), other(x))
+    path = str(tmp_path / "c.safetensors")
+    save_quantized(compact, path)
+    again = Int8Linear.from_linear(lin)
+    load_quantized(again, path)
+    assert torch.equal(again(x), other(x))
+    # w8a16 has no packed layout: pack_only_ is a no-op there.
+    assert Int8Linear.from_linear(lin, "w8a16").pack_only_().weight is not None
+
+
+def test_int8_embedding_lookup_ties_and_restore():
+    from tiled_diffusion.int8 import Int8Embedding, quantize_embeddings, restore_embeddings
+
+    torch.manual_seed(3)
+    emb = nn.Embedding(301, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        emb.weight[7] *= 40  # one loud row: per-row scales keep the others precise
+    model = nn.Module()
+    model.shared, model.enc, model.other = emb, nn.Module(), nn.Embedding(5, 3)
+    model.enc.embed_tokens = emb  # the same module twice
+    model.enc.tied = nn.Embedding(301, 48, _weight=emb.weight)  # another module on the same weight, like T5
+    ids = torch.randint(0, 301, (2, 17))
+    ids[0, 0] = 7
+    ref = emb(ids).float()
+    tied = model.enc.tied
+    swaps = quantize_embeddings(model)
+    assert isinstance(model.shared, Int8Embedding) and isinstance(model.other, Int8Embedding)
+    assert model.enc.embed_tokens is model.shared and model.enc.tied is model.shared  # one int8 table
+    assert sorted(n for _, _, names in swaps for n in names) == ["enc.embed_tokens", "enc.tied", "other", "shared"]
+    out = model.enc.embed_tokens(ids)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    # Per-row symmetric int8: error ≤ half a step (max|row|/127/2) plus the bf16 rounding of the output.
+    step = emb.weight.float().abs().amax(1)[ids] / 127
+    assert ((out.float() - ref).abs() <= step[..., None] / 2 + ref.abs() * 2**-8 + 1e-6).all()
+    assert sqnr_db(ref, out.float()) > 35
+    restore_embeddings(model, swaps)
+    assert model.shared is emb and model.enc.embed_tokens is emb and model.enc.tied is tied
+    assert type(model.other) is nn.Embedding

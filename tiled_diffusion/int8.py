@@ -8,6 +8,12 @@ Two modes:
 
 State dict of an Int8Linear: ``weight`` (int8 [N, K]), ``weight_scale`` (fp32 [N]) and ``bias`` — the nn.Linear keys
 plus one. Loading a float ``weight`` (an unquantized checkpoint) into an Int8Linear quantizes it on the fly.
+
+Memory on the CPU: the w8a8 kernel reads its own blocked copy of the weight, so a layer normally holds the weight
+twice. `Int8Linear.pack_only_()` (what `accelerate(..., keep_original_weights=False)` uses) drops the plain copy;
+it is rebuilt exactly from the packed one whenever something needs it (state_dict, `.to(device)`, dequantizing).
+
+`Int8Embedding` is the weight-only int8 counterpart of nn.Embedding (per-row scales), for T5's 32128×4096 table.
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("bias", None)
         self._packed: Optional[torch.Tensor] = None  # CPU VNNI layout, made once per weight version
         self._packed_key: Optional[tuple] = None
+        self._pack_only = False  # True: self.weight is None and _packed is the only copy (CPU, w8a8)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8") -> "Int8Linear":
@@ -75,7 +82,7 @@ class Int8Linear(nn.Module):
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A float nn.Linear with the dequantized weights (what this layer computes, up to activation rounding)."""
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight_scale.device,
                         dtype=dtype)
         with torch.no_grad():
             lin.weight.copy_(self.dequantized_weight(dtype))
@@ -83,11 +90,38 @@ class Int8Linear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 [N, K] weight (rebuilt from the packed copy in pack-only mode)."""
+        if self._pack_only:
+            return ops.unpack_int8_weight_cpu(self._packed, self.out_features, self.in_features)
+        return self.weight
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+        return (self.int8_weight().float() * self.weight_scale[:, None]).to(dtype)
+
+    def pack_only_(self) -> "Int8Linear":
+        """Keep only the CPU kernel's packed weight (w8a8 on the CPU; a no-op elsewhere): half the layer's bytes.
+        `weight` reads as None until something needs the plain layout back (state_dict, `.to()`, loading)."""
+        if self._pack_only or self.packed_weight() is None:
+            return self
+        self._buffers["weight"] = None
+        self._pack_only = True
+        return self
+
+    def _unpack_only(self) -> bool:
+        """Leave pack-only mode (plain weight back, packed copy kept); returns whether it was on."""
+        if not self._pack_only:
+            return False
+        w = self.int8_weight()
+        self._buffers["weight"] = w
+        self._packed_key = (w.data_ptr(), w._version)
+        self._pack_only = False
+        return True
 
     def packed_weight(self) -> Optional[torch.Tensor]:
         """The kernel's weight layout for w8a8 on the CPU (None elsewhere), re-made when the weight changes."""
+        if self._pack_only:
+            return self._packed
         if self.mode != "w8a8" or self.weight.device.type != "cpu":
             return None
         key = (self.weight.data_ptr(), self.weight._version)
@@ -120,12 +154,111 @@ class Int8Linear(nn.Module):
         if w is not None and w.is_floating_point():  # an unquantized checkpoint: quantize it as it loads
             state_dict = dict(state_dict)
             state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = quantize_weight(w.float())
+        was = self._unpack_only()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if was:
+            self.pack_only_()  # packed_weight() re-packs: the loaded weight has a new version
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self._pack_only:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._buffers["weight"] = self.int8_weight()  # same key order as a plain layer; dropped again below
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._buffers["weight"] = None
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() map buffers; the packed copy is a CPU-only plain attribute, so move the plain
+        # weight and re-pack if it is still on the CPU.
+        was = self._unpack_only()
+        out = super()._apply(fn, recurse)
+        if self.packed_weight() is None:  # moved off the CPU: the packed copy is dead weight
+            self._packed = self._packed_key = None
+        if was:
+            self.pack_only_()
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"mode={self.mode}"
+
+
+class Int8Embedding(nn.Module):
+    """Weight-only int8 drop-in for nn.Embedding lookups: int8 rows with one fp32 scale per row (symmetric).
+
+    Output dtype is the original table's (`dtype`). State dict: ``weight`` (int8 [V, D]) and ``weight_scale``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx, self.dtype = (num_embeddings, embedding_dim,
+                                                                                  padding_idx, dtype)
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
+        if emb.max_norm is not None or emb.sparse:
+            raise ValueError("Int8Embedding: max_norm / sparse embeddings are not supported")
+        q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.weight.dtype, device="meta")
+        q.weight, q.weight_scale = quantize_weight(emb.weight)
+        return q
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype or self.dtype)
+
+    def to_embedding(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device=self.weight.device,
+                           dtype=self.dtype)
+        with torch.no_grad():
+            emb.weight.copy_(self.dequantized_weight())
+        return emb
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids, self.weight)  # only the looked-up rows are widened
+        return (rows.float() * self.weight_scale[ids].unsqueeze(-1)).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}"
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
+    """Put `new` wherever `old` is a child in `root` (tied modules, e.g. T5's shared/embed_tokens, stay tied)."""
+    names = []
+    for pname, parent in root.named_modules(remove_duplicate=True):
+        for cname, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[cname] = new
+                names.append(f"{pname}.{cname}" if pname else cname)
+    return names
+
+
+def quantize_embeddings(module: nn.Module) -> list[tuple[nn.Embedding, Int8Embedding, list[str]]]:
+    """Swap every nn.Embedding of `module` for an Int8Embedding, in place. Tables that share one weight (T5's
+    `shared` and `encoder.embed_tokens`) get one shared Int8Embedding. Returns (original, replacement, names)
+    per original module: what `restore_embeddings` needs."""
+    tied: dict[object, list[nn.Embedding]] = {}
+    for m in module.modules():
+        if type(m) is nn.Embedding:  # tied = same storage (transformers shares the Parameter; others may view it)
+            w = m.weight
+            tied.setdefault((w.data_ptr(), tuple(w.shape), w.stride()) if not w.is_meta else id(w), []).append(m)
+    swaps = []
+    for group in tied.values():
+        q = Int8Embedding.from_embedding(group[0])
+        swaps += [(emb, q, replace_module(module, emb, q)) for emb in group]
+    return swaps
+
+
+def restore_embeddings(module: nn.Module, swaps, keep_original: bool = True) -> None:
+    """Undo `quantize_embeddings`: the original tables back, or float tables rebuilt from the int8 rows (tied
+    tables stay tied)."""
+    rebuilt: dict[int, nn.Embedding] = {}
+    for emb, q, names in swaps:
+        new = emb if keep_original else rebuilt.setdefault(id(q), q.to_embedding())
+        for name in names:
+            _set_submodule(module, name, new)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -180,6 +180,17 @@ def packed_numel_cpu(n: int, k: int) -> int:
     return np_ * kp + 4 * np_ + 64
 
 
+def unpack_int8_weight_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of the CPU `pack_int8_weight`: the int8 [N, K] weight back from its blocked layout (a pure
+    permutation of bytes, so exact). Lets a layer keep only the packed copy (see Int8Linear.pack_only_)."""
+    np_, kp = -(-n // 16) * 16, -(-k // 4) * 4
+    _check(packed.dim() == 1 and packed.dtype == torch.int8 and packed.numel() == packed_numel_cpu(n, k),
+           f"unpack_int8_weight_cpu: expected the 1-D int8 packed weight of N={n}, K={k} "
+           f"({packed_numel_cpu(n, k)} bytes), got {packed.dtype} {tuple(packed.shape)}")
+    blocks = packed[: np_ * kp].view(np_ // 16, kp // 4, 16, 4)  # [block][k/4][column][k%4]
+    return blocks.permute(0, 2, 1, 3).reshape(np_, kp)[:n, :k].contiguous()
+
+
 def cpu_isa() -> str:
     """ISA path the CPU int8 kernels take now: avx512 (VNNI), avx2 or scalar. TD_CPU_ISA=avx512|avx2|scalar
     (read at every call) forces one."""

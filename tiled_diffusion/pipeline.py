@@ -82,17 +82,24 @@ def _revert_token_order(tr, handle):
     handle.remove()
 
 
-def _apply_int8(module, mode: str, exclude, keep: bool):
+def _apply_int8(module, mode: str, exclude, keep: bool, embeddings: bool = False):
     from . import int8
 
     originals = {n: m for n, m in module.named_modules() if type(m) is nn.Linear} if keep else None
     swapped = int8.quantize_model(module, mode=mode, exclude=exclude)
-    return {"swapped": swapped, "originals": {n: originals[n] for n in swapped} if keep else None}
+    if not keep:  # inference only: on the CPU, w8a8 layers keep just the kernel's packed weight (half the bytes)
+        for m in module.modules():
+            if isinstance(m, int8.Int8Linear):
+                m.pack_only_()
+    tables = int8.quantize_embeddings(module) if embeddings else []
+    return {"swapped": swapped, "originals": {n: originals[n] for n in swapped} if keep else None,
+            "embeddings": tables}
 
 
 def _revert_int8(module, rec):
     from . import int8
 
+    int8.restore_embeddings(module, rec["embeddings"], keep_original=rec["originals"] is not None)
     if rec["originals"] is None:
         int8.restore_linears(module)
         return
@@ -107,7 +114,8 @@ def _apply_transformer_int8(tr, st: AccelerateState):
 
 
 def _apply_text_encoder_int8(te, st: AccelerateState):
-    return _apply_int8(te, "w8a16", (), st.keep_original_weights)
+    # T5's token table is 32128×4096 (0.25 GB in bf16): int8 rows halve it; only ~120 rows are read per prompt.
+    return _apply_int8(te, "w8a16", (), st.keep_original_weights, embeddings=True)
 
 
 # (name, which component, when, apply, revert). int8 runs first so that the hooks attach to the final modules.
@@ -139,6 +147,8 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     int8: "w8a8" | "w8a16" | None for the transformer's linear layers (PIXART_KEEP_HIGH_PRECISION stay float);
     text_encoder_int8: T5 weight-only int8 (pipelines only). tile: pixels, default per mode
     (sampler.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see sampler.TiledConfig.
+    keep_original_weights=False is the inference-only, least-memory setting: the float layers are not kept (restore
+    rebuilds them from the int8 weights) and, on the CPU, W8A8 layers keep only the kernel's packed weight.
     """
     comps = _components(pipe)
     tr = comps["transformer"]
