@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -52,3 +53,96 @@ def test_unknown_mode_is_rejected():
         run(args)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["generate", "--prompt", "x", "--mode", "tiles"])
+
+
+# ------------------------------------------------------------------------- local diffusers folders
+
+
+def save_tiny_folder(path, pipeline_cls=None, **save_kw):
+    """The tiny pipeline written with save_pretrained (as `pipeline_cls`, default PixArtAlphaPipeline).
+
+    The tokenizer does not round-trip as saved: save_pretrained records it as a T5Tokenizer, and transformers 5's
+    T5Tokenizer always builds a SentencePiece-style Unigram model, which cannot hold the tiny WordLevel vocabulary
+    (loading fails inside T5Tokenizer.__init__). Its tokenizer.json is complete, so the folder names the generic
+    PreTrainedTokenizerFast, which loads that file as it is (same ids, masks and padding: asserted below through
+    the images).
+    """
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    if pipeline_cls is not None:
+        pipe = pipeline_cls(**pipe.components)
+    pipe.save_pretrained(str(path), **save_kw)
+    index = json.loads((path / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    tok = json.loads((path / "tokenizer" / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tok))
+    return path
+
+
+def generate_png(out, model, *extra):
+    rc = cli.main(["generate", "--prompt", "a red house by the lake", "--model", str(model), "--size", "256x128",
+                   "--steps", "2", "--seed", "3", "--out", str(out), *extra])
+    assert rc == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (256, 128)
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    root = tmp_path_factory.mktemp("models")
+    alpha = save_tiny_folder(root / "alpha", PixArtAlphaPipeline)
+    sigma = save_tiny_folder(root / "sigma", PixArtSigmaPipeline)
+    assert json.loads((sigma / "model_index.json").read_text())["_class_name"] == "PixArtSigmaPipeline"
+    return {"alpha": alpha, "sigma": sigma}
+
+
+@pytest.fixture(scope="module")
+def tiny_png(tmp_path_factory):
+    return generate_png(tmp_path_factory.mktemp("tiny") / "tiny.png", "tiny")
+
+
+@pytest.mark.parametrize("kind", ["alpha", "sigma"])
+def test_generate_from_a_saved_folder_equals_tiny(folders, tiny_png, tmp_path, kind):
+    """Default path (bf16, int8 on): the same weights, tokenizer and scheduler as
+    `--model tiny`, so the same image, pixel for pixel, whether the folder names PixArt-α or PixArt-Σ."""
+    img = generate_png(tmp_path / f"{kind}.png", folders[kind])
+    assert np.array_equal(img, tiny_png)
+
+
+def test_generate_from_a_saved_folder_fp32_without_int8(folders, tmp_path):
+    """The plain from_pretrained path. In fp32, from_pretrained keeps weights as views into the file buffer,
+    whose alignment (not 64-byte) changes the CPU GEMM's last bits (~1e-6 on the latents), so the 8-bit image may
+    differ from `--model tiny` by one level; any loading mistake moves it by far more."""
+    extra = ("--dtype", "fp32", "--int8", "none")
+    ref = generate_png(tmp_path / "tiny32.png", "tiny", *extra)
+    img = generate_png(tmp_path / "alpha32.png", folders["alpha"], *extra)
+    assert np.abs(img - ref).max() <= 1
+
+
+def _one_line_error(capsys, argv, out):
+    rc = cli.main(["generate", "--prompt", "x", "--size", "256x128", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_folder_of_another_pipeline_is_one_clear_line(tmp_path, capsys):
+    model = tmp_path / "sd"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    err = _one_line_error(capsys, ["--model", str(model)], tmp_path / "x.png")
+    assert "holds a StableDiffusionPipeline, expected PixArtAlphaPipeline or PixArtSigmaPipeline" in err
+
+
+def test_folder_without_model_index_is_one_clear_line(tmp_path, capsys):
+    model = tmp_path / "empty"
+    (model / "transformer").mkdir(parents=True)
+    err = _one_line_error(capsys, ["--model", str(model)], tmp_path / "x.png")
+    assert "not a diffusers folder (no model_index.json)" in err

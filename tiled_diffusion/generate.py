@@ -21,18 +21,30 @@ class RequestError(ValueError):
 
 
 def _pipeline_class(path: str):
+    """The pipeline class a local diffusers folder names in its model_index.json (PixArt-α or -Σ only)."""
     import diffusers
 
-    name = "PixArtAlphaPipeline"
     try:
         with open(os.path.join(path, "model_index.json")) as f:
-            name = json.load(f).get("_class_name", name)
+            index = json.load(f)
     except OSError:
         raise RequestError(f"--model {path!r}: not a diffusers folder (no model_index.json); use a local "
                            f"PixArt-α/Σ pipeline folder or 'tiny'") from None
+    except ValueError as e:
+        raise RequestError(f"--model {path!r}: model_index.json is not valid JSON ({e})") from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
     if name not in ("PixArtAlphaPipeline", "PixArtSigmaPipeline"):
         raise RequestError(f"--model {path!r} holds a {name}, expected PixArtAlphaPipeline or PixArtSigmaPipeline")
     return getattr(diffusers, name)
+
+
+def _component_config(model: str, component: str) -> dict:
+    path = os.path.join(model, component, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise RequestError(f"--model {model!r}: cannot read {component}/config.json ({e})") from None
 
 
 def _transformer_config(model: str):
@@ -40,8 +52,7 @@ def _transformer_config(model: str):
         from .tiny import tiny_transformer
 
         return tiny_transformer().config
-    with open(os.path.join(model, "transformer", "config.json")) as f:
-        return SimpleNamespace(**json.load(f))
+    return SimpleNamespace(**_component_config(model, "transformer"))
 
 
 def _vae_channels(model: str) -> int:
@@ -50,8 +61,16 @@ def _vae_channels(model: str) -> int:
         from .tiny import tiny_vae
 
         return tiny_vae().config.block_out_channels[0]
-    with open(os.path.join(model, "vae", "config.json")) as f:
-        return json.load(f)["block_out_channels"][0]
+    return _component_config(model, "vae")["block_out_channels"][0]
+
+
+def load(model: str, dtype: torch.dtype, int8):
+    """The pipeline on the CPU: 'tiny', or a local folder."""
+    if model == "tiny":
+        from .tiny import tiny_pipeline
+
+        return tiny_pipeline(device="cpu", dtype=dtype)
+    return _pipeline_class(model).from_pretrained(model, dtype=dtype)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -97,8 +116,11 @@ def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
     int8 = None if args.int8 in (None, "none") else args.int8
-    if args.model != "tiny" and not os.path.isdir(args.model):
-        raise RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or 'tiny')")
+    if args.model != "tiny":
+        if not os.path.isdir(args.model):
+            raise RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or "
+                               f"'tiny')")
+        _pipeline_class(args.model)  # a folder of the right kind, before any estimate reads its configs
 
     est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=dtype,
                           guidance_scale=args.guidance_scale, int8=int8, vae_channels=_vae_channels(args.model))
@@ -110,13 +132,10 @@ def run(args) -> int:
 
     from . import pipeline as P
 
+    # Load and quantize on the CPU, then move: the float pipeline (T5-XXL alone is 9.5 GB in bf16) never has to
+    # fit on the GPU, only its int8 form does.
     t0 = time.perf_counter()
-    if args.model == "tiny":
-        from .tiny import tiny_pipeline
-
-        pipe = tiny_pipeline(device=device, dtype=dtype)
-    else:
-        pipe = _pipeline_class(args.model).from_pretrained(args.model, torch_dtype=dtype).to(device)
+    pipe = load(args.model, dtype, int8)
     pipe.set_progress_bar_config(disable=True)
     timings["load_s"] = time.perf_counter() - t0
 
@@ -124,6 +143,11 @@ def run(args) -> int:
     P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, overlap=cfg.overlap, profile=cfg.profile,
                  int8=int8, text_encoder_int8=int8 is not None, keep_original_weights=False)
     timings["accelerate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if device.type != "cpu":
+        pipe.to(device)
+    timings["to_device_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     embeds, mask = P.encode(pipe, args.prompt, guidance_scale=args.guidance_scale)
