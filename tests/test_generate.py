@@ -109,8 +109,8 @@ def tiny_png(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["alpha", "sigma"])
 def test_generate_from_a_saved_folder_equals_tiny(folders, tiny_png, tmp_path, kind):
-    """Default path (bf16, int8 on): the same weights, tokenizer and scheduler as
-    `--model tiny`, so the same image, pixel for pixel, whether the folder names PixArt-α or PixArt-Σ."""
+    """Default path (bf16, int8 on: loading.load_pipeline quantizes as it reads): the same weights, tokenizer and
+    scheduler as `--model tiny`, so the same image, pixel for pixel, whether the folder names PixArt-α or -Σ."""
     img = generate_png(tmp_path / f"{kind}.png", folders[kind])
     assert np.array_equal(img, tiny_png)
 

@@ -65,12 +65,21 @@ def _vae_channels(model: str) -> int:
 
 
 def load(model: str, dtype: torch.dtype, int8):
-    """The pipeline on the CPU: 'tiny', or a local folder."""
+    """The pipeline on the CPU: 'tiny', or a local folder (int8 on: layers quantized as the weights stream in,
+    so no float copy of T5-XXL is ever whole; see loading.py)."""
     if model == "tiny":
         from .tiny import tiny_pipeline
 
         return tiny_pipeline(device="cpu", dtype=dtype)
-    return _pipeline_class(model).from_pretrained(model, dtype=dtype)
+    cls = _pipeline_class(model)
+    if int8 is None:
+        return cls.from_pretrained(model, dtype=dtype)
+    from .loading import LoadError, load_pipeline
+
+    try:
+        return load_pipeline(model, dtype, int8)
+    except LoadError as e:
+        raise RequestError(f"--model {model!r}: {e}") from None
 
 
 def _atomic_write(path: str, write) -> None:
