@@ -359,3 +359,21 @@ def test_micro_conditions_on_at_another_sample_size():
     finally:
         P.restore(p)
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------ tile_local and the grid shift
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (2, 2), (1, 3)])
+def test_tile_local_follows_the_shifted_cross_tile_grid(shift):
+    """Every tile of the step's grid (shifted or not) carries exactly the embedding of a tile-sized image."""
+    from tiled_diffusion.positional import _grid_embed, _tile_local_canvas
+    from tiled_diffusion.tiling import TileGrid
+
+    grid = TileGrid.for_tokens(24, 32, 8, patch=2, shift=shift)  # 12 x 16 tokens, 3 x 4 tiles of 4 x 4 tokens
+    assert (grid.ny, grid.nx, grid.tile_tokens_h, grid.tile_tokens_w) == (3, 4, 4, 4)
+    pos = _tile_local_canvas(grid, 16, 16, 1.0, torch.device("cpu"))  # raster order [1, N, 16]
+    tiles = pos.index_select(1, grid.permutation()).reshape(grid.ny * grid.nx, grid.tokens_per_tile, 16)
+    one = _grid_embed("tile_local", 16, 4, 4, 16, 1.0, "cpu").reshape(16, 16)
+    for i in range(grid.ny * grid.nx):
+        assert torch.equal(tiles[i], one), i

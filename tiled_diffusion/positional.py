@@ -17,6 +17,23 @@ i.e. every input size is stretched onto the trained range [0, base / interpolati
   trained scale, but far positions were never seen).
 - ``tile_local``: every tile gets the embedding of a full image of the tile's size (what naive tiling does);
   content repeats across tiles.
+
+Where the embedding is added, and what the grid shift does to it: PixArt adds its positional embedding once, in
+the patch embedding, before the first block; no later layer sees positions again, so whatever grid the
+patch embedding uses is the one every layer's tokens carry. The sampler sets one TileGrid per denoising step
+(`cfg.shift`: shifted by half a tile on odd steps) and the whole forward of that step, patch embedding
+included, runs on it; there is no per-layer shift. Per mode:
+
+- ``canvas_stretched`` / ``canvas_native``: positions are absolute canvas coordinates, added in raster order
+  before the tile-major permutation, so a shifted grid changes which tokens share an attention window and never
+  a token's position.
+- ``tile_local`` in multidiffusion: each input is one tile, and gets the tile's embedding (the pixel-level grid
+  has no shift).
+- ``tile_local`` in cross_tile: the tile's embedding is laid over the step's grid, shift included: canvas token
+  (y, x) lies in a tile at local position ((y - sy) mod th, (x - sx) mod tw) and gets that position's
+  embedding, so on shifted steps too every tile carries exactly a whole tile-sized image's embedding (only the
+  tiles of the last row/column, which wrap around the canvas edge, hold tokens from opposite edges; see
+  tiling.py).
 """
 from __future__ import annotations
 
@@ -90,11 +107,12 @@ class CanvasPatchEmbed(PatchEmbed):
         x = x.flatten(2).transpose(1, 2)  # BCHW -> BNC (raster order)
         if self.layer_norm:
             x = self.norm(x)
-        pos = positional_embedding(st.positional, self.pos_embed.shape[-1], st.canvas_tokens, (h, w),
-                                   st.offsets, self.base_size, self.interpolation_scale, x.device)
         if st.positional == "tile_local" and st.grid is not None:
             pos = _tile_local_canvas(st.grid, self.pos_embed.shape[-1], self.base_size, self.interpolation_scale,
                                      x.device)
+        else:
+            pos = positional_embedding(st.positional, self.pos_embed.shape[-1], st.canvas_tokens, (h, w),
+                                       st.offsets, self.base_size, self.interpolation_scale, x.device)
         if pos.shape[0] > 1 and pos.shape[0] != x.shape[0]:  # CFG doubled the batch: offsets repeat
             pos = pos.repeat(x.shape[0] // pos.shape[0], 1, 1)
         x = (x + pos).to(x.dtype)
@@ -104,7 +122,13 @@ class CanvasPatchEmbed(PatchEmbed):
 
 
 def _tile_local_canvas(grid, dim: int, base: int, interp: float, device) -> torch.Tensor:
-    """cross_tile + tile_local: the tile embedding repeated over the canvas, raster order [1, N, dim]."""
-    th, tw = grid.tokens_h // grid.ny, grid.tokens_w // grid.nx
+    """cross_tile + tile_local: the tile embedding laid over the canvas along the grid's tiles, raster order
+    [1, N, dim]. The tiles start at canvas token `grid.shift`, so the repeated embedding is rolled by it:
+    token (y, x) gets tile position ((y - sy) mod th, (x - sx) mod tw)."""
+    th, tw = grid.tile_tokens_h, grid.tile_tokens_w
     emb = _grid_embed("tile_local", dim, th, tw, base, float(interp), str(device))
-    return emb.repeat(grid.ny, grid.nx, 1).reshape(1, -1, dim)
+    emb = emb.repeat(grid.ny, grid.nx, 1)
+    sy, sx = grid.shift
+    if sy or sx:
+        emb = torch.roll(emb, shifts=(sy, sx), dims=(0, 1))
+    return emb.reshape(1, -1, dim)
