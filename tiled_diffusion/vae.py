@@ -81,15 +81,24 @@ class _SharedGroupNorm(nn.Module):
         G = self.gn.num_groups
         return x.reshape(k, s.images, G, x.shape[1] // G, h, w), h // lh
 
+    def _group_chunks(self) -> range:
+        # fp32 work is done a few groups at a time: a whole-tensor fp32 copy of a 512² tile's 128-channel feature
+        # map is 128 MB, and the decoder's own activations at that size are only a few such maps.
+        G = self.gn.num_groups
+        step = max(1, G // 8)
+        return range(0, G, step)
+
     def _record(self, x: torch.Tensor) -> None:
         xv, f = self._spatial(x)
         total = torch.zeros(2, xv.shape[1], xv.shape[2], dtype=torch.float64, device=x.device)
+        step = self._group_chunks().step
         for j, (y0, y1, x0, x1) in enumerate(self.session.cores):
-            core = xv[j, :, :, :, y0 * f:y1 * f, x0 * f:x1 * f].float()
-            var, mean = torch.var_mean(core, dim=(2, 3, 4), correction=0)  # accurate per tile, then combined
-            n = core[0, 0].numel()
-            total[0] += mean.double() * n
-            total[1] += (var.double() + mean.double() ** 2) * n
+            for g in self._group_chunks():
+                core = xv[j, :, g:g + step, :, y0 * f:y1 * f, x0 * f:x1 * f].float()
+                var, mean = torch.var_mean(core, dim=(2, 3, 4), correction=0)  # accurate per tile, then combined
+                n = core[0, 0].numel()
+                total[0, :, g:g + step] += mean.double() * n
+                total[1, :, g:g + step] += (var.double() + mean.double() ** 2) * n
             self._count += n
         if self._sum is None:
             self._sum, self._sumsq = total[0], total[1]
@@ -108,13 +117,20 @@ class _SharedGroupNorm(nn.Module):
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         xv, _ = self._spatial(x)
-        mean, rstd = self.fixed
-        y = (xv.float() - mean[None, :, :, None, None, None]) * rstd[None, :, :, None, None, None]
-        y = y.reshape(x.shape)
-        if self.gn.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.gn.weight.float().reshape(shape) + self.gn.bias.float().reshape(shape)
-        return y.to(x.dtype)
+        out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
+        mean, rstd = self.fixed  # [B, G]
+        G, cpg = xv.shape[2], xv.shape[3]
+        step = self._group_chunks().step
+        for g in self._group_chunks():
+            # out of place first: for an fp32 input .float() is x itself, which the resnet still needs
+            y = xv[:, :, g:g + step].float() - mean[None, :, g:g + step, None, None, None]
+            y.mul_(rstd[None, :, g:g + step, None, None, None])
+            if self.gn.affine:
+                wb = slice(g * cpg, (g + step) * cpg)
+                y.mul_(self.gn.weight[wb].float().reshape(-1, cpg, 1, 1)).add_(
+                    self.gn.bias[wb].float().reshape(-1, cpg, 1, 1))
+            out[:, :, g:g + step] = y
+        return out.reshape(x.shape)
 
 
 # Module swaps: which module class gets which replacement (Liger-style table, reverted by _swapped).
@@ -149,12 +165,13 @@ def vae_scale_factor(vae) -> int:
 
 
 def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, overlap: int = 16, profile: str = "cosine",
-                 stats_passes: int = 1, tile_batch: int = 4, progress: bool = False) -> torch.Tensor:
+                 stats_passes: int = 1, tile_batch: int = 1, progress: bool = False) -> torch.Tensor:
     """Decode latents [B, C_lat, h, w] (already divided by the VAE's scaling factor) to images [B, 3, f·h, f·w].
 
     tile / overlap: in latent pixels. profile: the seam_blend window ("uniform", "linear", "cosine", "gaussian").
     stats_passes: recording passes for the shared GroupNorm statistics (0 = per-tile GroupNorm, like diffusers'
-    tiling). tile_batch: tiles decoded together (memory ∝ tile_batch · tile²). Returns the decoder's dtype.
+    tiling). tile_batch: tiles decoded together (memory ∝ tile_batch · tile²; one 512² tile of the SD/PixArt VAE
+    needs ≈ 0.5 GB, and batching tiles buys little once a tile fills the device). Returns the decoder's dtype.
     """
     if latents.dim() != 4:
         raise ValueError(f"tiled_decode: latents must be [B, C, h, w], got shape {tuple(latents.shape)}")
