@@ -33,6 +33,9 @@ def reference(folder, dtype):
     ref = PixArtAlphaPipeline.from_pretrained(str(folder), dtype=dtype)
     I.quantize_model(ref.text_encoder, mode="w8a16", exclude=())
     I.quantize_model(ref.transformer, mode="w8a8", exclude=I.PIXART_KEEP_HIGH_PRECISION)
+    for m in ref.transformer.modules():  # load_pipeline is inference-only: W8A8 layers keep just the packed copy
+        if isinstance(m, I.Int8Linear):
+            m.pack_only_()
     return ref
 
 

@@ -275,7 +275,8 @@ def load_component(folder: str, model_cls, library: str, dtype: torch.dtype, mod
                 tg = targets[tid]
                 tg["need"].discard(id(meta))
                 if not tg["need"]:
-                    q = I.Int8Linear.from_linear(tg["module"], mode)
+                    # inference only: on the CPU a W8A8 layer keeps just the kernel's packed copy (pack_only_)
+                    q = I.Int8Linear.from_linear(tg["module"], mode).pack_only_()
                     for parent, cname in parents.pop(tid, []):
                         parent._modules[cname] = q
                     tg["module"] = None  # the float layer is gone with its last reference
