@@ -5,9 +5,17 @@ with the text encoder kept resident: encode a 120-token prompt, run the transfor
 (4096 tokens; peak memory is the same in every LCM step, so one step is timed), decode with the VAE (tiled_decode, one 512² tile
 at a time, so its activations stay bounded). Configurations:
   bf16  : everything bf16
-  int8  : T5 weight-only int8 (w8a16), transformer W8A8 (PixArt's sensitive layers kept bf16), VAE bf16
+  int8  : what `accelerate(..., keep_original_weights=False)` leaves: T5 weight-only int8 (w8a16 linears and an
+          int8 token table), transformer W8A8 holding only the CPU kernel's packed weights (PixArt's sensitive
+          layers kept bf16), VAE bf16
 Weights are synthetic (no checkpoint can be downloaded here) and are quantized layer by layer as they are made,
-so the int8 run never holds a bf16 copy of T5. quick=True runs scaled-down configs of the same code.
+so the int8 run never holds a bf16 copy of T5 (tiled_diffusion.loading does the same for a real checkpoint).
+T5's `shared` and `encoder.embed_tokens` are one table, as in a loaded checkpoint.
+The suite also writes the same synthetic pipeline as a diffusers folder (bf16 safetensors, T5 sharded) and runs
+`tiled-diffusion generate --model FOLDER` on it in a fresh process: the product's own peak RSS (streaming int8
+load, accelerate, encode, free T5, denoise, tiled decode) with its per-stage timings. quick=True runs scaled-down
+configs of the same code. Besides the peak, each row reports the RSS right after the imports and the bytes of the
+models' tensors, so that peak - imports - models = activations and transients.
 """
 from __future__ import annotations
 
@@ -41,6 +49,18 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def _tensor_gb(*modules: torch.nn.Module) -> float:
+    seen = {}
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        for q in m.modules():  # CPU-packed W8A8 weights are plain attributes, not buffers
+            packed = getattr(q, "_packed", None)
+            if packed is not None:
+                seen[packed.data_ptr()] = packed.numel()
+    return sum(seen.values()) / 2**30
+
+
 def _materialize(module: torch.nn.Module, dtype: torch.dtype, after_leaf=None) -> None:
     """Give a meta-device module synthetic N(0, 0.02)-like weights, leaf by leaf (bounded extra memory).
 
@@ -69,23 +89,26 @@ def measure_config(config: str, quick: bool) -> dict:
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from tiled_diffusion.int8 import Int8Linear, PIXART_KEEP_HIGH_PRECISION, _matches
+    from tiled_diffusion.int8 import Int8Embedding, Int8Linear, PIXART_KEEP_HIGH_PRECISION, _matches, replace_module
     from tiled_diffusion.vae import tiled_decode
 
     torch.manual_seed(0)
     int8 = config == "int8"
     dt = torch.bfloat16
-    row = {"config": config}
+    row = {"config": config, "rss_imports_gb": _rss_gb()}
     stages = {}
 
     t = time.perf_counter()
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config(**(T5_QUICK if quick else T5_XXL)))
+    t5.encoder.embed_tokens = t5.shared  # one table, made once (meta init leaves two tied Parameters)
 
     def q_t5(name, leaf):  # weight-only int8 as each layer is made
         if int8 and type(leaf) is torch.nn.Linear:
             parent, _, child = name.rpartition(".")
             setattr(t5.get_submodule(parent), child, Int8Linear.from_linear(leaf, "w8a16"))
+        if int8 and type(leaf) is torch.nn.Embedding:
+            replace_module(t5, leaf, Int8Embedding.from_embedding(leaf))
 
     _materialize(t5, dt, q_t5)
     t5.eval()
@@ -103,7 +126,7 @@ def measure_config(config: str, quick: bool) -> dict:
     def q_tr(name, leaf):
         if int8 and type(leaf) is torch.nn.Linear and not _matches(name, PIXART_KEEP_HIGH_PRECISION):
             parent, _, child = name.rpartition(".")
-            setattr(tr.get_submodule(parent), child, Int8Linear.from_linear(leaf, "w8a8"))
+            setattr(tr.get_submodule(parent), child, Int8Linear.from_linear(leaf, "w8a8").pack_only_())
 
     _materialize(tr, dt, q_tr)
     for b in tr.buffers():
@@ -121,11 +144,13 @@ def measure_config(config: str, quick: bool) -> dict:
                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
     stages["transformer_step_s"] = time.perf_counter() - t
     row["rss_after_transformer_gb"] = _rss_gb()
+    row["t5_gb"], row["transformer_gb"] = _tensor_gb(t5), _tensor_gb(tr)
 
     t = time.perf_counter()
     with torch.device("meta"):
         vae = AutoencoderKL(**(VAE_QUICK if quick else VAE_SD))
     _materialize(vae, dt)
+    row["vae_gb"] = _tensor_gb(vae)
     vae.eval()
     with torch.no_grad():
         z = eps[:, :4].contiguous()
@@ -138,26 +163,84 @@ def measure_config(config: str, quick: bool) -> dict:
     return row
 
 
+def write_synthetic_folder(path: str, quick: bool) -> str:
+    """A diffusers PixArt-α folder with synthetic bf16 weights (full size unless quick), T5 in 2 GB shards like
+    the released checkpoints, the tiny offline tokenizer and the tiny LCM scheduler: what a user's local folder
+    looks like to `tiled-diffusion generate --model PATH` (with ~10.7 GB of weights at full size)."""
+    from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from tiled_diffusion.tiny import save_pretrained_offline, tiny_scheduler, tiny_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**(T5_QUICK if quick else T5_XXL)))
+        tr = PixArtTransformer2DModel(**(PIXART_QUICK if quick else PIXART_XL))
+        vae = AutoencoderKL(**(VAE_QUICK if quick else VAE_SD))
+    t5.encoder.embed_tokens = t5.shared
+    for m in (t5, tr, vae):
+        _materialize(m, torch.bfloat16)
+    pipe = PixArtAlphaPipeline(tokenizer=tiny_tokenizer(), text_encoder=t5.eval(), transformer=tr.eval(),
+                               vae=vae.eval(), scheduler=tiny_scheduler())
+    save_pretrained_offline(pipe, path, max_shard_size="2GB")
+    return path
+
+
+def generate_row(quick: bool, folder: str) -> dict:
+    """`tiled-diffusion generate --model folder` at 1024² (256² quick), 4 steps, int8 defaults, in a fresh
+    process; its --json report carries the per-stage timings and the process's peak RSS."""
+    side = 256 if quick else 1024
+    out = os.path.join(folder, "bench.png")
+    js = os.path.join(folder, "bench.json")
+    cmd = [sys.executable, "-c", "import sys; from tiled_diffusion.cli import main; sys.exit(main(sys.argv[1:]))",
+           "generate", "--model", folder, "--prompt", "a lighthouse at dawn", "--size", f"{side}x{side}",
+           "--steps", "4", "--seed", "0", "--out", out, "--json", js]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"generate failed (exit code {r.returncode}):\n{r.stderr[-4000:]}")
+    with open(js) as f:
+        rep = json.load(f)
+    return {"config": f"generate --model PATH ({rep['int8']})", "size": f"{side}²", "mode": rep["mode"],
+            "peak_rss_gb": rep["memory"]["peak_rss_gb"], **rep["timings"]}
+
+
+def _run_config(config: str, quick: bool, *extra: str) -> dict:
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), config, *extra] + (["--quick"] if quick else []),
+                       capture_output=True, text=True, timeout=7200)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory benchmark {config} failed (exit code {r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def suite(quick: bool) -> list[dict]:
-    rows = []
-    for config in ("bf16", "int8"):
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), config] + (["--quick"] if quick else []),
-                           capture_output=True, text=True, timeout=3600)
-        if r.returncode != 0:
-            raise RuntimeError(f"memory benchmark {config} failed (exit code {r.returncode}):\n{r.stderr[-4000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    rows = [_run_config(config, quick) for config in ("bf16", "int8")]
     base = rows[0]["peak_rss_gb"]
     for r in rows:
         r["vs_bf16"] = r["peak_rss_gb"] / base
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="td_synthetic_pixart_") as folder:
+        _run_config("folder", quick, folder)  # a child process: the bf16 weights it makes leave with it
+        rows.append(generate_row(quick, folder))
     return rows
 
 
 def test_memory_quick():
     rows = suite(quick=True)
-    assert [r["config"] for r in rows] == ["bf16", "int8"]
+    assert [r["config"] for r in rows][:2] == ["bf16", "int8"]
+    assert rows[2]["config"].startswith("generate") and rows[2]["decode_s"] > 0
     assert all(r["peak_rss_gb"] > 0 for r in rows)
 
 
 if __name__ == "__main__":
+    # bench_memory.py bf16|int8 [--quick]: one configuration, text encoder resident
+    # bench_memory.py folder DIR [--quick]: write the synthetic diffusers folder
+    # bench_memory.py generate DIR [--quick]: `tiled-diffusion generate --model DIR` in a child process
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print(json.dumps(measure_config(sys.argv[1], "--quick" in sys.argv)))
+    quick = "--quick" in sys.argv
+    if sys.argv[1] == "folder":
+        print(json.dumps({"folder": write_synthetic_folder(sys.argv[2], quick)}))
+    elif sys.argv[1] == "generate":
+        print(json.dumps(generate_row(quick, sys.argv[2])))
+    else:
+        print(json.dumps(measure_config(sys.argv[1], quick)))

@@ -99,6 +99,16 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak host RSS of this process (imports included) and, on CUDA, the peak of allocated tensor memory."""
+    import resource
+
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
 def validate(args) -> TiledConfig:
     """Check the request before loading anything; returns the sampler config."""
     w, h = args.size
@@ -182,11 +192,12 @@ def run(args) -> int:
     timings["write_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
 
+    memory = _peak_memory(device)
     print(f"wrote {args.out} ({w}x{h}, {cfg.mode}, {args.steps} steps)")
-    print("  ".join(f"{k}={v:.2f}" for k, v in timings.items()))
+    print("  ".join(f"{k}={v:.2f}" for k, v in {**timings, **memory}.items()))
     if args.json:
-        report = {"timings": timings, "size": [w, h], "mode": cfg.mode, "steps": args.steps, "model": args.model,
-                  "device": str(device), "dtype": str(dtype).replace("torch.", ""), "int8": int8,
-                  "estimated_memory_gb": est["total"] / 2**30, "out": args.out}
+        report = {"timings": timings, "memory": memory, "size": [w, h], "mode": cfg.mode, "steps": args.steps,
+                  "model": args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                  "int8": int8, "estimated_memory_gb": est["total"] / 2**30, "out": args.out}
         _atomic_write(args.json, lambda p: _write_text(p, json.dumps(report, indent=2)))
     return 0

@@ -110,3 +110,27 @@ def tiny_pipeline(device="cpu", dtype=torch.float32, seed: int = SEED):
         return pipe.to(device=device, dtype=dtype)
     finally:
         dlogging.set_verbosity(level)
+
+
+def save_pretrained_offline(pipe, path, **save_kw) -> None:
+    """`pipe.save_pretrained(path)` for a pipeline that carries the tiny tokenizer, loadable back offline.
+
+    As saved, the tokenizer does not round-trip: save_pretrained records it as a T5Tokenizer, and transformers 5's
+    T5Tokenizer always builds a SentencePiece-style Unigram model, which cannot hold the WordLevel vocabulary.
+    Its tokenizer.json is complete, so the folder is relabelled to the generic PreTrainedTokenizerFast, which
+    loads that file as it is (same ids, masks and padding).
+    """
+    import json
+    import os
+
+    pipe.save_pretrained(str(path), **save_kw)
+    for file, key, value in (("model_index.json", "tokenizer", ["transformers", "PreTrainedTokenizerFast"]),
+                             (os.path.join("tokenizer", "tokenizer_config.json"), "tokenizer_class",
+                              "PreTrainedTokenizerFast")):
+        full = os.path.join(str(path), file)
+        with open(full) as f:
+            cfg = json.load(f)
+        cfg[key] = value
+        with open(full, "w") as f:
+            json.dump(cfg, f, indent=2)
+
