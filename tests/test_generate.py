@@ -18,7 +18,8 @@ def test_generate_end_to_end(tmp_path):
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (256, 256)
     report = json.loads(js.read_text())
-    for stage in ("load_s", "accelerate_s", "encode_s", "denoise_s", "decode_s", "write_s", "total_s"):
+    for stage in ("load_text_encoder_s", "encode_s", "load_s", "accelerate_s", "denoise_s", "decode_s", "write_s",
+                  "total_s"):
         assert report["timings"][stage] >= 0
     assert report["memory"]["peak_rss_gb"] > 0.1  # torch alone is more than that
     assert sorted(os.listdir(tmp_path)) == ["img.png", "t.json"]  # no temporary files left

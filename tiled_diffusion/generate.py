@@ -64,22 +64,49 @@ def _vae_channels(model: str) -> int:
     return _component_config(model, "vae")["block_out_channels"][0]
 
 
-def load(model: str, dtype: torch.dtype, int8):
-    """The pipeline on the CPU: 'tiny', or a local folder (int8 on: layers quantized as the weights stream in,
-    so no float copy of T5-XXL is ever whole; see loading.py)."""
+TEXT_PARTS = ("tokenizer", "text_encoder")
+DENOISE_PARTS = ("transformer", "vae", "scheduler")
+
+
+def load(model: str, dtype: torch.dtype, int8, components=TEXT_PARTS + DENOISE_PARTS):
+    """The pipeline on the CPU with only `components` (the others None): 'tiny', or a local folder (int8 on:
+    layers quantized as the weights stream in, so no float copy of T5-XXL is ever whole; see loading.py)."""
     if model == "tiny":
         from .tiny import tiny_pipeline
 
-        return tiny_pipeline(device="cpu", dtype=dtype)
-    cls = _pipeline_class(model)
-    if int8 is None:
-        return cls.from_pretrained(model, dtype=dtype)
+        pipe = tiny_pipeline(device="cpu", dtype=dtype)
+        for name in set(TEXT_PARTS + DENOISE_PARTS) - set(components):
+            setattr(pipe, name, None)
+        return pipe
+    _pipeline_class(model)
     from .loading import LoadError, load_pipeline
 
     try:
-        return load_pipeline(model, dtype, int8)
+        return load_pipeline(model, dtype, int8, components)
     except LoadError as e:
         raise RequestError(f"--model {model!r}: {e}") from None
+
+
+def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings: dict):
+    """Stage 1: load the text encoder alone (weight-only int8 when int8 is on), encode once, free it. T5-XXL
+    (4.4 GB in int8) and the transformer are then never in memory together: the peak is the larger, not the sum."""
+    from . import int8 as I
+    from .pipeline import encode
+
+    t0 = time.perf_counter()
+    text = load(args.model, dtype, int8, TEXT_PARTS)
+    if int8 is not None:  # what accelerate does to a pipeline's T5 (a no-op for layers the loader made int8)
+        I.quantize_model(text.text_encoder, mode="w8a16", exclude=())
+        I.quantize_embeddings(text.text_encoder)
+    if device.type != "cpu":
+        text.to(device)
+    timings["load_text_encoder_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embeds, mask = encode(text, args.prompt, guidance_scale=args.guidance_scale)
+    del text
+    gc.collect()
+    timings["encode_s"] = time.perf_counter() - t0
+    return embeds, mask
 
 
 def _atomic_write(path: str, write) -> None:
@@ -151,28 +178,24 @@ def run(args) -> int:
 
     from . import pipeline as P
 
-    # Load and quantize on the CPU, then move: the float pipeline (T5-XXL alone is 9.5 GB in bf16) never has to
-    # fit on the GPU, only its int8 form does.
+    # Every model is loaded and quantized on the CPU, then moved: the float T5-XXL (9.5 GB in bf16) never has to
+    # fit on the GPU, only its int8 form does, and it has left before the transformer arrives.
+    embeds, mask = encode_prompt(args, device, dtype, int8, timings)
+
     t0 = time.perf_counter()
-    pipe = load(args.model, dtype, int8)
+    pipe = load(args.model, dtype, int8, DENOISE_PARTS)
     pipe.set_progress_bar_config(disable=True)
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, overlap=cfg.overlap, profile=cfg.profile,
-                 int8=int8, text_encoder_int8=int8 is not None, keep_original_weights=False)
+                 int8=int8, text_encoder_int8=False, keep_original_weights=False)
     timings["accelerate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if device.type != "cpu":
         pipe.to(device)
     timings["to_device_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    embeds, mask = P.encode(pipe, args.prompt, guidance_scale=args.guidance_scale)
-    pipe.text_encoder = None  # encoded once: free T5 (the largest model of the pipeline) before denoising
-    gc.collect()
-    timings["encode_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(args.seed)

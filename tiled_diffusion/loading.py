@@ -306,12 +306,17 @@ def _component_class(index: dict, name: str):
     return entry[0], getattr(importlib.import_module(entry[0]), entry[1])
 
 
-def load_pipeline(folder: str, dtype: torch.dtype, int8: Optional[str]):
+PIPELINE_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+
+
+def load_pipeline(folder: str, dtype: torch.dtype, int8: Optional[str], components: Optional[Iterable[str]] = None):
     """A PixArt-α/Σ pipeline from a local diffusers folder, on the CPU.
 
     int8 None: plain `from_pretrained`. int8 "w8a8" / "w8a16": the transformer's linear layers in that mode
     (except `int8.PIXART_KEEP_HIGH_PRECISION`) and the T5 text encoder's weight-only ("w8a16"), each built as its
     weights stream in (see the module docstring); the rest loads with `from_pretrained`.
+    components: the names to load (default all of PIPELINE_COMPONENTS); the others are None in the pipeline, so
+    that T5 and the transformer need not be in memory together.
     """
     import diffusers
 
@@ -320,13 +325,18 @@ def load_pipeline(folder: str, dtype: torch.dtype, int8: Optional[str]):
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
     pipe_cls = getattr(diffusers, index["_class_name"])
+    wanted = set(PIPELINE_COMPONENTS if components is None else components)
+    if not wanted <= set(PIPELINE_COMPONENTS):
+        raise ValueError(f"load_pipeline: unknown components {sorted(wanted - set(PIPELINE_COMPONENTS))}")
+    parts = {name: None for name in PIPELINE_COMPONENTS if name not in wanted}
     if int8 is None:
-        return pipe_cls.from_pretrained(folder, dtype=dtype)
+        return pipe_cls.from_pretrained(folder, dtype=dtype, **parts)
     if int8 not in I.MODES:
         raise ValueError(f"load_pipeline: int8 must be one of {I.MODES} or None, got {int8!r}")
-    parts = {}
     for name, mode, exclude in (("text_encoder", "w8a16", ()),
                                 ("transformer", int8, I.PIXART_KEEP_HIGH_PRECISION)):
+        if name not in wanted:
+            continue
         library, cls = _component_class(index, name)
         parts[name] = load_component(os.path.join(folder, name), cls, library, dtype, mode, exclude)
     return pipe_cls.from_pretrained(folder, dtype=dtype, **parts)
