@@ -98,6 +98,18 @@ def test_int8_none_is_plain_from_pretrained(folders):
     assert pipe.transformer.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("int8", ["w8a8", None])
+def test_components_load_alone(folders, int8):
+    """generate's two stages: the text encoder alone, then the rest; what is not asked for is None."""
+    text = load_pipeline(str(folders["single"]), torch.bfloat16, int8, ("tokenizer", "text_encoder"))
+    assert text.transformer is None and text.vae is None and text.text_encoder is not None
+    assert any(isinstance(m, I.Int8Linear) for m in text.text_encoder.modules()) == (int8 is not None)
+    rest = load_pipeline(str(folders["single"]), torch.bfloat16, int8, ("transformer", "vae", "scheduler"))
+    assert rest.text_encoder is None and rest.tokenizer is None and rest.transformer is not None
+    with pytest.raises(ValueError, match="unknown components"):
+        load_pipeline(str(folders["single"]), torch.bfloat16, int8, ("unet",))
+
+
 def test_no_float_copy_of_the_model_is_ever_whole(folders, monkeypatch):
     """Each layer is swapped as soon as its weight and bias are read: while the files stream, at most one layer to
     be quantized holds float weights (the one whose bias or weight is still to come)."""
