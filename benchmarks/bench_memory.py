@@ -90,6 +90,7 @@ def measure_config(config: str, quick: bool) -> dict:
     from transformers import T5Config, T5EncoderModel
 
     from tiled_diffusion.int8 import Int8Embedding, Int8Linear, PIXART_KEEP_HIGH_PRECISION, _matches, replace_module
+    from tiled_diffusion.generate import release_freed_memory
     from tiled_diffusion.vae import tiled_decode
 
     torch.manual_seed(0)
@@ -116,6 +117,7 @@ def measure_config(config: str, quick: bool) -> dict:
         ids = torch.randint(0, 32000, (1, 120))
         text = t5(input_ids=ids).last_hidden_state  # [1, 120, d_model]
     stages["text_encoder_s"] = time.perf_counter() - t
+    release_freed_memory()  # between stages, as generate does
     row["rss_after_text_gb"] = _rss_gb()
 
     t = time.perf_counter()
@@ -145,6 +147,7 @@ def measure_config(config: str, quick: bool) -> dict:
     stages["transformer_step_s"] = time.perf_counter() - t
     row["rss_after_transformer_gb"] = _rss_gb()
     row["t5_gb"], row["transformer_gb"] = _tensor_gb(t5), _tensor_gb(tr)
+    release_freed_memory()
 
     t = time.perf_counter()
     with torch.device("meta"):

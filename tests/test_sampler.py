@@ -377,3 +377,19 @@ def test_tile_local_follows_the_shifted_cross_tile_grid(shift):
     one = _grid_embed("tile_local", 16, 4, 4, 16, 1.0, "cpu").reshape(16, 16)
     for i in range(grid.ny * grid.nx):
         assert torch.equal(tiles[i], one), i
+
+
+def test_memory_estimate_text_encoder_resident_or_alone():
+    from tiled_diffusion.tiny import tiny_transformer
+
+    cfg = TiledConfig(mode="cross_tile").validate()
+    base = estimate_memory(tiny_transformer().config, height=1024, width=1024, cfg=cfg)
+    big = 100 * base["total"]
+    resident = estimate_memory(tiny_transformer().config, height=1024, width=1024, cfg=cfg, text_encoder_bytes=big)
+    alone = estimate_memory(tiny_transformer().config, height=1024, width=1024, cfg=cfg, text_encoder_bytes=big,
+                            text_encoder_alone=True)
+    small = estimate_memory(tiny_transformer().config, height=1024, width=1024, cfg=cfg, text_encoder_bytes=1,
+                            text_encoder_alone=True)
+    assert resident["total"] == base["total"] + big and alone["total"] == big and small["total"] == base["total"]
+    with pytest.raises(MemoryError, match="text encoder's weights dominate"):
+        check_memory(alone, big / 2**30 / 2, cfg)

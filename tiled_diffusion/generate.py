@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -104,9 +105,27 @@ def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings:
     t0 = time.perf_counter()
     embeds, mask = encode(text, args.prompt, guidance_scale=args.guidance_scale)
     del text
-    gc.collect()
+    release_freed_memory()
     timings["encode_s"] = time.perf_counter() - t0
     return embeds, mask
+
+
+def _text_encoder_bytes(model: str, dtype: torch.dtype, int8) -> int:
+    """Weights of the text encoder as it will be loaded (int8: one byte per weight), from the checkpoint headers
+    (nothing is read but the headers) or the tiny model."""
+    if model == "tiny":
+        from .tiny import tiny_tokenizer, tiny_text_encoder
+
+        numel = sum(p.numel() for p in tiny_text_encoder(len(tiny_tokenizer())).parameters())
+    else:
+        from .loading import LoadError, checkpoint_files, read_header
+
+        try:
+            files = checkpoint_files(os.path.join(model, "text_encoder"), "transformers") or {}
+            numel = sum(math.prod(e["shape"]) for path in files for e in read_header(path)[0].values())
+        except (OSError, LoadError, KeyError, ValueError) as e:
+            raise RequestError(f"--model {model!r}: cannot read the text encoder's checkpoint ({e})") from None
+    return numel * (1 if int8 else torch.finfo(dtype).bits // 8)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -124,6 +143,22 @@ def _atomic_write(path: str, write) -> None:
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by the last stage back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    CPU tensors below glibc's mmap threshold (which grows to 32 MB as large blocks are freed) live in the heap, and
+    glibc keeps freed heap pages: after a transformer step they add ~0.35 GB to every later stage's RSS
+    (benchmarks/NOTES.md, memory). Called between stages, where the cost (one pass over the free lists) is nothing.
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -169,7 +204,8 @@ def run(args) -> int:
         _pipeline_class(args.model)  # a folder of the right kind, before any estimate reads its configs
 
     est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=dtype,
-                          guidance_scale=args.guidance_scale, int8=int8, vae_channels=_vae_channels(args.model))
+                          guidance_scale=args.guidance_scale, int8=int8, vae_channels=_vae_channels(args.model),
+                          text_encoder_bytes=_text_encoder_bytes(args.model, dtype, int8), text_encoder_alone=True)
     try:
         check_memory(est, args.max_memory_gb, cfg)
     except MemoryError as e:
@@ -205,6 +241,7 @@ def run(args) -> int:
         lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=h, width=w, steps=args.steps, cfg=cfg,
                       guidance_scale=args.guidance_scale, generator=gen, progress=True)
     timings["denoise_s"] = time.perf_counter() - t0
+    release_freed_memory()
 
     t0 = time.perf_counter()
     image = P.decode(pipe, lat, output_type="pil")[0]

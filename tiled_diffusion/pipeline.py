@@ -232,6 +232,13 @@ def decode(pipe, latents, tiled: bool = True, output_type: str = "pil"):
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
+def _tensor_bytes(module) -> int:
+    if module is None:
+        return 0
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())}
+    return sum(tensors.values())
+
+
 @torch.no_grad()
 def generate(pipe, prompt, *, width: int, height: int, steps: int = 4, seed: int = 0, guidance_scale: float = 0.0,
              negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
@@ -242,7 +249,8 @@ def generate(pipe, prompt, *, width: int, height: int, steps: int = 4, seed: int
     check_size(width, height)
     est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
                           dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8,
-                          vae_channels=pipe.vae.config.block_out_channels[0])
+                          vae_channels=pipe.vae.config.block_out_channels[0],
+                          text_encoder_bytes=_tensor_bytes(getattr(pipe, "text_encoder", None)))
     check_memory(est, max_memory_gb, cfg)
     embeds, mask = encode(pipe, prompt, negative_prompt, guidance_scale)
     gen = torch.Generator(device="cpu").manual_seed(seed)

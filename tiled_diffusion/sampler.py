@@ -316,8 +316,12 @@ def _merge_and_step(scheduler, i, t, steps, eps_tiles, oy, ox, weights, latents,
 
 def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=torch.bfloat16, batch: int = 1,
                     guidance_scale: float = 0.0, int8: Optional[str] = None, param_count: Optional[int] = None,
-                    vae_channels: int = 128, text_encoder_bytes: int = 0) -> dict:
+                    vae_channels: int = 128, text_encoder_bytes: int = 0, text_encoder_alone: bool = False) -> dict:
     """Rough peak-memory estimate (bytes) of one run, before it starts. ±50%: it counts the big live tensors.
+
+    text_encoder_bytes: the text encoder's weights, resident through the run (added), or, with
+    text_encoder_alone=True, loaded, used and freed before the transformer (`tiled-diffusion generate`): then the
+    peak is the larger of the two stages.
 
     config: the transformer config (hidden = heads·head_dim, patch, num_layers). Terms: weights; activations of
     one forward (≈ 14 hidden-sized tensors per token: residual, norm, q/k/v/attn-out, 4x MLP in and out);
@@ -353,7 +357,8 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
     act = n_fwd * hidden * es * 14
     canvas = 6 * batch * 4 * lat_h * lat_w * 4
     vae = 6 * min(512 * 512, height * width) * vae_channels * 4 + batch * height * width * 3 * 4
-    total = weights + max(act + attn, vae) + canvas + text_encoder_bytes
+    denoise_stage = weights + max(act + attn, vae) + canvas
+    total = max(denoise_stage, text_encoder_bytes) if text_encoder_alone else denoise_stage + text_encoder_bytes
     return {"total": total, "weights": weights, "activations": act, "attention": attn, "canvas": canvas,
             "vae_decode": vae, "text_encoder": text_encoder_bytes, "tokens_per_forward": n_fwd}
 
@@ -365,7 +370,10 @@ def check_memory(estimate: dict, limit_gb: Optional[float], cfg: TiledConfig) ->
     gb = estimate["total"] / 2**30
     if gb <= limit_gb:
         return
-    if estimate["vae_decode"] >= estimate["activations"] + estimate["attention"]:
+    if estimate["text_encoder"] * 2 > estimate["total"]:
+        knob = ("the text encoder's weights dominate: keep its int8 form (on unless --int8 none) and load it alone "
+                "(`tiled-diffusion generate` frees it before denoising)")
+    elif estimate["vae_decode"] >= estimate["activations"] + estimate["attention"]:
         knob = "the tiled VAE decode dominates: use a smaller --size (the decoded image itself is the floor)"
     elif cfg.mode == "multidiffusion":
         knob = "lower the tile batch size (tile_batch_size) or the tile size (--tile)"
