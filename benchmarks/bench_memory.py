@@ -112,6 +112,7 @@ def measure_config(config: str, quick: bool) -> dict:
             replace_module(t5, leaf, Int8Embedding.from_embedding(leaf))
 
     _materialize(t5, dt, q_t5)
+    release_freed_memory()  # after each build, as generate does after each load: the float layers left holes
     t5.eval()
     with torch.no_grad():
         ids = torch.randint(0, 32000, (1, 120))
@@ -131,6 +132,7 @@ def measure_config(config: str, quick: bool) -> dict:
             setattr(tr.get_submodule(parent), child, Int8Linear.from_linear(leaf, "w8a8").pack_only_())
 
     _materialize(tr, dt, q_tr)
+    release_freed_memory()
     for b in tr.buffers():
         if b.is_meta:
             raise RuntimeError("unexpected meta buffer")
@@ -153,6 +155,7 @@ def measure_config(config: str, quick: bool) -> dict:
     with torch.device("meta"):
         vae = AutoencoderKL(**(VAE_QUICK if quick else VAE_SD))
     _materialize(vae, dt)
+    release_freed_memory()
     row["vae_gb"] = _tensor_gb(vae)
     vae.eval()
     with torch.no_grad():

@@ -99,6 +99,7 @@ def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings:
     if int8 is not None:  # what accelerate does to a pipeline's T5 (a no-op for layers the loader made int8)
         I.quantize_model(text.text_encoder, mode="w8a16", exclude=())
         I.quantize_embeddings(text.text_encoder)
+    release_freed_memory()  # the float layers read and quantized while loading left holes in the heap
     if device.type != "cpu":
         text.to(device)
     timings["load_text_encoder_s"] = time.perf_counter() - t0
@@ -149,8 +150,9 @@ def release_freed_memory() -> None:
     """Hand the heap pages freed by the last stage back to the OS (glibc `malloc_trim`; a no-op elsewhere).
 
     CPU tensors below glibc's mmap threshold (which grows to 32 MB as large blocks are freed) live in the heap, and
-    glibc keeps freed heap pages: after a transformer step they add ~0.35 GB to every later stage's RSS
-    (benchmarks/NOTES.md, memory). Called between stages, where the cost (one pass over the free lists) is nothing.
+    glibc keeps freed heap pages. Loading is the worst case: every float layer read and quantized leaves a hole
+    between the int8 layers kept (benchmarks/NOTES.md, memory). Called after loading and between stages, where
+    its cost (one pass over the free lists) is nothing.
     """
     gc.collect()
     try:
@@ -226,6 +228,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, overlap=cfg.overlap, profile=cfg.profile,
                  int8=int8, text_encoder_int8=False, keep_original_weights=False)
+    release_freed_memory()
     timings["accelerate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
