@@ -169,6 +169,26 @@ def measure_config(config: str, quick: bool) -> dict:
     return row
 
 
+def measure_vae(tile: int, overlap: int, quick: bool) -> dict:
+    """The SD VAE (bf16, synthetic) alone: `tiled_decode` of the 1024² canvas with one tile at a time; RSS
+    increase over the built VAE (the decode's own working memory)."""
+    from diffusers import AutoencoderKL
+
+    from tiled_diffusion.vae import tiled_decode
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**(VAE_QUICK if quick else VAE_SD))
+    _materialize(vae, torch.bfloat16)
+    side = 32 if quick else 128
+    z = torch.randn(1, 4, side, side, dtype=torch.bfloat16)
+    base, t = _rss_gb(), time.perf_counter()
+    with torch.no_grad():
+        tiled_decode(vae.eval(), z, tile=tile, overlap=overlap)
+    return {"config": f"VAE decode, tile {tile} overlap {overlap} (latent px)", "size": f"{side * 8}²",
+            "decode_s": time.perf_counter() - t, "decode_rss_gb": _rss_gb() - base}
+
+
 def write_synthetic_folder(path: str, quick: bool) -> str:
     """A diffusers PixArt-α folder with synthetic bf16 weights (full size unless quick), T5 in 2 GB shards like
     the released checkpoints, the tiny offline tokenizer and the tiny LCM scheduler: what a user's local folder
@@ -242,10 +262,13 @@ if __name__ == "__main__":
     # bench_memory.py bf16|int8 [--quick]: one configuration, text encoder resident
     # bench_memory.py folder DIR [--quick]: write the synthetic diffusers folder
     # bench_memory.py generate DIR [--quick]: `tiled-diffusion generate --model DIR` in a child process
+    # bench_memory.py vae TILE OVERLAP [--quick]: the tiled VAE decode alone
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     quick = "--quick" in sys.argv
     if sys.argv[1] == "folder":
         print(json.dumps({"folder": write_synthetic_folder(sys.argv[2], quick)}))
+    elif sys.argv[1] == "vae":
+        print(json.dumps(measure_vae(int(sys.argv[2]), int(sys.argv[3]), quick)))
     elif sys.argv[1] == "generate":
         print(json.dumps(generate_row(quick, sys.argv[2])))
     else:
