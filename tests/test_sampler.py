@@ -42,25 +42,23 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_one_tile_global_matches_diffusers_bitwise(pipe):
-    ref = plain_latents(pipe, 256, 256)
-    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
-    try:
-        out = tiled(pipe, 256, 256, mode="global")
-    finally:
-        P.restore(pipe)
-    assert torch.equal(out, ref)
-
-
-@pytest.mark.parametrize("mode", ["cross_tile", "multidiffusion"])
-def test_one_tile_matches_diffusers(pipe, mode):
+def assert_one_tile_matches_diffusers(pipe, mode):
+    """A canvas that is one tile: global is bitwise the plain pipeline, the tiled modes within 1e-4."""
     ref = plain_latents(pipe, 256, 256)
     P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
     try:
         out = tiled(pipe, 256, 256, mode=mode)
     finally:
         P.restore(pipe)
-    assert rel_err(out, ref) < 1e-4
+    if mode == "global":
+        assert torch.equal(out, ref)
+    else:
+        assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["global", "cross_tile", "multidiffusion"])
+def test_one_tile_matches_diffusers(pipe, mode):
+    assert_one_tile_matches_diffusers(pipe, mode)
 
 
 def test_one_tile_with_cfg_matches_diffusers(pipe):
@@ -286,16 +284,7 @@ def test_micro_conditions_change_the_output(micro):
 
 @pytest.mark.parametrize("mode", ["global", "cross_tile", "multidiffusion"])
 def test_one_tile_with_micro_conditions_matches_diffusers(micro, mode):
-    ref = plain_latents(micro, 256, 256)
-    P.accelerate(micro, int8=None, text_encoder_int8=False, tile=256)
-    try:
-        out = tiled(micro, 256, 256, mode=mode)
-    finally:
-        P.restore(micro)
-    if mode == "global":
-        assert torch.equal(out, ref)
-    else:
-        assert rel_err(out, ref) < 1e-4
+    assert_one_tile_matches_diffusers(micro, mode)
 
 
 def test_cross_tile_full_radius_equals_global_with_micro_conditions(micro):
@@ -336,17 +325,7 @@ def test_micro_condition_size_per_mode(micro, mode, positional, expected):
 def test_micro_conditions_off_at_sample_size_128(mode):
     """PixArt-Σ 1024 style: sample_size 128 with use_additional_conditions=False. diffusers' pipeline still
     passes resolution (its own check is sample_size == 128) and the model ignores it; we pass None."""
-    p = micro_pipe(sample_size=128, use_additional_conditions=False)
-    ref = plain_latents(p, 256, 256)
-    P.accelerate(p, int8=None, text_encoder_int8=False, tile=256)
-    try:
-        out = tiled(p, 256, 256, mode=mode)
-    finally:
-        P.restore(p)
-    if mode == "global":
-        assert torch.equal(out, ref)
-    else:
-        assert rel_err(out, ref) < 1e-4
+    assert_one_tile_matches_diffusers(micro_pipe(sample_size=128, use_additional_conditions=False), mode)
 
 
 def test_micro_conditions_on_at_another_sample_size():
