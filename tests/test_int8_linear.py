@@ -152,6 +152,10 @@ def test_pack_only_keeps_one_copy_and_behaves_the_same(tmp_path):
     again = Int8Linear.from_linear(lin)
     load_quantized(again, path)
     assert torch.equal(again(x), other(x))
+    # Off the CPU (meta stands in for CUDA here) the plain weight is what the kernels read: it comes back and the
+    # CPU-packed copy is dropped.
+    moved = Int8Linear.from_linear(lin).pack_only_().to("meta")
+    assert moved.weight is not None and moved.weight.device.type == "meta" and moved._packed is None
     # w8a16 has no packed layout: pack_only_ is a no-op there.
     assert Int8Linear.from_linear(lin, "w8a16").pack_only_().weight is not None
 
