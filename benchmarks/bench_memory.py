@@ -49,16 +49,10 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def _tensor_gb(*modules: torch.nn.Module) -> float:
-    seen = {}
-    for m in modules:
-        for t in list(m.parameters()) + list(m.buffers()):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-        for q in m.modules():  # CPU-packed W8A8 weights are plain attributes, not buffers
-            packed = getattr(q, "_packed", None)
-            if packed is not None:
-                seen[packed.data_ptr()] = packed.numel()
-    return sum(seen.values()) / 2**30
+def _tensor_gb(module: torch.nn.Module) -> float:
+    from tiled_diffusion.int8 import module_bytes
+
+    return module_bytes(module) / 2**30
 
 
 def _materialize(module: torch.nn.Module, dtype: torch.dtype, after_leaf=None) -> None:

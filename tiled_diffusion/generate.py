@@ -91,14 +91,12 @@ def load(model: str, dtype: torch.dtype, int8, components=TEXT_PARTS + DENOISE_P
 def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings: dict):
     """Stage 1: load the text encoder alone (weight-only int8 when int8 is on), encode once, free it. T5-XXL
     (4.4 GB in int8) and the transformer are then never in memory together: the peak is the larger, not the sum."""
-    from . import int8 as I
-    from .pipeline import encode
+    from .pipeline import encode, quantize_text_encoder
 
     t0 = time.perf_counter()
     text = load(args.model, dtype, int8, TEXT_PARTS)
-    if int8 is not None:  # what accelerate does to a pipeline's T5 (a no-op for layers the loader made int8)
-        I.quantize_model(text.text_encoder, mode="w8a16", exclude=())
-        I.quantize_embeddings(text.text_encoder)
+    if int8 is not None:
+        quantize_text_encoder(text.text_encoder)
     release_freed_memory()  # the float layers read and quantized while loading left holes in the heap
     if device.type != "cpu":
         text.to(device)

@@ -224,6 +224,18 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}"
 
 
+def module_bytes(module: Optional[nn.Module]) -> int:
+    """Bytes of a module's tensors: parameters, buffers and the CPU-packed W8A8 weights (plain attributes), each
+    storage counted once (tied weights)."""
+    if module is None:
+        return 0
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())}
+    for m in module.modules():
+        if isinstance(m, Int8Linear) and m._packed is not None:
+            seen[m._packed.data_ptr()] = m._packed.numel()
+    return sum(seen.values())
+
+
 def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
     """Put `new` wherever `old` is a child in `root` (tied modules, e.g. T5's shared/embed_tokens, stay tied)."""
     names = []

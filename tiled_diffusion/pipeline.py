@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .attention import CrossTileAttnProcessor, TileContext
+from .int8 import module_bytes
 from .positional import CanvasPatchEmbed
 from .sampler import TiledConfig, check_memory, check_size, denoise, estimate_memory
 
@@ -113,9 +114,15 @@ def _apply_transformer_int8(tr, st: AccelerateState):
     return _apply_int8(tr, st.int8, int8.PIXART_KEEP_HIGH_PRECISION, st.keep_original_weights)
 
 
+def quantize_text_encoder(te, keep_original_weights: bool = False) -> dict:
+    """T5 weight-only int8: its linear layers (w8a16) and its token table (32128×4096, 0.25 GB in bf16; only
+    ~120 rows are read per prompt). Layers already int8 (loading.load_pipeline) are left as they are. Returns the
+    record `_revert_int8` undoes."""
+    return _apply_int8(te, "w8a16", (), keep_original_weights, embeddings=True)
+
+
 def _apply_text_encoder_int8(te, st: AccelerateState):
-    # T5's token table is 32128×4096 (0.25 GB in bf16): int8 rows halve it; only ~120 rows are read per prompt.
-    return _apply_int8(te, "w8a16", (), st.keep_original_weights, embeddings=True)
+    return quantize_text_encoder(te, st.keep_original_weights)
 
 
 # (name, which component, when, apply, revert). int8 runs first so that the hooks attach to the final modules.
@@ -232,13 +239,6 @@ def decode(pipe, latents, tiled: bool = True, output_type: str = "pil"):
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
-def _tensor_bytes(module) -> int:
-    if module is None:
-        return 0
-    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())}
-    return sum(tensors.values())
-
-
 @torch.no_grad()
 def generate(pipe, prompt, *, width: int, height: int, steps: int = 4, seed: int = 0, guidance_scale: float = 0.0,
              negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
@@ -250,7 +250,7 @@ def generate(pipe, prompt, *, width: int, height: int, steps: int = 4, seed: int
     est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
                           dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8,
                           vae_channels=pipe.vae.config.block_out_channels[0],
-                          text_encoder_bytes=_tensor_bytes(getattr(pipe, "text_encoder", None)))
+                          text_encoder_bytes=module_bytes(getattr(pipe, "text_encoder", None)))
     check_memory(est, max_memory_gb, cfg)
     embeds, mask = encode(pipe, prompt, negative_prompt, guidance_scale)
     gen = torch.Generator(device="cpu").manual_seed(seed)
