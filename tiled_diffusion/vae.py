@@ -81,19 +81,17 @@ class _SharedGroupNorm(nn.Module):
         G = self.gn.num_groups
         return x.reshape(k, s.images, G, x.shape[1] // G, h, w), h // lh
 
-    def _group_chunks(self) -> range:
+    def _group_step(self) -> int:
         # fp32 work is done a few groups at a time: a whole-tensor fp32 copy of a 512² tile's 128-channel feature
         # map is 128 MB, and the decoder's own activations at that size are only a few such maps.
-        G = self.gn.num_groups
-        step = max(1, G // 8)
-        return range(0, G, step)
+        return max(1, self.gn.num_groups // 8)
 
     def _record(self, x: torch.Tensor) -> None:
         xv, f = self._spatial(x)
         total = torch.zeros(2, xv.shape[1], xv.shape[2], dtype=torch.float64, device=x.device)
-        step = self._group_chunks().step
+        G, step = xv.shape[2], self._group_step()
         for j, (y0, y1, x0, x1) in enumerate(self.session.cores):
-            for g in self._group_chunks():
+            for g in range(0, G, step):
                 core = xv[j, :, g:g + step, :, y0 * f:y1 * f, x0 * f:x1 * f].float()
                 var, mean = torch.var_mean(core, dim=(2, 3, 4), correction=0)  # accurate per tile, then combined
                 n = core[0, 0].numel()
@@ -119,9 +117,8 @@ class _SharedGroupNorm(nn.Module):
         xv, _ = self._spatial(x)
         out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
         mean, rstd = self.fixed  # [B, G]
-        G, cpg = xv.shape[2], xv.shape[3]
-        step = self._group_chunks().step
-        for g in self._group_chunks():
+        G, cpg, step = xv.shape[2], xv.shape[3], self._group_step()
+        for g in range(0, G, step):
             # out of place first: for an fp32 input .float() is x itself, which the resnet still needs
             y = xv[:, :, g:g + step].float() - mean[None, :, g:g + step, None, None, None]
             y.mul_(rstd[None, :, g:g + step, None, None, None])
