@@ -1,0 +1,309 @@
+"""PixArt-δ ControlNet-Transformer (tiled_diffusion.controlnet) on a tiny PixArt transformer (CPU, fp32).
+
+The reference below is the upstream forward written out by hand (PixArt-alpha `ControlPixArtMSHalf.forward` /
+diffusers' research `PixArtControlNetTransformerModel.forward`): embed, base block 0, then for i = 1..N the copy
+i-1 and its skip added before base block i, then the rest. It calls the same submodules in the same order as the
+hooked transformer, so fp32 results are compared bitwise.
+"""
+import os
+
+import pytest
+import torch
+
+from tiled_diffusion import controlnet as C
+from tiled_diffusion.tiny import tiny_transformer
+
+N_COPIES = 3
+
+
+def make_transformer(num_layers=5, seed=0):
+    torch.manual_seed(seed)
+    return tiny_transformer(num_layers=num_layers).eval()
+
+
+def randomize(module, seed=1, std=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def inputs(tr, batch=1, h=12, w=10, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(batch, tr.config.in_channels, h, w, generator=g)
+    text = torch.randn(batch, 7, tr.config.caption_channels, generator=g)
+    mask = torch.ones(batch, 7)
+    mask[:, 5:] = 0
+    t = torch.tensor([500.0] * batch)
+    return lat, text, mask, t
+
+
+def run(tr, lat, text, mask, t):
+    added = {"resolution": None, "aspect_ratio": None}
+    return tr(lat, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=added,
+              return_dict=False)[0]
+
+
+def upstream_reference(tr, net, lat, text, mask, t, control, scale=1.0):
+    """The upstream ControlNet-Transformer forward, independent of the hooks."""
+    added = {"resolution": None, "aspect_ratio": None}
+    bias = ((1 - mask.to(lat.dtype)) * -10000.0).unsqueeze(1)
+    B = lat.shape[0]
+    h, w = lat.shape[-2] // tr.config.patch_size, lat.shape[-1] // tr.config.patch_size
+    x = tr.pos_embed(lat)
+    temb, embedded = tr.adaln_single(t, added, batch_size=B, hidden_dtype=x.dtype)
+    y = tr.caption_projection(text).view(B, -1, x.shape[-1])
+    kw = dict(attention_mask=None, encoder_hidden_states=y, encoder_attention_mask=bias, timestep=temb,
+              cross_attention_kwargs=None, class_labels=None)
+    c = tr.pos_embed(control.repeat(B // control.shape[0], 1, 1, 1))  # x_embedder + pos_embed of the control
+    for i, block in enumerate(tr.transformer_blocks):
+        if 1 <= i <= net.num_layers:
+            cb = net.controlnet_blocks[i - 1]
+            if i == 1:
+                c = x + cb.before_proj(c)
+            c = cb.transformer_block(c, **kw)
+            skip = cb.after_proj(c)
+            x = x + skip if scale == 1.0 else x + scale * skip
+        x = block(x, **kw)
+    shift, sc = (tr.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
+    x = tr.norm_out(x) * (1 + sc) + shift
+    x = tr.proj_out(x).reshape(-1, h, w, tr.config.patch_size, tr.config.patch_size, tr.out_channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(-1, tr.out_channels, h * tr.config.patch_size, w * tr.config.patch_size)
+
+
+@pytest.fixture
+def tr():
+    return make_transformer()
+
+
+def control_for(lat, seed=9):
+    return torch.randn(lat.shape[0] if lat.shape[0] == 1 else 1, *lat.shape[1:],
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_zero_after_proj_leaves_output_bitwise(tr):
+    lat, text, mask, t = inputs(tr)
+    ref = run(tr, lat, text, mask, t)
+    net = C.PixArtControlNet.from_transformer(tr, N_COPIES)
+    randomize(net)
+    for blk in net.controlnet_blocks:  # the copies and before_proj are live; only the skips are zero
+        blk.after_proj.weight.zero_()
+        blk.after_proj.bias.zero_()
+    with net.applied(tr, control_for(lat)):
+        out = run(tr, lat, text, mask, t)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_fresh_adapter_is_a_no_op(tr):
+    lat, text, mask, t = inputs(tr)
+    ref = run(tr, lat, text, mask, t)
+    net = C.PixArtControlNet.from_transformer(tr, N_COPIES)
+    with net.applied(tr, control_for(lat)):
+        out = run(tr, lat, text, mask, t)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_nonzero_after_proj_changes_output(tr):
+    lat, text, mask, t = inputs(tr)
+    ref = run(tr, lat, text, mask, t)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    with net.applied(tr, control_for(lat)):
+        out = run(tr, lat, text, mask, t)
+    assert (out - ref).abs().max() > 1e-2 * ref.abs().max()
+    # detached: the base model again, bitwise
+    assert torch.equal(run(tr, lat, text, mask, t), ref)
+
+
+@pytest.mark.parametrize("batch,scale", [(1, 1.0), (2, 0.5)], ids=["b1-scale1", "cfg2-scale0.5"])
+@torch.no_grad()
+def test_matches_upstream_forward(tr, batch, scale):
+    lat, text, mask, t = inputs(tr, batch=batch)
+    control = control_for(lat)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    ref = upstream_reference(tr, net, lat, text, mask, t, control, scale)
+    with net.applied(tr, control, conditioning_scale=scale):
+        out = run(tr, lat, text, mask, t)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_control_none_is_off(tr):
+    lat, text, mask, t = inputs(tr)
+    ref = run(tr, lat, text, mask, t)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES)).attach(tr)
+    try:
+        net.set_control(None)
+        assert torch.equal(run(tr, lat, text, mask, t), ref)
+    finally:
+        net.detach()
+
+
+def test_too_many_copies_is_refused(tr):
+    with pytest.raises(C.ControlNetError, match="need at least 6 base blocks"):
+        C.PixArtControlNet.from_transformer(tr, 5)
+
+
+@torch.no_grad()
+def test_wrong_control_size_is_one_line(tr):
+    lat, text, mask, t = inputs(tr)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    with net.applied(tr, torch.randn(1, 4, 8, 8)):
+        with pytest.raises(C.ControlNetError, match="canvas's latent size"):
+            run(tr, lat, text, mask, t)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_diffusers_layout_round_trip(tr, tmp_path):
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    C.save_diffusers(net, str(tmp_path / "cn"))
+    back = C.PixArtControlNet.load(str(tmp_path / "cn"), tr)
+    assert back.num_layers == N_COPIES
+    assert_same_state(back, net)
+    # the safetensors file itself (config.json beside it) loads too
+    back2 = C.PixArtControlNet.load(str(tmp_path / "cn" / C.WEIGHTS_NAMES[0]), tr)
+    assert_same_state(back2, net)
+
+
+def test_upstream_layout_round_trip(tr, tmp_path):
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    up = C.to_upstream(net.state_dict())
+    assert "controlnet.0.copied_block.attn.qkv.weight" in up
+    assert up["controlnet.1.copied_block.cross_attn.kv_linear.weight"].shape[0] == 2 * tr.inner_dim
+    up["base_model.x_embedder.proj.weight"] = torch.randn(3, 3)  # a base model inside: ignored
+    path = tmp_path / "PixArt-XL-2-1024-ControlNet.pth"
+    torch.save({"state_dict": up}, path)
+    back = C.PixArtControlNet.load(str(path), tr)
+    assert back.num_layers == N_COPIES
+    assert_same_state(back, net)
+    # both layouts give the same module
+    C.save_diffusers(net, str(tmp_path / "cn"))
+    assert_same_state(C.PixArtControlNet.load(str(tmp_path / "cn"), tr), back)
+
+
+def test_missing_and_unexpected_keys_are_named(tr, tmp_path):
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    up = C.to_upstream(net.state_dict())
+    del up["controlnet.2.after_proj.bias"]
+    up["controlnet.1.copied_block.attn.rel_pos.weight"] = torch.zeros(3)
+    path = tmp_path / "bad.pth"
+    torch.save(up, path)
+    with pytest.raises(C.ControlNetError) as e:
+        C.PixArtControlNet.load(str(path), tr)
+    msg = str(e.value)
+    assert "\n" not in msg and "controlnet.1.copied_block.attn.rel_pos.weight" in msg
+
+
+def test_missing_key_in_diffusers_layout_is_named(tr, tmp_path):
+    from safetensors.torch import save_file
+
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    C.save_diffusers(net, str(tmp_path / "cn"))
+    sd = net.state_dict()
+    del sd["controlnet_blocks.2.after_proj.bias"]
+    sd["controlnet_blocks.0.after_proj.weight"] = torch.zeros(5, 5)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "cn" / C.WEIGHTS_NAMES[0]))
+    with pytest.raises(C.ControlNetError) as e:
+        C.PixArtControlNet.load(str(tmp_path / "cn"), tr)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "missing keys controlnet_blocks.2.after_proj.bias" in msg
+    assert "wrong shapes controlnet_blocks.0.after_proj.weight (5, 5)" in msg
+
+
+@pytest.mark.parametrize("name", ["nothing.pth", "garbage.pth"], ids=["missing", "unreadable"])
+def test_unreadable_checkpoint_is_one_line(tr, tmp_path, name):
+    path = tmp_path / name
+    if name == "garbage.pth":
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(C.ControlNetError) as e:
+        C.PixArtControlNet.load(str(path), tr)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------- int8
+
+
+@torch.no_grad()
+def test_int8_copies_close_to_float(tr):
+    from tiled_diffusion.int8 import Int8Linear
+
+    lat, text, mask, t = inputs(tr, h=16, w=16)
+    control = control_for(lat)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES), std=0.05)
+    with net.applied(tr, control):
+        ref = run(tr, lat, text, mask, t)
+    net.quantize("w8a8")
+    assert all(isinstance(m, Int8Linear) for blk in net.controlnet_blocks
+               for n, m in blk.transformer_block.named_modules() if n.endswith(("to_q", "ff.net.2")))
+    assert type(net.controlnet_blocks[0].after_proj) is torch.nn.Linear
+    with net.applied(tr, control):
+        out = run(tr, lat, text, mask, t)
+    base = run(tr, lat, text, mask, t)
+    # SQNR of the ControlNet's contribution (int8 errors vs the control signal itself), in dB
+    signal, noise = (ref - base).pow(2).mean(), (out - ref).pow(2).mean()
+    assert 10 * torch.log10(signal / noise) > 20
+
+
+@torch.no_grad()
+def test_attach_follows_accelerate_int8():
+    from tiled_diffusion import pipeline as P
+    from tiled_diffusion.int8 import Int8Linear
+
+    tr = make_transformer()
+    P.accelerate(tr, int8="w8a8")
+    try:
+        net = C.PixArtControlNet.from_transformer(tr, N_COPIES).attach(tr)
+        assert net.int8 == "w8a8"
+        assert isinstance(net.controlnet_blocks[1].transformer_block.attn1.to_q, Int8Linear)
+        net.detach()
+    finally:
+        P.restore(tr)
+
+
+# ---------------------------------------------------------------------------------------------- edges
+
+
+def test_soft_edges_finds_a_step():
+    from tiled_diffusion.edges import soft_edges
+
+    img = torch.zeros(1, 3, 20, 33)
+    img[..., 17:] = 1.0  # a vertical step between columns 16 and 17
+    e = soft_edges(img)
+    assert e.shape == (1, 3, 20, 33) and e.min() >= -1 and e.max() <= 1
+    col = e[0, 0].mean(0)
+    assert col.argmax().item() in (16, 17)
+    assert col[16] > 0.9 and col[:10].max() < -0.99 and col[25:].max() < -0.99
+
+
+def test_soft_edges_flat_image_is_black():
+    from tiled_diffusion.edges import soft_edges
+
+    assert torch.equal(soft_edges(torch.full((1, 1, 9, 11), 0.3)), -torch.ones(1, 3, 9, 11))
+
+
+@torch.no_grad()
+def test_control_latent_shape():
+    from PIL import Image
+
+    from tiled_diffusion.tiny import tiny_vae
+
+    torch.manual_seed(0)
+    vae = tiny_vae().eval()
+    img = Image.new("RGB", (40, 24), (200, 30, 30))
+    lat = C.control_latent(vae, img, height=64, width=96)
+    assert lat.shape == (1, 4, 8, 12)
+    assert torch.isfinite(lat).all()
