@@ -1,0 +1,215 @@
+"""tiled_diffusion.distributed: bands, halo attention over real gloo process groups, faults.
+
+Multi-process tests start 2-4 CPU processes (`_launch`), each initialising its gloo group from the torchrun
+environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) exactly as under torchrun. They come from
+a forkserver that imported torch and the package once (a fresh interpreter per rank costs ~6 s of CPU in
+imports; a fork of a process that never ran a torch op has no thread pool to break). Results come back through
+files, so a rank that dies does not take the others' reports with it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tiled_diffusion import distributed as D
+from tiled_diffusion.tiling import TileGrid
+
+
+# ------------------------------------------------------------------------------------------ launcher
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_MARK: list = []  # a worker may append time.monotonic(): its report then says how long after that it ended
+
+
+def _entry(rank, world, port, fn, args, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # 2-4 ranks share 2 cores
+    t0 = time.monotonic()
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        res = fn(rank, world, *args)
+        torch.save({"ok": res, "elapsed": time.monotonic() - t0}, path)
+    except BaseException as e:  # report, then exit non-zero
+        now = time.monotonic()
+        torch.save({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(),
+                    "elapsed": now - (_MARK[-1] if _MARK else t0)}, path)
+        os._exit(1)
+
+
+def _launch(fn, world, args, tmp_path, timeout=60.0) -> list[dict]:
+    """Run fn(rank, world, *args) on `world` spawned processes; one result dict per rank ({"ok": ...} or
+    {"error": ...}, both with "elapsed" seconds (an error's from the worker's last _MARK, if any); {"missing": True} for a rank that died without a report)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "tiled_diffusion.distributed", "tiled_diffusion.tiling"])
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, str(tmp_path)), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+    assert not hung, f"ranks {hung} still running after {timeout} s (a hang)"
+    out = []
+    for r in range(world):
+        path = tmp_path / f"rank{r}.pt"
+        out.append(torch.load(path, weights_only=False) if path.exists() else {"missing": True})
+    return out
+
+
+def _ok(results):
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r}: {res.get('error')}\n{res.get('trace', '')}"
+    return [res["ok"] for res in results]
+
+
+# ------------------------------------------------------------------------------------- single process
+
+
+def test_split_rows_uneven():
+    assert D.split_rows(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert D.split_rows(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert D.split_rows(5, 1) == [(0, 5)]
+
+
+def test_split_rows_more_ranks_than_rows():
+    with pytest.raises(ValueError, match="4 ranks but the canvas has only 3 tile rows"):
+        D.split_rows(3, 4)
+
+
+def test_layout_halo_rows_two_ranks_away():
+    # bands of one row with radius 2: rank 2 needs rows 0..1 above (ranks 0 and 1) and 3..4 below
+    grid = TileGrid.for_tokens(5 * 4, 3 * 4, 4, patch=2)
+    lay = D.HaloLayout(grid, D.split_rows(5, 5), rank=2, radius=2)
+    assert sorted(lay.recv_from) == [(0, 0, 1), (1, 1, 2), (3, 3, 4), (4, 4, 5)]
+    assert sorted(lay.send_to) == [(0, 2, 3), (1, 2, 3), (3, 2, 3), (4, 2, 3)]
+    assert lay.interior == [] and len(lay.border) == 3
+
+
+def test_layout_interior_and_border():
+    grid = TileGrid.for_tokens(8 * 4, 3 * 4, 4, patch=2)  # 8 tile rows
+    lay = D.HaloLayout(grid, [(0, 5), (5, 8)], rank=0, radius=1)
+    assert {iy for iy, _ in lay.interior} == {0, 1, 2, 3}  # row 0 borders the canvas edge: interior
+    assert {iy for iy, _ in lay.border} == {4}
+    assert lay.recv_from == [(1, 5, 6)] and lay.send_to == [(1, 4, 5)]
+
+
+def test_setup_without_environment_is_a_clear_error(monkeypatch):
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        D.setup()
+
+
+# ---------------------------------------------------------------------------------------- halo attention
+
+
+def _processor_layout(x_tok: torch.Tensor) -> torch.Tensor:
+    """[B, rows, nx, L, H, D] -> [B·rows·nx, H, L, D] as the attn1 processor views its tokens (no copy)."""
+    B, rows, nx, L, H, Dh = x_tok.shape
+    return x_tok.reshape(B * rows * nx, L, H, Dh).transpose(1, 2)
+
+
+def _halo_worker(rank, world, ny, nx, radius, batch, dtype_name, head_chunk):
+    from tiled_diffusion.attention import window_attention
+
+    dtype = getattr(torch, dtype_name)
+    d = D.setup(backend="gloo", device="cpu", timeout_s=30)
+    with D.fail_fast(d):
+        grid = TileGrid.for_tokens(ny * 4, nx * 10, (4, 10), patch=2)  # tiles of 2x5 tokens: L = 10
+        assert (grid.ny, grid.nx, grid.tokens_per_tile) == (ny, nx, 10)
+        H, Dh = 3, 20
+        g = torch.Generator().manual_seed(1234)  # every rank draws the same canvas
+        q, k, v = (torch.randn(batch, ny, nx, 10, H, Dh, generator=g).to(dtype) for _ in range(3))
+        nb = TileGrid.for_tokens(ny * 4, nx * 10, (4, 10), patch=2, batch=batch).neighbours(radius)
+        ref = window_attention(_processor_layout(q), _processor_layout(k), _processor_layout(v), nb, head_chunk)
+        bands = D.split_rows(ny, world)
+        y0, y1 = bands[rank]
+        lay = D.HaloLayout(grid, bands, rank, radius)
+        qb, kb, vb = (_processor_layout(t[:, y0:y1]) for t in (q, k, v))
+        outs = [D.halo_window_attention(qb, kb, vb, lay, d, head_chunk) for _ in range(2)]  # twice: tags/order
+        want = ref.unflatten(0, (batch, ny, nx))[:, y0:y1].flatten(0, 2)
+        D.teardown(d)
+        return {"equal": [torch.equal(o, want) for o in outs],
+                "max_err": max(float((o.double() - want.double()).abs().max()) for o in outs),
+                "bytes_sent": lay.bytes_sent, "bytes_received": lay.bytes_received,
+                "send_to": lay.send_to, "tile_bytes": H * 10 * Dh * q.element_size()}
+
+
+@pytest.mark.parametrize("world,ny,nx,radius,batch,head_chunk", [
+    pytest.param(2, 5, 3, 1, 2, None, id="2ranks-r1-uneven-cfgbatch"),
+    pytest.param(3, 7, 2, 2, 1, 2, id="3ranks-r2-uneven-headchunk"),
+    pytest.param(4, 5, 3, 2, 1, None, id="4ranks-r2-one-row-bands"),
+])
+def test_halo_attention_equals_single_process_rows_fp32(tmp_path, world, ny, nx, radius, batch, head_chunk):
+    res = _ok(_launch(_halo_worker, world, (ny, nx, radius, batch, "float32", head_chunk), tmp_path))
+    for r, x in enumerate(res):
+        assert x["equal"] == [True, True], f"rank {r}: max |err| {x['max_err']:.3g} (bitwise expected in fp32)"
+        # counted bytes: K and V of the rows each peer needs, per image, twice (two calls)
+        want = 2 * sum(2 * batch * (b - a) * nx * x["tile_bytes"] for _, a, b in x["send_to"])
+        assert x["bytes_sent"] == want
+    assert sum(x["bytes_sent"] for x in res) == sum(x["bytes_received"] for x in res)
+
+
+def test_halo_attention_bf16_two_ranks(tmp_path):
+    res = _ok(_launch(_halo_worker, 2, (4, 3, 1, 1, "bfloat16", None), tmp_path))
+    for r, x in enumerate(res):
+        assert x["equal"] == [True, True], f"rank {r}: max |err| {x['max_err']:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def _fault_worker(rank, world, how):
+    d = D.setup(backend="gloo", device="cpu", timeout_s=6)
+    with D.fail_fast(d):
+        grid = TileGrid.for_tokens(4 * 4, 2 * 4, 4, patch=2)
+        lay = D.HaloLayout(grid, D.split_rows(grid.ny, world), rank, 1)
+        x = torch.randn(lay.band_tiles, 2, grid.tokens_per_tile, 8)
+        D.halo_window_attention(x, x, x, lay, d)  # one good exchange first
+        _MARK.append(time.monotonic())  # rank 0's "elapsed" counts from here (setup time excluded)
+        if rank == 1:
+            if how == "raise":
+                raise RuntimeError("injected failure on rank 1")
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if how == "hang":
+                time.sleep(10)  # longer than the 6 s timeout, then it fails too
+        for _ in range(3):
+            D.halo_window_attention(x, x, x, lay, d)
+        return "finished"
+
+
+@pytest.mark.parametrize("how", ["raise", "kill", "hang"])
+def test_failed_rank_ends_the_others_with_an_error(tmp_path, how):
+    res = _launch(_fault_worker, 2, (how,), tmp_path, timeout=45)
+    r0 = res[0]
+    assert "error" in r0, f"rank 0 should have failed, got {r0}"
+    assert r0["error"].startswith("RuntimeError: distributed: halo exchange failed"), r0["error"]
+    if how == "hang":  # nothing closes: rank 0 waits out its 6 s timeout, then fails
+        assert 6 <= r0["elapsed"] < 20, f"rank 0 failed after {r0['elapsed']:.1f} s (timeout 6 s)"
+    else:  # raise / kill: the connection closes at once, well before the timeout
+        assert r0["elapsed"] < 6, f"rank 0 took {r0['elapsed']:.1f} s to notice"
+    if how == "raise":
+        assert "injected failure" in res[1]["error"]
+    if how == "kill":
+        assert res[1].get("missing")

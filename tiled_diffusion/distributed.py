@@ -1,0 +1,426 @@
+"""One image over N processes (torch.distributed): rank r owns a band of tile rows; only halos cross ranks.
+
+Cross-tile attention is windowed: a tile attends to the tiles within `radius` (Chebyshev) of it. So a rank
+that owns the tile rows [y0, y1) of the canvas needs, per self-attention, only the K/V of the `radius` tile
+rows above and below its band. Those rows are exchanged point to point with the ranks that own them
+(send/recv, never an all-gather of the image's K/V, and never stale K/V): traffic per rank grows with the
+band's width, not with the image. Everything else in a PixArt block (adaLN, linears, MLP, cross-attention) is
+token-wise and stays local, and so is the scheduler step.
+
+Pieces (one place each):
+
+* `setup` / `Dist`: the process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT), or an already initialised one; gloo on CPU, NCCL on CUDA, one device per rank (LOCAL_RANK);
+  a bounded timeout on every collective so a dead or stuck rank ends the others with an error, never a hang.
+* `split_rows`: contiguous bands of tile rows, uneven splits allowed (the first `n % world` bands get one more
+  row). More ranks than tile rows is refused with a clear error before any work (idle ranks would still have to
+  join every collective, and a band of zero rows has no tokens to run the transformer on).
+* `HaloLayout` + `halo_window_attention`: the band's windowed attention. Per call: post the halo send/recv,
+  attend the interior tiles (whose whole window lies inside the band) while the halo is in flight, wait, then
+  attend the border tiles over band + halo K/V. Every query tile sees exactly the key tiles, in exactly the
+  slot order, that the single-process `window_attention` gives it, so the band's rows are bitwise equal to
+  the same rows of the single-process result on the CPU path (tests/test_distributed.py).
+* `reduce_moments`: exact distributed statistics for a parallel GroupNorm (all-reduce of Σx, Σx², count in
+  fp64; the variance is Σx²/n − mean², not a mean of per-rank variances, which drops the spread of the means).
+* `broadcast_tensors` (text embeddings from rank 0), `gather_rows` (the band latents, once at the end).
+
+Layouts: tiles are tile-major, (b, iy, ix) with iy over the band's rows only: local tile index
+(b * band_rows + iy - y0) * nx + ix. q, k, v [B·T_band, H, L, D] as `window_attention`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .attention import window_attention
+
+log = logging.getLogger("tiled_diffusion.distributed")
+
+DEFAULT_TIMEOUT_S = 600.0  # covers rank 0 encoding the prompt while the others wait at the broadcast
+TIMEOUT_ENV = "TD_DIST_TIMEOUT_S"
+
+
+# ------------------------------------------------------------------------------------- process group
+
+
+@dataclasses.dataclass
+class Dist:
+    """A rank's view of the process group. `owns_group`: `setup` initialised it (so `teardown` destroys it)."""
+
+    group: Optional[dist.ProcessGroup]
+    rank: int
+    world: int
+    device: torch.device
+    timeout: datetime.timedelta
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _timeout(timeout_s: Optional[float]) -> datetime.timedelta:
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    if not timeout_s > 0:
+        raise ValueError(f"distributed timeout must be > 0 seconds, got {timeout_s!r}")
+    return datetime.timedelta(seconds=timeout_s)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by torchrun (or any launcher that sets the env:// variables)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) \
+        and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def setup(group: Optional[dist.ProcessGroup] = None, *, backend: Optional[str] = None,
+          device: Optional[str] = None, timeout_s: Optional[float] = None) -> Dist:
+    """The process group to run on.
+
+    group: an initialised group to use as is (the Python API's way in), else the default group if one is
+    initialised, else one is initialised from torchrun's environment (env://). backend: default NCCL when
+    CUDA is available, else gloo. device: default cuda:LOCAL_RANK with NCCL (one device per rank), else cpu.
+    timeout_s: bound on every collective and halo wait (default TD_DIST_TIMEOUT_S or 600 s).
+    """
+    timeout = _timeout(timeout_s)
+    owns = False
+    if group is None and not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"distributed: no process group and no torchrun environment (missing "
+                               f"{', '.join(missing)}); launch with `torchrun --nproc-per-node N -m tiled_diffusion "
+                               f"generate ...` or pass an initialised group")
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        kwargs = {}
+        if backend == "nccl":
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            kwargs["device_id"] = torch.device("cuda", local)
+        dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
+        owns = True
+    pg = group if group is not None else dist.group.WORLD
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    if device is None:
+        if dist.get_backend(pg) == "nccl":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return Dist(group=pg, rank=rank, world=world, device=dev, timeout=timeout, owns_group=owns)
+
+
+def teardown(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fail_fast(d: Dist):
+    """Run a rank's work; if it raises, tear the process group down before re-raising, so the peers' pending
+    send/recv and collectives fail at once (closed connections) instead of waiting out the timeout. A rank
+    that is killed closes its connections too; one that hangs is caught by the timeout."""
+    try:
+        yield d
+    except BaseException:
+        log.error("rank %d/%d failed; aborting the process group so the other ranks stop", d.rank, d.world)
+        with contextlib.suppress(Exception):
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        raise
+
+
+def _wait(works, d_timeout: datetime.timedelta, what: str) -> None:
+    for w in works:
+        try:
+            ok = w.wait(d_timeout)
+        except RuntimeError as e:  # a peer died or aborted: one clear line, the cause chained
+            raise RuntimeError(f"distributed: {what} failed (a peer rank exited or timed out): {e}") from e
+        if ok is False:
+            raise RuntimeError(f"distributed: {what} timed out after {d_timeout.total_seconds():g} s")
+
+
+# -------------------------------------------------------------------------------------------- bands
+
+
+def split_rows(n_rows: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous bands [(y0, y1)] of `n_rows` tile rows over `world` ranks; the first n_rows % world bands get
+    one row more. Raises if a rank would get no row."""
+    if world < 1:
+        raise ValueError(f"distributed: world size must be >= 1, got {world}")
+    if n_rows < world:
+        raise ValueError(f"distributed: {world} ranks but the canvas has only {n_rows} tile rows (a rank owns at "
+                         f"least one row); use at most {n_rows} ranks, a smaller --tile, or a taller canvas")
+    base, extra = divmod(n_rows, world)
+    bands, y = [], 0
+    for r in range(world):
+        h = base + (1 if r < extra else 0)
+        bands.append((y, y + h))
+        y += h
+    return bands
+
+
+class HaloLayout:
+    """Which tiles a rank attends, sends and receives, for one token grid (ny × nx tiles) and radius.
+
+    Built once per grid; tables are cached per batch size and device. `bytes_sent` / `bytes_received` count
+    the halo payload this rank has actually sent / received (the benchmark reads them).
+    """
+
+    def __init__(self, grid, bands: Sequence[tuple[int, int]], rank: int, radius: int):
+        if not isinstance(radius, int) or radius < 0:
+            raise ValueError(f"HaloLayout: radius must be an int >= 0, got {radius!r}")
+        if len(bands) < 1 or not 0 <= rank < len(bands):
+            raise ValueError(f"HaloLayout: rank {rank} out of range for {len(bands)} bands")
+        if bands[0][0] != 0 or bands[-1][1] != grid.ny or any(a[1] != b[0] for a, b in zip(bands, bands[1:])) \
+                or any(y1 <= y0 for y0, y1 in bands):
+            raise ValueError(f"HaloLayout: bands {list(bands)} must cover the {grid.ny} tile rows contiguously")
+        self.grid, self.bands, self.rank, self.radius = grid, list(bands), rank, radius
+        self.ny, self.nx = grid.ny, grid.nx
+        self.y0, self.y1 = bands[rank]
+        self.rows = self.y1 - self.y0
+        self.band_tiles = self.rows * self.nx  # per image
+        # The single-process neighbour table (batch 1): slot order is the oracle's, so keep it verbatim.
+        self._nb = grid.neighbours(radius)[: self.ny * self.nx].tolist()
+        # Rows this rank needs from each peer, and rows each peer needs from it: [(peer, a, b)] row ranges.
+        self.recv_from = [(p, a, b) for p, (a, b) in self._needs(rank) if p != rank]
+        self.send_to = []
+        for p in range(len(self.bands)):
+            if p == rank:
+                continue
+            for q, (a, b) in self._needs(p):
+                if q == rank:
+                    self.send_to.append((p, a, b))
+        # interior: every window tile inside the band (or off the canvas); border: the rest
+        self.interior, self.border = [], []
+        for iy in range(self.y0, self.y1):
+            for ix in range(self.nx):
+                rows = {g // self.nx for g in self._nb[iy * self.nx + ix] if g >= 0}
+                (self.interior if all(self.y0 <= r < self.y1 for r in rows) else self.border).append((iy, ix))
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._tables: dict = {}
+
+    def _needs(self, r: int) -> list[tuple[int, tuple[int, int]]]:
+        """[(owner, (a, b))]: the halo rows band r needs, split by the rank that owns them."""
+        y0, y1 = self.bands[r]
+        want = [(max(0, y0 - self.radius), y0), (y1, min(self.ny, y1 + self.radius))]
+        out = []
+        for p, (p0, p1) in enumerate(self.bands):
+            for a, b in want:
+                lo, hi = max(a, p0), min(b, p1)
+                if lo < hi:
+                    out.append((p, (lo, hi)))
+        return out
+
+    # ------------------------------------------------------------------ tables
+
+    def _local(self, b: int, iy: int, ix: int) -> int:
+        return (b * self.rows + iy - self.y0) * self.nx + ix
+
+    def tables(self, batch: int, device) -> dict:
+        """Index tables for `batch` images (cached):
+
+        interior_nb int32 [B·T_band, NB]: band-local key tiles for interior query tiles, -1 rows for border tiles
+        border_q int64 [n_border]: band-local indices of the border query tiles
+        border_k int64 [n_band_keys]: band-local key tiles of the border pass (border tiles first, in border_q
+          order, so the padded q of that pass lines up); halo tiles follow them in the key buffer
+        border_nb int32 [n_band_keys + n_halo, NB]: the border pass's table (rows past n_border: -1)
+        """
+        key = (batch, str(torch.device(device) if device is not None else "cpu"))
+        t = self._tables.get(key)
+        if t is not None:
+            return t
+        nx, NB = self.nx, len(self._nb[0])
+        interior = [[-1] * NB for _ in range(batch * self.band_tiles)]
+        for b in range(batch):
+            for iy, ix in self.interior:
+                row = self._nb[iy * nx + ix]
+                interior[self._local(b, iy, ix)] = [-1 if g < 0 else self._local(b, g // nx, g % nx) for g in row]
+        border_q = [self._local(b, iy, ix) for b in range(batch) for iy, ix in self.border]
+        # key buffer slots: band tiles (border ones first), then every halo tile, peer by peer as received
+        slot: dict = {}
+        for q in border_q:
+            slot[("band", q)] = len(slot)
+        for b in range(batch):
+            for iy, ix in self.border:
+                for g in self._nb[iy * nx + ix]:
+                    if g >= 0 and self.y0 <= g // nx < self.y1 and ("band", self._local(b, g // nx, g % nx)) not in slot:
+                        slot[("band", self._local(b, g // nx, g % nx))] = len(slot)
+        border_k = [k[1] for k in slot]  # dict keeps insertion order
+        n_band_keys = len(border_k)
+        halo_off = n_band_keys
+        halo_slot = {}
+        for p, a, bb in self.recv_from:
+            for b in range(batch):
+                for iy in range(a, bb):
+                    for ix in range(nx):
+                        halo_slot[(b, iy, ix)] = halo_off + (b * (bb - a) + iy - a) * nx + ix
+            halo_off += batch * (bb - a) * nx
+        n_keys = halo_off
+        border_nb = [[-1] * NB for _ in range(n_keys)]
+        for j, (b, (iy, ix)) in enumerate([(b, t) for b in range(batch) for t in self.border]):
+            row = []
+            for g in self._nb[iy * nx + ix]:
+                if g < 0:
+                    row.append(-1)
+                elif self.y0 <= g // nx < self.y1:
+                    row.append(slot[("band", self._local(b, g // nx, g % nx))])
+                else:
+                    row.append(halo_slot[(b, g // nx, g % nx)])
+            border_nb[j] = row
+        if len(border_q) > n_keys:  # cannot happen: each border tile is its own key (self slot)
+            raise AssertionError("HaloLayout: border pass has more queries than keys")
+        t = {
+            "interior_nb": torch.tensor(interior, dtype=torch.int32, device=device).reshape(-1, NB),
+            "border_q": torch.tensor(border_q, dtype=torch.int64, device=device),
+            "border_k": torch.tensor(border_k, dtype=torch.int64, device=device),
+            "border_nb": torch.tensor(border_nb, dtype=torch.int32, device=device).reshape(-1, NB),
+        }
+        self._tables[key] = t
+        return t
+
+    # ------------------------------------------------------------------ halo exchange
+
+    def start_exchange(self, k: torch.Tensor, v: torch.Tensor, d: Dist):
+        """Post the halo send/recv of K and V (one message per peer and direction: [2, B, rows, nx, H, L, D]).
+        Returns (works, recv buffers, send buffers); the send buffers must live until the works finish."""
+        B = k.shape[0] // self.band_tiles
+        H, L, D = k.shape[1:]
+        k6 = k.unflatten(0, (B, self.rows, self.nx))
+        v6 = v.unflatten(0, (B, self.rows, self.nx))
+        ops, sends, recvs = [], [], []
+        for p, a, b in self.send_to:
+            buf = torch.stack([k6[:, a - self.y0:b - self.y0], v6[:, a - self.y0:b - self.y0]])
+            sends.append(buf)
+            ops.append(dist.P2POp(dist.isend, buf, _global_rank(d, p), d.group))
+            self.bytes_sent += buf.numel() * buf.element_size()
+        for p, a, b in self.recv_from:
+            buf = k.new_empty((2, B, b - a, self.nx, H, L, D))
+            recvs.append(buf)
+            ops.append(dist.P2POp(dist.irecv, buf, _global_rank(d, p), d.group))
+            self.bytes_received += buf.numel() * buf.element_size()
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return works, recvs, sends
+
+
+def _global_rank(d: Dist, group_rank: int) -> int:
+    if d.group is None or d.group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(d.group, group_rank)
+
+
+def halo_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HaloLayout, d: Dist,
+                          head_chunk: Optional[int] = None) -> torch.Tensor:
+    """Windowed attention of a rank's band: q, k, v [B·T_band, H, L, D] (tile-major, band-local order) ->
+    out [B·T_band, H, L, D], equal to the band's rows of the single-process `window_attention` over the canvas.
+
+    The halo K/V is exchanged point to point while the interior tiles are attended (they need no halo)."""
+    if q.shape[0] % layout.band_tiles:
+        raise ValueError(f"halo_window_attention: q has {q.shape[0]} tiles, not a multiple of the band's "
+                         f"{layout.band_tiles} ({layout.rows} rows x {layout.nx} tiles)")
+    B = q.shape[0] // layout.band_tiles
+    t = layout.tables(B, q.device)
+    works, recvs, sends = layout.start_exchange(k, v, d)
+    out = window_attention(q, k, v, t["interior_nb"], head_chunk)  # border rows: no key -> 0, overwritten below
+    if t["border_q"].numel() == 0:
+        _wait(works, d.timeout, "halo exchange")
+        return out
+    band_k = k.index_select(0, t["border_k"])
+    band_v = v.index_select(0, t["border_k"])
+    _wait(works, d.timeout, "halo exchange")
+    del sends
+    H, L, D = q.shape[1:]
+    kb = torch.cat([band_k] + [r[0].reshape(-1, H, L, D) for r in recvs])
+    vb = torch.cat([band_v] + [r[1].reshape(-1, H, L, D) for r in recvs])
+    nq = t["border_q"].numel()
+    qb = q.new_zeros(kb.shape)  # the op takes q and k of one shape; rows past nq have no key and cost nothing
+    qb[:nq] = q.index_select(0, t["border_q"])
+    ob = window_attention(qb, kb, vb, t["border_nb"], head_chunk)
+    out.index_copy_(0, t["border_q"], ob[:nq])
+    return out
+
+
+# ------------------------------------------------------------------------------ collectives for the run
+
+
+def reduce_moments(total_sum: torch.Tensor, total_sumsq: torch.Tensor, count: int, d: Dist
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All-reduce a GroupNorm's partial Σx, Σx² ([B, G], any float dtype, summed in fp64) and element count
+    over the ranks. The exact canvas statistics follow: mean = Σx/n, var = Σx²/n − mean² (a mean of per-rank
+    variances would drop the spread of the per-rank means)."""
+    buf = torch.cat([total_sum.double().reshape(-1), total_sumsq.double().reshape(-1),
+                     torch.tensor([float(count)], dtype=torch.float64, device=total_sum.device)]).to(d.device)
+    work = dist.all_reduce(buf, group=d.group, async_op=True)
+    _wait([work], d.timeout, "GroupNorm statistics all-reduce")
+    n = total_sum.numel()
+    return (buf[:n].reshape(total_sum.shape).to(total_sum.device), buf[n:2 * n].reshape(total_sum.shape)
+            .to(total_sum.device), int(round(buf[2 * n].item())))
+
+
+def group_norm_stats(total_sum: torch.Tensor, total_sumsq: torch.Tensor, count: int, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) fp32 from Σx, Σx², n (fp64), the same formula as vae._SharedGroupNorm.finish_recording."""
+    mean = total_sum.double() / count
+    var = (total_sumsq.double() / count - mean ** 2).clamp_min(0)
+    return mean.float(), torch.rsqrt(var + eps).float()
+
+
+def broadcast_tensors(tensors: Optional[Sequence[Optional[torch.Tensor]]], d: Dist, src: int = 0
+                      ) -> list[Optional[torch.Tensor]]:
+    """Rank `src` sends a list of tensors (or Nones: e.g. prompt embeds, mask, negative embeds); the others
+    pass None and get them, on their device. Shapes and dtypes travel first as a small object."""
+    if d.rank == src:
+        if tensors is None:
+            raise ValueError("broadcast_tensors: the source rank must pass the tensors")
+        meta = [None if t is None else (tuple(t.shape), t.dtype) for t in tensors]
+    else:
+        meta = None
+    box = [meta]
+    dist.broadcast_object_list(box, src=_global_rank(d, src), group=d.group,
+                               device=d.device if d.device.type == "cuda" else None)
+    meta = box[0]
+    out: list[Optional[torch.Tensor]] = []
+    works = []
+    for i, m in enumerate(meta):
+        if m is None:
+            out.append(None)
+            continue
+        if d.rank == src:
+            t = tensors[i].to(d.device).contiguous()
+        else:
+            t = torch.empty(m[0], dtype=m[1], device=d.device)
+        works.append(dist.broadcast(t, src=_global_rank(d, src), group=d.group, async_op=True))
+        out.append(t)
+    _wait(works, d.timeout, "broadcast from rank 0")
+    return out
+
+
+def gather_rows(band: torch.Tensor, bands_px: Sequence[tuple[int, int]], d: Dist, dim: int = -2) -> torch.Tensor:
+    """Every rank's band [..., rows_r, ...] (rows along `dim`) -> the whole tensor on every rank, bands in rank
+    order. bands_px: each rank's (start, stop) along dim; uneven bands are padded to the largest for the
+    all-gather and trimmed after."""
+    dim = dim % band.dim()
+    mine = bands_px[d.rank][1] - bands_px[d.rank][0]
+    if band.shape[dim] != mine:
+        raise ValueError(f"gather_rows: rank {d.rank} holds {band.shape[dim]} rows along dim {dim}, its band "
+                         f"{bands_px[d.rank]} has {mine}")
+    most = max(b - a for a, b in bands_px)
+    pad_shape = list(band.shape)
+    pad_shape[dim] = most
+    x = band.new_zeros(pad_shape)
+    x.narrow(dim, 0, mine).copy_(band)
+    x = x.to(d.device)
+    parts = [torch.empty_like(x) for _ in range(d.world)]
+    work = dist.all_gather(parts, x, group=d.group, async_op=True)
+    _wait([work], d.timeout, "gather of the band latents")
+    return torch.cat([p.narrow(dim, 0, b - a) for p, (a, b) in zip(parts, bands_px)], dim=dim).to(band.device)
