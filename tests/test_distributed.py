@@ -1,22 +1,17 @@
 """tiled_diffusion.distributed: bands, halo attention over real gloo process groups, faults.
 
-Multi-process tests start 2-4 CPU processes (`_launch`), each initialising its gloo group from the torchrun
-environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) exactly as under torchrun. They come from
-a forkserver that imported torch and the package once (a fresh interpreter per rank costs ~6 s of CPU in
-imports; a fork of a process that never ran a torch op has no thread pool to break). Results come back through
-files, so a rank that dies does not take the others' reports with it.
+Multi-process tests start 2-4 CPU processes (`distributed.run_local`), each initialising its gloo group from
+the torchrun environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) exactly as under torchrun.
+Results come back through files, so a rank that dies does not take the others' reports with it.
 """
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tiled_diffusion import distributed as D
 from tiled_diffusion.tiling import TileGrid
@@ -25,53 +20,8 @@ from tiled_diffusion.tiling import TileGrid
 # ------------------------------------------------------------------------------------------ launcher
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_MARK: list = []  # a worker may append time.monotonic(): its report then says how long after that it ended
-
-
-def _entry(rank, world, port, fn, args, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # 2-4 ranks share 2 cores
-    t0 = time.monotonic()
-    path = os.path.join(out_dir, f"rank{rank}.pt")
-    try:
-        res = fn(rank, world, *args)
-        torch.save({"ok": res, "elapsed": time.monotonic() - t0}, path)
-    except BaseException as e:  # report, then exit non-zero
-        now = time.monotonic()
-        torch.save({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(),
-                    "elapsed": now - (_MARK[-1] if _MARK else t0)}, path)
-        os._exit(1)
-
-
-def _launch(fn, world, args, tmp_path, timeout=60.0) -> list[dict]:
-    """Run fn(rank, world, *args) on `world` spawned processes; one result dict per rank ({"ok": ...} or
-    {"error": ...}, both with "elapsed" seconds (an error's from the worker's last _MARK, if any); {"missing": True} for a rank that died without a report)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "tiled_diffusion.distributed", "tiled_diffusion.tiling"])
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, str(tmp_path)), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-    assert not hung, f"ranks {hung} still running after {timeout} s (a hang)"
-    out = []
-    for r in range(world):
-        path = tmp_path / f"rank{r}.pt"
-        out.append(torch.load(path, weights_only=False) if path.exists() else {"missing": True})
-    return out
+def _launch(fn, world, args, timeout=60.0) -> list[dict]:
+    return D.run_local(fn, world, args, timeout_s=timeout, preload=("torch", "tiled_diffusion.distributed", __name__))
 
 
 def _ok(results):
@@ -160,8 +110,8 @@ def _halo_worker(rank, world, ny, nx, radius, batch, dtype_name, head_chunk):
     pytest.param(3, 7, 2, 2, 1, 2, id="3ranks-r2-uneven-headchunk"),
     pytest.param(4, 5, 3, 2, 1, None, id="4ranks-r2-one-row-bands"),
 ])
-def test_halo_attention_equals_single_process_rows_fp32(tmp_path, world, ny, nx, radius, batch, head_chunk):
-    res = _ok(_launch(_halo_worker, world, (ny, nx, radius, batch, "float32", head_chunk), tmp_path))
+def test_halo_attention_equals_single_process_rows_fp32(world, ny, nx, radius, batch, head_chunk):
+    res = _ok(_launch(_halo_worker, world, (ny, nx, radius, batch, "float32", head_chunk)))
     for r, x in enumerate(res):
         assert x["equal"] == [True, True], f"rank {r}: max |err| {x['max_err']:.3g} (bitwise expected in fp32)"
         # counted bytes: K and V of the rows each peer needs, per image, twice (two calls)
@@ -170,8 +120,8 @@ def test_halo_attention_equals_single_process_rows_fp32(tmp_path, world, ny, nx,
     assert sum(x["bytes_sent"] for x in res) == sum(x["bytes_received"] for x in res)
 
 
-def test_halo_attention_bf16_two_ranks(tmp_path):
-    res = _ok(_launch(_halo_worker, 2, (4, 3, 1, 1, "bfloat16", None), tmp_path))
+def test_halo_attention_bf16_two_ranks():
+    res = _ok(_launch(_halo_worker, 2, (4, 3, 1, 1, "bfloat16", None)))
     for r, x in enumerate(res):
         assert x["equal"] == [True, True], f"rank {r}: max |err| {x['max_err']:.3g}"
 
@@ -179,21 +129,22 @@ def test_halo_attention_bf16_two_ranks(tmp_path):
 # ---------------------------------------------------------------------------------------------- faults
 
 
-def _fault_worker(rank, world, how):
-    d = D.setup(backend="gloo", device="cpu", timeout_s=6)
+def _fault_worker(rank, world, how, mark):
+    d = D.setup(backend="gloo", device="cpu", timeout_s=4)
     with D.fail_fast(d):
         grid = TileGrid.for_tokens(4 * 4, 2 * 4, 4, patch=2)
         lay = D.HaloLayout(grid, D.split_rows(grid.ny, world), rank, 1)
         x = torch.randn(lay.band_tiles, 2, grid.tokens_per_tile, 8)
         D.halo_window_attention(x, x, x, lay, d)  # one good exchange first
-        _MARK.append(time.monotonic())  # rank 0's "elapsed" counts from here (setup time excluded)
         if rank == 1:
+            with open(mark, "w") as f:  # when the fault starts (time.monotonic() is one clock per machine)
+                f.write(repr(time.monotonic()))
             if how == "raise":
                 raise RuntimeError("injected failure on rank 1")
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if how == "hang":
-                time.sleep(10)  # longer than the 6 s timeout, then it fails too
+                time.sleep(7)  # longer than the 4 s timeout, then it fails too
         for _ in range(3):
             D.halo_window_attention(x, x, x, lay, d)
         return "finished"
@@ -201,14 +152,16 @@ def _fault_worker(rank, world, how):
 
 @pytest.mark.parametrize("how", ["raise", "kill", "hang"])
 def test_failed_rank_ends_the_others_with_an_error(tmp_path, how):
-    res = _launch(_fault_worker, 2, (how,), tmp_path, timeout=45)
+    mark = tmp_path / "fault_started"
+    res = _launch(_fault_worker, 2, (how, str(mark)), timeout=45)
     r0 = res[0]
+    r0["elapsed"] = r0["ended_at"] - float(mark.read_text())
     assert "error" in r0, f"rank 0 should have failed, got {r0}"
     assert r0["error"].startswith("RuntimeError: distributed: halo exchange failed"), r0["error"]
-    if how == "hang":  # nothing closes: rank 0 waits out its 6 s timeout, then fails
-        assert 6 <= r0["elapsed"] < 20, f"rank 0 failed after {r0['elapsed']:.1f} s (timeout 6 s)"
+    if how == "hang":  # nothing closes: rank 0 waits out its 4 s timeout, then fails
+        assert 3.5 <= r0["elapsed"] < 15, f"rank 0 failed after {r0['elapsed']:.1f} s (timeout 4 s)"
     else:  # raise / kill: the connection closes at once, well before the timeout
-        assert r0["elapsed"] < 6, f"rank 0 took {r0['elapsed']:.1f} s to notice"
+        assert r0["elapsed"] < 4, f"rank 0 took {r0['elapsed']:.1f} s to notice"
     if how == "raise":
         assert "injected failure" in res[1]["error"]
     if how == "kill":
@@ -241,8 +194,8 @@ def _collectives_worker(rank, world):
                 "part_var": pvar, "part_mean": pmean, "x": x}
 
 
-def test_collectives_broadcast_gather_exact_group_norm_moments(tmp_path):
-    res = _ok(_launch(_collectives_worker, 3, (), tmp_path))
+def test_collectives_broadcast_gather_exact_group_norm_moments():
+    res = _ok(_launch(_collectives_worker, 3, ()))
     for r, x in enumerate(res):
         assert x["bcast"] == [True, True, True, True], f"rank {r}"
         assert x["gather"], f"rank {r}: gathered canvas differs"

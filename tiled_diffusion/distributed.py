@@ -23,6 +23,7 @@ Pieces (one place each):
 * `reduce_moments`: exact distributed statistics for a parallel GroupNorm (all-reduce of Σx, Σx², count in
   fp64; the variance is Σx²/n − mean², not a mean of per-rank variances, which drops the spread of the means).
 * `broadcast_tensors` (text embeddings from rank 0), `gather_rows` (the band latents, once at the end).
+* `run_local`: N local CPU ranks for tests and benchmarks (what torchrun does, from a forkserver).
 
 Layouts: tiles are tile-major, (b, iy, ix) with iy over the band's rows only: local tile index
 (b * band_rows + iy - y0) * nx + ix. q, k, v [B·T_band, H, L, D] as `window_attention`.
@@ -34,7 +35,11 @@ import dataclasses
 import datetime
 import logging
 import os
-from typing import Optional, Sequence
+import socket
+import tempfile
+import time
+import traceback
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -424,3 +429,64 @@ def gather_rows(band: torch.Tensor, bands_px: Sequence[tuple[int, int]], d: Dist
     work = dist.all_gather(parts, x, group=d.group, async_op=True)
     _wait([work], d.timeout, "gather of the band latents")
     return torch.cat([p.narrow(dim, 0, b - a) for p, (a, b) in zip(parts, bands_px)], dim=dim).to(band.device)
+
+
+# ------------------------------------------------------------------------------ local ranks (tests, bench)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str, threads: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    t0 = time.monotonic()
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        res = fn(rank, world, *args)
+        torch.save({"ok": res, "elapsed": time.monotonic() - t0, "ended_at": time.monotonic()}, path)
+    except BaseException as e:  # report, then exit non-zero
+        torch.save({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(),
+                    "elapsed": time.monotonic() - t0, "ended_at": time.monotonic()}, path)
+        os._exit(1)
+
+
+def run_local(fn: Callable, world: int, args: tuple = (), *, timeout_s: float = 120.0, threads: int = 1,
+              preload: Sequence[str] = ("torch", "tiled_diffusion.distributed")) -> list[dict]:
+    """Run fn(rank, world, *args) on `world` local processes with torchrun's environment variables set (so
+    `setup()` inside fn initialises the group exactly as under torchrun). One dict per rank: {"ok": result} or
+    {"error": "Type: message", "trace": ...}, both with "elapsed" and "ended_at" (time.monotonic(), one clock
+    for every process of the machine); {"missing": True} for a rank that died without a report. Raises if a
+    rank is still running after timeout_s (a hang).
+
+    fn must be importable (module level). Processes fork from a forkserver that imported `preload` once: a
+    fresh interpreter per rank costs seconds of imports, and the server never ran a torch op, so there is no
+    thread pool to break by forking."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="td-ranks-") as out_dir:
+        procs = [ctx.Process(target=_local_entry, args=(r, world, port, fn, args, out_dir, threads), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in hung:
+            procs[r].kill()
+            procs[r].join(5)
+        if hung:
+            raise TimeoutError(f"run_local: ranks {hung} still running after {timeout_s:g} s (a hang)")
+        out = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"rank{r}.pt")
+            out.append(torch.load(path, weights_only=False) if os.path.exists(path) else {"missing": True})
+    return out
