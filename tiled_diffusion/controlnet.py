@@ -217,6 +217,9 @@ class PixArtControlNet(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        extras = getattr(self._context(), "extras", None)
+        if extras is not None:
+            extras.pop("control", None)
         if self._transformer is not None:
             self._transformer.__dict__.pop("_td_controlnet", None)
         object.__setattr__(self, "_transformer", None)
@@ -227,17 +230,25 @@ class PixArtControlNet(nn.Module):
         (the hooks then do nothing and the output is the base model's, bitwise)."""
         self._control = latent
 
+    def set_control_image(self, vae, image, height: int, width: int) -> torch.Tensor:
+        """`set_control(control_latent(vae, image, height, width))` for a height × width canvas: what to call
+        before diffusers' own `pipe(..., height=, width=)` on an attached, accelerated pipeline. Returns the latent."""
+        latent = control_latent(vae, image, height, width)
+        self.set_control(latent)
+        return latent
+
     @contextlib.contextmanager
     def applied(self, transformer, latent: torch.Tensor, conditioning_scale: Optional[float] = None) -> Iterator:
-        """attach + set_control for the duration of a `with` block (detached afterwards if it was not attached)."""
+        """attach + set_control for the duration of a `with` block; afterwards the previous control and scale are
+        back, and the ControlNet is detached again if it was not attached before."""
         was = self._transformer is transformer
-        old_scale = self.conditioning_scale
+        old_scale, old_control = self.conditioning_scale, self._control
         self.attach(transformer, conditioning_scale)
         self.set_control(latent)
         try:
             yield self
         finally:
-            self.set_control(None)
+            self.set_control(old_control)
             self.conditioning_scale = old_scale
             if not was:
                 self.detach()
