@@ -45,3 +45,100 @@ def test_bad_input():
         seam_ratio(_smooth())
     with pytest.raises(ValueError, match="must be"):
         seam_ratio(torch.randn(5, 5), seams_y=[2])
+
+
+# ------------------------------------------------------------------ period baseline, distances, PSNR
+
+
+def _latent_grid_pattern(H=96, W=112):
+    """A smooth image plus an 8-px periodic ridge on every 8th line: what a VAE decoder's own grid leaves."""
+    img = _smooth(C=3, H=H, W=W)
+    img[..., 7::8, :] += 0.2
+    img[..., :, 7::8] += 0.2
+    return img
+
+
+def test_period_baseline_cancels_an_8px_pattern():
+    img = _latent_grid_pattern()
+    seams = [32, 64]  # on the 8-px grid: the plain ratio sees the decoder pattern as a seam
+    assert seam_ratio(img, seams_y=seams, seams_x=seams) > 1.5
+    assert 0.8 < seam_ratio(img, seams_y=seams, seams_x=seams, period=8) < 1.2
+
+
+def test_period_baseline_still_sees_a_real_seam():
+    img = _latent_grid_pattern()
+    img[..., 64:, :] += 1.0  # one seam of two jumps: (0.2 + 0.8) / 2 on the seams vs 0.2 at the other phase lines
+    assert seam_ratio(img, seams_y=[32, 64], period=8) > 2
+
+
+def test_period_needs_one_phase_and_width_one():
+    with pytest.raises(ValueError, match="same phase"):
+        seam_ratio(_smooth(), seams_y=[16, 20], period=8)
+    with pytest.raises(ValueError, match="width=1"):
+        seam_ratio(_smooth(), seams_y=[16], period=8, width=2)
+
+
+def test_grid_seams():
+    from tiled_diffusion.metrics import grid_seams
+
+    assert grid_seams(64, 200) == [64, 128, 192]
+    assert grid_seams(64, 200, offset=32) == [32, 96, 160]
+    assert grid_seams(64, 64) == []
+
+
+def test_psnr():
+    from tiled_diffusion.metrics import psnr
+
+    a = _smooth()
+    b = a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    expected = 10 * torch.log10(torch.tensor(4.0) / (a.double() - b.double()).pow(2).mean()).item()
+    assert psnr(b, a) == pytest.approx(expected, rel=1e-12)
+    assert psnr(a, a) == float("inf")
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(a, a[..., :-1])
+
+
+def _kid_reference(a, b):
+    """Term by term: the unbiased MMD² with the cubic polynomial kernel, in loops (fp64)."""
+    a, b = a.double(), b.double()
+    d = a.shape[1]
+    k = lambda x, y: (float(x @ y) / d + 1) ** 3  # noqa: E731
+    n, m = len(a), len(b)
+    saa = sum(k(a[i], a[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    sbb = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    sab = sum(k(a[i], b[j]) for i in range(n) for j in range(m)) / (n * m)
+    return saa + sbb - 2 * sab
+
+
+def test_kid_matches_the_loop_reference():
+    from tiled_diffusion.metrics import kid
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(9, 5, generator=g) + 0.3
+    assert kid(a, b) == pytest.approx(_kid_reference(a, b), rel=1e-10)
+
+
+def test_kid_separates_distributions():
+    from tiled_diffusion.metrics import kid
+
+    g = torch.Generator().manual_seed(3)
+    same = kid(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g))
+    shifted = kid(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + 1.0)
+    assert abs(same) < 0.05 < shifted
+    with pytest.raises(ValueError, match="at least 2"):
+        kid(torch.randn(1, 8), torch.randn(5, 8))
+
+
+def test_spectrum_distance():
+    from tiled_diffusion.metrics import radial_power_spectrum, spectrum_distance
+
+    g = torch.Generator().manual_seed(4)
+    smooth = torch.stack([_smooth(H=64, W=80)[0] for _ in range(3)])
+    noisy = smooth + 0.3 * torch.randn(smooth.shape, generator=g)
+    assert spectrum_distance(smooth, smooth) == 0.0
+    assert spectrum_distance(noisy, smooth) > 0.5  # white noise adds decades of power at high frequencies
+    # the same bins for any size: a bigger crop of white noise has the same (flat) spectrum
+    w1 = torch.randn(4, 3, 64, 64, generator=g)
+    w2 = torch.randn(2, 3, 96, 128, generator=g)
+    assert spectrum_distance(w1, w2) < 0.1
+    assert radial_power_spectrum(w1, bins=16).shape == (16,)

@@ -2,11 +2,21 @@
 
 `seam_ratio` follows the idea of the seam score of Tiled Diffusion (CVPR'25): a visible seam is a line where the
 image gradient is systematically larger than elsewhere. We compare the mean absolute finite difference *across*
-the given seam lines with the mean absolute finite difference everywhere else.
+the given seam lines with the mean absolute finite difference everywhere else, or (``period=8``) only at the other
+lines of the same phase on the VAE's 8-px latent grid: a decoder's own 8-px pattern then cancels, so ≈ 1.0 means
+no seam for any image, `global` and ground truth included.
+
+Distribution distances (DistriFusion / xDiT report FID against the untiled model): `kid` (kernel inception
+distance: unbiased MMD² with the cubic polynomial kernel, on features of any fixed network) and
+`spectrum_distance` (mean |Δ log power| over radial frequency bins, sensitive to tile-periodic artifacts and to
+the wrong scale of detail). `psnr` measures agreement with a reference (e.g. `global` at the same seed).
+
+Layouts: images [B, C, H, W] (or [C, H, W]) in [-1, 1]; features [N, D].
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,12 +35,27 @@ def _band(seams: Sequence[int], n_diffs: int, width: int) -> torch.Tensor:
     return m
 
 
-def seam_ratio(image: torch.Tensor, seams_y: Sequence[int] = (), seams_x: Sequence[int] = (), width: int = 1) -> float:
+def _phase(seams: Sequence[int], n_diffs: int, period: int) -> torch.Tensor:
+    """Mask over n_diffs differences: True at indices ≡ s−1 (mod period), the seams' phase (all seams share it)."""
+    phases = {(s - 1) % period for s in seams}
+    if len(phases) > 1:
+        raise ValueError(f"seam_ratio: with period={period} every seam must have the same phase, got {list(seams)}")
+    m = torch.zeros(n_diffs, dtype=torch.bool)
+    if phases:
+        m[phases.pop()::period] = True
+    return m
+
+
+def seam_ratio(image: torch.Tensor, seams_y: Sequence[int] = (), seams_x: Sequence[int] = (), width: int = 1,
+               period: Optional[int] = None) -> float:
     """mean |∇| across the seam lines / mean |∇| elsewhere, for image [B, C, H, W] or [C, H, W].
 
     seams_y: canvas rows where a horizontal seam starts (boundaries between row s−1 and s); seams_x likewise for
     columns. Vertical differences are scored at horizontal seams and horizontal differences at vertical seams;
     all other differences (both directions) form the baseline. ≈ 1.0 = seamless; ≫ 1 = visible seams.
+    period: if given (width must be 1), the baseline is only the other lines of the seams' phase modulo `period`
+    (vertical differences on rows, horizontal differences on columns): use the VAE factor 8 so that a decoder's
+    periodic 8-px pattern is in both numerator and denominator.
     """
     if image.dim() == 3:
         image = image[None]
@@ -47,7 +72,14 @@ def seam_ratio(image: torch.Tensor, seams_y: Sequence[int] = (), seams_x: Sequen
     my = _band(seams_y, H - 1, width)
     mx = _band(seams_x, W - 1, width)
     on = torch.cat([dy[my].flatten(), dx[:, mx].flatten()])
-    off = torch.cat([dy[~my].flatten(), dx[:, ~mx].flatten()])
+    if period is None:
+        off = torch.cat([dy[~my].flatten(), dx[:, ~mx].flatten()])
+    else:
+        if width != 1:
+            raise ValueError(f"seam_ratio: period needs width=1, got width={width}")
+        py = _phase(seams_y or seams_x, H - 1, period) & ~my
+        px = _phase(seams_x or seams_y, W - 1, period) & ~mx
+        off = torch.cat([dy[py].flatten(), dx[:, px].flatten()])
     if on.numel() == 0 or off.numel() == 0:
         raise ValueError(f"seam_ratio: seams {list(seams_y)}, {list(seams_x)} leave no seam or no baseline pixels "
                          f"in a {H}x{W} image")
@@ -61,3 +93,66 @@ def tile_seams(origins: Sequence[int], tile: int, overlap_mid: bool = True) -> l
     if overlap_mid:
         return [(o[i] + o[i - 1] + tile) // 2 for i in range(1, len(o))]
     return o[1:]
+
+
+def grid_seams(tile: int, size: int, offset: int = 0) -> list[int]:
+    """Lines (pixels) where tiles of `tile` px laid from `offset` (mod tile) meet inside [0, size)."""
+    if tile <= 0:
+        raise ValueError(f"grid_seams: tile must be positive, got {tile}")
+    return [s for s in range(offset % tile, size, tile) if 0 < s < size]
+
+
+def psnr(image: torch.Tensor, reference: torch.Tensor, peak_to_peak: float = 2.0) -> float:
+    """PSNR in dB of image vs reference (same shape; values in [-1, 1] → peak-to-peak 2); inf when equal."""
+    if image.shape != reference.shape:
+        raise ValueError(f"psnr: shapes differ, {tuple(image.shape)} vs {tuple(reference.shape)}")
+    mse = (image.double() - reference.double()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak_to_peak**2 / mse)
+
+
+def kid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Kernel inception distance: unbiased MMD² between feature sets [N, D] and [M, D] (N, M ≥ 2) with the
+    polynomial kernel k(x, y) = (x·y / D + 1)³ (Bińkowski et al. 2018). 0 in expectation for one distribution;
+    the unbiased estimate can be slightly negative."""
+    a, b = features_a.double(), features_b.double()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"kid: features must be [N, D] and [M, D], got {tuple(a.shape)} and {tuple(b.shape)}")
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    if n < 2 or m < 2:
+        raise ValueError(f"kid: need at least 2 samples per set, got {n} and {m}")
+    k_aa = (a @ a.T / d + 1) ** 3
+    k_bb = (b @ b.T / d + 1) ** 3
+    k_ab = (a @ b.T / d + 1) ** 3
+    return float((k_aa.sum() - k_aa.diagonal().sum()) / (n * (n - 1))
+                 + (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1)) - 2 * k_ab.mean())
+
+
+def radial_power_spectrum(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Mean log10 power per radial frequency bin [bins] of the luminance of images [B, C, H, W] (Hann-windowed,
+    mean removed; bin k covers radii [k, k+1)·f_nyquist/bins in cycles per pixel, so the same bins for any size)."""
+    if images.dim() == 3:
+        images = images[None]
+    x = images.double().mean(dim=1)  # luminance proxy [B, H, W]
+    B, H, W = x.shape
+    win = torch.hann_window(H, periodic=False, dtype=torch.float64)[:, None] * \
+        torch.hann_window(W, periodic=False, dtype=torch.float64)[None, :]
+    x = (x - x.mean(dim=(1, 2), keepdim=True)) * win
+    p = torch.fft.fft2(x).abs().pow(2).mean(dim=0) / win.pow(2).sum()  # [H, W]; a density: independent of size
+    fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
+    fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
+    r = torch.sqrt(fy**2 + fx**2) / 0.5  # 1.0 = Nyquist
+    idx = (r * bins).long()
+    keep = (idx >= 1) & (idx < bins)  # drop DC and the corners beyond Nyquist
+    total = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx[keep], p[keep])
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx[keep], torch.ones_like(p[keep]))
+    out = torch.log10(total / count.clamp(min=1) + 1e-12)
+    out[count == 0] = float("nan")
+    return out
+
+
+def spectrum_distance(images: torch.Tensor, reference: torch.Tensor, bins: int = 32) -> float:
+    """Mean |log10 P(images) − log10 P(reference)| over radial bins (both [B, C, H, W], sizes may differ): 0 for the
+    same spectrum, 1 = a factor 10 of power per frequency on average."""
+    a, b = radial_power_spectrum(images, bins), radial_power_spectrum(reference, bins)
+    ok = ~(a.isnan() | b.isnan())
+    return float((a[ok] - b[ok]).abs().mean())

@@ -1,0 +1,338 @@
+"""Train the lab model on the procedural world: `python -m tiled_diffusion.lab.train --out DIR`.
+
+Stages (each resumable: rerun the same command and it continues from the last checkpoint in DIR/ckpt):
+
+1. data     render `--images` world crops of TRAIN_SIZE² px (families in turn, a fresh world seed and a random
+            offset each), cached as uint8 in DIR/cache.
+2. vae      AutoencoderKL (lab/models.py) on random 64-px crops with flips: L1 + L1 of the image gradients (keeps
+            edges) + a small KL. Convolutions and GroupNorm make it size-agnostic.
+3. latents  every training image encoded once (posterior mean); the VAE's scaling_factor = 1 / latent std.
+4. dit      PixArtTransformer2DModel, ε-prediction on the LCM scheduler's schedule (linear betas 1e-4..0.02,
+            t uniform in [0, 1000)), conditioned on the caption embeddings of the frozen, seeded tiny T5
+            (10% of captions dropped to "" so classifier-free guidance is possible). An EMA of the weights is
+            what ships.
+5. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
+            DIR/model/lab_training.json (configs, steps, losses, times).
+
+Everything is drawn from seeded torch.Generators whose states are checkpointed, so a resumed run continues the
+same stream. Results are bitwise reproducible for a fixed thread count; other thread counts change float
+reduction order only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import models, world
+
+CROP = 64  # VAE training crop (px)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Progress:
+    """Prints step, smoothed loss, seconds per step and the stage's ETA every `every` steps."""
+
+    def __init__(self, name: str, total: int, start: int, every: int = 50):
+        self.name, self.total, self.every = name, total, every
+        self.t0, self.s0, self.loss = time.perf_counter(), start, None
+
+    def update(self, step: int, loss: float) -> None:
+        self.loss = loss if self.loss is None else 0.98 * self.loss + 0.02 * loss
+        if step % self.every == 0 or step == self.total:
+            dt = (time.perf_counter() - self.t0) / max(1, step - self.s0)
+            log(f"{self.name} {step}/{self.total} loss {self.loss:.4f} {dt:.3f} s/step "
+                f"eta {dt * (self.total - step) / 60:.1f} min")
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def stage_data(args, cache: str) -> tuple[torch.Tensor, torch.Tensor]:
+    path = os.path.join(cache, "data.pt")
+    if os.path.exists(path):
+        d = torch.load(path)
+        return d["images"], d["families"]
+    n, size, chunk = args.images, models.TRAIN_SIZE, 256
+    fams = torch.arange(n) % len(world.FAMILIES)
+    parts = []
+    t0 = time.perf_counter()
+    for c0 in range(0, n, chunk):
+        part_path = os.path.join(cache, f"data_{c0:06d}.pt")
+        if os.path.exists(part_path):
+            parts.append(torch.load(part_path))
+            continue
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + c0)
+        imgs = []
+        for i in range(c0, min(n, c0 + chunk)):
+            img = world.random_crop(int(fams[i]), seed=args.seed * 100_000 + i, size=size, generator=g)
+            imgs.append(((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+        part = torch.stack(imgs)
+        _atomic_save(part, part_path)
+        parts.append(part)
+        done = min(n, c0 + chunk)
+        log(f"data {done}/{n} images ({(time.perf_counter() - t0) / 60:.1f} min)")
+    images = torch.cat(parts)
+    _atomic_save({"images": images, "families": fams}, path)
+    for c0 in range(0, n, chunk):
+        os.remove(os.path.join(cache, f"data_{c0:06d}.pt"))
+    return images, fams
+
+
+def _to_float(u8: torch.Tensor) -> torch.Tensor:
+    return u8.float() / 127.5 - 1
+
+
+# ------------------------------------------------------------------------------------------------ vae
+
+
+def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dy = (a[..., 1:, :] - a[..., :-1, :]) - (b[..., 1:, :] - b[..., :-1, :])
+    dx = (a[..., :, 1:] - a[..., :, :-1]) - (b[..., :, 1:] - b[..., :, :-1])
+    return dy.abs().mean() + dx.abs().mean()
+
+
+def stage_vae(args, ckpt: str, images: torch.Tensor):
+    path = os.path.join(ckpt, "vae.pt")
+    torch.manual_seed(args.seed)
+    vae = models.build_vae()
+    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    start, history = 0, []
+    if os.path.exists(path):
+        st = torch.load(path, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["rng"])
+        start, history = st["step"], st["history"]
+        if start >= args.vae_steps:
+            return vae.eval(), history
+        log(f"vae: resuming at step {start}")
+    prog = Progress("vae", args.vae_steps, start)
+    vae.train()
+    n, size = images.shape[0], images.shape[-1]
+    for step in range(start + 1, args.vae_steps + 1):
+        for pg in opt.param_groups:
+            pg["lr"] = _lr(step - 1, args.vae_steps, args.vae_lr, 100)
+        idx = torch.randint(0, n, (args.vae_batch,), generator=g)
+        oy, ox = torch.randint(0, size - CROP + 1, (2,), generator=g).tolist()
+        x = _to_float(images[idx, :, oy:oy + CROP, ox:ox + CROP])
+        if torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + _grad_l1(rec, x) + args.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        prog.update(step, loss.item())
+        if step % 100 == 0:
+            history.append((step, prog.loss))
+        if step % args.ckpt_every == 0 or step == args.vae_steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "step": step,
+                          "history": history}, path)
+    return vae.eval(), history
+
+
+@torch.no_grad()
+def stage_latents(cache: str, vae, images: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Posterior means of every image [N, 4, h, w] (unscaled), the scaling factor and the PSNR of a reconstruction
+    check on the first 64 images."""
+    path = os.path.join(cache, "latents.pt")
+    if os.path.exists(path):
+        d = torch.load(path)
+        return d["latents"], d["scale"], d["psnr"]
+    out = []
+    for i in range(0, images.shape[0], 64):
+        out.append(vae.encode(_to_float(images[i:i + 64])).latent_dist.mean)
+        if (i // 64) % 8 == 0:
+            log(f"latents {i + out[-1].shape[0]}/{images.shape[0]}")
+    lat = torch.cat(out)
+    scale = float(1.0 / lat.std())
+    x = _to_float(images[:64])
+    rec = vae.decode(lat[:64]).sample.clamp(-1, 1)
+    psnr = float(10 * torch.log10(4.0 / (rec - x).pow(2).mean()))
+    _atomic_save({"latents": lat, "scale": scale, "psnr": psnr}, path)
+    log(f"latents: std {1 / scale:.3f} mean {lat.mean():.3f} -> scaling_factor {scale:.4f}; VAE PSNR {psnr:.2f} dB")
+    return lat, scale, psnr
+
+
+# ------------------------------------------------------------------------------------------------ dit
+
+
+@torch.no_grad()
+def caption_embeddings(texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K, 120, 32] embeddings and [K, 120] masks of the frozen tiny T5, as PixArtAlphaPipeline.encode_prompt makes
+    them (lower-cased, padded to 120 tokens, attention mask kept)."""
+    from ..tiny import SEED, tiny_text_encoder, tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)  # the same draw order as tiny.tiny_pipeline: the tokenizer, then T5
+        tok = tiny_tokenizer()
+        te = tiny_text_encoder(len(tok))
+    ids = tok([t.lower().strip() for t in texts], padding="max_length", max_length=120, truncation=True,
+              add_special_tokens=True, return_tensors="pt")
+    return te(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.attention_mask
+
+
+def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
+    path = os.path.join(ckpt, "dit.pt")
+    torch.manual_seed(args.seed + 2)
+    tr = models.build_transformer()
+    ema = models.build_transformer()
+    ema.load_state_dict(tr.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(tr.parameters(), lr=args.dit_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 3)
+    start, history = 0, []
+    if os.path.exists(path):
+        st = torch.load(path, weights_only=False)
+        tr.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["rng"])
+        start, history = st["step"], st["history"]
+        if start >= args.dit_steps:
+            return ema.eval(), history
+        log(f"dit: resuming at step {start}")
+    embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
+    ab = models.build_scheduler().alphas_cumprod.float()
+    x0_all = latents * scale
+    n = x0_all.shape[0]
+    empty = len(world.CAPTIONS)
+    prog = Progress("dit", args.dit_steps, start)
+    tr.train()
+    no_cond = {"resolution": None, "aspect_ratio": None}
+    for step in range(start + 1, args.dit_steps + 1):
+        for pg in opt.param_groups:
+            pg["lr"] = _lr(step - 1, args.dit_steps, args.dit_lr, 300)
+        idx = torch.randint(0, n, (args.dit_batch,), generator=g)
+        cap = families[idx].clone()
+        cap[torch.rand(args.dit_batch, generator=g) < 0.1] = empty
+        t = torch.randint(0, ab.numel(), (args.dit_batch,), generator=g)
+        noise = torch.randn(x0_all[idx].shape, generator=g)
+        a = ab[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0_all[idx] + (1 - a).sqrt() * noise
+        pred = tr(xt, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
+                  added_cond_kwargs=no_cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(args.ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), tr.parameters()):
+                pe.lerp_(p, 1 - d)
+        prog.update(step, loss.item())
+        if step % 100 == 0:
+            history.append((step, prog.loss))
+        if step % args.ckpt_every == 0 or step == args.dit_steps:
+            _atomic_save({"model": tr.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                          "rng": g.get_state(), "step": step, "history": history}, path)
+    return ema.eval(), history
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def export(args, out: str, vae, transformer, scale: float, meta: dict) -> str:
+    from diffusers import PixArtAlphaPipeline
+
+    from ..tiny import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        tok = tiny_tokenizer()
+        te = tiny_text_encoder(len(tok))
+    vae.register_to_config(scaling_factor=scale)
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
+                               scheduler=models.build_scheduler())
+    folder = os.path.join(out, "model")
+    save_pretrained_offline(pipe, folder, safe_serialization=True)
+    with open(os.path.join(folder, "lab_training.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    size = sum(os.path.getsize(os.path.join(r, fn)) for r, _, fs in os.walk(folder) for fn in fs)
+    log(f"wrote {folder} ({size / 2**20:.2f} MiB)")
+    return folder
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tiled_diffusion.lab.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (checkpoints, cache, and the model in OUT/model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=2048, help="training images rendered from the world")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-lr", type=float, default=1.5e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6)
+    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-batch", type=int, default=32)
+    p.add_argument("--dit-lr", type=float, default=8e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 is fastest on a shared 2-core machine (idle threads spin-wait)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: few images and steps (checks the command)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.vae_steps, args.dit_steps, args.ckpt_every = 64, 20, 20, 10
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache, ckpt = os.path.join(args.out, "cache"), os.path.join(args.out, "ckpt")
+    os.makedirs(cache, exist_ok=True)
+    os.makedirs(ckpt, exist_ok=True)
+    t_all = time.perf_counter()
+    times = {}
+    t0 = time.perf_counter()
+    images, families = stage_data(args, cache)
+    times["data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    vae, vae_hist = stage_vae(args, ckpt, images)
+    times["vae_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    latents, scale, psnr = stage_latents(cache, vae, images)
+    times["latents_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tr, dit_hist = stage_dit(args, ckpt, latents, families, scale)
+    times["dit_s"] = time.perf_counter() - t0
+    times["total_s"] = time.perf_counter() - t_all  # this invocation only (a resumed run counts from its start)
+    meta = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "train_size": models.TRAIN_SIZE,
+            "captions": world.FAMILIES, "vae_psnr_db": psnr, "scaling_factor": scale, "times": times,
+            "vae_loss": vae_hist, "dit_loss": dit_hist, "threads": torch.get_num_threads()}
+    export(args, args.out, vae, tr, scale, meta)
+    log(f"done in {times['total_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
