@@ -1,13 +1,14 @@
 """CrossTileAttnProcessor: a diffusers attention processor whose self-attention is `window_attention`.
 
-The sampler sets a `TileContext` (shared by every processor of one transformer and by its CanvasPatchEmbed)
-before each forward. In cross_tile mode the patch embedding has already permuted the canvas tokens to
+The canvas forward (canvas.py) sets a `TileContext` (shared by every processor of one transformer and by its
+CanvasPatchEmbed) around each inner forward. In cross_tile mode the patch embedding has already permuted the canvas tokens to
 tile-major order, so inside the processor the sequence [B, N, C] is viewed (no copy) as [B*T, L, C] tiles, and
 each tile attends to the keys of its neighbour tiles (TileGrid.neighbours). With no grid set the processor is
 AttnProcessor2_0, exactly.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -17,30 +18,76 @@ from . import ops
 
 
 class TileContext:
-    """What one forward of the transformer needs to know about the canvas. Set by the sampler.
+    """What one forward of the transformer needs to know about the canvas. Set by the canvas forward
+    (canvas.py) around each inner forward, read by the attn1 processors and the CanvasPatchEmbed.
 
+    config: the TiledConfig in force (accelerate's, or a per-call override set by `using`).
     canvas_tokens: (Ht, Wt) canvas size in tokens, or None (untouched diffusers behaviour).
     offsets: int64 [n, 2] token offsets (top, left) of each input tile on the canvas (multidiffusion), or None.
-    grid: token-level TileGrid (cross_tile) or None; radius: neighbour radius in tiles.
-    positional: one of positional.MODES. head_chunk: heads per window_attention call (bounds peak memory).
+    grid: token-level TileGrid (cross_tile) or None. radius / positional / head_chunk: read from `config`.
+    extras: name -> canvas-shaped latent [B, C, h, w] that a caller attaches (e.g. a ControlNet's control latent);
+    the canvas forward crops each exactly like the hidden states and exposes the crop of the running inner
+    forward as `current_extras[name]`.
+    step: the denoising step index the shifted grid follows (`shift`): set by the sampler, or counted from the
+    timesteps the forward sees (see `step_for`).
     """
 
-    def __init__(self, positional: str = "canvas_stretched", radius: int = 1, head_chunk: Optional[int] = None):
-        self.positional = positional
-        self.radius = radius
-        self.head_chunk = head_chunk
+    def __init__(self, config):
+        self.config = config
         self.canvas_tokens: Optional[tuple[int, int]] = None
         self.offsets: Optional[torch.Tensor] = None
         self.grid = None
+        self.extras: dict = {}
+        self.current_extras: dict = {}
+        self.step: Optional[int] = None
+        self._last_t: Optional[float] = None
+        self._counted_step = 0
         self._nb_cache: dict = {}
 
+    @property
+    def positional(self) -> str:
+        return self.config.positional
+
+    @property
+    def radius(self) -> int:
+        return self.config.radius
+
+    @property
+    def head_chunk(self) -> Optional[int]:
+        return self.config.head_chunk
+
+    @contextlib.contextmanager
+    def using(self, config):
+        """Run with another TiledConfig (per-call overrides), restoring the accelerate-time one afterwards."""
+        old, self.config = self.config, config
+        self._nb_cache.clear()
+        try:
+            yield self
+        finally:
+            self.config = old
+            self._nb_cache.clear()
+
     def clear(self) -> None:
-        self.canvas_tokens, self.offsets, self.grid = None, None, None
+        self.canvas_tokens, self.offsets, self.grid, self.current_extras = None, None, None, {}
 
     def set_grid(self, grid) -> None:
         if grid is not self.grid:
             self._nb_cache.clear()
         self.grid = grid
+
+    def step_for(self, timestep) -> int:
+        """The step index of a forward: `step` when a sampler set it, else counted from the timesteps seen —
+        a timestep above the last one starts a new run (step 0), a lower one is the next step, an equal one the
+        same step (diffusers' pipelines run one forward per step, CFG halves batched). Only `shift` reads it."""
+        if self.step is not None:
+            return self.step
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        if self._last_t is None or t > self._last_t:
+            self._counted_step = 0
+        elif t < self._last_t:
+            self._counted_step += 1
+        self._last_t = t
+        return self._counted_step
 
     # Token order: [B, N, C] raster <-> [B, N, C] tile-major (tiles contiguous, each tile raster inside). The
     # grid is built for batch 1 and its permutation is batch-agnostic, so CFG / batched images reuse it.
@@ -52,7 +99,7 @@ class TileContext:
 
     def neighbours(self, batch: int, device: torch.device) -> torch.Tensor:
         """int32 [batch * T, NB]: the grid's table repeated per batch element (tiles never see other images)."""
-        key = (batch, str(device))
+        key = (batch, str(device), self.radius)
         nb = self._nb_cache.get(key)
         if nb is None:
             base = self.grid.neighbours(self.radius, device).to(device=device, dtype=torch.int32)
@@ -64,6 +111,13 @@ class TileContext:
             nb = torch.cat(parts).contiguous()
             self._nb_cache[key] = nb
         return nb
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Windowed self-attention of every tile over its neighbour tiles: q, k, v [B·T, H, L, D] (tile-major,
+        B images of T tiles) -> out [B·T, H, L, D]. The one place keys are gathered: replace this method (e.g. with
+        a halo exchange between processes) to change where neighbour K/V come from."""
+        T = self.grid.ny * self.grid.nx
+        return window_attention(q, k, v, self.neighbours(q.shape[0] // T, q.device), self.head_chunk)
 
 
 def window_attention(q, k, v, neighbours, head_chunk: Optional[int] = None) -> torch.Tensor:
@@ -112,7 +166,7 @@ class CrossTileAttnProcessor:
             k = attn.norm_k(k)
         if q.device.type != "cpu":  # the CPU path reads these token-major views as they are (no copy)
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = window_attention(q, k, v, ctx.neighbours(B, q.device), ctx.head_chunk)
+        out = ctx.attend(q, k, v)
         out = out.transpose(1, 2).reshape(B, N, inner).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)

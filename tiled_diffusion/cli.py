@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--radius", type=int, default=1, help="cross_tile: neighbour radius in tiles")
     g.add_argument("--overlap", type=float, default=0.5, help="multidiffusion: overlap as a fraction of the tile")
     g.add_argument("--profile", choices=["uniform", "linear", "cosine", "gaussian"], default="cosine")
+    g.add_argument("--shift", action="store_true", help="cross_tile: move the tile grid by half a tile every other step")
+    g.add_argument("--positional", choices=["canvas_stretched", "canvas_native", "tile_local"],
+                   default="canvas_stretched", help="positions the tiles' tokens carry (see positional.py)")
+    g.add_argument("--tile-batch-size", type=int, default=None,
+                   help="multidiffusion: tiles per forward (default: all; lower it to bound memory)")
+    g.add_argument("--head-chunk", type=int, default=None,
+                   help="cross_tile: attention heads per window_attention call (default: all; lower bounds memory)")
     g.add_argument("--int8", choices=["w8a8", "none"], default="w8a8", help="transformer linear layers")
     g.add_argument("--guidance-scale", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)

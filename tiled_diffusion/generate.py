@@ -56,13 +56,16 @@ def _transformer_config(model: str):
     return SimpleNamespace(**_component_config(model, "transformer"))
 
 
-def _vae_channels(model: str) -> int:
-    """Channels of the VAE decoder's full-resolution block (its activations dominate the decode)."""
+def _vae_shape(model: str) -> tuple[int, int]:
+    """(channels of the VAE decoder's full-resolution block — its activations dominate the decode —, the VAE's
+    scale factor 2^(blocks - 1), as diffusers' pipelines compute it)."""
     if model == "tiny":
         from .tiny import tiny_vae
 
-        return tiny_vae().config.block_out_channels[0]
-    return _component_config(model, "vae")["block_out_channels"][0]
+        channels = tiny_vae().config.block_out_channels
+    else:
+        channels = _component_config(model, "vae")["block_out_channels"]
+    return channels[0], 2 ** (len(channels) - 1)
 
 
 TEXT_PARTS = ("tokenizer", "text_encoder")
@@ -184,7 +187,10 @@ def validate(args) -> TiledConfig:
         raise RequestError(f"--steps must be >= 1, got {args.steps}")
     try:
         return TiledConfig(mode=args.mode, tile=args.tile, radius=args.radius, overlap=args.overlap,
-                           profile=args.profile).validate()
+                           profile=args.profile, shift=getattr(args, "shift", False),
+                           positional=getattr(args, "positional", "canvas_stretched"),
+                           tile_batch_size=getattr(args, "tile_batch_size", None),
+                           head_chunk=getattr(args, "head_chunk", None)).validate()
     except ValueError as e:
         raise RequestError(str(e)) from None
 
@@ -203,8 +209,10 @@ def run(args) -> int:
                                f"'tiny')")
         _pipeline_class(args.model)  # a folder of the right kind, before any estimate reads its configs
 
+    vae_channels, vae_scale_factor = _vae_shape(args.model)
     est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=dtype,
-                          guidance_scale=args.guidance_scale, int8=int8, vae_channels=_vae_channels(args.model),
+                          guidance_scale=args.guidance_scale, int8=int8, vae_channels=vae_channels,
+                          vae_scale_factor=vae_scale_factor,
                           text_encoder_bytes=_text_encoder_bytes(args.model, dtype, int8), text_encoder_alone=True)
     try:
         check_memory(est, args.max_memory_gb, cfg)
@@ -224,8 +232,9 @@ def run(args) -> int:
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, overlap=cfg.overlap, profile=cfg.profile,
-                 int8=int8, text_encoder_int8=False, keep_original_weights=False)
+    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, shift=cfg.shift, overlap=cfg.overlap,
+                 profile=cfg.profile, positional=cfg.positional, tile_batch_size=cfg.tile_batch_size,
+                 head_chunk=cfg.head_chunk, int8=int8, text_encoder_int8=False, keep_original_weights=False)
     release_freed_memory()
     timings["accelerate_s"] = time.perf_counter() - t0
 
@@ -234,19 +243,9 @@ def run(args) -> int:
         pipe.to(device)
     timings["to_device_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    with torch.no_grad():
-        from .sampler import denoise
-
-        lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=h, width=w, steps=args.steps, cfg=cfg,
-                      guidance_scale=args.guidance_scale, generator=gen, progress=True)
-    timings["denoise_s"] = time.perf_counter() - t0
+    image = P.generate(pipe, prompt_embeds=(embeds, mask), width=w, height=h, steps=args.steps, seed=args.seed,
+                       guidance_scale=args.guidance_scale, output_type="pil", progress=True, timings=timings)[0]
     release_freed_memory()
-
-    t0 = time.perf_counter()
-    image = P.decode(pipe, lat, output_type="pil")[0]
-    timings["decode_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     _atomic_write(args.out, lambda p: image.save(p, format="PNG"))

@@ -1,10 +1,14 @@
 """accelerate(pipe) / restore(pipe): table-driven module swaps into a diffusers PixArt pipeline, and the stages
 of one tiled generation (encode, denoise, decode).
 
-Every swap is one row of SWAPS: (name, applies_to, apply, revert). `apply` returns a record of what it replaced;
-the records are kept on the transformer (`transformer._tiled_diffusion`) and `restore` reverts them in reverse
-order, so the pipeline is returned to its exact original modules (the original nn.Linear objects are kept
-unless `keep_original_weights=False`, in which case restore rebuilds float layers from the int8 weights).
+Every swap is one row of SWAPS: (name, component, when, apply, revert). `apply(target, state)` returns a record of
+what it replaced; the records are kept on the transformer (`transformer._tiled_diffusion`) and `restore` reverts
+them in reverse order, so the pipeline is returned to its exact original modules (the original nn.Linear objects
+are kept unless `keep_original_weights=False`, in which case restore rebuilds float layers from the int8 weights).
+
+After `accelerate(pipe)`, diffusers' own `pipe(prompt, height=4096, width=4096, ...)` is tiled: the transformer's
+forward is the canvas forward (canvas.py), `pipe.vae.decode` is the tiled decode for canvases larger than one VAE
+tile, and resolution binning never shrinks a canvas (see `_TiledCall`).
 
 Works for PixArtAlphaPipeline, PixArtSigmaPipeline (anything with .transformer/.text_encoder) and a bare
 PixArtTransformer2DModel.
@@ -12,15 +16,21 @@ PixArtTransformer2DModel.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .attention import CrossTileAttnProcessor, TileContext
+from .canvas import TiledConfig, canvas_class
 from .int8 import module_bytes
 from .positional import CanvasPatchEmbed
-from .sampler import TiledConfig, check_memory, check_size, denoise, estimate_memory
+from .sampler import check_memory, check_size, denoise, estimate_memory
+
+log = logging.getLogger("tiled_diffusion")
 
 
 @dataclasses.dataclass
@@ -30,6 +40,8 @@ class AccelerateState:
     int8: Optional[str]
     text_encoder_int8: bool
     keep_original_weights: bool
+    vae_scale_factor: int = 8
+    owner: Any = None  # weakref to the object accelerate was called on (a pipeline or the bare transformer)
     records: list = dataclasses.field(default_factory=list)  # [(swap name, target, record)]
 
 
@@ -125,6 +137,103 @@ def _apply_text_encoder_int8(te, st: AccelerateState):
     return quantize_text_encoder(te, st.keep_original_weights)
 
 
+def _apply_canvas_forward(tr, st: AccelerateState):
+    """The transformer's forward becomes the canvas forward (canvas.py): class swap, same object and weights."""
+    old_cls = type(tr)
+    tr.__class__ = canvas_class(old_cls)
+    return old_cls
+
+
+def _revert_class(obj, old_cls):
+    obj.__class__ = old_cls
+
+
+def _bin_area(pipe) -> int:
+    """The largest area (px²) among the resolution bins the pipeline would snap a request to."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pa
+
+    bins = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
+            32: "ASPECT_RATIO_256_BIN"}
+    sample = pipe.transformer.config.sample_size
+    table = getattr(pa, bins.get(sample, ""), None)
+    if table is None:
+        from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as ps  # the 2048 bins live there
+
+        table = getattr(ps, bins.get(sample, ""), None)
+    if table is None:
+        return (sample * pipe.vae_scale_factor) ** 2
+    return int(max(float(h) * float(w) for h, w in table.values()))
+
+
+class _TiledCall:
+    """Mixin placed before an accelerated pipeline's class: its `__call__` generates the canvas asked for.
+
+    diffusers' default `use_resolution_binning=True` snaps every request to the nearest ~1-megapixel aspect-ratio
+    bin and resizes the result: a 4096² request would silently become a 1024² generation. Rule: a request no
+    larger than the largest bin keeps diffusers' behaviour (binning as asked); a larger one is generated at the
+    requested size with binning off — with a warning when `use_resolution_binning=True` was passed explicitly.
+    """
+
+    def __call__(self, *args, **kwargs):
+        binning = kwargs.pop("use_resolution_binning", None)
+        sample_px = self.transformer.config.sample_size * self.vae_scale_factor
+        h, w = kwargs.get("height") or sample_px, kwargs.get("width") or sample_px
+        above = h * w > _bin_area(self)
+        if above:
+            if binning:
+                warnings.warn(f"tiled_diffusion: use_resolution_binning=True would generate a ~{sample_px}² bin "
+                              f"and resize it to {w}x{h}; the accelerated pipeline generates the {w}x{h} canvas "
+                              f"instead (binning is only applied up to the bins' size)", stacklevel=2)
+            binning = False
+        elif binning is None:
+            binning = True
+        return super().__call__(*args, use_resolution_binning=binning, **kwargs)
+
+
+@__import__("functools").lru_cache(maxsize=None)
+def _call_class(cls: type) -> type:
+    """The accelerated pipeline class (keeps the base __name__: diffusers saves it as `_class_name`)."""
+    return type(cls.__name__, (_TiledCall, cls), {"__module__": __name__, "__qualname__": f"Tiled{cls.__name__}"})
+
+
+def _apply_pipeline_call(pipe, st: AccelerateState):
+    old_cls = type(pipe)
+    pipe.__class__ = _call_class(old_cls)
+    return old_cls
+
+
+def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE-decode latents z [B, 4, h, w] (already divided by the scaling factor) to images [B, 3, H, W] in
+    [-1, 1]: the tiled decode with canvas-wide GroupNorm statistics (vae.py), which is the plain decode when the
+    canvas is one VAE tile. The one decode every path of the package uses."""
+    from .vae import tiled_decode
+
+    z = z.to(vae.dtype)
+    if max(z.shape[-2:]) <= 64:  # one tile of tiled_decode: the plain decode (the class's own, not the swap)
+        return type(vae).decode(vae, z, return_dict=False)[0]
+    return tiled_decode(vae, z)
+
+
+def _apply_vae_decode(vae, st: AccelerateState):
+    """`vae.decode` (what diffusers' pipelines call) becomes `decode_latents`; an instance attribute over the
+    class method, so revert is deleting it."""
+    if "decode" in vae.__dict__:
+        raise RuntimeError("accelerate: pipe.vae.decode is already replaced by someone else; undo that first")
+
+    def decode(z, return_dict: bool = True, generator=None):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        image = decode_latents(vae, z)
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+    vae.decode = decode
+    return None
+
+
+def _revert_vae_decode(vae, _):
+    vae.__dict__.pop("decode", None)
+
+
 # (name, which component, when, apply, revert). int8 runs first so that the hooks attach to the final modules.
 SWAPS: list[tuple[str, str, Callable[[AccelerateState], bool], Callable, Callable]] = [
     ("int8_linears", "transformer", lambda s: s.int8 is not None, _apply_transformer_int8, _revert_int8),
@@ -132,14 +241,18 @@ SWAPS: list[tuple[str, str, Callable[[AccelerateState], bool], Callable, Callabl
     ("attn1_processors", "transformer", lambda s: True, _apply_processors, _revert_processors),
     ("canvas_pos_embed", "transformer", lambda s: True, _apply_pos_embed, _revert_pos_embed),
     ("token_order_hook", "transformer", lambda s: True, _apply_token_order, _revert_token_order),
+    ("canvas_forward", "transformer", lambda s: True, _apply_canvas_forward, _revert_class),
+    ("tiled_vae_decode", "vae", lambda s: True, _apply_vae_decode, _revert_vae_decode),
+    ("pipeline_call", "pipeline", lambda s: True, _apply_pipeline_call, _revert_class),
 ]
 
 
 def _components(obj) -> dict:
     if hasattr(obj, "transformer"):
-        return {"transformer": obj.transformer, "text_encoder": getattr(obj, "text_encoder", None)}
+        return {"transformer": obj.transformer, "text_encoder": getattr(obj, "text_encoder", None),
+                "vae": getattr(obj, "vae", None), "pipeline": obj}
     if hasattr(obj, "transformer_blocks") and hasattr(obj, "pos_embed"):
-        return {"transformer": obj, "text_encoder": None}
+        return {"transformer": obj, "text_encoder": None, "vae": None, "pipeline": None}
     raise TypeError(f"accelerate: expected a PixArt pipeline or PixArtTransformer2DModel, got {type(obj).__name__}")
 
 
@@ -153,7 +266,9 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     Calling it again with the same settings is a no-op; with different settings it raises (restore first).
     int8: "w8a8" | "w8a16" | None for the transformer's linear layers (PIXART_KEEP_HIGH_PRECISION stay float);
     text_encoder_int8: T5 weight-only int8 (pipelines only). tile: pixels, default per mode
-    (sampler.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see sampler.TiledConfig.
+    (canvas.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see canvas.TiledConfig.
+    Afterwards `pipe(...)` itself is tiled (canvas.py). A transformer shared by two pipelines is accelerated
+    through one of them; accelerating it through the other raises.
     keep_original_weights=False is the inference-only, least-memory setting: the float layers are not kept (restore
     rebuilds them from the int8 weights) and, on the CPU, W8A8 layers keep only the kernel's packed weight.
     """
@@ -166,12 +281,18 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     te_int8 = bool(text_encoder_int8 and comps["text_encoder"] is not None)
     existing: Optional[AccelerateState] = getattr(tr, "_tiled_diffusion", None)
     if existing is not None:
-        same = (existing.config == cfg and existing.int8 == int8 and existing.text_encoder_int8 == te_int8)
+        if existing.owner() is not pipe:
+            raise RuntimeError("accelerate: this transformer is already accelerated through another pipeline (or "
+                               "as a bare transformer); call tiled_diffusion.restore() on that one first")
+        same = (existing.config == cfg and existing.int8 == int8 and existing.text_encoder_int8 == te_int8
+                and existing.keep_original_weights == keep_original_weights)
         if same:
             return pipe
         raise RuntimeError("accelerate: this pipeline is already accelerated with other settings; "
                            "call tiled_diffusion.restore(pipe) first")
-    st = AccelerateState(cfg, TileContext(positional, radius, head_chunk), int8, te_int8, keep_original_weights)
+    vsf = getattr(comps["pipeline"], "vae_scale_factor", None) or 8
+    st = AccelerateState(cfg, TileContext(cfg), int8, te_int8, keep_original_weights, vae_scale_factor=vsf,
+                         owner=weakref.ref(pipe))
     try:
         for name, comp, when, apply, _ in SWAPS:
             target = comps[comp]
@@ -197,6 +318,9 @@ def restore(pipe):
     st: Optional[AccelerateState] = getattr(tr, "_tiled_diffusion", None)
     if st is None:
         return pipe
+    if st.owner() is not pipe and st.owner() is not None:
+        raise RuntimeError("restore: this transformer was accelerated through another pipeline (or as a bare "
+                           "transformer); call tiled_diffusion.restore() on that one")
     _revert_records(st)
     del tr._tiled_diffusion
     return pipe
@@ -225,37 +349,53 @@ def encode(pipe, prompt, negative_prompt: str = "", guidance_scale: float = 0.0,
 
 
 @torch.no_grad()
-def decode(pipe, latents, tiled: bool = True, output_type: str = "pil"):
-    """VAE-decode the canvas (tiled with shared GroupNorm statistics when tiled=True) and post-process."""
-    lat = latents / pipe.vae.config.scaling_factor
-    if tiled:
-        from .vae import tiled_decode
-
-        image = tiled_decode(pipe.vae, lat.to(pipe.vae.dtype))
-    else:
-        image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+def decode(pipe, latents, output_type: str = "pil"):
+    """VAE-decode the canvas (`decode_latents`) and post-process as diffusers' pipelines do ("pil", "pt", "np");
+    "pt_raw": the decoder's output in [-1, 1], not post-processed."""
+    image = decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor)
     if output_type == "pt_raw":
         return image
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
 @torch.no_grad()
-def generate(pipe, prompt, *, width: int, height: int, steps: int = 4, seed: int = 0, guidance_scale: float = 0.0,
-             negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
-             max_memory_gb: Optional[float] = None, **overrides: Any):
-    """One tiled generation with the accelerated pipeline; `overrides` replace TiledConfig fields for this call."""
+def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed: int = 0,
+             guidance_scale: float = 0.0, negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
+             max_memory_gb: Optional[float] = None, prompt_embeds: Optional[tuple] = None,
+             timings: Optional[dict] = None, **overrides: Any):
+    """One tiled generation with the accelerated pipeline; `overrides` replace TiledConfig fields for this call.
+
+    The same image as `pipe(prompt, width=, height=, num_inference_steps=steps, guidance_scale=,
+    generator=torch.Generator().manual_seed(seed))` after accelerate (tests/test_dropin.py). prompt_embeds:
+    (embeds, mask) from `encode` instead of a prompt (the CLI encodes in a stage of its own). timings: a dict
+    that receives denoise_s and decode_s. Returns a list of PIL images (output_type "pil"), or the latents
+    ("latent"), or what `decode` returns for the other output types.
+    """
+    import time
+
     st = state(pipe)
     cfg = dataclasses.replace(st.config, **overrides).validate()
     check_size(width, height)
-    est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
-                          dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8,
-                          vae_channels=pipe.vae.config.block_out_channels[0],
-                          text_encoder_bytes=module_bytes(getattr(pipe, "text_encoder", None)))
-    check_memory(est, max_memory_gb, cfg)
-    embeds, mask = encode(pipe, prompt, negative_prompt, guidance_scale)
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("generate: give either a prompt or prompt_embeds=(embeds, mask)")
+    timings = {} if timings is None else timings
+    if max_memory_gb is not None:
+        est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
+                              dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8,
+                              vae_channels=pipe.vae.config.block_out_channels[0],
+                              text_encoder_bytes=module_bytes(getattr(pipe, "text_encoder", None)),
+                              vae_scale_factor=st.vae_scale_factor)
+        check_memory(est, max_memory_gb, cfg)
+    embeds, mask = prompt_embeds if prompt_embeds is not None else encode(pipe, prompt, negative_prompt,
+                                                                         guidance_scale)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    t0 = time.perf_counter()
     lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=height, width=width, steps=steps, cfg=cfg,
                   guidance_scale=guidance_scale, generator=gen, progress=progress)
+    timings["denoise_s"] = time.perf_counter() - t0
     if output_type == "latent":
         return lat
-    return decode(pipe, lat, output_type=output_type)
+    t0 = time.perf_counter()
+    out = decode(pipe, lat, output_type=output_type)
+    timings["decode_s"] = time.perf_counter() - t0
+    return out

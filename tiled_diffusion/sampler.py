@@ -1,74 +1,25 @@
-"""The LCM denoising loop over a canvas, in three tiling modes.
+"""The denoising loop over a canvas: a thin loop over the accelerated transformer's canvas forward.
 
-- ``global`` (reference): the transformer sees the whole canvas, full self-attention.
-- ``multidiffusion`` (baseline): overlapping tiles (stride = tile·(1 - overlap)) run as independent batched
-  forwards; their ε-predictions are merged on the canvas with a window profile and the LCM step is applied to
-  the canvas (one fused `blend_lcm_step` when the scheduler is an LCMScheduler, else `seam_blend` +
-  `scheduler.step`).
-- ``cross_tile`` (default): one forward over all canvas tokens; tokens are permuted tile-major once at the patch
-  embedding and every self-attention is `window_attention` over each tile's neighbour tiles (radius r). No
-  overlap, no redundant compute, attention crosses every seam. `shift=True` moves the tile grid by half a tile on
-  every other step (Swin-style).
-
-Exactly one scheduler step per denoising step on the whole canvas (diffusers' schedulers are stateful).
+The tiling modes (cross_tile / multidiffusion / global) live in one place, the canvas forward (canvas.py), which
+diffusers' own `pipe(...)` also runs through; this loop adds only what a loop adds: the canvas noise, exactly one
+scheduler step per denoising step on the whole canvas (diffusers' schedulers are stateful), the step index the
+shifted grid follows, and — for multidiffusion with an LCMScheduler — the blend of the tile outputs fused with
+the LCM step (`blend_lcm_step`, the same tile outputs the canvas forward blends with `seam_blend`).
 The initial noise is drawn once for the whole canvas (as the diffusers pipeline draws it), so the same seed
 gives the same canvas whatever the tile batch size.
 
-Layouts: latents [B, 4, H/8, W/8]; prompt_embeds [B, S, C_text] (CFG: uncond first, as diffusers).
+Layouts: latents [B, 4, H/f, W/f] (f = the VAE scale factor); prompt_embeds [B, S, C_text] (CFG: uncond first).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from typing import Optional
 
 import torch
 
 from . import ops
-from .positional import check_mode
-
-MODES = ("cross_tile", "multidiffusion", "global")
-
-# Default tile size per mode, in image pixels. multidiffusion runs each tile as an independent image, so its tiles
-# are the model's native 1024². cross_tile tiles only set the attention window ((2r+1)² tiles): 512 px with radius 1
-# lets every token see a 1536² neighbourhood — more context than the 1024² the model was trained on — at 9·1024 keys
-# per query, so cost stays linear in area (1024-px tiles would be 9·4096 keys, barely cheaper than global at 4096²).
-DEFAULT_TILE_PX = {"cross_tile": 512, "multidiffusion": 1024, "global": 1024}
-
-
-@dataclasses.dataclass
-class TiledConfig:
-    """Knobs of the tiled sampler. `tile` is in image pixels (the latent tile is tile / vae_scale_factor)."""
-
-    mode: str = "cross_tile"
-    tile: Optional[int] = None  # None: DEFAULT_TILE_PX[mode]
-    radius: int = 1
-    shift: bool = False
-    overlap: float = 0.5
-    profile: str = "cosine"
-    positional: str = "canvas_stretched"
-    tile_batch_size: Optional[int] = None  # multidiffusion: tiles per forward (None: all at once)
-    head_chunk: Optional[int] = None  # cross_tile: heads per window_attention call (bounds attention memory)
-    fused_step: bool = True  # multidiffusion: blend + LCM step in one op
-
-    @property
-    def tile_px(self) -> int:
-        return DEFAULT_TILE_PX[self.mode] if self.tile is None else self.tile
-
-    def validate(self) -> "TiledConfig":
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        check_mode(self.positional)
-        if self.tile is not None and (not isinstance(self.tile, int) or self.tile <= 0 or self.tile % 16):
-            raise ValueError(f"tile must be a positive multiple of 16 pixels, got {self.tile!r}")
-        if not isinstance(self.radius, int) or self.radius < 0:
-            raise ValueError(f"radius must be an int >= 0, got {self.radius!r}")
-        if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"overlap must be a fraction in [0, 1), got {self.overlap!r}")
-        if self.tile_batch_size is not None and self.tile_batch_size < 1:
-            raise ValueError(f"tile_batch_size must be >= 1 or None, got {self.tile_batch_size!r}")
-        return self
+from .canvas import (DEFAULT_TILE_PX, MODES, TiledConfig, micro_condition_size, pixel_grid,  # noqa: F401
+                     token_grid)
 
 
 def check_size(width: int, height: int, multiple: int = 16) -> None:
@@ -121,34 +72,21 @@ def _added_cond(transformer, batch: int, height: int, width: int, dtype, device)
     return {"resolution": res, "aspect_ratio": ar}
 
 
-def micro_condition_size(cfg: "TiledConfig", height: int, width: int, tile_px: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) in pixels that the micro-conditions describe, in every mode.
-
-    They describe the image whose positional embedding the tokens carry, which is what they described in
-    training (PixArt-α's multi-scale data: aspect_ratio = the bin of the crop the model saw, whose positional
-    grid is stretched per axis onto the trained range, so the aspect ratio is what tells the model how
-    anisotropic its token density is; resolution = the source image's size):
-    - canvas_stretched / canvas_native (default): the canvas (height, width), in every mode. Every tile's
-      positions are its crop of the canvas grid, so it is part of a canvas-sized image. `global` is then the
-      plain pipeline at the canvas size, and a cross_tile forward whose radius covers the canvas equals it.
-    - tile_local: the tile (`tile_px`: the multidiffusion tile, or the cross_tile token-grid tile), since every
-      tile carries the embedding of a whole tile-sized image. In `global` the tile is the canvas.
-    With one tile covering the canvas both are the canvas size: every mode equals the plain pipeline.
-    """
-    if cfg.positional == "tile_local" and cfg.mode != "global":
-        return tile_px
-    return height, width
-
-
-def _predict(transformer, x, t, embeds, mask, guidance_scale, added_cond):
-    """ε for latents x [n, 4, h, w]; embeds/mask already hold [uncond; cond] rows when CFG is on."""
+def _predict(transformer, x, t, embeds, mask, guidance_scale, added_cond, tiles_of=None):
+    """ε for latents x [n, 4, h, w] through the canvas forward; embeds/mask already hold [uncond; cond] rows when
+    CFG is on. tiles_of: a multidiffusion TileGrid (batch = forward rows) to get the per-tile outputs
+    [rows·T, 4, th, tw] instead of the blended canvas."""
     cfg_on = guidance_scale > 1.0
     inp = torch.cat([x, x]) if cfg_on else x
     ts = t if torch.is_tensor(t) else torch.tensor(t)
     ts = (ts[None] if ts.dim() == 0 else ts).to(inp.device).expand(inp.shape[0])
-    out = transformer(inp, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=ts,
-                      added_cond_kwargs=added_cond, return_dict=False)[0]
-    if cfg_on:
+    kw = dict(encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=ts, added_cond_kwargs=added_cond,
+              cross_attention_kwargs=None, attention_mask=None)
+    if tiles_of is None:
+        out = transformer(inp, return_dict=False, **kw)[0]
+    else:
+        out = transformer.multidiffusion_tiles(inp, tiles_of, kw, _state(transformer))
+    if cfg_on:  # tile outputs are row-major too: the uncond rows' tiles come first
         u, c = out.chunk(2)
         out = u + guidance_scale * (c - u)
     if transformer.config.out_channels // 2 == transformer.config.in_channels:  # learned sigma: keep ε
@@ -156,127 +94,79 @@ def _predict(transformer, x, t, embeds, mask, guidance_scale, added_cond):
     return out
 
 
-def _cfg_rows(t: torch.Tensor, idx: torch.Tensor, cfg_on: bool, batch: int) -> torch.Tensor:
-    """Rows `idx` (image indices) of a CFG-stacked tensor [2B, ...] (uncond first) or [B, ...]."""
-    if not cfg_on:
-        return t[idx]
-    return torch.cat([t[idx], t[idx + batch]])
-
-
-@functools.lru_cache(maxsize=32)
-def _grid_for_tokens(lat_h: int, lat_w: int, tile: int, patch: int, shifted: bool):
-    # Cached per canvas: the grid caches its permutations and neighbour tables, so they are built once.
-    from .tiling import TileGrid
-
-    grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch)
-    if shifted:
-        grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch,
-                                   shift=(grid.tile_tokens_h // 2, grid.tile_tokens_w // 2))
-    return grid
-
-
-def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int, vae_scale_factor: int = 8):
-    """The cross_tile TileGrid of a step (shifted by half a tile on odd steps when cfg.shift)."""
-    tile = max(patch, cfg.tile_px // vae_scale_factor)
-    return _grid_for_tokens(lat_h, lat_w, tile, patch, bool(cfg.shift and step % 2 == 1))
-
-
-def pixel_grid(cfg: TiledConfig, lat_h: int, lat_w: int, batch: int, patch: int, vae_scale_factor: int = 8):
-    """The multidiffusion TileGrid: latent tiles with overlap rounded to whole tokens."""
-    from .tiling import TileGrid
-
-    tile = max(patch, (cfg.tile_px // vae_scale_factor) // patch * patch)
-    t_eff = min(tile, lat_h, lat_w)
-    overlap = int(round(cfg.overlap * t_eff / patch)) * patch
-    overlap = min(overlap, t_eff - patch)
-    return TileGrid(lat_h, lat_w, tile, overlap=overlap, batch=batch, patch=patch)
-
-
 def denoise(transformer, scheduler, prompt_embeds, prompt_mask, *, height: int, width: int, steps: int,
             cfg: TiledConfig, guidance_scale: float = 0.0, generator=None, latents=None, batch: int = 1,
-            progress: bool = True, callback=None) -> torch.Tensor:
-    """Run the LCM loop on a [batch, 4, height/8, width/8] canvas; returns the final latents (not scaled).
+            progress: bool = True, callback=None, strength: Optional[float] = None) -> torch.Tensor:
+    """Run the loop on a [batch, 4, height/f, width/f] canvas; returns the final latents (not scaled).
 
     prompt_embeds/prompt_mask: [B, S, C] / [B, S], or [2B, ...] with uncond rows first when guidance_scale > 1.
-    The transformer must have been accelerated (its TileContext drives the patch embedding and attention).
+    The transformer must have been accelerated. strength (img2img): the schedule starts part-way, as diffusers'
+    `set_timesteps(..., strength=)` places it; `latents` must then be the encoded image already noised to the
+    first timestep (`first_timestep` gives it).
     """
     from tqdm.auto import tqdm
 
     cfg.validate()
     check_size(width, height)
     st = _state(transformer)
-    ctx = st.context
-    ctx.positional, ctx.radius, ctx.head_chunk = cfg.positional, cfg.radius, cfg.head_chunk
-    vsf = 8
+    vsf = st.vae_scale_factor
     patch = transformer.config.patch_size
     lat_h, lat_w = height // vsf, width // vsf
     dtype = prompt_embeds.dtype
     device = prompt_embeds.device
     cfg_on = guidance_scale > 1.0
-    if latents is None:
+    drawn = latents is None
+    if drawn:
+        if strength is not None:
+            raise ValueError("denoise: strength needs the noised image latents (latents=...)")
         latents = initial_latents(batch, transformer.config.in_channels, lat_h, lat_w, dtype, device, generator)
     batch = latents.shape[0]
-
-    scheduler.set_timesteps(steps, device=device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    timesteps = scheduler.timesteps
-
-    fused = cfg.mode == "multidiffusion" and cfg.fused_step and _can_fuse(scheduler)
-    if cfg.mode == "multidiffusion":
-        pgrid = pixel_grid(cfg, lat_h, lat_w, batch, patch, vsf)
-        oy, ox = pgrid.origins(device)
-        weights = pgrid.blend_weights(cfg.profile, device=device)
-        T = pgrid.ny * pgrid.nx
-        offs = torch.tensor([(y // patch, x // patch) for y in pgrid.origins_y for x in pgrid.origins_x],
-                            dtype=torch.long)
-        tb = cfg.tile_batch_size or batch * T
-        tile_px = (pgrid.th * vsf, pgrid.tw * vsf)
-    elif cfg.mode == "cross_tile":
-        g0 = token_grid(cfg, lat_h, lat_w, patch, 0, vsf)  # a shifted grid has the same tile size
-        tile_px = (g0.th * vsf, g0.tw * vsf)
-    else:
-        tile_px = (height, width)
-    # One size for every forward of the run: the canvas, or the tile with tile_local positions (see
-    # micro_condition_size for why); rows are repeated per image, tile and CFG half.
-    added = _added_cond(transformer, 1, *micro_condition_size(cfg, height, width, tile_px), dtype, device)
-
-    try:
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"{cfg.mode} {width}x{height}")):
-            ctx.canvas_tokens = (lat_h // patch, lat_w // patch)
-            ctx.offsets = None
-            if cfg.mode in ("global", "cross_tile"):
-                ctx.set_grid(token_grid(cfg, lat_h, lat_w, patch, i, vsf) if cfg.mode == "cross_tile" else None)
-                n_in = batch * (2 if cfg_on else 1)
-                eps = _predict(transformer, scheduler.scale_model_input(latents, t), t, prompt_embeds, prompt_mask,
-                               guidance_scale, _batched(added, n_in))
-                out = scheduler.step(eps, t, latents, generator=generator, return_dict=False)
-                latents = out[1] if steps == 1 else out[0]
-            else:
-                ctx.set_grid(None)
-                tiles = pgrid.extract_tiles(scheduler.scale_model_input(latents, t))  # [B*T, 4, th, tw] (b, iy, ix)
-                eps_tiles = torch.empty_like(tiles)
-                for s in range(0, batch * T, tb):
-                    idx = torch.arange(s, min(s + tb, batch * T))
-                    img = idx // T
-                    ctx.offsets = offs[idx % T]
-                    n_in = idx.numel() * (2 if cfg_on else 1)
-                    eps_tiles[idx] = _predict(
-                        transformer, tiles[idx], t, _cfg_rows(prompt_embeds, img.to(device), cfg_on, batch),
-                        _cfg_rows(prompt_mask, img.to(prompt_mask.device), cfg_on, batch), guidance_scale,
-                        _batched(added, n_in))
-                ctx.offsets = None
-                latents = _merge_and_step(scheduler, i, t, steps, eps_tiles, oy, ox, weights, latents, generator,
-                                          fused, batch)
-            if callback is not None:
-                callback(i, t, latents)
-    finally:
-        ctx.clear()
+    timesteps = set_timesteps(scheduler, steps, device, strength)
+    if drawn:  # as the pipeline scales its noise, after set_timesteps (Euler's sigma depends on them; LCM's is 1)
+        latents = latents * scheduler.init_noise_sigma
+    n_in = batch * (2 if cfg_on else 1)
+    # The canvas size, as diffusers' pipelines pass it; the canvas forward swaps in the tile size for tile_local.
+    added = _batched(_added_cond(transformer, 1, height, width, dtype, device), n_in)
+    pgrid = None
+    if cfg.mode == "multidiffusion" and cfg.fused_step and _can_fuse(scheduler):
+        pgrid = pixel_grid(cfg, lat_h, lat_w, n_in, patch, vsf)
+        if pgrid.ny * pgrid.nx == 1:
+            pgrid = None  # one tile: the canvas forward runs the plain transformer, nothing to blend
+    ctx = st.context
+    with ctx.using(cfg):
+        try:
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"{cfg.mode} {width}x{height}")):
+                ctx.step = i
+                x = scheduler.scale_model_input(latents, t)
+                if pgrid is None:
+                    eps = _predict(transformer, x, t, prompt_embeds, prompt_mask, guidance_scale, added)
+                    out = scheduler.step(eps, t, latents, generator=generator, return_dict=False)
+                    latents = out[1] if len(timesteps) == 1 else out[0]
+                else:
+                    eps_tiles = _predict(transformer, x, t, prompt_embeds, prompt_mask, guidance_scale, added,
+                                         tiles_of=pgrid)
+                    latents = _fused_blend_step(scheduler, t, len(timesteps), eps_tiles, pgrid, cfg.profile,
+                                                latents, generator)
+                if callback is not None:
+                    callback(i, t, latents)
+        finally:
+            ctx.step = None
     return latents
 
 
+def set_timesteps(scheduler, steps: int, device, strength: Optional[float] = None) -> torch.Tensor:
+    """The scheduler's timesteps for `steps` steps (from the start, or from `strength` for img2img)."""
+    if strength is None:
+        scheduler.set_timesteps(steps, device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device, strength=strength)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return scheduler.timesteps
+
+
 def _batched(added: dict, n: int) -> dict:
-    """The micro-conditions for n forward rows (images, tiles, CFG halves: all rows share one size)."""
+    """The micro-conditions for n forward rows (images, CFG halves: all rows share one size)."""
     if added["resolution"] is None:
         return added
     return {k: v[:1].repeat(n, 1) for k, v in added.items()}
@@ -290,12 +180,8 @@ def _can_fuse(scheduler) -> bool:
             and not c.clip_sample)
 
 
-def _merge_and_step(scheduler, i, t, steps, eps_tiles, oy, ox, weights, latents, generator, fused, batch):
-    B, _, H, W = latents.shape
-    if not fused:
-        eps = ops.seam_blend(eps_tiles, oy, ox, weights, batch, H, W)
-        out = scheduler.step(eps, t, latents, generator=generator, return_dict=False)
-        return out[1] if steps == 1 else out[0]
+def _fused_blend_step(scheduler, t, steps, eps_tiles, pgrid, profile, latents, generator):
+    """seam_blend of the tile outputs + LCMScheduler.step in one op (`blend_lcm_step`); equals the two in turn."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from . import lcm
@@ -306,6 +192,8 @@ def _merge_and_step(scheduler, i, t, steps, eps_tiles, oy, ox, weights, latents,
     # The same draw LCMScheduler.step makes (none on the last step), so fused and unfused agree.
     noise = None if co["last"] else randn_tensor(latents.shape, generator=generator, device=latents.device,
                                                  dtype=latents.dtype)
+    oy, ox = pgrid.origins(latents.device)
+    weights = pgrid.blend_weights(profile, device=latents.device)
     prev, denoised = ops.blend_lcm_step(eps_tiles, oy, ox, weights, latents, noise, *lcm.step_args(co))
     lcm.advance(scheduler)
     return denoised if steps == 1 else prev
@@ -316,7 +204,8 @@ def _merge_and_step(scheduler, i, t, steps, eps_tiles, oy, ox, weights, latents,
 
 def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=torch.bfloat16, batch: int = 1,
                     guidance_scale: float = 0.0, int8: Optional[str] = None, param_count: Optional[int] = None,
-                    vae_channels: int = 128, text_encoder_bytes: int = 0, text_encoder_alone: bool = False) -> dict:
+                    vae_channels: int = 128, text_encoder_bytes: int = 0, text_encoder_alone: bool = False,
+                    vae_scale_factor: int = 8) -> dict:
     """Rough peak-memory estimate (bytes) of one run, before it starts. ±50%: it counts the big live tensors.
 
     text_encoder_bytes: the text encoder's weights, resident through the run (added), or, with
@@ -332,14 +221,14 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
     hidden = config.num_attention_heads * config.attention_head_dim
     heads = config.num_attention_heads
     patch = config.patch_size
-    lat_h, lat_w = height // 8, width // 8
+    lat_h, lat_w = height // vae_scale_factor, width // vae_scale_factor
     n_canvas = batch * (lat_h // patch) * (lat_w // patch)
     cfg_mult = 2 if guidance_scale > 1.0 else 1
     if param_count is None:
         L = config.num_layers
         param_count = L * (12 * hidden * hidden + 12 * hidden) + 4 * hidden * hidden
     weights = param_count * (1 if int8 else es)
-    tile_lat = max(patch, cfg.tile_px // 8)
+    tile_lat = max(patch, cfg.tile_px // vae_scale_factor)
     L_tile = (min(tile_lat, lat_h) // patch) * (min(tile_lat, lat_w) // patch)
     if cfg.mode == "multidiffusion":
         stride = max(patch, int(tile_lat * (1 - cfg.overlap)))

@@ -1,0 +1,263 @@
+"""The accelerated transformer's forward over a whole canvas: the one place where every tiling mode lives.
+
+After `accelerate(pipe)` the transformer object's class is swapped (as `CanvasPatchEmbed` is: same object,
+parameters and state-dict keys) for a subclass whose forward takes the latents of the WHOLE canvas and returns
+the model output for the whole canvas in the configured mode, so every caller — diffusers' own `pipe(...)`,
+`pipeline.generate`, `sampler.denoise`, a ControlNet, a multi-process run — goes through the same code:
+
+- ``cross_tile`` (default): one inner forward over all canvas tokens. The tile grid is derived here from the
+  input's latent size (and the step, for `shift`); the patch embedding adds canvas positions and permutes the
+  tokens tile-major once, every attn1 is `window_attention` over each tile's neighbour tiles (radius r), and the
+  norm_out pre-hook puts the tokens back in raster order.
+- ``multidiffusion``: overlapping tiles (stride = tile·(1 - overlap)) cut from the canvas, run as independent
+  images in batches of `tile_batch_size`, each with its crop of the canvas positions, and their outputs blended
+  on the canvas with `ops.seam_blend` before returning (the Mixture-of-Diffusers form of MultiDiffusion: the
+  scheduler step that follows sees one canvas output).
+- ``global``, and any canvas that is a single tile: the plain transformer (positions per `positional`; with the
+  default `canvas_stretched` that is diffusers' own embedding, so the output is the plain model's, bitwise).
+
+Every input row is an independent canvas (CFG halves, batched images): tiles never mix rows. The micro-conditions
+(`added_cond_kwargs`) are taken as given (diffusers' pipelines pass the canvas size) except with
+`positional="tile_local"`, where each tile is a whole tile-sized image and gets the tile size
+(`micro_condition_size`).
+
+Layouts: hidden_states [B, C_in, h, w] (latent pixels); encoder_hidden_states [B, S, C_text]; output
+[B, C_out, h, w].
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+
+from . import ops
+from .positional import check_mode
+
+MODES = ("cross_tile", "multidiffusion", "global")
+
+# Default tile size per mode, in image pixels. multidiffusion runs each tile as an independent image, so its tiles
+# are the model's native 1024². cross_tile tiles only set the attention window ((2r+1)² tiles): 512 px with radius 1
+# lets every token see a 1536² neighbourhood — more context than the 1024² the model was trained on — at 9·1024 keys
+# per query, so cost stays linear in area (1024-px tiles would be 9·4096 keys, barely cheaper than global at 4096²).
+DEFAULT_TILE_PX = {"cross_tile": 512, "multidiffusion": 1024, "global": 1024}
+
+
+@dataclasses.dataclass
+class TiledConfig:
+    """Knobs of the canvas forward. `tile` is in image pixels (the latent tile is tile / vae_scale_factor)."""
+
+    mode: str = "cross_tile"
+    tile: Optional[int] = None  # None: DEFAULT_TILE_PX[mode]
+    radius: int = 1
+    shift: bool = False
+    overlap: float = 0.5
+    profile: str = "cosine"
+    positional: str = "canvas_stretched"
+    tile_batch_size: Optional[int] = None  # multidiffusion: tiles per forward (None: all at once)
+    head_chunk: Optional[int] = None  # cross_tile: heads per window_attention call (bounds attention memory)
+    fused_step: bool = True  # sampler, multidiffusion + LCMScheduler: blend + LCM step in one op
+
+    @property
+    def tile_px(self) -> int:
+        return DEFAULT_TILE_PX[self.mode] if self.tile is None else self.tile
+
+    def validate(self) -> "TiledConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_mode(self.positional)
+        if self.tile is not None and (not isinstance(self.tile, int) or self.tile <= 0 or self.tile % 16):
+            raise ValueError(f"tile must be a positive multiple of 16 pixels, got {self.tile!r}")
+        if not isinstance(self.radius, int) or self.radius < 0:
+            raise ValueError(f"radius must be an int >= 0, got {self.radius!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be a fraction in [0, 1), got {self.overlap!r}")
+        if self.tile_batch_size is not None and self.tile_batch_size < 1:
+            raise ValueError(f"tile_batch_size must be >= 1 or None, got {self.tile_batch_size!r}")
+        if self.head_chunk is not None and self.head_chunk < 1:
+            raise ValueError(f"head_chunk must be >= 1 or None, got {self.head_chunk!r}")
+        return self
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_for_tokens(lat_h: int, lat_w: int, tile: int, patch: int, shifted: bool):
+    # Cached per canvas: the grid caches its permutations and neighbour tables, so they are built once.
+    from .tiling import TileGrid
+
+    grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch)
+    if shifted:
+        grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch,
+                                   shift=(grid.tile_tokens_h // 2, grid.tile_tokens_w // 2))
+    return grid
+
+
+def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int, vae_scale_factor: int = 8):
+    """The cross_tile TileGrid of a step (shifted by half a tile on odd steps when cfg.shift)."""
+    tile = max(patch, cfg.tile_px // vae_scale_factor)
+    return _grid_for_tokens(lat_h, lat_w, tile, patch, bool(cfg.shift and step % 2 == 1))
+
+
+def pixel_grid(cfg: TiledConfig, lat_h: int, lat_w: int, batch: int, patch: int, vae_scale_factor: int = 8):
+    """The multidiffusion TileGrid: latent tiles with overlap rounded to whole tokens."""
+    from .tiling import TileGrid
+
+    tile = max(patch, (cfg.tile_px // vae_scale_factor) // patch * patch)
+    t_eff = min(tile, lat_h, lat_w)
+    overlap = int(round(cfg.overlap * t_eff / patch)) * patch
+    overlap = min(overlap, t_eff - patch)
+    return TileGrid(lat_h, lat_w, tile, overlap=overlap, batch=batch, patch=patch)
+
+
+def micro_condition_size(cfg: TiledConfig, height: int, width: int, tile_px: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels that the micro-conditions describe, in every mode.
+
+    They describe the image whose positional embedding the tokens carry, which is what they described in
+    training (PixArt-α's multi-scale data: aspect_ratio = the bin of the crop the model saw, whose positional
+    grid is stretched per axis onto the trained range, so the aspect ratio is what tells the model how
+    anisotropic its token density is; resolution = the source image's size):
+    - canvas_stretched / canvas_native (default): the canvas (height, width), in every mode. Every tile's
+      positions are its crop of the canvas grid, so it is part of a canvas-sized image. `global` is then the
+      plain pipeline at the canvas size, and a cross_tile forward whose radius covers the canvas equals it.
+    - tile_local: the tile (`tile_px`: the multidiffusion tile, or the cross_tile token-grid tile), since every
+      tile carries the embedding of a whole tile-sized image. In `global` the tile is the canvas.
+    With one tile covering the canvas both are the canvas size: every mode equals the plain pipeline.
+    """
+    if cfg.positional == "tile_local" and cfg.mode != "global":
+        return tile_px
+    return height, width
+
+
+def _tile_micro_conditions(added: Optional[dict], tile_px: tuple[int, int]) -> Optional[dict]:
+    """added_cond_kwargs with resolution / aspect_ratio describing a tile_px image (rows and dtype kept)."""
+    if not added or added.get("resolution") is None:
+        return added
+    res, ar = added["resolution"], added.get("aspect_ratio")
+    h, w = tile_px
+    out = dict(added)
+    out["resolution"] = torch.tensor([h, w], dtype=res.dtype, device=res.device).expand_as(res).clone()
+    if ar is not None:
+        out["aspect_ratio"] = torch.full_like(ar, h / w)
+    return out
+
+
+def _rows(x, idx: torch.Tensor, n_in: int):
+    """Rows `idx` of a per-input-row value (tensor with n_in rows; anything else is shared and passed as is)."""
+    if torch.is_tensor(x) and x.dim() >= 1 and x.shape[0] == n_in:
+        return x.index_select(0, idx.to(x.device))
+    return x
+
+
+def _repeat_rows(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """A canvas-batched extra latent [b, ...] for n input rows (CFG doubles the rows: the same extra for both)."""
+    if x.shape[0] == n:
+        return x
+    if n % x.shape[0]:
+        raise ValueError(f"canvas forward: extra input {what!r} has {x.shape[0]} rows for {n} input rows")
+    return x.repeat(n // x.shape[0], *([1] * (x.dim() - 1)))
+
+
+class CanvasForward:
+    """Mixin placed before the transformer's own class (see `canvas_class`): `forward` over a whole canvas."""
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                timestep: Optional[torch.Tensor] = None, added_cond_kwargs: Optional[dict] = None,
+                cross_attention_kwargs: Optional[dict] = None, attention_mask: Optional[torch.Tensor] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None, return_dict: bool = True):
+        kw = dict(encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                  added_cond_kwargs=added_cond_kwargs, cross_attention_kwargs=cross_attention_kwargs,
+                  attention_mask=attention_mask, encoder_attention_mask=encoder_attention_mask)
+        st = self.__dict__.get("_tiled_diffusion")
+        if st is None:  # accelerate is still swapping modules in, or restore is taking them out
+            return super().forward(hidden_states, return_dict=return_dict, **kw)
+        ctx, cfg = st.context, st.context.config
+        patch, vsf = self.config.patch_size, st.vae_scale_factor
+        B, _, lat_h, lat_w = hidden_states.shape
+        if lat_h % patch or lat_w % patch:
+            raise ValueError(f"canvas forward: latent size {lat_h}x{lat_w} is not a multiple of the patch size "
+                             f"{patch} (image sizes must be multiples of {patch * vsf} px)")
+        mode = cfg.mode
+        grid = pgrid = None
+        if mode == "cross_tile":
+            grid = token_grid(cfg, lat_h, lat_w, patch, ctx.step_for(timestep) if cfg.shift else 0, vsf)
+            if grid.ny * grid.nx == 1:
+                mode, grid = "global", None
+        elif mode == "multidiffusion":
+            pgrid = pixel_grid(cfg, lat_h, lat_w, B, patch, vsf)
+            if pgrid.ny * pgrid.nx == 1:
+                mode = "global"
+        try:
+            ctx.canvas_tokens = (lat_h // patch, lat_w // patch)
+            if mode == "multidiffusion":
+                out = self._multidiffusion(hidden_states, pgrid, kw, st)
+            else:
+                ctx.set_grid(grid)
+                ctx.current_extras = {k: _repeat_rows(v, B, k) for k, v in ctx.extras.items()}
+                if grid is not None and cfg.positional == "tile_local":
+                    kw["added_cond_kwargs"] = _tile_micro_conditions(
+                        added_cond_kwargs, (grid.th * vsf, grid.tw * vsf))
+                out = super().forward(hidden_states, return_dict=False, **kw)[0]
+        finally:
+            ctx.clear()
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+    def _multidiffusion(self, x: torch.Tensor, pgrid, kw: dict, st) -> torch.Tensor:
+        """Cut overlapping tiles, run them in batches, blend their outputs on the canvas."""
+        tiles_out = self.multidiffusion_tiles(x, pgrid, kw, st)
+        oy, ox = pgrid.origins(x.device)
+        weights = pgrid.blend_weights(st.context.config.profile, device=x.device)
+        return ops.seam_blend(tiles_out, oy, ox, weights, x.shape[0], x.shape[2], x.shape[3]).to(tiles_out.dtype)
+
+    def multidiffusion_tiles(self, x: torch.Tensor, pgrid, kw: dict, st) -> torch.Tensor:
+        """Model outputs of every tile of `pgrid`, [B·T, C_out, th, tw] in (row, iy, ix) order (what seam_blend
+        and blend_lcm_step gather). Each tile is an independent image carrying its crop of the canvas positions;
+        per-row inputs (text, masks, timesteps, micro-conditions, extras) follow the tile's row."""
+        ctx, cfg = st.context, st.context.config
+        patch, vsf = self.config.patch_size, st.vae_scale_factor
+        B = x.shape[0]
+        T = pgrid.ny * pgrid.nx
+        tiles = pgrid.extract_tiles(x)
+        extras = {k: pgrid.extract_tiles(_repeat_rows(v, B, k)) for k, v in ctx.extras.items()}
+        offs = torch.tensor([(y // patch, x_ // patch) for y in pgrid.origins_y for x_ in pgrid.origins_x],
+                            dtype=torch.long)
+        added = kw["added_cond_kwargs"]
+        if cfg.positional == "tile_local":
+            added = _tile_micro_conditions(added, (pgrid.th * vsf, pgrid.tw * vsf))
+        tb = cfg.tile_batch_size or B * T
+        ctx.canvas_tokens = (x.shape[2] // patch, x.shape[3] // patch)
+        ctx.set_grid(None)
+        try:
+            out = self._run_tiles(tiles, extras, offs, kw, added, tb, B, T, ctx)
+        finally:
+            ctx.clear()
+        return out
+
+    def _run_tiles(self, tiles, extras, offs, kw, added, tb, B, T, ctx):
+        out = None
+        for s in range(0, B * T, tb):
+            idx = torch.arange(s, min(s + tb, B * T))
+            rows = idx // T
+            ctx.offsets = offs[idx % T]
+            ctx.current_extras = {k: v[idx.to(v.device)] for k, v in extras.items()}
+            part_kw = {k: _rows(v, rows, B) for k, v in kw.items() if k != "added_cond_kwargs"}
+            part_kw["added_cond_kwargs"] = (None if added is None else
+                                            {k: _rows(v, rows, B) for k, v in added.items()})
+            t = part_kw.get("timestep")
+            if torch.is_tensor(t) and t.dim() == 0:
+                part_kw["timestep"] = t.expand(idx.numel())
+            res = super().forward(tiles[idx.to(tiles.device)], return_dict=False, **part_kw)[0]
+            if out is None:
+                out = torch.empty((B * T,) + tuple(res.shape[1:]), dtype=res.dtype, device=res.device)
+            out[idx.to(out.device)] = res
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def canvas_class(cls: type) -> type:
+    """The subclass of a transformer class with the canvas forward (one per class, so restore can swap back).
+    It keeps the base class's __name__, which diffusers writes as `_class_name` into saved configs."""
+    return type(cls.__name__, (CanvasForward, cls), {"__module__": __name__, "__qualname__": f"Canvas{cls.__name__}"})
