@@ -1,6 +1,8 @@
-"""CPU int8 GEMM ops: quantize_per_token, int8_gemm, pack_int8_weight, int8_gemm_packed (csrc/cpu/int8_gemm.cpp).
+"""CPU int8 GEMM ops: quantize_per_token, int8_gemm, pack_int8_weight, int8_gemm_packed (csrc/cpu/int8_gemm.cpp)
+and the fused private op w8a8_linear.
 
-Every ISA path is tested by forcing it with TD_CPU_ISA (read by the kernels at each call).
+Every ISA path (amx, avx512, avx2, ref) is one parametrize id, forced with TD_CPU_ISA (read by the kernels at
+each call); an ISA this machine cannot run is skipped with the probe's reason (tiled_diffusion/cpu/isa.py).
 """
 import math
 import os
@@ -11,27 +13,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tiled_diffusion import ops, reference
+from tiled_diffusion.cpu import isa as cpu_isa
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="tiled_diffusion._C not built")
 
 
-def _isas():
+def _usable():
     if ops._C is None:
-        return []
-    have = ["scalar"]
+        return {}
     os.environ.pop("TD_CPU_ISA", None)
-    best = ops.cpu_isa()
-    if best in ("avx2", "avx512"):
-        have.append("avx2")  # an avx512 CPU has AVX2 too
-    if best == "avx512":
-        have.append("avx512")
-    return have
+    return {name: cpu_isa.usable(name) for name in cpu_isa.ISAS}
 
 
-ISAS = _isas()
+USABLE = _usable()
+ISAS = [name for name, (ok, _) in USABLE.items() if ok]
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"{name}: {why}"))
+                        for name, (ok, why) in USABLE.items()] or ["none"])
 def isa(request, monkeypatch):
     monkeypatch.setenv("TD_CPU_ISA", request.param)
     return request.param
@@ -41,7 +40,7 @@ def rand_i8(*shape, lo=-127, hi=127):
     return torch.randint(lo, hi + 1, shape, dtype=torch.int8)
 
 
-SHAPES = [(1, 3, 5), (17, 67, 129), (17, 1153, 5), (70, 1153, 129), (0, 67, 129), (130, 64, 48)]
+SHAPES = [(1, 3, 5), (17, 67, 129), (17, 1153, 5), (70, 1153, 129), (0, 67, 129), (130, 64, 48), (300, 67, 33)]
 ids = [f"M{m}K{k}N{n}" for m, k, n in SHAPES]
 
 
@@ -72,8 +71,8 @@ def test_exact_extremes(isa, sign):
 
 
 def test_exact_with_minus_128(isa):
-    """-128 is outside the quantizer's range but a valid int8: the avx512 path is exact for it, the avx2 path
-    (vpmaddubsw would saturate on w = -128) hands such weights to the scalar kernel."""
+    """-128 is outside the quantizer's range but a valid int8: the avx512 and amx paths are exact for it, the avx2
+    path (vpmaddubsw would saturate on w = -128) hands such weights to the reference kernel."""
     M, K, N = 13, 259, 37
     a, w = rand_i8(M, K, lo=-128), rand_i8(N, K, lo=-128)
     a[0] = -128
@@ -116,7 +115,7 @@ def test_isa_paths_bit_identical(out_dtype, monkeypatch):
         monkeypatch.setenv("TD_CPU_ISA", name)
         outs[name] = ops.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
     for name, o in outs.items():
-        assert torch.equal(o, outs["scalar"]), name
+        assert torch.equal(o, outs["ref"]), name
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES, ids=ids)
@@ -129,6 +128,47 @@ def test_packed_equals_unpacked(isa, M, K, N):
     nan = torch.full_like(out, float("nan"))
     assert torch.equal(out, ops.int8_gemm(a, a_scale, w, w_scale, bias, torch.bfloat16))
     assert not torch.isnan(out).any() and not torch.equal(out, nan) if M else True
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 67), (129, 1153), (48, 64)], ids=["N1K1", "N17K67", "N129K1153", "N48K64"])
+def test_pack_paths_agree(N, K, monkeypatch):
+    """The AVX-512 weight packing (16x16 dword transposes) writes the same bytes as the scalar one."""
+    if "avx512" not in ISAS:
+        pytest.skip(f"avx512: {USABLE.get('avx512', (False, 'no native library'))[1]}")
+    w = rand_i8(N, K, lo=-128)
+    monkeypatch.setenv("TD_CPU_ISA", "ref")
+    ref = ops.pack_int8_weight(w)
+    monkeypatch.setenv("TD_CPU_ISA", "avx512")
+    assert torch.equal(ops.pack_int8_weight(w), ref)
+
+
+W8A8_SHAPES = [(1, 3, 5), (17, 1153, 129), (70, 67, 33), (0, 67, 129)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("M,K,N", W8A8_SHAPES, ids=[f"M{m}K{k}N{n}" for m, k, n in W8A8_SHAPES])
+def test_w8a8_linear_fused_equals_quantize_then_gemm(isa, M, K, N, dtype):
+    """The fused op (quantization inside the A packing on avx512/amx) is bit-identical to the two-op path."""
+    from tiled_diffusion.cpu import int8_linear
+
+    x = (torch.randn(M, K) * torch.rand(M, 1) * 5).to(dtype)
+    if M > 1:
+        x[1] = 0  # scale 0 row: zeros, no NaN
+    w, w_scale, bias = rand_i8(N, K), torch.rand(N) * 1e-2, torch.randn(N).bfloat16()
+    packed = ops.pack_int8_weight(w)
+    out = int8_linear.w8a8_linear(x, packed, w_scale, bias)
+    ref = ops.int8_gemm_packed(*ops.quantize_per_token(x), packed, w_scale, bias, dtype)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert torch.equal(out, ref)
+    assert not out.isnan().any()
+
+
+def test_w8a8_linear_opcheck():
+    from tiled_diffusion.cpu import int8_linear  # noqa: F401  (registers the fake)
+
+    w = rand_i8(9, 7)
+    torch.library.opcheck(torch.ops.tiled_diffusion_C.w8a8_linear.default,
+                          (torch.randn(5, 7), ops.pack_int8_weight(w), torch.rand(9), torch.randn(9)))
 
 
 def test_noncontiguous_inputs():

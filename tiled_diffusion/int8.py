@@ -18,14 +18,30 @@ it is rebuilt exactly from the packed one whenever something needs it (state_dic
 from __future__ import annotations
 
 import fnmatch
+import logging
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from . import ops
+from .cpu import int8_linear as cpu_int8_linear
 
 MODES = ("w8a8", "w8a16")
+
+log = logging.getLogger("tiled_diffusion")
+
+# Where "auto" turns W8A8 on for a CPU ISA, with the evidence (benchmarks/NOTES.md, "CPU kernels"). Only measured
+# wins are listed as True: a default a user pays for is worse than no default.
+AUTO_W8A8_CPU = {
+    "avx512": (True, "AVX-512 VNNI int8 kernel: Int8Linear w8a8 (bf16 in/out, quantization included) measured "
+                     "1.3-1.7x bf16 nn.Linear on every PixArt shape (AMD Zen 5; Zen 4 1.6-1.9x)"),
+    "amx": (False, "AMX: torch's bf16 Linear already runs on AMX-BF16 (oneDNN, 1.3-2.8 TFLOP/s on 2 cores) and the "
+                   "AMX int8 kernel has not been timed on an AMX machine yet (pass int8='w8a8' to use it)"),
+    "avx2": (False, "AVX2 only: the int8 path (vpmaddubsw emulation of VNNI) has not been measured against bf16"),
+    "ref": (False, "no SIMD int8 kernel for this CPU: the reference int8 GEMM is slower than bf16"),
+    "none": (False, "tiled_diffusion._C is not built: no CPU int8 kernels"),
+}
 
 # Layers of the PixArt transformer kept in high precision: tiny (<1% of the FLOPs) and sensitive — the timestep
 # and conditioning paths modulate every block, proj_out writes the ε prediction itself.
@@ -42,6 +58,30 @@ DEFAULTS = {
     "PixArtTransformer2DModel": {"mode": "w8a8", "exclude": PIXART_KEEP_HIGH_PRECISION},
     "T5EncoderModel": {"mode": "w8a16", "exclude": ()},
 }
+
+
+def resolve_mode(requested: Optional[str], device) -> tuple[Optional[str], str]:
+    """The int8 mode to use for the transformer on `device`, and why. `requested`: "w8a8" / "w8a16" / None are
+    taken as given; "auto" picks w8a8 only where it was measured faster than bf16 on that device/ISA (table
+    AUTO_W8A8_CPU for CPUs), else None (bf16), and logs the reason at INFO level."""
+    if requested is None or requested in MODES:
+        return requested, "requested explicitly"
+    if requested != "auto":
+        raise ValueError(f"int8 must be 'auto', 'w8a8', 'w8a16' or None, got {requested!r}")
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        from .cpu import isa
+
+        name = isa.cpu_isa()
+        pays, why = AUTO_W8A8_CPU.get(name, (False, f"unknown CPU int8 path {name!r}"))
+        mode, reason = ("w8a8" if pays else None), f"CPU int8 path {name}: {why}"
+    elif dev.type == "cuda":
+        mode, reason = "w8a8", ("CUDA: int8 tensor-core kernel (mma.sync, 2x the bf16 MMA rate); projected, not "
+                                "measured on a GPU in this project")
+    else:
+        mode, reason = None, f"no int8 kernels for device type {dev.type!r}: the reference is slower than bf16"
+    log.info("int8='auto' on %s -> %s (%s)", dev, mode, reason)
+    return mode, reason
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +180,11 @@ class Int8Linear(nn.Module):
             return out if self.bias is None else out.add_(self.bias.to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        x_i8, x_scale = ops.quantize_per_token(x2)
         packed = self.packed_weight()
+        if packed is not None and cpu_int8_linear.available():  # quantization fused into the kernel (bit-identical)
+            out = cpu_int8_linear.w8a8_linear(x2, packed, self.weight_scale, self.bias)
+            return out.reshape(*lead, self.out_features)
+        x_i8, x_scale = ops.quantize_per_token(x2)
         if packed is not None:
             out = ops.int8_gemm_packed(x_i8, x_scale, packed, self.weight_scale, self.bias, x.dtype)
         else:

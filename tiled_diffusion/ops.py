@@ -192,14 +192,21 @@ def unpack_int8_weight_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor
 
 
 def cpu_isa() -> str:
-    """ISA path the CPU int8 kernels take now: avx512 (VNNI), avx2 or scalar. TD_CPU_ISA=avx512|avx2|scalar
-    (read at every call) forces one."""
-    return torch.ops.tiled_diffusion_C.cpu_isa() if _C is not None else "none"
+    """ISA path the CPU int8 kernels take now: amx, avx512 (VNNI), avx2 or ref; TD_CPU_ISA=amx|avx512|avx2|ref
+    (read at every call) forces one. Probe and reasons: tiled_diffusion/cpu/isa.py."""
+    from .cpu import isa
+
+    return isa.cpu_isa()
 
 
 def _int8_path(device: torch.device) -> str:
     # cpu_isa() is an op call (~µs): only ask for it when the choice is actually logged
-    return f"C++ {cpu_isa()}" if device.type == "cpu" and log.isEnabledFor(logging.DEBUG) else "C++"
+    if device.type != "cpu" or not log.isEnabledFor(logging.DEBUG):
+        return "C++"
+    from .cpu import isa
+
+    isa.log_choice()  # the ISA with the probe's reasons, once
+    return f"C++ {isa.cpu_isa()}"
 
 
 def _quantize_per_token_impl(x):

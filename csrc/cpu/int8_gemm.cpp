@@ -1,20 +1,19 @@
-// CPU kernels of the W8A8 ops: quantize_per_token, pack_int8_weight, int8_gemm_packed, int8_gemm.
+// CPU kernels of the W8A8 ops: quantize_per_token, pack_int8_weight, int8_gemm_packed, int8_gemm, and the
+// fused w8a8_linear (float x -> per-token quantize inside the A packing -> GEMM -> dequantize/bias/cast).
 //
 // The TU is compiled without -march (the .so ships to other CPUs): each ISA path is a set of functions
-// compiled with __attribute__((target(...))) and chosen at call time (cpu_isa()):
+// compiled with __attribute__((target(...))) and chosen at call time (isa.h: probed once, TD_CPU_ISA forces):
+//   amx     AMX-TILE/INT8 tdpbssd on 16x64 tiles (amx_gemm.h), AVX-512 quantize and epilogue.
 //   avx512  AVX-512 F/BW/VL + VNNI: vpdpbusd on zmm, 8x32 register tile.
 //   avx2    AVX2 + FMA + F16C: the vpdpbusd emulation vpsignb/vpabsb + vpmaddubsw + vpmaddwd, 4x16 tile.
-//   scalar  plain C++.
-// TD_CPU_ISA=avx512|avx2|scalar (read at every call) forces a path; a path the CPU lacks is an error.
+//   ref     plain C++.
 //
-// Packed weight layout for w [N, K] (Np = N rounded up to 16, Kp = K rounded up to 4), one int8 tensor:
-//   bytes [0, Np*Kp)              blocks of 16 columns: [Np/16][Kp/4][16 columns][4 k] int8, zero padded
-//   int32 [Np] after that         comp[n] = 128 * sum_k w[n, k]
-//   int32 [16] after that         flags; flags[0] = 1 when w holds -128 (the avx2 path then goes scalar)
+// Packed weight layout: pack.h ([Np/16][Kp/4][16][4] int8 + comp + flags; the same bytes are AMX B tiles).
 // The avx512 path feeds A as u8 = a xor 0x80 = a + 128 to vpdpbusd (u8 x s8, no saturation: each 4-product
 // sum is formed exactly in int32), so acc = sum (a + 128) w = a.w + comp[n]; the epilogue subtracts comp.
 // The avx2 path multiplies |a| (u8) by sign(a)*w (s8): |a| <= 128 and |w| <= 127 keep the pair sums of
 // vpmaddubsw (<= 2*128*127 = 32512) below int16 saturation, which is why w = -128 is excluded there.
+// AMX's tdpbssd is s8 x s8: no compensation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -27,58 +26,48 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "amx_gemm.h"
+#include "avx512_common.h"
+#include "isa.h"
+#include "pack.h"
 
 namespace td_int8 {
 namespace {
 
-#define TD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-#define TD_AVX2 __attribute__((target("avx2,fma,f16c")))
+using td_cpu::Dt;
+using td_cpu::Isa;
+using td_cpu::packed_numel;
+using td_cpu::round_up;
 
-enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
+#define TD_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 constexpr int64_t kNB = 16;  // columns per packed block = int32 lanes of a zmm
 constexpr int64_t kMC = 128; // rows per task: the packed A block (kMC x Kp) stays in L2 beside one B panel
 
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
-}
-
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
+// The ISA for this call; a forced one this machine cannot run is a RuntimeError naming the reason.
 Isa current_isa() {
-  static const bool has512 = cpu_has_avx512(), has2 = cpu_has_avx2();
-  const char* env = std::getenv("TD_CPU_ISA");
-  if (env != nullptr && env[0] != '\0') {
-    std::string s(env);
-    if (s == "scalar") return Isa::scalar;
-    if (s == "avx2") {
-      TORCH_CHECK(has2, "TD_CPU_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
-      return Isa::avx2;
-    }
-    if (s == "avx512") {
-      TORCH_CHECK(has512, "TD_CPU_ISA=avx512 but this CPU lacks AVX-512 F/BW/VL/DQ/VNNI");
-      return Isa::avx512;
-    }
-    TORCH_CHECK(false, "TD_CPU_ISA must be avx512, avx2 or scalar, got '", s, "'");
+  try {
+    return td_cpu::current_isa();
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
   }
-  return has512 ? Isa::avx512 : has2 ? Isa::avx2 : Isa::scalar;
+  return Isa::ref;  // not reached
 }
 
-const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "scalar"; }
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-int64_t packed_numel(int64_t n, int64_t k) {
-  const int64_t np = round_up(n, kNB), kp = round_up(k, 4);
-  return np * kp + 4 * np + 64;
+Dt dt_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Dt::f32;
+    case at::kBFloat16: return Dt::bf16;
+    case at::kHalf: return Dt::f16;
+    case at::kChar: return Dt::i8;
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+  return Dt::f32;  // not reached
 }
 
 // ------------------------------------------------------------------------------------- epilogue (scalar)
@@ -96,32 +85,36 @@ inline void epilogue_scalar_row(const int32_t* acc, const int32_t* comp, float a
 
 struct Epi {
   const int32_t* comp;  // [Np], zeros for the paths that need no compensation
-  const float* a_scale; // [M]
+  const float* a_scale; // row m's scale is a_scale[m - scale_m0] (global [M], or a task's own rows)
   const float* ws;      // [Np] zero padded
   const float* bias;    // [Np] zero padded (zeros when there is no bias)
   void* out;            // [M, N]
   int64_t M, N;
-  at::ScalarType odt;
+  Dt odt;
   bool has_bf16 = false;  // CPU has AVX512-BF16 (vcvtne2ps2bf16) for the bf16 epilogue
+  int64_t scale_m0 = 0;
+  int64_t comp_n0 = 0;  // comp holds columns from comp_n0 on (a task's own packed chunk, or all of them)
+  float scale(int64_t m) const { return a_scale[m - scale_m0]; }
+  const int32_t* compn(int64_t n) const { return comp + (n - comp_n0); }
 };
 
 void epilogue_scalar(const Epi& e, const int32_t* acc /*[rows][16]*/, int64_t m0, int64_t rows, int64_t n0) {
-  const int32_t* comp = e.comp;
+  const int32_t* comp = e.compn(n0);
   const int64_t ncols = std::min<int64_t>(kNB, e.N - n0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    const float as = e.a_scale[m];
+    const float as = e.scale(m);
     switch (e.odt) {
-      case at::kFloat:
-        epilogue_scalar_row(acc + r * kNB, comp + n0, as, e.ws + n0, e.bias + n0,
+      case Dt::f32:
+        epilogue_scalar_row(acc + r * kNB, comp, as, e.ws + n0, e.bias + n0,
                             static_cast<float*>(e.out) + m * e.N + n0, ncols);
         break;
-      case at::kBFloat16:
-        epilogue_scalar_row(acc + r * kNB, comp + n0, as, e.ws + n0, e.bias + n0,
+      case Dt::bf16:
+        epilogue_scalar_row(acc + r * kNB, comp, as, e.ws + n0, e.bias + n0,
                             static_cast<c10::BFloat16*>(e.out) + m * e.N + n0, ncols);
         break;
       default:
-        epilogue_scalar_row(acc + r * kNB, comp + n0, as, e.ws + n0, e.bias + n0,
+        epilogue_scalar_row(acc + r * kNB, comp, as, e.ws + n0, e.bias + n0,
                             static_cast<c10::Half*>(e.out) + m * e.N + n0, ncols);
         break;
     }
@@ -130,30 +123,21 @@ void epilogue_scalar(const Epi& e, const int32_t* acc /*[rows][16]*/, int64_t m0
 
 // ----------------------------------------------------------------------------------------- packing
 
+// pack.h's layout, column blocks in parallel; the AVX-512 transposes wherever the CPU has them (same bytes).
 void pack_weight(const int8_t* w, int64_t N, int64_t K, int8_t* dst) {
-  const int64_t np = round_up(N, kNB), kp = round_up(K, 4), kq = kp / 4;
-  std::memset(dst, 0, packed_numel(N, K));
-  int32_t* comp = reinterpret_cast<int32_t*>(dst + np * kp);
-  int32_t* flags = comp + np;
-  std::vector<int> has_min(np / kNB, 0);
-  at::parallel_for(0, np / kNB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int8_t* blk = dst + b * kq * 64;
-      for (int64_t c = 0; c < kNB; ++c) {
-        const int64_t n = b * kNB + c;
-        if (n >= N) break;
-        const int8_t* row = w + n * K;
-        int32_t sum = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          blk[(k / 4) * 64 + c * 4 + (k % 4)] = row[k];
-          sum += row[k];
-          has_min[b] |= row[k] == -128;
-        }
-        comp[n] = 128 * sum;
-      }
-    }
+  const int64_t np = round_up(N, kNB), kp = round_up(K, 4);
+  int32_t* flags = reinterpret_cast<int32_t*>(dst + np * kp) + np;
+  std::memset(flags, 0, 64);
+  const bool vec = current_isa() >= Isa::avx512;
+  std::vector<char> has_min(np / kNB, 0);
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(16 * K, 1));
+  int32_t* comp = flags - np;
+  at::parallel_for(0, np / kNB, grain, [&](int64_t b0, int64_t b1) {
+    int8_t* blocks = dst + b0 * kp * kNB;
+    has_min[b0] = vec ? td_cpu::pack_blocks_avx512(w, N, K, blocks, comp + b0 * kNB, b0, b1)
+                      : td_cpu::pack_blocks_scalar(w, N, K, blocks, comp + b0 * kNB, b0, b1);
   });
-  for (int v : has_min) flags[0] |= v;
+  for (char v : has_min) flags[0] |= v;
 }
 
 // A block rows [m0, m0 + rows) -> panels of MR rows: [rows/MR][Kp/4][MR][4], rows past M and k past K are 0.
@@ -248,27 +232,6 @@ TD_AVX512 void pack_a8_avx512(const int8_t* a, int64_t M, int64_t K, int64_t m0,
 
 constexpr int kMR512 = 8;  // 8 rows x 2 zmm (32 columns) = 16 accumulators; 2 B loads + 8 broadcasts per k4
 
-TD_AVX512 inline void store16(const Epi& e, __m512 v, int64_t m, int64_t n0, __mmask16 mask) {
-  switch (e.odt) {
-    case at::kFloat:
-      _mm512_mask_storeu_ps(static_cast<float*>(e.out) + m * e.N + n0, mask, v);
-      break;
-    case at::kBFloat16: {
-      // round to nearest even on the bit pattern (NaN stays NaN: its payload sits in the high bits here)
-      __m512i b = _mm512_castps_si512(v);
-      __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-      b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-      b = _mm512_srli_epi32(b, 16);
-      _mm256_mask_storeu_epi16(static_cast<c10::BFloat16*>(e.out) + m * e.N + n0, mask, _mm512_cvtepi32_epi16(b));
-      break;
-    }
-    default:
-      _mm256_mask_storeu_epi16(static_cast<c10::Half*>(e.out) + m * e.N + n0, mask,
-                               _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      break;
-  }
-}
-
 // Accumulators of one 8 x 32 tile live in a 1 KiB slot of an L1-resident buffer between K blocks:
 // slot[(2*r + j) * 16 + lane] = row r, column block j.
 constexpr int64_t kSlot = 16 * 16;
@@ -343,20 +306,14 @@ TD_AVX512 void kern_8x1(const int8_t* ap, const int8_t* bp, int64_t qn, int32_t*
 // Epilogue of one tile from its slot: out = float(acc - comp) * (a_scale * w_scale) + bias, cast, masked store.
 TD_AVX512 void epi_tile(const int32_t* slot, int nblk, const Epi& e, int64_t m0, int64_t n0) {
   const int64_t rows = std::min<int64_t>(kMR512, e.M - m0);
+  const int es = td_cpu::dt_size(e.odt);
   for (int j = 0; j < nblk; ++j) {
     const int64_t n = n0 + j * kNB;
-    const int64_t ncols = std::min<int64_t>(kNB, e.N - n);
-    if (ncols <= 0) break;
-    const __mmask16 mask = static_cast<__mmask16>((1u << ncols) - 1u);
-    const __m512i comp = _mm512_loadu_si512(e.comp + n);
-    const __m512 ws = _mm512_loadu_ps(e.ws + n);
-    const __m512 bias = _mm512_loadu_ps(e.bias + n);
-    for (int r = 0; r < rows; ++r) {
-      const __m512i acc = _mm512_load_si512(slot + (2 * r + j) * 16);
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(e.a_scale[m0 + r]), ws);
-      const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, comp)), s, bias);
-      store16(e, v, m0 + r, n, mask);
-    }
+    if (n >= e.N) break;
+    const __mmask16 mask = td_cpu::tail_mask16(e.N - n);
+    for (int r = 0; r < rows; ++r)
+      td_cpu::epilogue16(slot + (2 * r + j) * 16, e.compn(n), e.scale(m0 + r), e.ws + n, e.bias + n,
+                         static_cast<char*>(e.out) + ((m0 + r) * e.N + n) * es, e.odt, mask);
   }
 }
 
@@ -365,11 +322,11 @@ TD_AVX512 void epi_tile(const int32_t* slot, int nblk, const Epi& e, int64_t m0,
 // Full 8 x 32 tile to bf16 with vcvtne2ps2bf16 (round to nearest even, as store16): one 64-byte store per row.
 TD_AVX512BF16 void epi_tile_bf16x32(const int32_t* slot, const Epi& e, int64_t m0, int64_t n0) {
   const int64_t rows = std::min<int64_t>(kMR512, e.M - m0);
-  const __m512i c0 = _mm512_loadu_si512(e.comp + n0), c1 = _mm512_loadu_si512(e.comp + n0 + 16);
+  const __m512i c0 = _mm512_loadu_si512(e.compn(n0)), c1 = _mm512_loadu_si512(e.compn(n0 + 16));
   const __m512 w0 = _mm512_loadu_ps(e.ws + n0), w1 = _mm512_loadu_ps(e.ws + n0 + 16);
   const __m512 b0 = _mm512_loadu_ps(e.bias + n0), b1 = _mm512_loadu_ps(e.bias + n0 + 16);
   for (int r = 0; r < rows; ++r) {
-    const __m512 as = _mm512_set1_ps(e.a_scale[m0 + r]);
+    const __m512 as = _mm512_set1_ps(e.scale(m0 + r));
     const __m512 v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(slot + 2 * r * 16), c0)),
                                       _mm512_mul_ps(as, w0), b0);
     const __m512 v1 = _mm512_fmadd_ps(
@@ -380,7 +337,8 @@ TD_AVX512BF16 void epi_tile_bf16x32(const int32_t* slot, const Epi& e, int64_t m
   }
 }
 
-// Rows [m0, m0+rows) (A block packed in ablk) against column blocks [b0, b1). For each 32-column B panel the
+// Rows [m0, m0+rows) (A block packed in ablk) against column blocks [b0, b1); wp points at block b0 (here and
+// in block_avx2/block_scalar). For each 32-column B panel the
 // K loop is cut in slices of <= kKC k4-groups so that the B slice (2 x 64 x qn bytes, <= 8 KiB), the 16 tiles'
 // accumulators (16 KiB) and the A slice of the tile being computed (2 KiB) stay in L1 while the slice is reused
 // by every 8-row tile of the block; A and B stream from L2 (the whole A block and the B panel fit there).
@@ -394,7 +352,7 @@ TD_AVX512 void block_avx512(const int8_t* ablk, int64_t rows, const int8_t* wp, 
   const int64_t ntiles = rows / kMR512;
   for (int64_t b = b0; b < b1; b += 2) {
     const int nblk = b + 1 < b1 ? 2 : 1;
-    const int8_t* bp = wp + b * bstride;
+    const int8_t* bp = wp + (b - b0) * bstride;
     for (int64_t q0 = 0; q0 < kq || q0 == 0; q0 += slice) {
       const int64_t qn = std::min(slice, kq - q0);
       for (int64_t t = 0; t < ntiles; ++t) {
@@ -406,7 +364,7 @@ TD_AVX512 void block_avx512(const int8_t* ablk, int64_t rows, const int8_t* wp, 
       }
       if (kq == 0) break;
     }
-    const bool fast_bf16 = e.has_bf16 && e.odt == at::kBFloat16 && nblk == 2 && (b + 2) * kNB <= e.N;
+    const bool fast_bf16 = e.has_bf16 && e.odt == Dt::bf16 && nblk == 2 && (b + 2) * kNB <= e.N;
     for (int64_t t = 0; t < ntiles; ++t) {
       if (fast_bf16)
         epi_tile_bf16x32(acc[t], e, m0 + t * kMR512, b * kNB);
@@ -448,7 +406,7 @@ TD_AVX2 void tile_avx2(const int8_t* ap, const int8_t* bp, int64_t kq, const Epi
 TD_AVX2 void block_avx2(const int8_t* ablk, int64_t rows, const int8_t* wp, int64_t kq, const Epi& e, int64_t m0,
                         int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b)
-    for (int64_t p = 0; p < rows; p += kMR2) tile_avx2(ablk + p * kq * 4, wp + b * kq * 64, kq, e, m0 + p, b * kNB);
+    for (int64_t p = 0; p < rows; p += kMR2) tile_avx2(ablk + p * kq * 4, wp + (b - b0) * kq * 64, kq, e, m0 + p, b * kNB);
 }
 
 // ----------------------------------------------------------------------------------------- scalar
@@ -456,7 +414,7 @@ TD_AVX2 void block_avx2(const int8_t* ablk, int64_t rows, const int8_t* wp, int6
 void block_scalar(const int8_t* ablk, int64_t rows, const int8_t* wp, int64_t kq, const Epi& e, int64_t m0,
                   int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const int8_t* bp = wp + b * kq * 64;
+    const int8_t* bp = wp + (b - b0) * kq * 64;
     for (int64_t p = 0; p < rows; p += kMR2) {
       int32_t acc[kMR2 * kNB] = {0};
       const int8_t* ap = ablk + p * kq * 4;
@@ -472,125 +430,13 @@ void block_scalar(const int8_t* ablk, int64_t rows, const int8_t* wp, int64_t kq
 }  // namespace
 }  // namespace td_int8
 
-// ------------------------------------------------------------------------------------------- driver
-
 namespace td_int8 {
 namespace {
-
-void gemm_packed_into(const at::Tensor& a, const at::Tensor& a_scale, const int8_t* wp, const at::Tensor& w_scale,
-                      const c10::optional<at::Tensor>& bias, at::Tensor& out, Isa isa) {
-  const int64_t M = a.size(0), K = a.size(1), N = w_scale.size(0);
-  const int64_t np = round_up(N, kNB), kp = round_up(K, 4), kq = kp / 4;
-  if (M == 0 || N == 0) return;
-  const int32_t* comp = reinterpret_cast<const int32_t*>(wp + np * kp);
-  if (isa == Isa::avx2 && comp[np] != 0) isa = Isa::scalar;  // w holds -128: vpmaddubsw could saturate
-
-  // zero-padded fp32 copies of the per-column vectors so the tiles load 16 lanes without bounds checks
-  std::vector<float> ws(np, 0.f), bs(np, 0.f);
-  std::memcpy(ws.data(), w_scale.data_ptr<float>(), N * sizeof(float));
-  if (bias.has_value()) {
-    at::Tensor b = bias->to(at::kFloat).contiguous();
-    std::memcpy(bs.data(), b.data_ptr<float>(), N * sizeof(float));
-  }
-  std::vector<int32_t> zero_comp;
-  if (isa != Isa::avx512) zero_comp.assign(np, 0);
-  Epi e{isa == Isa::avx512 ? comp : zero_comp.data(), a_scale.data_ptr<float>(), ws.data(), bs.data(),
-        out.data_ptr(), M, N, out.scalar_type()};
-  static const bool has_bf16 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  e.has_bf16 = has_bf16;
-
-  const int mr = isa == Isa::avx512 ? kMR512 : kMR2;
-  const int64_t mblocks = (M + kMC - 1) / kMC;
-  const int64_t nblocks = np / kNB;
-  // Split N too when there are few row blocks (small M), in even numbers of blocks (the 32-column panel).
-  const int64_t threads = at::get_num_threads();
-  int64_t nchunks = 1;
-  if (mblocks < 4 * threads) nchunks = std::min<int64_t>((nblocks + 1) / 2, (4 * threads + mblocks - 1) / mblocks);
-  const int64_t chunk = round_up((nblocks + nchunks - 1) / nchunks, 2);
-  nchunks = (nblocks + chunk - 1) / chunk;
-  const int8_t* ap = a.data_ptr<int8_t>();
-
-  at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int8_t> ablk(static_cast<size_t>(kMC * kp) + 64);
-    int64_t packed_m = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t mb = t / nchunks, nc = t % nchunks;
-      const int64_t m0 = mb * kMC, rows = std::min<int64_t>(kMC, M - m0);
-      const int64_t rows_p = round_up(rows, mr);
-      if (packed_m != m0) {
-        if (isa == Isa::avx512)
-          pack_a8_avx512(ap, M, K, m0, rows_p, ablk.data());
-        else if (mr == kMR512)
-          pack_a<kMR512>(ap, M, K, m0, rows_p, false, ablk.data());
-        else
-          pack_a<kMR2>(ap, M, K, m0, rows_p, false, ablk.data());
-        packed_m = m0;
-      }
-      const int64_t b0 = nc * chunk, b1 = std::min(nblocks, b0 + chunk);
-      if (isa == Isa::avx512)
-        block_avx512(ablk.data(), rows_p, wp, kq, e, m0, b0, b1);
-      else if (isa == Isa::avx2)
-        block_avx2(ablk.data(), rows_p, wp, kq, e, m0, b0, b1);
-      else
-        block_scalar(ablk.data(), rows_p, wp, kq, e, m0, b0, b1);
-    }
-  });
-}
-
-void check_inputs(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w_scale,
-                  const c10::optional<at::Tensor>& bias, at::ScalarType odt) {
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kChar && a.is_contiguous(), "a must be contiguous int8 [M, K]");
-  TORCH_CHECK(a.size(1) <= 65536, "K must be <= 65536 (int32 accumulation), got ", a.size(1));
-  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.is_contiguous() && a_scale.numel() == a.size(0),
-              "a_scale must be contiguous float32 [M]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.dim() == 1,
-              "w_scale must be contiguous float32 [N]");
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == w_scale.numel(), "bias must be [N]");
-  TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16 || odt == at::kHalf, "out_dtype must be fp32/bf16/fp16");
-}
-
-at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "w must be int8 [N, K]");
-  at::Tensor wc = w.contiguous();
-  at::Tensor out = at::empty({packed_numel(w.size(0), w.size(1))}, w.options());
-  pack_weight(wc.data_ptr<int8_t>(), w.size(0), w.size(1), out.data_ptr<int8_t>());
-  return out;
-}
-
-at::Tensor int8_gemm_packed_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w_packed,
-                                const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                                at::ScalarType out_dtype) {
-  check_inputs(a, a_scale, w_scale, bias, out_dtype);
-  const int64_t N = w_scale.size(0), K = a.size(1);
-  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 && w_packed.is_contiguous() &&
-                  w_packed.numel() == packed_numel(N, K),
-              "w_packed must be the 1-D int8 tensor from pack_int8_weight for N=", N, ", K=", K, " (",
-              packed_numel(N, K), " bytes), got ", w_packed.numel(), " elements of ", w_packed.scalar_type());
-  at::Tensor out = at::empty({a.size(0), N}, a.options().dtype(out_dtype));
-  gemm_packed_into(a, a_scale, w_packed.data_ptr<int8_t>(), w_scale, bias, out, current_isa());
-  return out;
-}
-
-at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
-                         const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-  check_inputs(a, a_scale, w_scale, bias, out_dtype);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == a.size(1) && w.size(0) == w_scale.size(0),
-              "w must be int8 [N, K]");
-  // Packing costs N*K byte moves against 2*M*N*K ops: negligible unless M is tiny (then use the packed op).
-  at::Tensor wp = pack_int8_weight_cpu(w);
-  at::Tensor out = at::empty({a.size(0), w.size(0)}, a.options().dtype(out_dtype));
-  gemm_packed_into(a, a_scale, wp.data_ptr<int8_t>(), w_scale, bias, out, current_isa());
-  return out;
-}
 
 // --------------------------------------------------------------------------------------- quantize
 
 // Same fp32 operations as reference.quantize_per_token (absmax/127, 1/scale, round-half-even of x*inv), so the
-// result is bit-identical.
+// result is bit-identical (the AVX-512 row is avx512_common.h's quant_row_avx512).
 inline void quant_row_finish(float amax, float& scale, float& inv) {
   scale = amax / 127.0f;
   inv = scale > 0.f ? 1.0f / scale : 0.f;
@@ -606,38 +452,6 @@ void quant_row_scalar(const T* x, int64_t K, int8_t* q, float* scale_out) {
     float v = std::nearbyint(static_cast<float>(x[k]) * inv);
     v = std::min(127.f, std::max(-127.f, v));
     q[k] = static_cast<int8_t>(v);
-  }
-  *scale_out = scale;
-}
-
-template <typename T>
-TD_AVX512 inline __m512 load16_512(const T* x, __mmask16 m) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_maskz_loadu_ps(m, x);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, x);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x));
-  }
-}
-
-template <typename T>
-TD_AVX512 void quant_row_avx512(const T* x, int64_t K, int8_t* q, float* scale_out) {
-  __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u);
-    amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_512(x + k, m)));
-  }
-  float scale, inv;
-  quant_row_finish(_mm512_reduce_max_ps(amax), scale, inv);
-  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 v = _mm512_mul_ps(load16_512(x + k, m), vinv);
-    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
   }
   *scale_out = scale;
 }
@@ -684,41 +498,254 @@ TD_AVX2 void quant_row_avx2(const T* x, int64_t K, int8_t* q, float* scale_out) 
 }
 
 template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* q, float* s, Isa isa) {
+void quant_row(const T* x, int64_t K, int8_t* q, float* s, Isa isa) {
+  if (isa >= Isa::avx512)
+    td_cpu::quant_row_avx512(x, dt_of(c10::CppTypeToScalarType<T>::value), K, q, s);
+  else if (isa == Isa::avx2)
+    quant_row_avx2(x, K, q, s);
+  else
+    quant_row_scalar(x, K, q, s);
+}
+
+// Row r of x (fp32/bf16/fp16, row-major [M, K]) quantized.
+void quant_row_dt(const void* x, Dt dt, int64_t K, int64_t r, int8_t* q, float* s, Isa isa) {
+  switch (dt) {
+    case Dt::f32: return quant_row(static_cast<const float*>(x) + r * K, K, q, s, isa);
+    case Dt::bf16: return quant_row(static_cast<const c10::BFloat16*>(x) + r * K, K, q, s, isa);
+    default: return quant_row(static_cast<const c10::Half*>(x) + r * K, K, q, s, isa);
+  }
+}
+
+void quantize_rows(const void* x, Dt dt, int64_t M, int64_t K, int8_t* q, float* s, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (isa == Isa::avx512)
-        quant_row_avx512(x + r * K, K, q + r * K, s + r);
-      else if (isa == Isa::avx2)
-        quant_row_avx2(x + r * K, K, q + r * K, s + r);
-      else
-        quant_row_scalar(x + r * K, K, q + r * K, s + r);
-    }
+    for (int64_t r = r0; r < r1; ++r) quant_row_dt(x, dt, K, r, q + r * K, s + r, isa);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x_) {
   TORCH_CHECK(x_.dim() == 2, "x must be 2-D [M, K]");
   const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be float32/bfloat16/float16, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
-  const Isa isa = current_isa();
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), isa);
-      break;
-    case at::kBFloat16:
-      quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), isa);
-      break;
-    case at::kHalf:
-      quantize_rows(x.data_ptr<c10::Half>(), M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), isa);
-      break;
-    default:
-      TORCH_CHECK(false, "x must be float32/bfloat16/float16, got ", x.scalar_type());
-  }
+  quantize_rows(x.data_ptr(), dt_of(x.scalar_type()), M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), current_isa());
   return {q, s};
+}
+
+// ------------------------------------------------------------------------------------------- driver
+
+// A operand of a GEMM: int8 [M, K] with its per-row scales, or float [M, K] quantized per token while it is
+// packed (the fused path of w8a8_linear: no int8 copy of x in memory).
+struct ASrc {
+  const void* p;
+  Dt dt;
+  const float* scale;  // [M] for int8 A
+};
+
+// wp: the packed weight; or nullptr and w_plain: the int8 [N, K] weight, packed chunk by chunk inside the tasks
+// into per-thread scratch (small M only, where each chunk serves few tasks: no N*K copy in fresh pages).
+void gemm_packed_into(const ASrc& A, int64_t M, int64_t K, const int8_t* wp, const at::Tensor& w_scale,
+                      const c10::optional<at::Tensor>& bias, at::Tensor& out, Isa isa,
+                      const int8_t* w_plain = nullptr) {
+  const int64_t N = w_scale.size(0);
+  const int64_t np = round_up(N, kNB), kp = round_up(K, 4), kq = kp / 4;
+  if (M == 0 || N == 0) return;
+  const int32_t* comp = wp != nullptr ? reinterpret_cast<const int32_t*>(wp + np * kp) : nullptr;
+  if (isa == Isa::avx2 && comp != nullptr && comp[np] != 0) isa = Isa::ref;  // w holds -128: vpmaddubsw saturates
+
+  // zero-padded fp32 copies of the per-column vectors so the tiles load 16 lanes without bounds checks
+  std::vector<float> ws(np, 0.f), bs(np, 0.f);
+  std::memcpy(ws.data(), w_scale.data_ptr<float>(), N * sizeof(float));
+  if (bias.has_value()) {
+    at::Tensor b = bias->to(at::kFloat).contiguous();
+    std::memcpy(bs.data(), b.data_ptr<float>(), N * sizeof(float));
+  }
+  const Dt odt = dt_of(out.scalar_type());
+  const int64_t threads = at::get_num_threads();
+
+  if (isa == Isa::amx && wp == nullptr) {  // the AMX kernel reads packed B tiles: pack the whole weight
+    at::Tensor packed = at::empty({packed_numel(N, K)}, out.options().dtype(at::kChar));
+    pack_weight(w_plain, N, K, packed.data_ptr<int8_t>());
+    return gemm_packed_into(A, M, K, packed.data_ptr<int8_t>(), w_scale, bias, out, isa);
+  }
+  if (isa == Isa::amx) {
+    const td_cpu::amx::Gemm g{A.p, A.dt, A.scale, M, K, N, wp, ws.data(), bs.data(), out.data_ptr(), odt};
+    td_cpu::amx::gemm(g, threads, [](int64_t n, auto&& body) { at::parallel_for(0, n, 1, body); });
+    return;
+  }
+  if (A.dt != Dt::i8 && isa != Isa::avx512) {  // fused quantization exists for the avx512 and amx paths only
+    at::Tensor q = at::empty({M, K}, out.options().dtype(at::kChar));
+    at::Tensor s = at::empty({M}, out.options().dtype(at::kFloat));
+    quantize_rows(A.p, A.dt, M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), isa);
+    return gemm_packed_into(ASrc{q.data_ptr<int8_t>(), Dt::i8, s.data_ptr<float>()}, M, K, wp, w_scale, bias, out,
+                            isa, w_plain);
+  }
+
+  std::vector<int32_t> zero_comp;
+  if (isa != Isa::avx512 || wp == nullptr) zero_comp.assign(np, 0);
+  Epi e{isa == Isa::avx512 && wp != nullptr ? comp : zero_comp.data(), A.scale, ws.data(), bs.data(), out.data_ptr(), M, N, odt};
+  static const bool has_bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  e.has_bf16 = has_bf16;
+
+  const int mr = isa == Isa::avx512 ? kMR512 : kMR2;
+  const int64_t mblocks = (M + kMC - 1) / kMC;
+  const int64_t nblocks = np / kNB;
+  int64_t nchunks, chunk;  // small M splits N too, in even numbers of blocks (the 32-column panel)
+  td_cpu::amx::plan_chunks(mblocks, nblocks, threads, &nchunks, &chunk);
+  if (wp == nullptr) {  // packing in the tasks: chunks of <= 256 KiB of packed weight, which stay in L2 while used
+    chunk = std::min(round_up(nblocks, 2), std::max<int64_t>(2, 262144 / std::max<int64_t>(kq * 64, 1) / 2 * 2));
+    nchunks = (nblocks + chunk - 1) / chunk;
+  }
+  const int8_t* ap = static_cast<const int8_t*>(A.p);
+
+  at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int8_t> ablk(static_cast<size_t>(kMC * kp) + 64);
+    std::vector<int8_t> qrows;          // fused path: 8 quantized rows, then transposed into the A panel
+    std::vector<float> scales(kMC);     // fused path: this task's row scales
+    std::vector<int8_t> wchunk;         // unpacked weight: this task's column blocks, packed
+    std::vector<int32_t> wcomp;
+    Epi et = e;
+    int64_t packed_m = -1, packed_nc = -1;
+    bool wchunk_has_min = false;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mb = t / nchunks, nc = t % nchunks;
+      const int64_t m0 = mb * kMC, rows = std::min<int64_t>(kMC, M - m0);
+      const int64_t rows_p = round_up(rows, mr);
+      if (packed_m != m0) {
+        if (A.dt != Dt::i8) {
+          qrows.resize(kMR512 * K);
+          for (int64_t p = 0; p < rows_p; p += kMR512) {
+            const int64_t n = std::min<int64_t>(kMR512, rows - p);
+            for (int64_t r = 0; r < n; ++r)
+              quant_row_dt(A.p, A.dt, K, m0 + p + r, qrows.data() + r * K, &scales[p + r], isa);
+            pack_a8_avx512(qrows.data(), n, K, 0, kMR512, ablk.data() + p * kp);
+          }
+          et.a_scale = scales.data();
+          et.scale_m0 = m0;
+        } else if (isa == Isa::avx512) {
+          pack_a8_avx512(ap, M, K, m0, rows_p, ablk.data());
+        } else {
+          pack_a<kMR2>(ap, M, K, m0, rows_p, false, ablk.data());
+        }
+        packed_m = m0;
+      }
+      const int64_t b0 = nc * chunk, b1 = std::min(nblocks, b0 + chunk);
+      const int8_t* wb0 = wp != nullptr ? wp + b0 * kq * 64 : nullptr;
+      Isa tisa = isa;
+      if (wp == nullptr) {
+        wchunk.resize(chunk * kq * 64);
+        wcomp.resize(chunk * kNB);
+        if (packed_nc != nc) {
+          const bool has_min = isa >= Isa::avx512
+                                   ? td_cpu::pack_blocks_avx512(w_plain, N, K, wchunk.data(), wcomp.data(), b0, b1)
+                                   : td_cpu::pack_blocks_scalar(w_plain, N, K, wchunk.data(), wcomp.data(), b0, b1);
+          wchunk_has_min = has_min;
+          packed_nc = nc;
+        }
+        if (isa == Isa::avx2 && wchunk_has_min) tisa = Isa::ref;
+        wb0 = wchunk.data();
+        if (isa == Isa::avx512) {
+          et.comp = wcomp.data();
+          et.comp_n0 = b0 * kNB;
+        }
+      }
+      if (tisa == Isa::avx512)
+        block_avx512(ablk.data(), rows_p, wb0, kq, et, m0, b0, b1);
+      else if (tisa == Isa::avx2)
+        block_avx2(ablk.data(), rows_p, wb0, kq, et, m0, b0, b1);
+      else
+        block_scalar(ablk.data(), rows_p, wb0, kq, et, m0, b0, b1);
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w_scale,
+                  const c10::optional<at::Tensor>& bias, at::ScalarType odt) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kChar && a.is_contiguous(), "a must be contiguous int8 [M, K]");
+  TORCH_CHECK(a.size(1) <= 65536, "K must be <= 65536 (int32 accumulation), got ", a.size(1));
+  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.is_contiguous() && a_scale.numel() == a.size(0),
+              "a_scale must be contiguous float32 [M]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.dim() == 1,
+              "w_scale must be contiguous float32 [N]");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == w_scale.numel(), "bias must be [N]");
+  TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16 || odt == at::kHalf, "out_dtype must be fp32/bf16/fp16");
+}
+
+void check_packed(const at::Tensor& w_packed, int64_t N, int64_t K) {
+  TORCH_CHECK(w_packed.scalar_type() == at::kChar && w_packed.dim() == 1 && w_packed.is_contiguous() &&
+                  w_packed.numel() == packed_numel(N, K),
+              "w_packed must be the 1-D int8 tensor from pack_int8_weight for N=", N, ", K=", K, " (",
+              packed_numel(N, K), " bytes), got ", w_packed.numel(), " elements of ", w_packed.scalar_type());
+}
+
+at::Tensor pack_int8_weight_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "w must be int8 [N, K]");
+  at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty({packed_numel(w.size(0), w.size(1))}, w.options());
+  pack_weight(wc.data_ptr<int8_t>(), w.size(0), w.size(1), out.data_ptr<int8_t>());
+  return out;
+}
+
+at::Tensor int8_gemm_packed_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w_packed,
+                                const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
+                                at::ScalarType out_dtype) {
+  check_inputs(a, a_scale, w_scale, bias, out_dtype);
+  const int64_t N = w_scale.size(0), K = a.size(1);
+  check_packed(w_packed, N, K);
+  at::Tensor out = at::empty({a.size(0), N}, a.options().dtype(out_dtype));
+  gemm_packed_into(ASrc{a.data_ptr<int8_t>(), Dt::i8, a_scale.data_ptr<float>()}, a.size(0), K,
+                   w_packed.data_ptr<int8_t>(), w_scale, bias, out, current_isa());
+  return out;
+}
+
+at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                         const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_inputs(a, a_scale, w_scale, bias, out_dtype);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == a.size(1) && w.size(0) == w_scale.size(0),
+              "w must be int8 [N, K]");
+  at::Tensor out = at::empty({a.size(0), w.size(0)}, a.options().dtype(out_dtype));
+  const ASrc A{a.data_ptr<int8_t>(), Dt::i8, a_scale.data_ptr<float>()};
+  const Isa isa = current_isa();
+  const at::Tensor wc = w.contiguous();
+  // Few row blocks: every column chunk serves <= 2 tasks, so each task packs its own chunk into scratch (no
+  // N*K copy; at M=120, K=4096, N=10240 that copy cost as much as the GEMM). Many row blocks: pack once
+  // (N*K byte moves against 2*M*N*K ops).
+  if (isa != Isa::amx && a.size(0) <= 2 * kMC) {
+    gemm_packed_into(A, a.size(0), a.size(1), nullptr, w_scale, bias, out, isa, wc.data_ptr<int8_t>());
+  } else {
+    at::Tensor wp = pack_int8_weight_cpu(wc);
+    gemm_packed_into(A, a.size(0), a.size(1), wp.data_ptr<int8_t>(), w_scale, bias, out, isa);
+  }
+  return out;
+}
+
+// x [M, K] float (fp32/bf16/fp16) -> out [M, N] in x's dtype = int8_gemm_packed(quantize_per_token(x), ...),
+// bit for bit, with the quantization fused into the A packing on the avx512 and amx paths.
+at::Tensor w8a8_linear_cpu(const at::Tensor& x_, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_.dim() == 2, "x must be 2-D [M, K]");
+  const at::Tensor x = x_.contiguous();
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x must be float32/bfloat16/float16, got ",
+              dt);
+  TORCH_CHECK(x.size(1) <= 65536, "K must be <= 65536 (int32 accumulation), got ", x.size(1));
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.dim() == 1,
+              "w_scale must be contiguous float32 [N]");
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == w_scale.numel(), "bias must be [N]");
+  const int64_t N = w_scale.size(0), K = x.size(1);
+  check_packed(w_packed, N, K);
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  gemm_packed_into(ASrc{x.data_ptr(), dt_of(dt), nullptr}, x.size(0), K, w_packed.data_ptr<int8_t>(), w_scale, bias,
+                   out, current_isa());
+  return out;
 }
 
 // ------------------------------------------------------------------------------- ISA and peak probes
@@ -745,20 +772,47 @@ TD_AVX512 int64_t vnni_spin(int64_t iters) {
   return iters;
 }
 
-// Measured int8 peak over at::get_num_threads() threads, in GOP/s (1 multiply-add = 2 ops).
-double vnni_peak_gops(int64_t iters) {
-  TORCH_CHECK(cpu_has_avx512(), "vnni_peak_gops needs AVX-512 VNNI");
+// 4 independent tdpbssd accumulators (tmm0-3) fed by 2 A and 2 B tiles that never leave the registers: the
+// AMX int8 peak (16x16x64 multiply-adds per instruction). Tiles must be configured on the thread.
+__attribute__((target("amx-tile,amx-int8"))) int64_t amx_spin(int64_t iters) {
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  return iters;
+}
+
+// Register-only peak of `isa` ("amx" or "avx512") over at::get_num_threads() threads, in GOP/s (1 multiply-add =
+// 2 ops). An ISA the machine cannot run is an error with the probe's reason.
+double isa_peak_gops(const std::string& name, int64_t iters) {
+  const Isa isa = name == "amx" ? Isa::amx : name == "avx512" ? Isa::avx512 : Isa::ref;
+  TORCH_CHECK(isa != Isa::ref, "isa_peak_gops: isa must be 'amx' or 'avx512', got '", name, "'");
+  std::string why;
+  TORCH_CHECK(td_cpu::isa_usable(isa, &why), "isa_peak_gops(", name, "): not on this machine: ", why);
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> sink(threads);
   const auto t0 = std::chrono::steady_clock::now();
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) sink[i] = vnni_spin(iters);
+    for (int64_t i = b; i < e; ++i) {
+      if (isa == Isa::amx) {
+        td_cpu::amx::configure();
+        sink[i] = amx_spin(iters);
+        td_cpu::amx::release();
+      } else {
+        sink[i] = vnni_spin(iters);
+      }
+    }
   });
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return static_cast<double>(threads) * iters * 12 * 64 * 2 / s / 1e9;
+  const double ops_per_iter = isa == Isa::amx ? 4.0 * 16 * 16 * 64 * 2 : 12.0 * 64 * 2;
+  return static_cast<double>(threads) * iters * ops_per_iter / s / 1e9;
 }
 
-std::string cpu_isa() { return isa_name(current_isa()); }
+std::string cpu_isa() { return td_cpu::isa_name(current_isa()); }
+
+std::string cpu_isa_report() { return td_cpu::isa_report(); }
 
 }  // namespace
 }  // namespace td_int8
@@ -770,7 +824,11 @@ TORCH_LIBRARY_IMPL(tiled_diffusion_C, CPU, m) {
   m.impl("int8_gemm", &td_int8::int8_gemm_cpu);
 }
 
+// CPU-only private ops, declared here (not in module.cpp) because only the CPU kernels have them.
 TORCH_LIBRARY_FRAGMENT(tiled_diffusion_C, m) {
+  m.def("w8a8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.impl("w8a8_linear", c10::DispatchKey::CPU, TORCH_FN(td_int8::w8a8_linear_cpu));
   m.def("cpu_isa() -> str", &td_int8::cpu_isa);
-  m.def("vnni_peak_gops(int iters) -> float", &td_int8::vnni_peak_gops);
+  m.def("cpu_isa_report() -> str", &td_int8::cpu_isa_report);
+  m.def("isa_peak_gops(str isa, int iters) -> float", &td_int8::isa_peak_gops);
 }
