@@ -213,6 +213,7 @@ class HaloLayout:
                 (self.interior if all(self.y0 <= r < self.y1 for r in rows) else self.border).append((iy, ix))
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.wait_s = 0.0  # time spent blocked on the halo after the interior tiles were done
         self._tables: dict = {}
 
     def _needs(self, r: int) -> list[tuple[int, tuple[int, int]]]:
@@ -324,6 +325,14 @@ def _global_rank(d: Dist, group_rank: int) -> int:
     return dist.get_global_rank(d.group, group_rank)
 
 
+def _timed_wait(layout: HaloLayout, works, d: Dist) -> None:
+    if not works:
+        return
+    t0 = time.perf_counter()
+    _wait(works, d.timeout, "halo exchange")
+    layout.wait_s += time.perf_counter() - t0
+
+
 def halo_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HaloLayout, d: Dist,
                           head_chunk: Optional[int] = None) -> torch.Tensor:
     """Windowed attention of a rank's band: q, k, v [B·T_band, H, L, D] (tile-major, band-local order) ->
@@ -338,11 +347,11 @@ def halo_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     works, recvs, sends = layout.start_exchange(k, v, d)
     out = window_attention(q, k, v, t["interior_nb"], head_chunk)  # border rows: no key -> 0, overwritten below
     if t["border_q"].numel() == 0:
-        _wait(works, d.timeout, "halo exchange")
+        _timed_wait(layout, works, d)
         return out
     band_k = k.index_select(0, t["border_k"])
     band_v = v.index_select(0, t["border_k"])
-    _wait(works, d.timeout, "halo exchange")
+    _timed_wait(layout, works, d)
     del sends
     H, L, D = q.shape[1:]
     kb = torch.cat([band_k] + [r[0].reshape(-1, H, L, D) for r in recvs])
@@ -353,6 +362,220 @@ def halo_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     ob = window_attention(qb, kb, vb, t["border_nb"], head_chunk)
     out.index_copy_(0, t["border_q"], ob[:nq])
     return out
+
+
+# ------------------------------------------------------------------------- the canvas forward over ranks
+
+
+class Band:
+    """This rank's share of one cross_tile canvas forward: the tile rows [y0, y1) of the step's token grid.
+
+    grid: the band's own token TileGrid (the same tiles; the grid's row shift is folded into which canvas rows the
+    band holds, its column shift kept). rows: int64 latent rows of the canvas the band holds, in order (they wrap
+    around the canvas bottom for the last band of a row-shifted grid). offsets int64 [1, 2]: the band's top-left
+    canvas token for the patch embedding's positions (negative when the band wraps: positions are looked up
+    with Python indexing, so row -1 is the canvas's last row). layout: the halo plan.
+    """
+
+    def __init__(self, grid, bands: Sequence[tuple[int, int]], rank: int, layout: HaloLayout):
+        from .tiling import TileGrid
+
+        tth, p = grid.tile_tokens_h, grid.patch
+        sy, sx = grid.shift
+        Ht = grid.tokens_h
+
+        def token_rows(r: int) -> torch.Tensor:
+            y0, y1 = bands[r]
+            return (torch.arange(y0 * tth, y1 * tth) + sy) % Ht
+
+        def latent_rows(r: int) -> torch.Tensor:
+            t = token_rows(r)
+            return (t[:, None] * p + torch.arange(p)).reshape(-1)
+
+        y0, y1 = bands[rank]
+        n_tok = (y1 - y0) * tth
+        self.grid = TileGrid(n_tok * p, grid.width, (grid.th, grid.tw), overlap=0, patch=p, shift=(0, sx))
+        top = y0 * tth + sy
+        self.offsets = torch.tensor([[top - Ht if top + n_tok > Ht else top, 0]], dtype=torch.long)
+        self.rows = latent_rows(rank)
+        self.all_rows = [latent_rows(r) for r in range(len(bands))]
+        self.layout = layout
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """A canvas-shaped latent [B, C, h, w] -> the band's rows [B, C, band_h, w]."""
+        return x.index_select(2, self.rows.to(x.device))
+
+    def gather(self, out: torch.Tensor, d: Dist, stats: "CommStats") -> torch.Tensor:
+        """Every rank's band output [B, C, band_h, w] -> the canvas [B, C, h, w] on every rank."""
+        spans, a = [], 0
+        for r in self.all_rows:
+            spans.append((a, a + r.numel()))
+            a += r.numel()
+        t0 = time.perf_counter()
+        cat = gather_rows(out, spans, d, dim=2)
+        stats.gather_s += time.perf_counter() - t0
+        stats.gather_bytes += out.numel() * out.element_size() * (d.world - 1)
+        rows = torch.cat(self.all_rows).to(cat.device)
+        if torch.equal(rows.cpu(), torch.arange(rows.numel())):
+            return cat
+        full = torch.empty_like(cat)
+        return full.index_copy_(2, rows, cat)
+
+
+@dataclasses.dataclass
+class CommStats:
+    """What this rank's canvas forwards communicated (payload bytes this rank sent, and time blocked waiting).
+    gather_bytes counts what a ring all-gather sends: the rank's part once to each of the world - 1 peers."""
+
+    gather_bytes: int = 0
+    gather_s: float = 0.0
+    forwards: int = 0
+    layouts: list = dataclasses.field(default_factory=list)
+
+    @property
+    def halo_bytes(self) -> int:
+        return sum(lay.bytes_sent for lay in self.layouts)
+
+    @property
+    def halo_wait_s(self) -> float:
+        return sum(lay.wait_s for lay in self.layouts)
+
+    def as_dict(self) -> dict:
+        return {"forwards": self.forwards, "halo_bytes": self.halo_bytes, "halo_wait_s": self.halo_wait_s,
+                "gather_bytes": self.gather_bytes, "gather_s": self.gather_s}
+
+
+class DistState:
+    """The process group a transformer's canvas forward runs over (`enable` attaches one to its TileContext as
+    `context.distributed`). The canvas forward asks it for this rank's band (cross_tile) or tile share
+    (multidiffusion) and gathers the outputs, so every rank returns the whole canvas's output."""
+
+    def __init__(self, d: Dist):
+        self.dist = d
+        self.current: Optional[Band] = None  # the band of the forward in progress (read by `attend`)
+        self.stats = CommStats()
+        self._layouts: dict = {}
+
+    def band(self, grid, radius: int) -> Band:
+        """This rank's band of `grid` (a token TileGrid of batch 1 for the whole canvas); becomes `current`."""
+        bands = split_rows(grid.ny, self.dist.world)
+        key = (grid.ny, grid.nx, grid.tokens_per_tile, radius)
+        layout = self._layouts.get(key)
+        if layout is None:  # the neighbour structure ignores the shift: one layout serves every step
+            layout = self._layouts[key] = HaloLayout(grid, bands, self.dist.rank, radius)
+            self.stats.layouts.append(layout)
+        self.current = Band(grid, bands, self.dist.rank, layout)
+        self.stats.forwards += 1
+        return self.current
+
+    def gather_band(self, out: torch.Tensor) -> torch.Tensor:
+        """The band output [B, C, band_h, w] of the forward in progress -> the canvas [B, C, h, w], every rank."""
+        return self.current.gather(out, self.dist, self.stats)
+
+    def tile_share(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [a, b) of n multidiffusion tiles (rows × tiles, in seam_blend's order)."""
+        if n < self.dist.world:
+            raise ValueError(f"distributed: {self.dist.world} ranks but only {n} multidiffusion tiles (a rank runs "
+                             f"at least one); use at most {n} ranks or a smaller --tile")
+        self.stats.forwards += 1
+        return split_rows(n, self.dist.world)[self.dist.rank]
+
+    def gather_tiles(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's tile outputs [b - a, ...] -> all n tiles [n, ...] on every rank (one all-gather)."""
+        t0 = time.perf_counter()
+        out = gather_rows(part, split_rows(n, self.dist.world), self.dist, dim=0)
+        self.stats.gather_s += time.perf_counter() - t0
+        self.stats.gather_bytes += part.numel() * part.element_size() * (self.dist.world - 1)
+        return out
+
+    def attend(self, q, k, v, head_chunk: Optional[int]) -> torch.Tensor:
+        return halo_window_attention(q, k, v, self.current.layout, self.dist, head_chunk)
+
+
+def _dist_context_class(cls: type) -> type:
+    """The subclass of a TileContext class whose `attend` exchanges halos while a band forward runs."""
+    cached = _CONTEXT_CLASSES.get(cls)
+    if cached is None:
+        def attend(self, q, k, v):
+            ds = self.__dict__.get("distributed")
+            if ds is None or ds.current is None:
+                return cls.attend(self, q, k, v)
+            return ds.attend(q, k, v, self.head_chunk)
+
+        def clear(self):
+            cls.clear(self)
+            ds = self.__dict__.get("distributed")
+            if ds is not None:
+                ds.current = None
+
+        cached = _CONTEXT_CLASSES[cls] = type(f"Distributed{cls.__name__}", (cls,),
+                                             {"attend": attend, "clear": clear, "__module__": __name__})
+    return cached
+
+
+_CONTEXT_CLASSES: dict = {}
+
+
+def _transformer(pipe):
+    tr = getattr(pipe, "transformer", pipe)
+    if getattr(tr, "_tiled_diffusion", None) is None:
+        raise RuntimeError("distributed: the pipeline is not accelerated; call tiled_diffusion.accelerate(pipe) "
+                           "first")
+    return tr
+
+
+def enable(pipe, group: Optional[dist.ProcessGroup] = None, *, d: Optional[Dist] = None, **setup_kwargs) -> DistState:
+    """Make an accelerated pipeline's (or transformer's) canvas forward run over the ranks of `group` (or the
+    torchrun group, see `setup`): cross_tile bands with halo attention, multidiffusion tiles dealt; every rank
+    gets the whole canvas's output, so sampler, schedulers and `pipe(...)` run unchanged on every rank. Every
+    rank must call the forward with the same inputs. `disable` reverts."""
+    tr = _transformer(pipe)
+    ctx = tr._tiled_diffusion.context
+    if "distributed" in ctx.__dict__:
+        return ctx.distributed
+    d = d or setup(group, **setup_kwargs)
+    ds = DistState(d)
+    ctx.__class__ = _dist_context_class(type(ctx))
+    ctx.distributed = ds
+    return ds
+
+
+def disable(pipe) -> None:
+    """Undo `enable` (the process group itself is left as it is)."""
+    tr = _transformer(pipe)
+    ctx = tr._tiled_diffusion.context
+    if "distributed" in ctx.__dict__:
+        del ctx.distributed
+        ctx.__class__ = ctx.__class__.__mro__[1]
+
+
+@torch.no_grad()
+def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, prompt_embeds=None,
+             negative_prompt: str = "", guidance_scale: float = 0.0, output_type: str = "pil",
+             timings: Optional[dict] = None, **kwargs):
+    """`pipeline.generate` over the ranks of `group` (or torchrun's). Rank 0 encodes the prompt (other ranks
+    need no text encoder) and broadcasts the embeddings; the canvas forward runs distributed; every rank ends
+    with the same final latents. Returns the decoded output on rank 0 and None elsewhere (output_type "latent":
+    the latents on every rank). timings: a dict that receives pipeline.generate's timings and this rank's
+    communication counters (`CommStats.as_dict`)."""
+    from . import pipeline as P
+
+    timings = {} if timings is None else timings
+    ds = enable(pipe, group)
+    d = ds.dist
+    try:
+        with fail_fast(d):
+            if prompt_embeds is None:
+                enc = P.encode(pipe, prompt, negative_prompt, guidance_scale) if d.is_main else None
+                prompt_embeds = tuple(broadcast_tensors(enc, d))
+            lat = P.generate(pipe, prompt_embeds=prompt_embeds, guidance_scale=guidance_scale,
+                             output_type="latent", timings=timings, **kwargs)
+            timings.update(ds.stats.as_dict())
+            if output_type == "latent":
+                return lat
+            return P.decode(pipe, lat, output_type=output_type) if d.is_main else None
+    finally:
+        disable(pipe)
 
 
 # ------------------------------------------------------------------------------ collectives for the run
