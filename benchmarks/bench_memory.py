@@ -84,7 +84,7 @@ def measure_config(config: str, quick: bool) -> dict:
     from transformers import T5Config, T5EncoderModel
 
     from tiled_diffusion.int8 import Int8Embedding, Int8Linear, PIXART_KEEP_HIGH_PRECISION, _matches, replace_module
-    from tiled_diffusion.generate import release_freed_memory
+    from tiled_diffusion.cli_generate import release_freed_memory
     from tiled_diffusion.vae import tiled_decode
 
     torch.manual_seed(0)

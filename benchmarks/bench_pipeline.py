@@ -10,7 +10,9 @@ suite(quick=False):
 - Seam ratio: the tiny model at 1024² (tiles of 256 px = 4x4 tiles), 2 steps, per mode; decoded image before
   clamping; seams at the tile boundaries (multiples of 256 px); mean |gradient| across seams / elsewhere
   (1.0 = seams invisible to the metric).
-suite(quick=True): the tiny model at 256² (4 steps, all modes) and the seam ratio at 512².
+- Drop-in: the same XL-width model inside a PixArtAlphaPipeline, called as `pipe(...)` at 2048², un-accelerated
+  vs accelerate(pipe) in cross_tile and multidiffusion (`dropin_rows`).
+suite(quick=True): the tiny model at 256² (4 steps, all modes), `pipe(...)` at 512², the seam ratio at 512².
 """
 from __future__ import annotations
 
@@ -156,6 +158,74 @@ def speed_rows(sizes=(1024, 2048, 4096), layers: int = 2, dtype=torch.bfloat16, 
     return rows
 
 
+# ------------------------------------------------------------------------------ through diffusers' pipe(...)
+
+
+def xl_pipeline(layers: int = 2, dtype=torch.bfloat16):
+    """A PixArtAlphaPipeline around the XL-width transformer (the tiny text encoder / VAE are never run: the rows
+    pass synthetic prompt embeddings and ask for latents, so only the denoise is timed)."""
+    from diffusers import PixArtAlphaPipeline
+
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    small = tiny_pipeline()
+    pipe = PixArtAlphaPipeline(tokenizer=small.tokenizer, text_encoder=small.text_encoder, vae=small.vae,
+                               transformer=xl_transformer(layers, dtype), scheduler=_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipe_call_step(pipe, embeds, mask, size: int, full: bool) -> float:
+    """Seconds per step of `pipe(...)` (4 LCM steps; beyond `full`, only the first step is run and timed)."""
+    class Stop(Exception):
+        pass
+
+    def cb(i, t, lat):
+        raise Stop
+
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            pipe(prompt_embeds=embeds, prompt_attention_mask=mask, width=size, height=size, num_inference_steps=4,
+                 guidance_scale=0.0, generator=gen, output_type="latent", callback=None if full else cb)
+    except Stop:
+        pass
+    return (time.perf_counter() - t0) / (4 if full else 1)
+
+
+def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=None) -> list[dict]:
+    """`pipe(...)` exactly as a diffusers user calls it: un-accelerated, then accelerate(pipe) in cross_tile
+    (512 px) and multidiffusion (1024 px, 50% overlap), runs alternated side by side; int8 off so the rows
+    compare the tiling, not the GEMMs."""
+    from tiled_diffusion import pipeline as P
+
+    pipe = pipe or xl_pipeline(layers, dtype)
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(1, PROMPT_LEN, pipe.transformer.config.caption_channels, generator=g).to(pipe.transformer.dtype)
+    mask = torch.ones(1, PROMPT_LEN, dtype=torch.long)
+    full = size <= 1024
+    configs = [("un-accelerated", None), ("cross_tile", dict(mode="cross_tile", tile=512)),
+               ("multidiffusion", dict(mode="multidiffusion", tile=1024, overlap=0.5))]
+    times: dict[str, list[float]] = {name: [] for name, _ in configs}
+    for _ in range(1 if not full else 2):
+        for name, kw in configs:
+            if kw is not None:
+                P.accelerate(pipe, int8=None, text_encoder_int8=False, **kw)
+            try:
+                times[name].append(_pipe_call_step(pipe, embeds, mask, size, full))
+            finally:
+                P.restore(pipe)
+    rows = []
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    for name, _ in configs:
+        rows.append({"size": f"{size}²", "path": "pipe(...)", "mode": name, "steps_timed": 4 if full else 1,
+                     "time_4steps_s": 4 * med[name], "x_multidiffusion": med[name] / med["multidiffusion"],
+                     "x_unaccelerated": med[name] / med["un-accelerated"],
+                     "load_avg": round(os.getloadavg()[0], 2)})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ seam ratio
 
 
@@ -197,9 +267,14 @@ def quick_rows() -> list[dict]:
 
 def suite(quick: bool) -> list[dict]:
     if quick:
-        return quick_rows() + seam_rows(size=512, tile=128, steps=1)
+        from tiled_diffusion.tiny import tiny_pipeline
+
+        tiny = tiny_pipeline()
+        return (quick_rows() + dropin_rows(size=512, pipe=tiny)  # 512²: above the tiny model's 256² bins
+                + seam_rows(size=512, tile=128, steps=1))
     t0 = time.perf_counter()
-    rows = speed_rows()
+    rows = dropin_rows(2048)
+    rows += speed_rows()
     rows += seam_rows()
     rows.append({"note": f"suite wall time {time.perf_counter() - t0:.0f} s; global and multidiffusion skipped at "
                          f"4096² (minutes per step on 2 cores)"})

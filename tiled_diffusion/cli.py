@@ -11,6 +11,7 @@ SUITES = {  # suite name -> benchmarks/bench_<file>.py
     "blend": "bench_seam_blend",
     "pipeline": "bench_pipeline",
     "memory": "bench_memory",
+    "quality": "bench_quality",
 }
 
 
@@ -59,7 +60,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .generate import RequestError, run
+    from .cli_generate import RequestError, run
 
     try:
         return run(args)

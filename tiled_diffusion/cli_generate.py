@@ -1,5 +1,6 @@
-"""`tiled-diffusion generate`: validate, load, accelerate, encode once, denoise the canvas, tiled VAE decode,
-write the PNG atomically, report per-stage timings."""
+"""`tiled-diffusion generate`, the CLI command (the Python entry point is `tiled_diffusion.generate`): validate,
+load, accelerate, encode once, denoise the canvas, tiled VAE decode, write the PNG atomically, report per-stage
+timings."""
 from __future__ import annotations
 
 import gc
