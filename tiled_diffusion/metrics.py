@@ -127,9 +127,16 @@ def kid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
                  + (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1)) - 2 * k_ab.mean())
 
 
+# Power floor added before the log: the noise of 8-bit quantization of [-1, 1] images ((2/255)² / 12 per pixel, a
+# white spectrum of that density). Below it the log of near-zero power of smooth images would dominate the distance
+# with differences no PNG can show.
+POWER_FLOOR = (2 / 255) ** 2 / 12
+
+
 def radial_power_spectrum(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
-    """Mean log10 power per radial frequency bin [bins] of the luminance of images [B, C, H, W] (Hann-windowed,
-    mean removed; bin k covers radii [k, k+1)·f_nyquist/bins in cycles per pixel, so the same bins for any size)."""
+    """Mean log10 power density per radial frequency bin [bins] of the luminance of images [B, C, H, W]
+    (Hann-windowed, mean removed, normalised so that white noise of variance σ² reads σ² at any size; bin k covers
+    radii [k, k+1)·f_nyquist/bins, so the same bins for any size), floored at POWER_FLOOR."""
     if images.dim() == 3:
         images = images[None]
     x = images.double().mean(dim=1)  # luminance proxy [B, H, W]
@@ -145,7 +152,7 @@ def radial_power_spectrum(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
     keep = (idx >= 1) & (idx < bins)  # drop DC and the corners beyond Nyquist
     total = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx[keep], p[keep])
     count = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx[keep], torch.ones_like(p[keep]))
-    out = torch.log10(total / count.clamp(min=1) + 1e-12)
+    out = torch.log10(total / count.clamp(min=1) + POWER_FLOOR)
     out[count == 0] = float("nan")
     return out
 

@@ -41,3 +41,49 @@ def build_scheduler():
     from diffusers import LCMScheduler
 
     return LCMScheduler(**SCHEDULER_CONFIG)
+
+
+MODEL_DIR = __import__("os").path.join(__import__("os").path.dirname(__file__), "tiny_model")
+
+
+def _read(folder: str, component: str, file: str) -> dict:
+    import os
+
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, component, file))
+
+
+def load_pipeline(folder: str = MODEL_DIR):
+    """The lab's trained PixArtAlphaPipeline from a folder written by `lab.train` (the shipped one by default), on
+    the CPU in fp32, offline.
+
+    The modules are built from this file's configs and the folder's safetensors are loaded into them (strict):
+    several times faster than `from_pretrained`, which matters because every test that uses `tiny` builds one.
+    The VAE's scaling_factor comes from the folder's config (it is measured at training time).
+    """
+    import json
+    import os
+
+    from diffusers import PixArtAlphaPipeline
+
+    from ..tiny import tiny_text_encoder, tiny_tokenizer
+
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        raise FileNotFoundError(f"no lab model in {folder!r} (train one: python -m tiled_diffusion.lab.train --out DIR)")
+    with open(os.path.join(folder, "vae", "config.json")) as f:
+        scaling = json.load(f)["scaling_factor"]
+    tok = tiny_tokenizer()
+    te = tiny_text_encoder(len(tok))
+    missing, unexpected = te.load_state_dict(_read(folder, "text_encoder", "model.safetensors"), strict=False)
+    if unexpected or set(missing) - {"encoder.embed_tokens.weight"}:  # that one is tied to `shared`, not saved
+        raise ValueError(f"{folder}: text encoder weights do not match tiny.tiny_text_encoder "
+                         f"(missing {missing}, unexpected {unexpected})")
+    tr = build_transformer()
+    tr.load_state_dict(_read(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+    vae = build_vae(scaling_factor=scaling)
+    vae.load_state_dict(_read(folder, "vae", "diffusion_pytorch_model.safetensors"))
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te.eval(), vae=vae.eval(), transformer=tr.eval(),
+                               scheduler=build_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,250 @@
+"""The quality suite: the lab model through every tiling mode at 1×, 4× and 16× its training area, scored against
+ground truth rendered from the same world at the same size (benchmarks/bench_quality.py runs it).
+
+Per (canvas size, mode), over the same seeds (seed s draws family s mod 4 and its caption):
+
+- seam_ratio   mean |∇| across the mode's own tile seams / mean |∇| at the other lines of the same phase on the
+               VAE's 8-px grid (`metrics.seam_ratio(period=8)`). cross_tile: its token grid (plus the half-tile
+               shifted grid when shift is on); multidiffusion: every tile edge; global and the ground truth are
+               scored on the cross_tile grid as controls (what "no seam" reads).
+- kid          KID between 128-px patches of the samples and of ground-truth canvases of the same size, on
+               features of the lab VAE's encoder (per-channel mean and std after each down block and the
+               mid-block, standardised by the ground truth's statistics). The `ground truth` row is a second,
+               independent ground-truth set: the noise floor of the estimate.
+- spectrum     `metrics.spectrum_distance` to the ground-truth canvases (mean |Δ log10 power| per radial bin).
+- psnr_global  PSNR against `global` at the same seed (agreement with the untiled model).
+- time_s       median wall time of one `pipeline.generate` call (encode, denoise, decode).
+
+Layouts: images [B, 3, H, W] in [-1, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+from .. import metrics
+from . import models, world
+
+CROSS_TILE_PX = models.TRAIN_SIZE // 2  # as PixArt's 512-px tiles for its 1024-px training size
+MULTIDIFFUSION_PX = models.TRAIN_SIZE  # multidiffusion tiles are whole training-size images
+GT_SEED0 = 1_000_000  # ground-truth world seeds: far from the trainer's (seed·100000 + i, i < images)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    mode: str
+    overrides: tuple = ()  # (key, value) pairs for pipeline.generate
+    drop_in: bool = False  # through diffusers' own pipe(...) after accelerate (with the accelerated config)
+
+    def kwargs(self) -> dict:
+        tile = MULTIDIFFUSION_PX if self.mode == "multidiffusion" else CROSS_TILE_PX
+        return {"mode": self.mode, "tile": tile, **dict(self.overrides)}
+
+
+MODES = (
+    Mode("global", "global"),
+    Mode("cross_tile r1", "cross_tile", (("radius", 1),)),
+    Mode("cross_tile r0 (independent)", "cross_tile", (("radius", 0),)),
+    Mode("cross_tile r1 shift", "cross_tile", (("radius", 1), ("shift", True))),
+    Mode("cross_tile r0 shift", "cross_tile", (("radius", 0), ("shift", True))),
+    Mode("cross_tile r1 canvas_native", "cross_tile", (("radius", 1), ("positional", "canvas_native"))),
+    Mode("cross_tile r1 tile_local", "cross_tile", (("radius", 1), ("positional", "tile_local"))),
+    Mode("multidiffusion 50%", "multidiffusion", (("overlap", 0.5),)),
+)
+# diffusers' own call, tiled by accelerate (canvas.py); the suite accelerates with cross_tile r1 at CROSS_TILE_PX,
+# so this row must equal "cross_tile r1" (tests/test_dropin.py asserts that for generate vs pipe(...)).
+PIPE_CALL = Mode("pipe(...) cross_tile r1", "cross_tile", (("radius", 1),), drop_in=True)
+QUICK_MODES = ("global", "cross_tile r1", "cross_tile r0 (independent)", "multidiffusion 50%")
+
+
+# ------------------------------------------------------------------------------------------- seams
+
+
+def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[int], list[int]]:
+    """(seams_y, seams_x) in pixels of the tile grid the mode works on (global: the cross_tile grid, a control)."""
+    if m.mode == "multidiffusion":
+        from ..sampler import TiledConfig, pixel_grid
+
+        cfg = TiledConfig(**m.kwargs()).validate()
+        g = pixel_grid(cfg, height // 8, width // 8, 1, patch)
+        edges = lambda origins, t, size: sorted({v * 8 for o in origins for v in (o, o + t) if 0 < v * 8 < size})  # noqa: E731
+        return edges(g.origins_y, g.th, height), edges(g.origins_x, g.tw, width)
+    kw = dict(m.overrides)
+    ys, xs = metrics.grid_seams(CROSS_TILE_PX, height), metrics.grid_seams(CROSS_TILE_PX, width)
+    if kw.get("shift"):  # odd steps run on the grid shifted by half a tile
+        ys = sorted(set(ys) | set(metrics.grid_seams(CROSS_TILE_PX, height, CROSS_TILE_PX // 2)))
+        xs = sorted(set(xs) | set(metrics.grid_seams(CROSS_TILE_PX, width, CROSS_TILE_PX // 2)))
+    return ys, xs
+
+
+def seam_score(images: torch.Tensor, seams: tuple[list[int], list[int]]) -> Optional[float]:
+    """Mean over images of the seam ratio at `seams` (8-px phase baseline); None without seams (one tile)."""
+    ys, xs = seams
+    if not ys and not xs:
+        return None
+    return statistics.fmean(metrics.seam_ratio(img, ys, xs, period=8) for img in images)
+
+
+# ---------------------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def vae_features(vae, images: torch.Tensor, patch: int = models.TRAIN_SIZE) -> torch.Tensor:
+    """[N, F] features of every non-overlapping patch×patch crop of images [B, 3, H, W]: per-channel mean and std
+    of the VAE encoder's activations after each down block and after the mid-block."""
+    B, C, H, W = images.shape
+    crops = images[:, :, : H // patch * patch, : W // patch * patch]
+    crops = crops.unfold(2, patch, patch).unfold(3, patch, patch)  # [B, C, ny, nx, p, p]
+    crops = crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, C, patch, patch).to(vae.dtype)
+    enc = vae.encoder
+    x = enc.conv_in(crops)
+    feats = []
+    for block in list(enc.down_blocks) + [enc.mid_block]:
+        x = block(x)
+        feats += [x.mean(dim=(2, 3)), x.std(dim=(2, 3))]
+    return torch.cat(feats, dim=1).float()
+
+
+def kid_to(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """KID after standardising both sets with the reference's per-feature mean and std."""
+    mu, sd = reference.mean(0), reference.std(0).clamp(min=1e-6)
+    return metrics.kid((features - mu) / sd, (reference - mu) / sd)
+
+
+# ------------------------------------------------------------------------------------ ground truth
+
+
+def ground_truth(size: int, count: int, offset: int = 0) -> torch.Tensor:
+    """`count` ground-truth canvases [count, 3, size, size], family k mod 4, fresh world seeds, offset 0."""
+    fams = list(world.FAMILIES)
+    return torch.stack([world.render(fams[k % len(fams)], GT_SEED0 + offset + k, 0, 0, size, size)
+                        for k in range(count)])
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def pipe_call_available() -> bool:
+    """Whether the drop-in `pipe(...)` path (tiled after accelerate) has landed: a commit titled "canvas forward"."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        log = subprocess.run(["git", "-C", root, "log", "--oneline", "-i", "--grep", "canvas forward"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return bool(log.strip())
+
+
+def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=None, gt_count: int = 16,
+        sheet_rows: int = 4, model_dir: Optional[str] = None, log=print) -> list[dict]:
+    """Run the suite; write `quality.json` and one contact sheet per scale (`contact_<size>.png`) into out_dir.
+
+    scales: canvas area as multiples of the training area (side = TRAIN_SIZE·√scale). Returns the table rows.
+    """
+    from .. import pipeline as P
+
+    os.makedirs(out_dir, exist_ok=True)
+    pipe = models.load_pipeline(model_dir or models.MODEL_DIR)
+    # The accelerated config is what pipe(...) uses; generate overrides it per call for the other modes.
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, mode="cross_tile", tile=CROSS_TILE_PX, radius=1)
+    chosen = [m for m in MODES if modes is None or m.name in modes]
+    if pipe_call_available() and (modes is None or PIPE_CALL.name in modes):
+        chosen.append(PIPE_CALL)
+    fams = list(world.FAMILIES)
+    rows, details = [], {}
+    for scale in scales:
+        size = int(round(models.TRAIN_SIZE * math.sqrt(scale)))
+        size -= size % 16
+        t0 = time.perf_counter()
+        gt = ground_truth(size, gt_count)
+        gt2 = ground_truth(size, gt_count, offset=gt_count)
+        gt_feats = vae_features(pipe.vae, gt)
+        log(f"quality {size}²: ground truth {time.perf_counter() - t0:.1f} s")
+        images: dict[str, torch.Tensor] = {}
+        for m in chosen:
+            outs, times = [], []
+            for s in range(seeds):
+                t0 = time.perf_counter()
+                img = _generate(pipe, m, world.CAPTIONS[s % len(fams)], size, steps, s)
+                times.append(time.perf_counter() - t0)
+                outs.append(img.float().clamp(-1, 1))
+            images[m.name] = torch.cat(outs)
+            log(f"quality {size}²: {m.name} {statistics.median(times):.2f} s/image")
+            rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": m.name, "time_s": statistics.median(times)})
+        ref = images.get("global")
+        ct_seams = mode_seams(Mode("cross_tile", "cross_tile"), size, size)
+        for row in rows[-len(chosen):]:
+            m = next(mm for mm in chosen if mm.name == row["mode"])
+            imgs = images[m.name]
+            row["seam_ratio"] = seam_score(imgs, ct_seams if m.mode == "global" else mode_seams(m, size, size))
+            row["kid"] = kid_to(vae_features(pipe.vae, imgs), gt_feats)
+            row["spectrum"] = metrics.spectrum_distance(imgs, gt)
+            row["psnr_global"] = (statistics.fmean(metrics.psnr(a, b) for a, b in zip(imgs, ref))
+                                  if ref is not None and m.name != "global" else None)
+        rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": "ground truth", "time_s": None,
+                     "seam_ratio": seam_score(gt2, ct_seams), "kid": kid_to(vae_features(pipe.vae, gt2), gt_feats),
+                     "spectrum": metrics.spectrum_distance(gt2, gt), "psnr_global": None})
+        sheet = os.path.join(out_dir, f"contact_{size}.png")
+        truth = torch.stack([world.render(fams[s % len(fams)], GT_SEED0 + 10**5 + s, 0, 0, size, size)
+                             for s in range(min(seeds, sheet_rows))])
+        contact_sheet(sheet, {"ground truth (other world)": truth, **images}, chosen, size, sheet_rows)
+        details[f"{size}"] = {"contact_sheet": sheet}
+        log(f"quality {size}²: wrote {sheet}")
+    P.restore(pipe)
+    payload = {"rows": rows, "steps": steps, "seeds": seeds, "train_size": models.TRAIN_SIZE,
+               "cross_tile_px": CROSS_TILE_PX, "multidiffusion_px": MULTIDIFFUSION_PX, "gt_count": gt_count,
+               "details": details, "captions": world.FAMILIES}
+    with open(os.path.join(out_dir, "quality.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    return rows
+
+
+def _generate(pipe, m: Mode, caption: str, size: int, steps: int, seed: int) -> torch.Tensor:
+    """One image [1, 3, size, size] in [-1, 1] (unclamped for generate's raw decode)."""
+    from .. import pipeline as P
+
+    if not m.drop_in:
+        return P.generate(pipe, caption, width=size, height=size, steps=steps, seed=seed, output_type="pt_raw",
+                          progress=False, **m.kwargs())
+    # use_resolution_binning=False: diffusers has no aspect-ratio bins for the lab's sample size
+    out = pipe(caption, width=size, height=size, num_inference_steps=steps, guidance_scale=0.0,
+               generator=torch.Generator().manual_seed(seed), output_type="pt", use_resolution_binning=False,
+               clean_caption=False)
+    return out.images * 2 - 1
+
+
+def contact_sheet(path: str, images: dict, modes, size: int, rows: int, cell: int = 192) -> None:
+    """One seed per row, one mode per column (ground truth first), the mode's seams drawn in red, names on top."""
+    from PIL import Image, ImageDraw
+
+    names = list(images)
+    n_rows = min(rows, min(v.shape[0] for v in images.values()))
+    head = 14
+    sheet = Image.new("RGB", (cell * len(names), head + cell * n_rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    by_name = {m.name: m for m in modes}
+    for c, name in enumerate(names):
+        draw.text((c * cell + 3, 1), name[:30], fill="black")
+        m = by_name.get(name)
+        seams = mode_seams(m, size, size) if m is not None and m.mode != "global" else ([], [])
+        for r in range(n_rows):
+            arr = ((images[name][r].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            tile = Image.fromarray(arr).resize((cell, cell), Image.BILINEAR)
+            td = ImageDraw.Draw(tile)
+            k = cell / size
+            for y in seams[0]:
+                td.line([(0, y * k), (cell, y * k)], fill=(255, 0, 0), width=1)
+            for x in seams[1]:
+                td.line([(x * k, 0), (x * k, cell)], fill=(255, 0, 0), width=1)
+            sheet.paste(tile, (c * cell, head + r * cell))
+    sheet.save(path)
