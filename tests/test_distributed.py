@@ -209,3 +209,11 @@ def test_collectives_broadcast_gather_exact_group_norm_moments():
     # the mean of per-band variances (what xDiT's DistVAE combines) misses the spread of the band means
     mean_of_vars = torch.stack([x_["part_var"] for x_ in res]).mean(0)
     assert (var - mean_of_vars).abs().min() > 1.0
+
+
+def test_torchrun_command_strips_nproc():
+    cmd = D.torchrun_command(["generate", "--prompt", "x", "--nproc", "3", "--size", "512x512", "--nproc=3"], 3)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+    assert cmd[5:] == ["-m", "tiled_diffusion", "generate", "--prompt", "x", "--size", "512x512"]
+    with pytest.raises(ValueError, match="--nproc"):
+        D.torchrun_command(["generate"], 0)

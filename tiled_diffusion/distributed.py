@@ -36,6 +36,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -566,8 +567,7 @@ def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, pr
     try:
         with fail_fast(d):
             if prompt_embeds is None:
-                enc = P.encode(pipe, prompt, negative_prompt, guidance_scale) if d.is_main else None
-                prompt_embeds = tuple(broadcast_tensors(enc, d))
+                prompt_embeds = tuple(on_main(lambda: P.encode(pipe, prompt, negative_prompt, guidance_scale), d))
             lat = P.generate(pipe, prompt_embeds=prompt_embeds, guidance_scale=guidance_scale,
                              output_type="latent", timings=timings, **kwargs)
             timings.update(ds.stats.as_dict())
@@ -579,6 +579,14 @@ def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, pr
 
 
 # ------------------------------------------------------------------------------ collectives for the run
+
+
+def on_main(fn: Callable[[], Sequence[Optional[torch.Tensor]]], d: Optional[Dist]) -> list[Optional[torch.Tensor]]:
+    """fn() on rank 0 only, its tensors broadcast to every rank (the text encoder: the other ranks never load
+    it). Without a group (d None): fn()."""
+    if d is None:
+        return list(fn())
+    return broadcast_tensors(fn() if d.is_main else None, d)
 
 
 def reduce_moments(total_sum: torch.Tensor, total_sumsq: torch.Tensor, count: int, d: Dist
@@ -655,6 +663,30 @@ def gather_rows(band: torch.Tensor, bands_px: Sequence[tuple[int, int]], d: Dist
 
 
 # ------------------------------------------------------------------------------ local ranks (tests, bench)
+
+
+def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
+    """`tiled-diffusion <argv> --nproc N` -> the torchrun command that runs the same request on N local ranks
+    (`--nproc` removed; `--standalone` picks a free rendezvous port)."""
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"--nproc must be an int >= 1, got {nproc!r}")
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "tiled_diffusion", *out]
+
+
+def launch_local(argv: Sequence[str], nproc: int) -> int:
+    """Run `tiled-diffusion <argv>` on `nproc` local ranks through torchrun; returns its exit status."""
+    import subprocess
+
+    return subprocess.call(torchrun_command(argv, nproc))
 
 
 def _free_port() -> int:
