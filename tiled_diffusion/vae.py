@@ -1,41 +1,527 @@
-"""Tiled VAE decode with GroupNorm statistics shared across tiles, merged with `seam_blend`.
+"""VAE decode and encode of canvases of any size: exact canvas-wide GroupNorm, bounded working memory.
 
-Decoding a large latent in one piece needs activation memory proportional to the canvas (≈ 60 GB at 8192² for
-the SD/PixArt VAE), so the latent is cut into overlapping tiles that are decoded one batch at a time. Naive
-tiling changes the result in two ways: (1) every GroupNorm normalises with the tile's own statistics, so tiles
-with different content get different brightness/contrast and seams appear (diffusers' `enable_tiling` does this);
-(2) convolutions near a tile border see zero padding instead of the neighbour. (2) is hidden by overlapping the
-tiles and cross-fading them with `seam_blend`; (1) is fixed here by sharing the statistics, as A1111's Tiled VAE
-does:
+Two methods, chosen by memory (`decode` / `encode`; `estimate_decode_bytes` is the rule's plain-decode term):
 
-* Each `nn.GroupNorm` of the decoder is temporarily swapped (table-driven, reverted afterwards) for
-  `_SharedGroupNorm`, which can *record* the canvas-wide statistics of its input and *apply* fixed statistics.
-* A recording pass decodes every tile and accumulates, per image and group, Σx, Σx² and the count over each
-  tile's *core* region (the tiles' cores partition the canvas, cutting each overlap in the middle, so each
-  canvas position counts once and tile borders, which see padding, mostly do not count).
-* The statistics of a deep GroupNorm depend on how every earlier GroupNorm normalised, so exact canvas-wide
-  statistics need one pass per GroupNorm layer. We iterate instead: pass 1 records with per-tile normalisation,
-  pass k records while applying the statistics of pass k-1 (after k passes the first k layers are exact up to
-  border effects), and the final pass decodes with the last statistics and blends. `stats_passes=1` (two decodes)
-  already removes most of the tile-to-tile variation; see tests/test_vae.py and benchmarks/NOTES.md for errors.
-* Not fixable by tiling: the decoder's mid-block self-attention is global over the canvas; tiled, each tile
-  attends only within itself (A1111 and diffusers do the same).
+1. **Plain** (`vae.decode` / `vae.encode`) whenever its estimated peak fits the budget (`max_memory_gb`, else the
+   device's free memory). A canvas that fits in one tile is always decoded plain, so it is bitwise the plain decode.
 
-Memory: the output canvas (fp32 accumulator) + one row of decoded tiles + one tile batch's activations.
-The merge is separable: each tile row is blended along x with `ops.seam_blend` (weights 1 ⊗ wx), and the rows
-are accumulated along y with wy; for a separable window w = wy ⊗ wx this equals the 2-D `seam_blend` of all tiles.
+2. **Banded, exact** (`banded_decode` / `banded_encode`): the network runs layer by layer over the whole canvas,
+   and every layer is applied one band of rows at a time. The canvas-sized activations live in a *store* (the
+   device, or CPU memory when the device is too small); only a band and its halo are on the compute device.
+   * GroupNorm is exact: each layer that feeds a GroupNorm accumulates, while it writes its bands, per-image and
+     per-group mean and M2 of the band (fp32 `var_mean`), combined across bands in fp64 with Chan's parallel
+     formula (count-weighted means plus the spread of the band means, not a mean of variances). The
+     normalisation is then one fused scale/shift per (image, channel) applied to each band in fp32.
+   * Convolutions are exact: a band reads its 3x3 halo (1 row each side; 2 for a stride-2 downsample) from the
+     stored input, the canvas's own zero padding applies at the canvas border only. Bands span the full width,
+     so there is no column halo. Overhead: 2 halo rows per band per convolution (3 % at 64-row bands).
+   * The mid-block self-attention is exact and global: q, k, v of every latent token are stored (3 tensors at the
+     latent resolution, small), and the attention runs one query band at a time against all keys.
+   So the banded result equals the plain one up to floating-point order (tests: relative RMS ≈ 1e-6 in fp32).
+   Memory: the largest stored step holds 2 canvas activations (a resnet's input and its conv1 output, or an
+   upsampler's input and output) — for the SD VAE at 1024² (bf16) 0.27 GB + 0.27 GB, at 8192² 17 GB + 17 GB — plus
+   one band's working set, which the band height bounds.
+
+3. **Approximate, bounded** (`tiled_decode`, kept for its callers): overlapping tiles decoded independently and
+   cross-faded with `seam_blend`; memory = one tile + the output. GroupNorm is per tile (`stats_passes=0`, the
+   default) — see `tiled_decode` for why the shared-statistics iteration (`stats_passes>0`) is not a fix.
+   `decode` falls back to it only when even the banded store does not fit the budget.
+
+Why not A1111's tile queue: it pauses every tile at every GroupNorm and keeps all tiles (with 11 latent px of
+padding, so more than the canvas) paused in memory: the same canvas-sized store, plus the padding's extra compute,
+and its convolutions are not exact beyond the padding. Bands with a 1-row halo per convolution are the limit of
+that scheme with the padding recomputed per layer instead of per network.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .tiling import TileGrid
+
+log = logging.getLogger("tiled_diffusion")
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# ----------------------------------------------------------------------------- the network as a list of steps
+#
+# A step is (kind, module): "conv" (a plain conv, e.g. conv_in), "res" (ResnetBlock2D), "attn" (the mid-block
+# Attention), "up" (Upsample2D), "down" (Downsample2D), "out" (conv_norm_out, conv_act, conv_out). Each step but
+# conv/up/down starts with a GroupNorm of its input: the step before it accumulates that GroupNorm's statistics.
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise NotImplementedError(f"vae: banded decode/encode supports the SD/PixArt AutoencoderKL layout; {what}")
+
+
+def _mid_steps(mid) -> list[tuple[str, nn.Module]]:
+    steps = [("res", mid.resnets[0])]
+    for attn, res in zip(mid.attentions, mid.resnets[1:]):
+        if attn is not None:
+            steps.append(("attn", attn))
+        steps.append(("res", res))
+    return steps
+
+
+def _decoder_steps(dec) -> list[tuple[str, nn.Module]]:
+    steps = [("conv", dec.conv_in)] + _mid_steps(dec.mid_block)
+    for ub in dec.up_blocks:
+        _check(not hasattr(ub, "attentions"), f"up block {type(ub).__name__} has attention")
+        steps += [("res", r) for r in ub.resnets]
+        steps += [("up", u) for u in (ub.upsamplers or [])]
+    steps.append(("out", dec))
+    return _validated(steps)
+
+
+def _encoder_steps(enc) -> list[tuple[str, nn.Module]]:
+    steps = [("conv", enc.conv_in)]
+    for db in enc.down_blocks:
+        _check(not hasattr(db, "attentions"), f"down block {type(db).__name__} has attention")
+        steps += [("res", r) for r in db.resnets]
+        steps += [("down", d) for d in (db.downsamplers or [])]
+    steps += _mid_steps(enc.mid_block)
+    steps.append(("out", enc))
+    return _validated(steps)
+
+
+def _validated(steps):
+    for kind, m in steps:
+        if kind == "res":
+            _check(type(m).__name__ == "ResnetBlock2D" and isinstance(m.norm1, nn.GroupNorm)
+                   and isinstance(m.norm2, nn.GroupNorm) and m.time_emb_proj is None and m.upsample is None
+                   and m.downsample is None, f"unsupported resnet {type(m).__name__}")
+            _check(m.conv_shortcut is None or m.conv_shortcut.kernel_size == (1, 1), "3x3 conv_shortcut")
+        elif kind == "attn":
+            _check(isinstance(m.group_norm, nn.GroupNorm) and m.spatial_norm is None and m.norm_q is None
+                   and m.norm_k is None and not m.is_cross_attention and m.residual_connection,
+                   "unsupported mid-block attention")
+        elif kind == "up":
+            _check(type(m).__name__ == "Upsample2D" and m.interpolate and m.use_conv and not m.use_conv_transpose
+                   and m.norm is None, "unsupported upsampler")
+        elif kind == "down":
+            _check(type(m).__name__ == "Downsample2D" and m.use_conv and m.norm is None
+                   and m.conv.stride == (2, 2) and m.conv.kernel_size == (3, 3), "unsupported downsampler")
+        elif kind == "out":
+            _check(isinstance(m.conv_norm_out, nn.GroupNorm), "conv_norm_out is not a GroupNorm (SpatialNorm?)")
+        elif kind == "conv":
+            _check(m.stride == (1, 1) and m.kernel_size[0] % 2 == 1, "conv_in")
+    return steps
+
+
+def _input_norm(step) -> Optional[nn.GroupNorm]:
+    kind, m = step
+    return {"res": lambda: m.norm1, "attn": lambda: m.group_norm, "out": lambda: m.conv_norm_out}.get(
+        kind, lambda: None)()
+
+
+# ----------------------------------------------------------------------------- exact canvas GroupNorm statistics
+
+
+class _Stats:
+    """Per-(image, group) mean and M2 of a canvas, accumulated band by band (Chan et al.'s pairwise combination)."""
+
+    def __init__(self, gn: nn.GroupNorm) -> None:
+        self.gn = gn
+        self.n = 0
+        self.mean = self.m2 = None  # fp64 [B, G]
+
+    def add(self, t: torch.Tensor) -> None:
+        """t: a band of the canvas [B, C, rows, W]; each canvas position must be added exactly once."""
+        v = t.reshape(t.shape[0], self.gn.num_groups, -1)
+        var, mean = torch.var_mean(v.float(), dim=-1, correction=0)
+        nb = v.shape[-1]
+        mean, m2 = mean.double(), var.double() * nb
+        if self.n == 0:
+            self.mean, self.m2 = mean, m2
+        else:
+            n = self.n + nb
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (nb / n)
+            self.m2 = self.m2 + m2 + delta.square() * (self.n * nb / n)
+        self.n += nb
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """GroupNorm with these statistics as x·a + b; a, b fp32 [B, C, 1, 1]."""
+        gn = self.gn
+        rstd = torch.rsqrt(self.m2 / self.n + gn.eps)  # fp64 [B, G]
+        cpg = gn.num_channels // gn.num_groups
+        a = rstd.repeat_interleave(cpg, dim=1)
+        b = -self.mean.repeat_interleave(cpg, dim=1) * a
+        if gn.affine:
+            w = gn.weight.detach().double()
+            a, b = a * w, b * w + gn.bias.detach().double()
+        return a.float()[:, :, None, None], b.float()[:, :, None, None]
+
+
+def _normed(x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """GroupNorm with fixed statistics on a band, in fp32, back in x's dtype."""
+    a, b = ab
+    return torch.addcmul(b.to(x.device), x.float(), a.to(x.device)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- the banded runner
+
+
+class _Runner:
+    """Runs steps over a canvas stored on `store`, computing bands of `rows` latent rows on `device`."""
+
+    def __init__(self, rows: int, lat_h: int, device: torch.device, store: torch.device, pbar) -> None:
+        self.rows, self.lat_h, self.device, self.store, self.pbar = rows, lat_h, device, store, pbar
+
+    def bands(self, H: int) -> Iterator[tuple[int, int]]:
+        r = max(1, self.rows * H // self.lat_h)  # the same canvas fraction at every resolution
+        if H > self.lat_h and r % 2:
+            r += 1  # even above the latent resolution, so a x2 step maps band edges to integers
+        for y0 in range(0, H, r):
+            yield y0, min(H, y0 + r)
+        if self.pbar is not None:
+            self.pbar.update(1)
+
+    def crop(self, x: torch.Tensor, y0: int, y1: int, halo: int) -> tuple[torch.Tensor, int]:
+        a = max(0, y0 - halo)
+        return x[:, :, a:min(x.shape[-2], y1 + halo)].to(self.device, non_blocking=True), a
+
+    def empty(self, like: torch.Tensor, C: int, H: int, W: int) -> torch.Tensor:
+        return torch.empty(like.shape[0], C, H, W, dtype=like.dtype, device=self.store)
+
+    def put(self, out: torch.Tensor, y0: int, t: torch.Tensor, stats: Optional[_Stats]) -> None:
+        if stats is not None:
+            stats.add(t)
+        out[:, :, y0:y0 + t.shape[-2]].copy_(t)
+
+    # --- steps: each takes the stored input and its input GroupNorm's statistics, returns the stored output
+
+    def conv(self, conv: nn.Conv2d, x, ab, nxt):
+        p = conv.kernel_size[0] // 2
+        out, st = self.empty(x, conv.out_channels, *x.shape[-2:]), _stats(nxt)
+        for y0, y1 in self.bands(x.shape[-2]):
+            c, a = self.crop(x, y0, y1, p)
+            self.put(out, y0, conv(c)[:, :, y0 - a:y1 - a], st)
+        return out, st
+
+    def res(self, m, x, ab, nxt):
+        H, W = x.shape[-2:]
+        h, st2 = self.empty(x, m.conv1.out_channels, H, W), _Stats(m.norm2)
+        for y0, y1 in self.bands(H):
+            c, a = self.crop(x, y0, y1, 1)
+            self.put(h, y0, m.conv1(m.nonlinearity(_normed(c, ab)))[:, :, y0 - a:y1 - a], st2)
+        ab2 = st2.scale_shift()
+        # the output may overwrite x in place: the second pass reads x only at its own rows
+        out = x if m.conv_shortcut is None else self.empty(x, m.conv2.out_channels, H, W)
+        st = _stats(nxt)
+        for y0, y1 in self.bands(H):
+            c, a = self.crop(h, y0, y1, 1)
+            t = m.conv2(m.dropout(m.nonlinearity(_normed(c, ab2))))[:, :, y0 - a:y1 - a]
+            s = x[:, :, y0:y1].to(self.device)
+            if m.conv_shortcut is not None:
+                s = m.conv_shortcut(s.contiguous())
+            self.put(out, y0, (s + t) / m.output_scale_factor, st)
+        return out, st
+
+    def attn(self, m, x, ab, nxt):
+        """Global self-attention over every token of the canvas (AttnProcessor2_0's math), one query band a time."""
+        B, C, H, W = x.shape
+        qkv = [torch.empty(B, H * W, lin.out_features, dtype=x.dtype, device=self.store)
+               for lin in (m.to_q, m.to_k, m.to_v)]
+        for y0, y1 in self.bands(H):
+            tok = _normed(x[:, :, y0:y1].to(self.device), ab).flatten(2).transpose(1, 2)
+            for buf, lin in zip(qkv, (m.to_q, m.to_k, m.to_v)):
+                buf[:, y0 * W:y1 * W].copy_(lin(tok))
+        heads = m.heads
+        d = qkv[1].shape[-1] // heads
+        k, v = (t.to(self.device).view(B, H * W, heads, d).transpose(1, 2) for t in qkv[1:])
+        st = _stats(nxt)
+        for y0, y1 in self.bands(H):
+            q = qkv[0][:, y0 * W:y1 * W].to(self.device).view(B, -1, heads, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, heads * d).to(q.dtype)
+            o = m.to_out[1](m.to_out[0](o)).transpose(-1, -2).reshape(B, C, y1 - y0, W)
+            self.put(x, y0, (o + x[:, :, y0:y1].to(self.device)) / m.rescale_output_factor, st)
+        return x, st
+
+    def up(self, m, x, ab, nxt):
+        H, W = x.shape[-2:]
+        out, st = self.empty(x, m.conv.out_channels, 2 * H, 2 * W), _stats(nxt)
+        for y0, y1 in self.bands(2 * H):
+            c, a = self.crop(x, y0 // 2, (y1 + 1) // 2, 1)
+            self.put(out, y0, m(c)[:, :, y0 - 2 * a:y1 - 2 * a], st)
+        return out, st
+
+    def down(self, m, x, ab, nxt):
+        H, W = x.shape[-2:]
+        # output rows [y0, y1) read input rows [2·y0 - 1, 2·y1 + 1); a halo of 2 keeps the crop start even. The
+        # module's own padding lands on the crop's edges: at the canvas border it is the real one, inside the canvas
+        # it only touches the outermost output row of the crop, which the halo cuts away.
+        p = m.conv.padding[0]
+        Ho = (H + 2 * p + (1 if m.padding == 0 else 0) - 3) // 2 + 1
+        Wo = (W + 2 * p + (1 if m.padding == 0 else 0) - 3) // 2 + 1
+        out, st = self.empty(x, m.conv.out_channels, Ho, Wo), _stats(nxt)
+        for y0, y1 in self.bands(Ho):
+            c, a = self.crop(x, 2 * y0, 2 * y1, 2)
+            self.put(out, y0, m(c)[:, :, y0 - a // 2:y1 - a // 2], st)
+        return out, st
+
+    def out(self, m, x, ab, nxt):
+        conv = m.conv_out
+        p = conv.kernel_size[0] // 2
+        out = self.empty(x, conv.out_channels, *x.shape[-2:])
+        for y0, y1 in self.bands(x.shape[-2]):
+            c, a = self.crop(x, y0, y1, p)
+            self.put(out, y0, conv(m.conv_act(_normed(c, ab)))[:, :, y0 - a:y1 - a], None)
+        return out, None
+
+    def run(self, steps, x: torch.Tensor) -> torch.Tensor:
+        st = None
+        for i, (kind, m) in enumerate(steps):
+            nxt = _input_norm(steps[i + 1]) if i + 1 < len(steps) else None
+            x, st = getattr(self, kind)(m, x, st.scale_shift() if st is not None else None, nxt)
+        return x
+
+
+def _stats(gn: Optional[nn.GroupNorm]) -> Optional[_Stats]:
+    return _Stats(gn) if gn is not None else None
+
+
+def _progress(progress: bool, steps, desc: str):
+    if not progress:
+        return contextlib.nullcontext(None)
+    from tqdm.auto import tqdm
+
+    # one tick per band pass over the canvas (a resnet is 2 passes, attention 2, the others 1)
+    total = sum({"res": 2, "attn": 2}.get(k, 1) for k, _ in steps)
+    return tqdm(total=total, desc=desc, unit="pass")
+
+
+@torch.no_grad()
+def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional[torch.device] = None,
+                  progress: bool = False) -> torch.Tensor:
+    """Exact decode of latents [B, C_lat, h, w] (already divided by the scaling factor) to [B, 3, f·h, f·w].
+
+    tile: latent rows per band (every resolution's band covers the same canvas rows). store: where the canvas
+    activations live (default: the latents' device). Returns the decoder's dtype, on the latents' device.
+    """
+    _check_input(latents, "latents")
+    steps = _decoder_steps(vae.decoder)
+    dev = latents.device
+    z = latents.to(next(vae.decoder.parameters()).dtype)
+    if vae.post_quant_conv is not None:
+        z = vae.post_quant_conv(z)  # 1x1 at the latent resolution: the whole canvas at once is small
+    with _progress(progress, steps, "VAE decode (banded)") as pbar:
+        run = _Runner(tile, latents.shape[-2], dev, store or dev, pbar)
+        return run.run(steps, z.to(run.store)).to(dev)
+
+
+@torch.no_grad()
+def banded_encode_moments(vae, images: torch.Tensor, *, tile: int = 64, store: Optional[torch.device] = None,
+                          progress: bool = False) -> torch.Tensor:
+    """Exact encoder (+ quant_conv) of images [B, 3, H, W] in [-1, 1]: the moments [B, 2·C_lat, H/f, W/f].
+
+    tile: latent rows per band, as in banded_decode."""
+    _check_input(images, "images")
+    steps = _encoder_steps(vae.encoder)
+    dev = images.device
+    f = vae_scale_factor(vae)
+    with _progress(progress, steps, "VAE encode (banded)") as pbar:
+        run = _Runner(tile, max(1, images.shape[-2] // f), dev, store or dev, pbar)
+        m = run.run(steps, images.to(next(vae.encoder.parameters()).dtype).to(run.store)).to(dev)
+    return vae.quant_conv(m) if vae.quant_conv is not None else m
+
+
+def _check_input(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"vae: {name} must be [B, C, H, W], got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- memory: one rule for plan and estimate
+
+
+def _shapes(steps, C: int, H: int, W: int) -> Iterator[tuple[str, nn.Module, int, int, int, int, int, int]]:
+    """(kind, module, C_in, H_in, W_in, C_out, H_out, W_out) of every step for an input [C, H, W]."""
+    for kind, m in steps:
+        Ho, Wo = H, W
+        if kind == "conv":
+            Co = m.out_channels
+        elif kind == "res":
+            Co = m.conv2.out_channels
+        elif kind == "attn":
+            Co = C
+        elif kind == "up":
+            Co, Ho, Wo = m.conv.out_channels, 2 * H, 2 * W
+        elif kind == "down":
+            Co, Ho, Wo = m.conv.out_channels, (H - 1) // 2 + 1, (W - 1) // 2 + 1
+        else:
+            Co = m.conv_out.out_channels
+        yield kind, m, C, H, W, Co, Ho, Wo
+        C, H, W = Co, Ho, Wo
+
+
+def _plain_elems(kind, m, C, H, W, Co, Ho, Wo) -> int:
+    """Live activation elements at the peak of one step of the plain forward (per image). Counted from diffusers'
+    code: a resnet keeps its input while norm, activation and conv outputs of the residual branch come and go."""
+    i, o = C * H * W, Co * Ho * Wo
+    if kind == "res":
+        mid = m.conv1.out_channels * H * W
+        return max(3 * i, 2 * i + mid, i + 2 * mid, i + mid + o, i + 2 * o)
+    if kind == "attn":
+        return 6 * i  # input, normed, q, k, v, attention output (CPU and GPU SDPA kernels stream over keys)
+    if kind == "up":
+        return i + C * Ho * Wo + o  # input, nearest-upsampled copy, conv output
+    if kind == "out":
+        return 3 * i + o
+    return 2 * i + o  # conv_in; down (its padded copy)
+
+
+def _band_elems(kind, m, C, H, W, Co, Ho, Wo, rows: int, lat_h: int) -> tuple[int, int]:
+    """(stored canvas elements, fp32-equivalent band working-set elements) of one banded step (per image)."""
+    i, o = C * H * W, Co * Ho * Wo
+    r = min(Ho, rows * Ho // lat_h + 4)  # band rows of the output + halo, at the output resolution
+    r_in = min(H, rows * H // lat_h + 4)
+    band = 4 * max(C * r_in * W, Co * r * Wo, (m.conv1.out_channels if kind == "res" else 0) * r * Wo)
+    if kind == "res":
+        mid = m.conv1.out_channels * H * W
+        return i + mid + (o if m.conv_shortcut is not None else 0), band
+    if kind == "attn":
+        return i + 3 * m.to_q.out_features * H * W, band + 2 * m.to_q.out_features * H * W
+    return i + o, band
+
+
+def _estimates(vae, H: int, W: int, *, encode: bool, rows: Optional[int], es: int, batch: int) -> dict:
+    f = vae_scale_factor(vae)
+    if encode:
+        steps, C0, h0, w0, lat_h = _encoder_steps(vae.encoder), vae.config.in_channels, H, W, max(1, H // f)
+    else:
+        steps, C0, h0, w0, lat_h = _decoder_steps(vae.decoder), vae.config.latent_channels, H // f, W // f, H // f
+    plain, store, band = 0, 0, 0
+    for sh in _shapes(steps, C0, h0, w0):
+        plain = max(plain, _plain_elems(*sh))
+        if rows is not None:
+            s, b = _band_elems(*sh, rows=rows, lat_h=lat_h)
+            store, band = max(store, s), max(band, b)
+    io = batch * 3 * H * W * es  # the image (output of decode, input of encode)
+    return {"plain": batch * plain * es + io, "store": batch * store * es + io, "band": batch * band * 4}
+
+
+def estimate_decode_bytes(vae, height: int, width: int, dtype=None, batch: int = 1) -> int:
+    """Peak activation bytes of a plain `vae.decode` of a height×width image (weights not counted).
+
+    `decode` decodes plain exactly when this fits the budget; otherwise the banded decode needs about
+    `estimate_banded_bytes` (the run's memory estimate should count min(this, that))."""
+    es = torch.finfo(dtype or vae.dtype).bits // 8
+    return _estimates(vae, height, width, encode=False, rows=None, es=es, batch=batch)["plain"]
+
+
+def estimate_banded_bytes(vae, height: int, width: int, dtype=None, *, tile: int = 64, batch: int = 1,
+                          encode: bool = False) -> tuple[int, int]:
+    """(store, band) peak bytes of the banded decode (or encode) with `tile` latent rows per band: the canvas
+    activations held in the store, and one band's working set on the compute device."""
+    es = torch.finfo(dtype or vae.dtype).bits // 8
+    e = _estimates(vae, height, width, encode=encode, rows=tile, es=es, batch=batch)
+    return e["store"], e["band"]
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _plan(vae, x: torch.Tensor, *, encode: bool, max_memory_gb: Optional[float], tile: Optional[int]) -> dict:
+    """Which method and band height: plain if it fits, else the tallest bands whose store + band fit."""
+    f = vae_scale_factor(vae)
+    B = x.shape[0]
+    H, W = (x.shape[-2], x.shape[-1]) if encode else (f * x.shape[-2], f * x.shape[-1])
+    lat_h = max(1, H // f)
+    es = torch.finfo(vae.dtype).bits // 8
+    if tile is not None:
+        if tile < 1:
+            raise ValueError(f"vae: tile must be >= 1 latent rows, got {tile}")
+        return {"method": "plain" if tile >= lat_h else "banded", "tile": tile, "store": x.device}
+    budget = max_memory_gb * 2**30 if max_memory_gb is not None else _free_bytes(x.device)
+    if _estimates(vae, H, W, encode=encode, rows=None, es=es, batch=B)["plain"] <= budget:
+        return {"method": "plain", "tile": lat_h, "store": x.device}
+    stores = [x.device] + ([torch.device("cpu")] if x.device.type != "cpu" else [])
+    # the band's working set is linear in its rows: the tallest band that fits beside the store
+    s1, b1 = estimate_banded_bytes(vae, H, W, vae.dtype, tile=1, batch=B, encode=encode)
+    _, b2 = estimate_banded_bytes(vae, H, W, vae.dtype, tile=2, batch=B, encode=encode)
+    for store in stores:
+        # a store on the compute device shares the budget with the band; a CPU store behind a GPU gets host memory
+        room = budget - b1 - (s1 if store == x.device else 0)
+        if room >= 0 and (store == x.device or s1 <= _free_bytes(store)):
+            rows = int(min(lat_h - 1, 1 + room // max(1, b2 - b1)))
+            return {"method": "banded", "tile": max(1, rows), "store": store}
+    return {"method": "overlap", "tile": None, "store": x.device}
+
+
+def decode(vae, latents: torch.Tensor, *, max_memory_gb: Optional[float] = None, tile: Optional[int] = None,
+           progress: bool = True) -> torch.Tensor:
+    """Decode latents [B, C_lat, h, w] (already divided by vae.config.scaling_factor) to images [B, 3, f·h, f·w] in
+    [-1, 1], in the decoder's dtype, exactly (up to floating-point order) like `vae.decode`.
+
+    Plain when the plain decode fits `max_memory_gb` (default: the device's free memory) or `tile` >= h; else banded
+    with the tallest bands that fit (or `tile` latent rows); if even the banded store does not fit, the approximate
+    overlap-tiled decode (per-tile GroupNorm, logged as a warning)."""
+    _check_input(latents, "latents")
+    plan = _plan(vae, latents, encode=False, max_memory_gb=max_memory_gb, tile=tile)
+    log.debug("vae.decode %s: %s", tuple(latents.shape), plan)
+    with torch.no_grad():
+        if plan["method"] == "plain":
+            return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        if plan["method"] == "banded":
+            return banded_decode(vae, latents, tile=plan["tile"], store=plan["store"], progress=progress)
+    log.warning("vae.decode: the exact banded decode does not fit %s; decoding in overlapping tiles with per-tile "
+                "GroupNorm (approximate)", f"{max_memory_gb} GB" if max_memory_gb else "the free memory")
+    return tiled_decode(vae, latents.to(vae.dtype), progress=progress)
+
+
+def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, tile: Optional[int] = None,
+           progress: bool = True, generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
+    """Encode images [B, 3, H, W] in [-1, 1] to latents [B, C_lat, H/f, W/f] (not yet multiplied by the scaling
+    factor): a sample of the posterior (`sample=True`, drawn from `generator` exactly as
+    `vae.encode(x).latent_dist.sample(generator)` does) or its mean. Plain or banded by the rule of `decode`."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    _check_input(images, "images")
+    plan = _plan(vae, images, encode=True, max_memory_gb=max_memory_gb, tile=tile)
+    log.debug("vae.encode %s: %s", tuple(images.shape), plan)
+    with torch.no_grad():
+        if plan["method"] == "plain":
+            dist = vae.encode(images.to(vae.dtype)).latent_dist
+        elif plan["method"] == "banded":
+            dist = DiagonalGaussianDistribution(
+                banded_encode_moments(vae, images, tile=plan["tile"], store=plan["store"], progress=progress))
+        else:
+            raise MemoryError(f"vae.encode: {tuple(images.shape)} does not fit "
+                              f"{max_memory_gb if max_memory_gb else 'the free memory'} GB even banded")
+        return dist.sample(generator) if sample else dist.mean
+
+
+# ----------------------------------------------------------------------------- approximate overlap-tiled decode
+#
+# Overlapping tiles decoded independently and cross-faded (below). Its GroupNorm can record canvas statistics and
+# apply them in later passes (`stats_passes`), but that iteration is not a fix (measured in benchmarks/NOTES.md, VAE):
+# pass p records layer k's statistics while layers < k are normalised with the statistics of pass p-1, so only the
+# first p layers are consistent; every deeper layer is normalised with (mean, std) that belong to a different
+# upstream, which does not normalise it, and the mismatch compounds through the ~30 residual GroupNorm layers of the
+# SD decoder. Per-tile GroupNorm is at least self-consistent. The iteration reaches the canvas statistics only after
+# as many passes as GroupNorm layers (each a full decode), and then still carries the tiles' border error.
 
 
 class _Session:
@@ -157,17 +643,16 @@ def _cores(origins: tuple[int, ...], tile: int, size: int) -> list[tuple[int, in
     return [(bounds[i] - o, bounds[i + 1] - o) for i, o in enumerate(origins)]
 
 
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, overlap: int = 16, profile: str = "cosine",
-                 stats_passes: int = 1, tile_batch: int = 1, progress: bool = False) -> torch.Tensor:
-    """Decode latents [B, C_lat, h, w] (already divided by the VAE's scaling factor) to images [B, 3, f·h, f·w].
+                 stats_passes: int = 0, tile_batch: int = 1, progress: bool = False) -> torch.Tensor:
+    """Approximate decode of latents [B, C_lat, h, w] (already divided by the VAE's scaling factor) to images
+    [B, 3, f·h, f·w] in overlapping tiles, cross-faded: memory = one tile batch + the output. `decode` is exact.
 
+    Each tile sees zero padding instead of its neighbours where the decoder's receptive field (≈ 18 latent px for
+    the SD VAE) exceeds the overlap, and normalises with its own GroupNorm statistics.
     tile / overlap: in latent pixels. profile: the seam_blend window ("uniform", "linear", "cosine", "gaussian").
-    stats_passes: recording passes for the shared GroupNorm statistics (0 = per-tile GroupNorm, like diffusers'
-    tiling). tile_batch: tiles decoded together (memory ∝ tile_batch · tile²; one 512² tile of the SD/PixArt VAE
+    stats_passes: recording passes for shared GroupNorm statistics (0 = per-tile GroupNorm, like diffusers'
+    tiling; > 0 is worse until about as many passes as the decoder has GroupNorms, see the note above). tile_batch: tiles decoded together (memory ∝ tile_batch · tile²; one 512² tile of the SD/PixArt VAE
     needs ≈ 0.5 GB, and batching tiles buys little once a tile fills the device). Returns the decoder's dtype.
     """
     if latents.dim() != 4:
