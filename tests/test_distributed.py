@@ -187,11 +187,12 @@ def _collectives_worker(rank, world):
         s, ss, n = D.reduce_moments(part.sum(dim=(2, 3, 4)), (part ** 2).sum(dim=(2, 3, 4)), part[0, 0].numel(), d)
         mean, rstd = D.group_norm_stats(s, ss, n, eps=1e-6)
         pvar, pmean = torch.var_mean(part, dim=(2, 3, 4), correction=0)
+        cn, cmean, cm2 = D.combine_moments(part[0, 0].numel(), pmean, pvar * part[0, 0].numel(), d)
         D.teardown(d)
         return {"bcast": [torch.equal(got[0], embeds), got[1] is None, torch.equal(got[2], mask),
                           got[2].dtype == mask.dtype],
                 "gather": torch.equal(gathered, canvas), "n": n, "mean": mean, "rstd": rstd,
-                "part_var": pvar, "part_mean": pmean, "x": x}
+                "part_var": pvar, "part_mean": pmean, "x": x, "chan": (cn, cmean, cm2)}
 
 
 def test_collectives_broadcast_gather_exact_group_norm_moments():
@@ -204,8 +205,13 @@ def test_collectives_broadcast_gather_exact_group_norm_moments():
     assert res[0]["n"] == x[0, 0].numel()
     torch.testing.assert_close(res[0]["mean"], mean.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(res[0]["rstd"], torch.rsqrt(var + 1e-6).float(), rtol=1e-6, atol=1e-6)
+    cn, cmean, cm2 = res[0]["chan"]
+    assert cn == x[0, 0].numel()
+    torch.testing.assert_close(cmean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cm2 / cn, var, rtol=1e-12, atol=1e-12)
     for r in (1, 2):  # every rank gets the same statistics
         assert torch.equal(res[r]["mean"], res[0]["mean"]) and torch.equal(res[r]["rstd"], res[0]["rstd"])
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(res[r]["chan"], res[0]["chan"]))
     # the mean of per-band variances (what xDiT's DistVAE combines) misses the spread of the band means
     mean_of_vars = torch.stack([x_["part_var"] for x_ in res]).mean(0)
     assert (var - mean_of_vars).abs().min() > 1.0

@@ -20,8 +20,9 @@ Pieces (one place each):
   attend the border tiles over band + halo K/V. Every query tile sees exactly the key tiles, in exactly the
   slot order, that the single-process `window_attention` gives it, so the band's rows are bitwise equal to
   the same rows of the single-process result on the CPU path (tests/test_distributed.py).
-* `reduce_moments`: exact distributed statistics for a parallel GroupNorm (all-reduce of Σx, Σx², count in
-  fp64; the variance is Σx²/n − mean², not a mean of per-rank variances, which drops the spread of the means).
+* `reduce_moments` / `combine_moments`: exact distributed statistics for a parallel GroupNorm (all-reduce of Σx,
+  Σx², count in fp64; or all-gathered (count, mean, M2) combined with Chan's formula in rank order): the variance
+  includes the spread of the per-rank means, unlike a mean of per-rank variances (xDiT's DistVAE).
 * `broadcast_tensors` (text embeddings from rank 0), `gather_rows` (the band latents, once at the end).
 * `run_local`: N local CPU ranks for tests and benchmarks (what torchrun does, from a forkserver).
 
@@ -601,6 +602,36 @@ def reduce_moments(total_sum: torch.Tensor, total_sumsq: torch.Tensor, count: in
     n = total_sum.numel()
     return (buf[:n].reshape(total_sum.shape).to(total_sum.device), buf[n:2 * n].reshape(total_sum.shape)
             .to(total_sum.device), int(round(buf[2 * n].item())))
+
+
+def combine_moments(n: int, mean: torch.Tensor, m2: torch.Tensor, d: Dist) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The (count, mean, M2) form (vae._Stats): every rank's partial [B, G] statistics all-gathered and combined
+    with Chan et al.'s pairwise formula in rank order, so every rank gets bitwise the same canvas statistics
+    (M2 = Σ(x - mean)²: the per-rank M2s plus the spread of the per-rank means, never a mean of variances)."""
+    shape = mean.shape
+    mine = torch.cat([torch.tensor([float(n)], dtype=torch.float64), mean.double().reshape(-1).cpu(),
+                      m2.double().reshape(-1).cpu()]).to(d.device)
+    parts = [torch.empty_like(mine) for _ in range(d.world)]
+    work = dist.all_gather(parts, mine, group=d.group, async_op=True)
+    _wait([work], d.timeout, "GroupNorm statistics all-gather")
+    k = mean.numel()
+    tot_n, tot_mean, tot_m2 = 0, None, None
+    for p in parts:
+        p = p.cpu()
+        pn, pmean, pm2 = int(p[0].item()), p[1:1 + k], p[1 + k:]
+        if pn == 0:
+            continue
+        if tot_mean is None:
+            tot_n, tot_mean, tot_m2 = pn, pmean, pm2
+            continue
+        nn_ = tot_n + pn
+        delta = pmean - tot_mean
+        tot_mean = tot_mean + delta * (pn / nn_)
+        tot_m2 = tot_m2 + pm2 + delta.square() * (tot_n * pn / nn_)
+        tot_n = nn_
+    if tot_mean is None:
+        raise RuntimeError("combine_moments: no rank counted any element")
+    return tot_n, tot_mean.reshape(shape).to(mean.device), tot_m2.reshape(shape).to(mean.device)
 
 
 def group_norm_stats(total_sum: torch.Tensor, total_sumsq: torch.Tensor, count: int, eps: float
