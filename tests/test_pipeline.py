@@ -143,3 +143,14 @@ def test_least_memory_setting_gives_the_same_image():
     P.restore(b)
     assert type(b.text_encoder.shared) is torch.nn.Embedding
     assert not any(isinstance(m, (Int8Linear, Int8Embedding)) for m in b.transformer.modules())
+
+
+def test_int8_auto_is_the_default_and_follows_resolve_mode(pipe):
+    from tiled_diffusion.int8 import Int8Linear, resolve_mode
+
+    P.accelerate(pipe, text_encoder_int8=False)
+    expected = resolve_mode("auto", "cpu")[0]
+    assert P.state(pipe).int8 == expected
+    assert any(isinstance(m, Int8Linear) for m in pipe.transformer.modules()) == (expected is not None)
+    assert P.accelerate(pipe, int8="auto", text_encoder_int8=False) is pipe  # the same resolved settings: no-op
+    P.restore(pipe)

@@ -203,7 +203,12 @@ def run(args) -> int:
     w, h = args.size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    int8 = None if args.int8 in (None, "none") else args.int8
+    # T5 is int8 (weight-only) unless --int8 none: that is about memory and pays everywhere. The transformer's
+    # W8A8 is about speed: "auto" takes it only where it was measured faster than bf16 (int8.resolve_mode).
+    from .int8 import resolve_mode
+
+    te_int8 = None if args.int8 in (None, "none") else "w8a8"
+    int8, int8_reason = resolve_mode(None if args.int8 in (None, "none") else args.int8, device)
     if args.model != "tiny":
         if not os.path.isdir(args.model):
             raise RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or "
@@ -214,7 +219,7 @@ def run(args) -> int:
     est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=dtype,
                           guidance_scale=args.guidance_scale, int8=int8, vae_channels=vae_channels,
                           vae_scale_factor=vae_scale_factor,
-                          text_encoder_bytes=_text_encoder_bytes(args.model, dtype, int8), text_encoder_alone=True)
+                          text_encoder_bytes=_text_encoder_bytes(args.model, dtype, te_int8), text_encoder_alone=True)
     try:
         check_memory(est, args.max_memory_gb, cfg)
     except MemoryError as e:
@@ -225,7 +230,7 @@ def run(args) -> int:
 
     # Every model is loaded and quantized on the CPU, then moved: the float T5-XXL (9.5 GB in bf16) never has to
     # fit on the GPU, only its int8 form does, and it has left before the transformer arrives.
-    embeds, mask = encode_prompt(args, device, dtype, int8, timings)
+    embeds, mask = encode_prompt(args, device, dtype, te_int8, timings)
 
     t0 = time.perf_counter()
     pipe = load(args.model, dtype, int8, DENOISE_PARTS)
@@ -259,6 +264,6 @@ def run(args) -> int:
     if args.json:
         report = {"timings": timings, "memory": memory, "size": [w, h], "mode": cfg.mode, "steps": args.steps,
                   "model": args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                  "int8": int8, "estimated_memory_gb": est["total"] / 2**30, "out": args.out}
+                  "int8": int8, "int8_reason": int8_reason, "estimated_memory_gb": est["total"] / 2**30, "out": args.out}
         _atomic_write(args.json, lambda p: _write_text(p, json.dumps(report, indent=2)))
     return 0

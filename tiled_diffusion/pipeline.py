@@ -257,14 +257,16 @@ def _components(obj) -> dict:
 
 
 def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radius: int = 1, shift: bool = False,
-               overlap: float = 0.5, profile: str = "cosine", int8: Optional[str] = "w8a8",
+               overlap: float = 0.5, profile: str = "cosine", int8: Optional[str] = "auto",
                text_encoder_int8: bool = True, positional: str = "canvas_stretched",
                tile_batch_size: Optional[int] = None, head_chunk: Optional[int] = None,
                keep_original_weights: bool = True):
     """Swap the tiled-generation modules into `pipe` (in place) and return it.
 
     Calling it again with the same settings is a no-op; with different settings it raises (restore first).
-    int8: "w8a8" | "w8a16" | None for the transformer's linear layers (PIXART_KEEP_HIGH_PRECISION stay float);
+    int8: "auto" | "w8a8" | "w8a16" | None for the transformer's linear layers (PIXART_KEEP_HIGH_PRECISION stay
+    float); "auto" (default) takes W8A8 only where it was measured faster than bf16 on the device the transformer
+    is on now (`int8.resolve_mode`; the reason is logged at INFO);
     text_encoder_int8: T5 weight-only int8 (pipelines only). tile: pixels, default per mode
     (canvas.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see canvas.TiledConfig.
     Afterwards `pipe(...)` itself is tiled (canvas.py). A transformer shared by two pipelines is accelerated
@@ -274,8 +276,11 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     """
     comps = _components(pipe)
     tr = comps["transformer"]
-    if int8 not in (None, "w8a8", "w8a16"):
-        raise ValueError(f"int8 must be 'w8a8', 'w8a16' or None, got {int8!r}")
+    if int8 not in (None, "auto", "w8a8", "w8a16"):
+        raise ValueError(f"int8 must be 'auto', 'w8a8', 'w8a16' or None, got {int8!r}")
+    from .int8 import resolve_mode
+
+    int8 = resolve_mode(int8, next(tr.parameters()).device)[0]
     cfg = TiledConfig(mode=mode, tile=tile, radius=radius, shift=shift, overlap=overlap, profile=profile,
                       positional=positional, tile_batch_size=tile_batch_size, head_chunk=head_chunk).validate()
     te_int8 = bool(text_encoder_int8 and comps["text_encoder"] is not None)

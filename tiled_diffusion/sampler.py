@@ -265,9 +265,9 @@ def check_memory(estimate: dict, limit_gb: Optional[float], cfg: TiledConfig) ->
     elif estimate["vae_decode"] >= estimate["activations"] + estimate["attention"]:
         knob = "the tiled VAE decode dominates: use a smaller --size (the decoded image itself is the floor)"
     elif cfg.mode == "multidiffusion":
-        knob = "lower the tile batch size (tile_batch_size) or the tile size (--tile)"
+        knob = "lower the tile batch size (--tile-batch-size) or the tile size (--tile)"
     elif cfg.mode == "cross_tile":
-        knob = "lower --tile / --radius, set head_chunk, or use a smaller --size"
+        knob = "lower --tile / --radius, set --head-chunk, or use a smaller --size"
     else:
         knob = "use --mode cross_tile (global attention runs on every canvas token at once) or a smaller --size"
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()
