@@ -11,6 +11,7 @@ SUITES = {  # suite name -> benchmarks/bench_<file>.py
     "blend": "bench_seam_blend",
     "pipeline": "bench_pipeline",
     "memory": "bench_memory",
+    "vae": "bench_vae",
     "quality": "bench_quality",
 }
 
