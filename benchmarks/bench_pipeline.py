@@ -169,7 +169,8 @@ def xl_pipeline(layers: int = 2, dtype=torch.bfloat16):
     from tiled_diffusion.tiny import tiny_pipeline
 
     small = tiny_pipeline()
-    pipe = PixArtAlphaPipeline(tokenizer=small.tokenizer, text_encoder=small.text_encoder, vae=small.vae,
+    # the pipeline casts prompt embeddings to the text encoder's dtype: keep it in the transformer's
+    pipe = PixArtAlphaPipeline(tokenizer=small.tokenizer, text_encoder=small.text_encoder.to(dtype), vae=small.vae,
                                transformer=xl_transformer(layers, dtype), scheduler=_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -202,7 +203,8 @@ def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=No
 
     pipe = pipe or xl_pipeline(layers, dtype)
     g = torch.Generator().manual_seed(1)
-    embeds = torch.randn(1, PROMPT_LEN, pipe.transformer.config.caption_channels, generator=g).to(pipe.transformer.dtype)
+    embeds = torch.randn(1, PROMPT_LEN, pipe.transformer.config.caption_channels, generator=g)
+    embeds = embeds.to(pipe.transformer.dtype)
     mask = torch.ones(1, PROMPT_LEN, dtype=torch.long)
     full = size <= 1024
     configs = [("un-accelerated", None), ("cross_tile", dict(mode="cross_tile", tile=512)),

@@ -204,14 +204,11 @@ def _apply_pipeline_call(pipe, st: AccelerateState):
 
 def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """VAE-decode latents z [B, 4, h, w] (already divided by the scaling factor) to images [B, 3, H, W] in
-    [-1, 1]: the tiled decode with canvas-wide GroupNorm statistics (vae.py), which is the plain decode when the
-    canvas is one VAE tile. The one decode every path of the package uses."""
-    from .vae import tiled_decode
+    [-1, 1]: `vae.decode` (vae.py) — the plain decode when it fits the free memory, else banded with exact
+    canvas-wide GroupNorm statistics. The one decode every path of the package uses."""
+    from . import vae as vae_mod
 
-    z = z.to(vae.dtype)
-    if max(z.shape[-2:]) <= 64:  # one tile of tiled_decode: the plain decode (the class's own, not the swap)
-        return type(vae).decode(vae, z, return_dict=False)[0]
-    return tiled_decode(vae, z)
+    return vae_mod.decode(vae, z.to(vae.dtype))
 
 
 def _apply_vae_decode(vae, st: AccelerateState):
@@ -367,7 +364,8 @@ def decode(pipe, latents, output_type: str = "pil"):
 def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed: int = 0,
              guidance_scale: float = 0.0, negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
              max_memory_gb: Optional[float] = None, prompt_embeds: Optional[tuple] = None,
-             timings: Optional[dict] = None, **overrides: Any):
+             timings: Optional[dict] = None, controlnet=None, control_image=None, control_scale: float = 1.0,
+             image=None, strength: Optional[float] = None, regions=None, **overrides: Any):
     """One tiled generation with the accelerated pipeline; `overrides` replace TiledConfig fields for this call.
 
     The same image as `pipe(prompt, width=, height=, num_inference_steps=steps, guidance_scale=,
@@ -375,6 +373,11 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
     (embeds, mask) from `encode` instead of a prompt (the CLI encodes in a stage of its own). timings: a dict
     that receives denoise_s and decode_s. Returns a list of PIL images (output_type "pil"), or the latents
     ("latent"), or what `decode` returns for the other output types.
+
+    Guidance (issue 10): controlnet (a controlnet.PixArtControlNet) with control_image (PIL / path / [B, 3, H, W]
+    in [-1, 1]) and control_scale; image (img2img: PIL / path / tensor, resized to width × height) with strength
+    (default 0.5); regions ("x0,y0,x1,y1:prompt" strings, regions.Region, or an encoded regions.RegionalPrompts
+    whose `encode` gave prompt_embeds). Any image size, and upscaling: img2img.img2img / img2img.upscale.
     """
     import time
 
@@ -391,12 +394,49 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
                               text_encoder_bytes=module_bytes(getattr(pipe, "text_encoder", None)),
                               vae_scale_factor=st.vae_scale_factor)
         check_memory(est, max_memory_gb, cfg)
+    # --- guidance (issue 10): regional prompts, img2img, ControlNet (regions.py, img2img.py, controlnet.py) ---
+    if (controlnet is None) != (control_image is None):
+        raise ValueError("generate: controlnet= and control_image= go together")
+    if strength is not None and image is None:
+        raise ValueError("generate: strength= needs image= (img2img)")
+    regional = None
+    if regions:
+        from .regions import RegionalPrompts
+
+        regional = regions if isinstance(regions, RegionalPrompts) else RegionalPrompts(prompt, regions, width,
+                                                                                         height)
+        if prompt_embeds is None:  # every distinct prompt encoded once
+            prompt_embeds = regional.encode(lambda ps: encode(pipe, ps, negative_prompt, guidance_scale),
+                                            guidance_scale)
+    # --- end guidance ---
     embeds, mask = prompt_embeds if prompt_embeds is not None else encode(pipe, prompt, negative_prompt,
                                                                          guidance_scale)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    # --- guidance (issue 10) ---
+    import contextlib
+
+    latents, strength = None, (None if image is None else (0.5 if strength is None else strength))
+    if image is not None:
+        from .img2img import image_latents
+
+        latents = image_latents(pipe, image, width=width, height=height, strength=strength, steps=steps,
+                                generator=gen, timings=timings)
+    if controlnet is not None:
+        from .controlnet import control_latent
+
+        t0 = time.perf_counter()
+        control = control_latent(pipe.vae, control_image, height, width, pipe.transformer.dtype)
+        timings["control_encode_s"] = time.perf_counter() - t0
+    # --- end guidance ---
     t0 = time.perf_counter()
-    lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=height, width=width, steps=steps, cfg=cfg,
-                  guidance_scale=guidance_scale, generator=gen, progress=progress)
+    with contextlib.ExitStack() as guided:  # guidance (issue 10): installed for this call only
+        if regional is not None:
+            guided.enter_context(regional.applied(pipe.transformer, cfg.mode))
+        if controlnet is not None:
+            guided.enter_context(controlnet.applied(pipe.transformer, control, control_scale))
+        lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=height, width=width, steps=steps,
+                      cfg=cfg, guidance_scale=guidance_scale, generator=gen, progress=progress, latents=latents,
+                      strength=strength)
     timings["denoise_s"] = time.perf_counter() - t0
     if output_type == "latent":
         return lat

@@ -218,8 +218,10 @@ class _Runner:
             c, a = self.crop(x, y0, y1, 1)
             self.put(h, y0, m.conv1(m.nonlinearity(_normed(c, ab)))[:, :, y0 - a:y1 - a], st2)
         ab2 = st2.scale_shift()
-        # the output may overwrite x in place: the second pass reads x only at its own rows
-        out = x if m.conv_shortcut is None else self.empty(x, m.conv2.out_channels, H, W)
+        # The output overwrites x in place (its first C_out channels when the shortcut narrows them): the second
+        # pass reads x only at its own rows, before it writes them.
+        Co = m.conv2.out_channels
+        out = x[:, :Co] if Co <= x.shape[1] else self.empty(x, Co, H, W)
         st = _stats(nxt)
         for y0, y1 in self.bands(H):
             c, a = self.crop(h, y0, y1, 1)
@@ -383,14 +385,16 @@ def _plain_elems(kind, m, C, H, W, Co, Ho, Wo) -> int:
 
 
 def _band_elems(kind, m, C, H, W, Co, Ho, Wo, rows: int, lat_h: int) -> tuple[int, int]:
-    """(stored canvas elements, fp32-equivalent band working-set elements) of one banded step (per image)."""
+    """(stored canvas elements, fp32 band working-set elements) of one banded step (per image). The band holds
+    about 3 fp32 copies of its widest tensor (the input upcast for the normalisation, its output, the conv output
+    upcast for the statistics)."""
     i, o = C * H * W, Co * Ho * Wo
     r = min(Ho, rows * Ho // lat_h + 4)  # band rows of the output + halo, at the output resolution
     r_in = min(H, rows * H // lat_h + 4)
-    band = 4 * max(C * r_in * W, Co * r * Wo, (m.conv1.out_channels if kind == "res" else 0) * r * Wo)
+    band = 3 * max(C * r_in * W, Co * r * Wo, (m.conv1.out_channels if kind == "res" else 0) * r * Wo)
     if kind == "res":
         mid = m.conv1.out_channels * H * W
-        return i + mid + (o if m.conv_shortcut is not None else 0), band
+        return i + mid + (o if Co > C else 0), band
     if kind == "attn":
         return i + 3 * m.to_q.out_features * H * W, band + 2 * m.to_q.out_features * H * W
     return i + o, band
@@ -482,8 +486,8 @@ def decode(vae, latents: torch.Tensor, *, max_memory_gb: Optional[float] = None,
     plan = _plan(vae, latents, encode=False, max_memory_gb=max_memory_gb, tile=tile)
     log.debug("vae.decode %s: %s", tuple(latents.shape), plan)
     with torch.no_grad():
-        if plan["method"] == "plain":
-            return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        if plan["method"] == "plain":  # the class's decode: after accelerate, pipe.vae.decode is this function
+            return type(vae).decode(vae, latents.to(vae.dtype), return_dict=False)[0]
         if plan["method"] == "banded":
             return banded_decode(vae, latents, tile=plan["tile"], store=plan["store"], progress=progress)
     log.warning("vae.decode: the exact banded decode does not fit %s; decoding in overlapping tiles with per-tile "
