@@ -307,3 +307,144 @@ def test_control_latent_shape():
     lat = C.control_latent(vae, img, height=64, width=96)
     assert lat.shape == (1, 4, 8, 12)
     assert torch.isfinite(lat).all()
+
+
+# ---------------------------------------------------------------------------------- inside the canvas forward
+
+
+def accelerated(tr, **kw):
+    from tiled_diffusion import pipeline as P
+
+    P.accelerate(tr, int8=None, **kw)
+    return P
+
+
+@torch.no_grad()
+def test_one_tile_canvas_equals_upstream_forward(tr):
+    lat, text, mask, t = inputs(tr, h=16, w=16)
+    control = control_for(lat)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES))
+    ref = upstream_reference(tr, net, lat, text, mask, t, control)
+    P = accelerated(tr, mode="cross_tile", tile=128)  # 128 px = 16 latent px: the canvas is one tile
+    try:
+        with net.applied(tr, control):
+            out = run(tr, lat, text, mask, t)
+    finally:
+        P.restore(tr)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_cross_tile_covering_radius_equals_upstream_forward(tr):
+    """4x4 tiles, radius 3: window attention sees the whole canvas, so only the token order differs from the
+    plain forward — the control tokens must be permuted tile-major exactly like the hidden states.
+    Tolerance: fp32 rounding of attention over a gathered key order (~1e-7 relative), 1e-5."""
+    lat, text, mask, t = inputs(tr, h=32, w=32)
+    control = control_for(lat)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES), std=0.1)
+    ref = upstream_reference(tr, net, lat, text, mask, t, control)
+    P = accelerated(tr, mode="cross_tile", tile=64, radius=3)
+    try:
+        with net.applied(tr, control):
+            out = run(tr, lat, text, mask, t)
+    finally:
+        P.restore(tr)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def _effect_of_corner_change(tr, **accel):
+    """Output difference when the control changes only in the top-left 4x4 latent pixels."""
+    lat, text, mask, t = inputs(tr, h=32, w=32)
+    control = control_for(lat)
+    changed = control.clone()
+    changed[..., :4, :4] += 3.0
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES), std=0.1)
+    P = accelerated(tr, **accel)
+    try:
+        with net.applied(tr, control):
+            a = run(tr, lat, text, mask, t)
+        with net.applied(tr, changed):
+            b = run(tr, lat, text, mask, t)
+    finally:
+        P.restore(tr)
+    return (a - b).abs().amax(dim=(0, 1))  # [h, w]
+
+
+@torch.no_grad()
+def test_cross_tile_control_stays_in_its_tile(tr):
+    """radius 0: tiles do not see each other, so a control change in tile (0, 0) (latent 16x16) changes that
+    tile only. Raster-ordered control tokens would land in other tiles."""
+    d = _effect_of_corner_change(tr, mode="cross_tile", tile=128, radius=0)
+    assert d[:16, :16].max() > 1e-3
+    assert d[16:].max() == 0 and d[:, 16:].max() == 0
+
+
+@torch.no_grad()
+def test_multidiffusion_control_is_cropped_per_tile(tr):
+    """16-px latent tiles at 50% overlap (stride 8) on a 32² latent: the corner change reaches the tiles at
+    origin (0, 0) only — their 16x16 footprint — and nowhere else."""
+    d = _effect_of_corner_change(tr, mode="multidiffusion", tile=128, overlap=0.5)
+    assert d[:16, :16].max() > 1e-3
+    assert d[16:].max() == 0 and d[:, 16:].max() == 0
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
+@pytest.fixture(scope="module")
+def cn_pipe():
+    from tiled_diffusion import pipeline as P
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=128)
+    yield pipe
+    P.restore(pipe)
+
+
+def _edge_image():
+    from PIL import Image
+
+    a = torch.zeros(96, 128, 3, dtype=torch.uint8)
+    a[20:70, 30:90] = 255
+    return Image.fromarray(a.numpy())
+
+
+@pytest.mark.parametrize("mode", ["cross_tile", "multidiffusion"])
+@torch.no_grad()
+def test_generate_with_controlnet(cn_pipe, mode):
+    from tiled_diffusion import pipeline as P
+    from tiled_diffusion.edges import soft_edges
+
+    pipe = cn_pipe
+    kw = dict(width=256, height=192, steps=2, seed=0, output_type="latent", progress=False, mode=mode)
+    control = soft_edges(_edge_image())
+    base = P.generate(pipe, "a red house", **kw)
+    fresh = C.PixArtControlNet.from_transformer(pipe.transformer, 1)
+    assert torch.equal(P.generate(pipe, "a red house", controlnet=fresh, control_image=control, **kw), base)
+    net = randomize(C.PixArtControlNet.from_transformer(pipe.transformer, 1), std=0.05)
+    out = P.generate(pipe, "a red house", controlnet=net, control_image=control, control_scale=0.7, **kw)
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-3
+    assert net._transformer is None and getattr(pipe.transformer, "_td_controlnet", None) is None  # detached
+
+
+@torch.no_grad()
+def test_pipe_call_with_attached_controlnet_equals_generate(cn_pipe):
+    """Diffusers' own pipe(...) on the accelerated pipeline, the ControlNet attached and its control set, gives
+    generate(..., controlnet=...)'s latents (CFG on: the control serves both halves)."""
+    from tiled_diffusion import pipeline as P
+
+    pipe = cn_pipe
+    net = randomize(C.PixArtControlNet.from_transformer(pipe.transformer, 1), std=0.05)
+    img = _edge_image()
+    ref = P.generate(pipe, "a red house", width=256, height=192, steps=2, seed=4, guidance_scale=3.0,
+                     output_type="latent", progress=False, controlnet=net, control_image=img)
+    net.attach(pipe.transformer)
+    try:
+        net.set_control_image(pipe.vae, img, 192, 256)
+        out = pipe("a red house", width=256, height=192, num_inference_steps=2, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(4), output_type="latent",
+                   use_resolution_binning=False).images
+    finally:
+        net.detach()
+    assert torch.equal(out, ref)

@@ -211,6 +211,7 @@ class PixArtControlNet(nn.Module):
                 self._block_hook(i), with_kwargs=True))
         object.__setattr__(self, "_transformer", transformer)
         object.__setattr__(transformer, "_td_controlnet", self)
+        self._publish()
         return self
 
     def detach(self) -> None:
@@ -229,6 +230,7 @@ class PixArtControlNet(nn.Module):
         """The control latent [B, C, h, w] of the whole canvas (× scaling factor), or None to switch control off
         (the hooks then do nothing and the output is the base model's, bitwise)."""
         self._control = latent
+        self._publish()
 
     def set_control_image(self, vae, image, height: int, width: int) -> torch.Tensor:
         """`set_control(control_latent(vae, image, height, width))` for a height × width canvas: what to call
@@ -259,24 +261,33 @@ class PixArtControlNet(nn.Module):
         st = getattr(self._transformer, "_tiled_diffusion", None)
         return None if st is None else st.context
 
-    def _publish_control(self, module, args):
-        """Before the (canvas) forward: the whole control latent goes where the canvas forward crops extras."""
-        self._state = None
-        ctx = self._context()
-        extras = getattr(ctx, "extras", None)
+    def _publish(self) -> None:
+        """Put the whole control latent where the canvas forward crops extras (`context.extras`, which persists
+        between forwards): at attach and set_control, and again before every forward through the transformer's
+        __call__ (covers an `accelerate` after attach). Entry points that run tiles without __call__ (the
+        sampler's fused multidiffusion step) find it there already."""
+        extras = getattr(self._context(), "extras", None)
         if extras is not None:
             if self._control is None:
                 extras.pop("control", None)
             else:
                 extras["control"] = self._control
+
+    def _publish_control(self, module, args):
+        self._state = None
+        self._publish()
         return None
 
     def _current_latent(self) -> Optional[torch.Tensor]:
-        if self._control is None:
-            return None
-        current = getattr(self._context(), "current_extras", None)
+        """The control latent of the running inner forward: the canvas forward's crop when it runs, else (plain
+        transformer, or a canvas that is one tile) the whole latent."""
+        ctx = self._context()
+        current = getattr(ctx, "current_extras", None)
         if current and current.get("control") is not None:
             return current["control"]
+        if ctx is not None and ctx.offsets is not None:  # a multidiffusion tile batch without its crop
+            raise ControlNetError("ControlNet: the canvas forward ran tiles without the control latent in "
+                                  "context.extras['control']")
         return self._control
 
     def _block_hook(self, i: int):
@@ -287,11 +298,14 @@ class PixArtControlNet(nn.Module):
             tr = self._transformer
             if i == 1:
                 latent = self._current_latent()
+                p = tr.config.patch_size
+                if (latent.shape[-2] // p) * (latent.shape[-1] // p) != hidden.shape[1]:
+                    raise ControlNetError(f"ControlNet: control latent {tuple(latent.shape[-2:])} gives "
+                                          f"{(latent.shape[-2] // p) * (latent.shape[-1] // p)} tokens, the hidden "
+                                          f"states have {hidden.shape[1]}: the control latent must have the "
+                                          f"canvas's latent size (did the pipeline resize the request? pass "
+                                          f"use_resolution_binning=False)")
                 self._state = tr.pos_embed(_rows_like(latent, hidden.shape[0]).to(tr.pos_embed.proj.weight.dtype))
-                if self._state.shape != hidden.shape:
-                    raise ControlNetError(f"ControlNet: control tokens {tuple(self._state.shape)} do not match the "
-                                          f"hidden states {tuple(hidden.shape)}: the control latent must have the "
-                                          f"canvas's latent size")
             blk = self.controlnet_blocks[i - 1]
             _mirror_processors(blk.transformer_block, tr.transformer_blocks[i - 1])
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}

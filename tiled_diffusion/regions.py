@@ -219,41 +219,81 @@ class RegionAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def _segments(regional: RegionalPrompts, embeds: torch.Tensor, mask: Optional[torch.Tensor]):
+    """(p, text [B, S, C], mask) per distinct prompt of the concatenated text."""
+    P = regional.num_prompts
+    S = embeds.shape[1] // P
+    if S * P != embeds.shape[1]:
+        raise RegionError(f"regions: text length {embeds.shape[1]} is not {P} prompts of equal length")
+    for p in range(P):
+        yield p, embeds[:, p * S:(p + 1) * S], None if mask is None else mask[..., p * S:(p + 1) * S]
+
+
+def _mix(regional: RegionalPrompts, run: Callable, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_p weights[:, p] · run(p): outputs [n, C, h, w], weights [n or 1, P, h, w] (prompts nowhere present are
+    not run; a prompt that holds everything is returned as it is)."""
+    total = None
+    for p in range(regional.num_prompts):
+        wp = weights[:, p:p + 1]
+        if not bool((wp > 0).any()):
+            continue
+        out = run(p)
+        if bool((wp == 1).all()):
+            return out
+        term = out * wp.to(out.dtype)
+        total = term if total is None else total + term
+    return total
+
+
 @contextlib.contextmanager
 def _blended_forward(transformer, regional: RegionalPrompts):
-    """multidiffusion: the transformer's forward runs once per prompt with that prompt's text and the outputs are
-    mixed with the latent-pixel weights (the forward's input must be the whole canvas)."""
+    """multidiffusion: the transformer runs once per prompt with that prompt's text and the outputs are mixed
+    with the latent-pixel weights. Both entry points are wrapped: the canvas forward (input = the whole canvas)
+    and `multidiffusion_tiles` (the sampler's fused blend + LCM step), whose tile outputs are mixed with the
+    weights cropped like the tiles (the seam blend that follows is linear, so both orders agree)."""
     forward = type(transformer).forward
+    tiles_fn = getattr(type(transformer), "multidiffusion_tiles", None)
+    inside = []  # non-empty while `blended` runs a prompt: the canvas forward's own tile calls pass through
 
     def blended(hidden_states, encoder_hidden_states=None, *args, encoder_attention_mask=None,
                 return_dict: bool = True, **kwargs):
-        P = regional.num_prompts
-        S = encoder_hidden_states.shape[1] // P
         w = regional.weights().to(hidden_states.device)
         if tuple(w.shape[-2:]) != tuple(hidden_states.shape[-2:]):
             raise RegionError(f"regions: forward input {tuple(hidden_states.shape[-2:])} is not the canvas "
                               f"{tuple(w.shape[-2:])} latent")
-        total = None
-        for p in range(P):
-            wp = w[p]
-            if not bool((wp > 0).any()):
-                continue
-            seg = encoder_hidden_states[:, p * S:(p + 1) * S]
-            m = None if encoder_attention_mask is None else encoder_attention_mask[..., p * S:(p + 1) * S]
-            out = forward(transformer, hidden_states, seg, *args, encoder_attention_mask=m, return_dict=False,
-                          **kwargs)[0]
-            if bool((wp == 1).all()):
-                total = out
-                break
-            term = out * wp.to(out.dtype)
-            total = term if total is None else total + term
+        seg = list(_segments(regional, encoder_hidden_states, encoder_attention_mask))
+
+        def run(p):
+            inside.append(p)
+            try:
+                return forward(transformer, hidden_states, seg[p][1], *args, encoder_attention_mask=seg[p][2],
+                               return_dict=False, **kwargs)[0]
+            finally:
+                inside.pop()
+
+        total = _mix(regional, run, w[None])
         return (total,) if not return_dict else _output(total)
 
+    def blended_tiles(x, pgrid, kw, st):
+        if inside:
+            return tiles_fn(transformer, x, pgrid, kw, st)
+        w = regional.weights().to(x.device)[None].expand(x.shape[0], -1, -1, -1)
+        seg = list(_segments(regional, kw["encoder_hidden_states"], kw.get("encoder_attention_mask")))
+
+        def run(p):
+            return tiles_fn(transformer, x, pgrid, {**kw, "encoder_hidden_states": seg[p][1],
+                                                     "encoder_attention_mask": seg[p][2]}, st)
+
+        return _mix(regional, run, pgrid.extract_tiles(w.contiguous()))
+
     transformer.forward = blended
+    if tiles_fn is not None:
+        transformer.multidiffusion_tiles = blended_tiles
     try:
         yield
     finally:
         transformer.__dict__.pop("forward", None)
+        transformer.__dict__.pop("multidiffusion_tiles", None)
 
 
 def _output(sample):
