@@ -772,6 +772,28 @@ TD_AVX512 int64_t vnni_spin(int64_t iters) {
   return iters;
 }
 
+// The same with vdpbf16ps (AVX512-BF16: 16 lanes x 2 bf16 products per instruction).
+__attribute__((target("avx512f,avx512bf16"))) int64_t bf16_spin(int64_t iters) {
+#define TD_DP(r) "vdpbf16ps %%zmm13, %%zmm12, %%zmm" #r "\n\t"
+  __asm__ volatile(
+      "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
+      "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+      "test %[n], %[n]\n\t"
+      "jz 2f\n\t"
+      ".p2align 5\n\t"
+      "1:\n\t" TD_DP(0) TD_DP(1) TD_DP(2) TD_DP(3) TD_DP(4) TD_DP(5) TD_DP(6) TD_DP(7) TD_DP(8) TD_DP(9)
+      TD_DP(10) TD_DP(11)
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      "2:\n\t"
+      : [n] "+r"(iters)
+      :
+      : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11", "zmm12",
+        "zmm13", "cc");
+#undef TD_DP
+  return iters;
+}
+
 // 4 independent tdpbssd accumulators (tmm0-3) fed by 2 A and 2 B tiles that never leave the registers: the
 // AMX int8 peak (16x16x64 multiply-adds per instruction). Tiles must be configured on the thread.
 __attribute__((target("amx-tile,amx-int8"))) int64_t amx_spin(int64_t iters) {
@@ -784,13 +806,30 @@ __attribute__((target("amx-tile,amx-int8"))) int64_t amx_spin(int64_t iters) {
   return iters;
 }
 
-// Register-only peak of `isa` ("amx" or "avx512") over at::get_num_threads() threads, in GOP/s (1 multiply-add =
-// 2 ops). An ISA the machine cannot run is an error with the probe's reason.
+__attribute__((target("amx-tile,amx-bf16"))) int64_t amx_bf16_spin(int64_t iters) {
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  return iters;
+}
+
+// Register-only peak over at::get_num_threads() threads, in GOP/s (1 multiply-add = 2 ops): "amx" (tdpbssd),
+// "avx512" (vpdpbusd), "amx_bf16" (tdpbf16ps), "avx512_bf16" (vdpbf16ps); the bf16 ones are what torch's bf16
+// Linear runs on. An ISA the machine cannot run is an error with the reason.
 double isa_peak_gops(const std::string& name, int64_t iters) {
-  const Isa isa = name == "amx" ? Isa::amx : name == "avx512" ? Isa::avx512 : Isa::ref;
-  TORCH_CHECK(isa != Isa::ref, "isa_peak_gops: isa must be 'amx' or 'avx512', got '", name, "'");
+  const bool bf16 = name == "amx_bf16" || name == "avx512_bf16";
+  const Isa isa = name == "amx" || name == "amx_bf16" ? Isa::amx
+                  : name == "avx512" || name == "avx512_bf16" ? Isa::avx512 : Isa::ref;
+  TORCH_CHECK(isa != Isa::ref, "isa_peak_gops: isa must be amx, avx512, amx_bf16 or avx512_bf16, got '", name, "'");
   std::string why;
   TORCH_CHECK(td_cpu::isa_usable(isa, &why), "isa_peak_gops(", name, "): not on this machine: ", why);
+  __builtin_cpu_init();
+  const bool has_bf16 = isa == Isa::amx ? __builtin_cpu_supports("amx-bf16") : __builtin_cpu_supports("avx512bf16");
+  TORCH_CHECK(!bf16 || has_bf16,
+              "isa_peak_gops(", name, "): this CPU lacks ", isa == Isa::amx ? "AMX-BF16" : "AVX512-BF16");
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> sink(threads);
   const auto t0 = std::chrono::steady_clock::now();
@@ -798,15 +837,15 @@ double isa_peak_gops(const std::string& name, int64_t iters) {
     for (int64_t i = b; i < e; ++i) {
       if (isa == Isa::amx) {
         td_cpu::amx::configure();
-        sink[i] = amx_spin(iters);
+        sink[i] = bf16 ? amx_bf16_spin(iters) : amx_spin(iters);
         td_cpu::amx::release();
       } else {
-        sink[i] = vnni_spin(iters);
+        sink[i] = bf16 ? bf16_spin(iters) : vnni_spin(iters);
       }
     }
   });
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double ops_per_iter = isa == Isa::amx ? 4.0 * 16 * 16 * 64 * 2 : 12.0 * 64 * 2;
+  const double ops_per_iter = isa == Isa::amx ? 4.0 * 16 * 16 * (bf16 ? 32 : 64) * 2 : 12.0 * (bf16 ? 32 : 64) * 2;
   return static_cast<double>(threads) * iters * ops_per_iter / s / 1e9;
 }
 
