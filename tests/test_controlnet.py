@@ -448,3 +448,41 @@ def test_pipe_call_with_attached_controlnet_equals_generate(cn_pipe):
     finally:
         net.detach()
     assert torch.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def test_generate_cli_with_controlnet(tmp_path):
+    from PIL import Image
+
+    from tiled_diffusion.cli import main
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    net = randomize(C.PixArtControlNet.from_transformer(tiny_pipeline().transformer, 1), std=0.05)
+    C.save_diffusers(net, str(tmp_path / "cn"))
+    _edge_image().save(tmp_path / "photo.png")
+    common = ["generate", "--model", "tiny", "--prompt", "a red house", "--size", "128x96", "--steps", "2",
+              "--dtype", "fp32", "--int8", "none"]
+    assert main(common + ["--out", str(tmp_path / "plain.png")]) == 0
+    assert main(common + ["--controlnet", str(tmp_path / "cn"), "--control-image",
+                          f"edges:{tmp_path / 'photo.png'}", "--out", str(tmp_path / "cn.png")]) == 0
+    import numpy as np
+
+    a = torch.from_numpy(np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.float32))
+    b = torch.from_numpy(np.asarray(Image.open(tmp_path / "cn.png"), dtype=np.float32))
+    assert a.shape == b.shape and (a - b).abs().max() > 0
+
+
+@pytest.mark.parametrize("case", ["missing-checkpoint", "no-control-image", "control-image-alone"])
+def test_generate_cli_controlnet_errors_are_one_line(tmp_path, capsys, case):
+    from tiled_diffusion.cli import main
+
+    _edge_image().save(tmp_path / "e.png")
+    argv = {"missing-checkpoint": ["--controlnet", str(tmp_path / "nope"), "--control-image", str(tmp_path / "e.png")],
+            "no-control-image": ["--controlnet", str(tmp_path / "e.png")],
+            "control-image-alone": ["--control-image", str(tmp_path / "e.png")]}[case]
+    rc = main(["generate", "--model", "tiny", "--prompt", "x", "--size", "64x64", "--out", str(tmp_path / "o.png"),
+               *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("tiled-diffusion generate: error:") and "\n" not in err

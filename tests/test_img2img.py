@@ -201,3 +201,36 @@ def test_strength_without_image_is_refused(pipe):
 def test_strength_too_low_for_the_steps_is_refused(pipe):
     with pytest.raises(I.ImageError, match="original_inference_steps × strength ≥ steps"):
         I.img2img(pipe, "a cat", _rand_image(32, 32), strength=0.05, steps=4, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def test_upscale_cli(tmp_path, capsys):
+    import json
+
+    from tiled_diffusion.cli import main
+
+    src = tmp_path / "in.png"
+    _rand_image(40, 24, seed=8).save(src)
+    out, js = tmp_path / "out.png", tmp_path / "t.json"
+    rc = main(["upscale", "--model", "tiny", "--image", str(src), "--scale", "2", "--strength", "0.5", "--steps",
+               "2", "--dtype", "fp32", "--int8", "none", "--tile", "64", "--out", str(out), "--json", str(js)])
+    assert rc == 0
+    assert Image.open(out).size == (80, 48)
+    report = json.loads(js.read_text())
+    assert {"resize_s", "encode_s", "denoise_s", "decode_s"} <= set(report["timings"])
+
+
+@pytest.mark.parametrize("case", ["missing-image", "bad-strength", "bad-scale"])
+def test_upscale_cli_errors_are_one_line(tmp_path, capsys, case):
+    from tiled_diffusion.cli import main
+
+    src = tmp_path / "in.png"
+    _rand_image(16, 16).save(src)
+    argv = {"missing-image": ["--image", str(tmp_path / "nope.png")],
+            "bad-strength": ["--image", str(src), "--strength", "0.02"],
+            "bad-scale": ["--image", str(src), "--scale", "0"]}[case]
+    rc = main(["upscale", "--model", "tiny", "--out", str(tmp_path / "o.png"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("tiled-diffusion upscale: error:") and "\n" not in err

@@ -250,3 +250,24 @@ def test_generate_with_regions_and_cfg(rpipe):
     assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-4
     # uninstalled afterwards: the plain generation is unchanged
     assert torch.equal(P.generate(rpipe, "a red house", **kw), base)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def test_generate_cli_with_regions(tmp_path):
+    from tiled_diffusion.cli import main
+
+    rc = main(["generate", "--model", "tiny", "--prompt", "a red house", "--size", "128x96", "--steps", "2",
+               "--dtype", "fp32", "--int8", "none", "--region", "0,0,64,96:a blue lake", "--region",
+               "64,0,128,48:snow", "--out", str(tmp_path / "r.png")])
+    assert rc == 0 and (tmp_path / "r.png").exists()
+
+
+def test_generate_cli_bad_region_is_one_line(tmp_path, capsys):
+    from tiled_diffusion.cli import main
+
+    rc = main(["generate", "--model", "tiny", "--prompt", "x", "--size", "64x64", "--region", "0,0,100,10:cat",
+               "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "outside the 64x64 canvas" in err and "\n" not in err

@@ -1,4 +1,4 @@
-"""`tiled-diffusion generate | bench | inspect`."""
+"""`tiled-diffusion generate | upscale | bench | inspect`."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ SUITES = {  # suite name -> benchmarks/bench_<file>.py
     "memory": "bench_memory",
     "vae": "bench_vae",
     "quality": "bench_quality",
+    "guidance": "bench_guidance",
 }
 
 
@@ -70,7 +71,15 @@ def generate(args: argparse.Namespace) -> int:
         return 2
 
 
+def upscale(args: argparse.Namespace) -> int:
+    from .cli_upscale import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import cli_upscale
+
     p = argparse.ArgumentParser(prog="tiled-diffusion", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -102,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory-gb", type=float, default=None, help="refuse requests whose estimate exceeds this")
     g.add_argument("--out", default="image.png")
     g.add_argument("--json", default=None, help="write per-stage timings here")
+    cli_upscale.add_guidance_arguments(g)  # --controlnet, --control-image, --control-scale, --region
     g.set_defaults(func=generate)
+
+    u = sub.add_parser("upscale", help="upscale an image: resize, tiled encode, noise to a strength, tiled "
+                                       "denoise, tiled decode")
+    cli_upscale.add_arguments(u)
+    u.set_defaults(func=upscale)
 
     b = sub.add_parser("bench", help="run a benchmark suite and print a table")
     b.add_argument("--suite", choices=[*SUITES, "all"], default="all")

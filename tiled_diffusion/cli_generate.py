@@ -92,7 +92,7 @@ def load(model: str, dtype: torch.dtype, int8, components=TEXT_PARTS + DENOISE_P
         raise RequestError(f"--model {model!r}: {e}") from None
 
 
-def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings: dict):
+def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings: dict, guidance=None):
     """Stage 1: load the text encoder alone (weight-only int8 when int8 is on), encode once, free it. T5-XXL
     (4.4 GB in int8) and the transformer are then never in memory together: the peak is the larger, not the sum."""
     from .pipeline import encode, quantize_text_encoder
@@ -106,7 +106,11 @@ def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings:
         text.to(device)
     timings["load_text_encoder_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    embeds, mask = encode(text, args.prompt, guidance_scale=args.guidance_scale)
+    def enc(prompt):
+        return encode(text, prompt, guidance_scale=args.guidance_scale)
+
+    # guidance (issue 10): with --region, every distinct prompt is encoded once (cli_upscale.Guidance)
+    embeds, mask = enc(args.prompt) if guidance is None else guidance.encode(enc, args.prompt, args.guidance_scale)
     del text
     release_freed_memory()
     timings["encode_s"] = time.perf_counter() - t0
@@ -201,6 +205,14 @@ def run(args) -> int:
     t_all = time.perf_counter()
     cfg = validate(args)
     w, h = args.size
+    # --- guidance (issue 10): --region, --controlnet, --control-image checked before anything loads ---
+    from .cli_upscale import check_guidance
+
+    try:
+        guidance = check_guidance(args, w, h)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    # --- end guidance ---
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
     # T5 is int8 (weight-only) unless --int8 none: that is about memory and pays everywhere. The transformer's
@@ -230,7 +242,7 @@ def run(args) -> int:
 
     # Every model is loaded and quantized on the CPU, then moved: the float T5-XXL (9.5 GB in bf16) never has to
     # fit on the GPU, only its int8 form does, and it has left before the transformer arrives.
-    embeds, mask = encode_prompt(args, device, dtype, te_int8, timings)
+    embeds, mask = encode_prompt(args, device, dtype, te_int8, timings, guidance)
 
     t0 = time.perf_counter()
     pipe = load(args.model, dtype, int8, DENOISE_PARTS)
@@ -241,6 +253,10 @@ def run(args) -> int:
     P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, shift=cfg.shift, overlap=cfg.overlap,
                  profile=cfg.profile, positional=cfg.positional, tile_batch_size=cfg.tile_batch_size,
                  head_chunk=cfg.head_chunk, int8=int8, text_encoder_int8=False, keep_original_weights=False)
+    try:  # guidance (issue 10): the ControlNet loads for this transformer
+        extra = guidance.generate_kwargs(pipe)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     release_freed_memory()
     timings["accelerate_s"] = time.perf_counter() - t0
 
@@ -250,7 +266,8 @@ def run(args) -> int:
     timings["to_device_s"] = time.perf_counter() - t0
 
     image = P.generate(pipe, prompt_embeds=(embeds, mask), width=w, height=h, steps=args.steps, seed=args.seed,
-                       guidance_scale=args.guidance_scale, output_type="pil", progress=True, timings=timings)[0]
+                       guidance_scale=args.guidance_scale, output_type="pil", progress=True, timings=timings,
+                       **extra)[0]
     release_freed_memory()
 
     t0 = time.perf_counter()
