@@ -507,7 +507,7 @@ def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, 
     log.debug("vae.encode %s: %s", tuple(images.shape), plan)
     with torch.no_grad():
         if plan["method"] == "plain":
-            dist = vae.encode(images.to(vae.dtype)).latent_dist
+            dist = type(vae).encode(vae, images.to(vae.dtype)).latent_dist  # the class's, as in decode
         elif plan["method"] == "banded":
             dist = DiagonalGaussianDistribution(
                 banded_encode_moments(vae, images, tile=plan["tile"], store=plan["store"], progress=progress))
