@@ -379,7 +379,8 @@ class Band:
     with Python indexing, so row -1 is the canvas's last row). layout: the halo plan.
     """
 
-    def __init__(self, grid, bands: Sequence[tuple[int, int]], rank: int, layout: HaloLayout):
+    def __init__(self, grid, bands: Sequence[tuple[int, int]], rank: int, layout: HaloLayout, d: Dist,
+                 row_span: Optional[tuple[int, int]] = None, mirror: Optional[Dist] = None):
         from .tiling import TileGrid
 
         tth, p = grid.tile_tokens_h, grid.patch
@@ -401,14 +402,35 @@ class Band:
         self.offsets = torch.tensor([[top - Ht if top + n_tok > Ht else top, 0]], dtype=torch.long)
         self.rows = latent_rows(rank)
         self.all_rows = [latent_rows(r) for r in range(len(bands))]
-        self.layout = layout
+        self.layout, self.d, self.row_span, self.mirror = layout, d, row_span, mirror
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """A canvas-shaped latent [B, C, h, w] -> the band's rows [B, C, band_h, w]."""
+        """A canvas-shaped latent [B, C, h, w] -> the band's rows [B', C, band_h, w] (B' = B, or this rank's CFG
+        half of the input rows under CFG-parallel)."""
+        if self.row_span is not None:
+            x = x[self.row_span[0]:self.row_span[1]]
         return x.index_select(2, self.rows.to(x.device))
 
-    def gather(self, out: torch.Tensor, d: Dist, stats: "CommStats") -> torch.Tensor:
-        """Every rank's band output [B, C, band_h, w] -> the canvas [B, C, h, w] on every rank."""
+    def crop_kwargs(self, kw: dict, n: int) -> dict:
+        """The forward's keyword inputs for this rank's input rows: every tensor with n rows (text, masks,
+        timesteps, micro-conditions, also inside dicts) is cut like the hidden states; the rest is shared."""
+        if self.row_span is None:
+            return kw
+        a, b = self.row_span
+
+        def cut(v):
+            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n:
+                return v[a:b]
+            if isinstance(v, dict):
+                return {k: cut(x) for k, x in v.items()}
+            return v
+
+        return {k: cut(v) for k, v in kw.items()}
+
+    def gather(self, out: torch.Tensor, stats: "CommStats") -> torch.Tensor:
+        """Every rank's band output [B', C, band_h, w] -> the canvas [B, C, h, w] on every rank (the band group's
+        all-gather along rows, then, under CFG-parallel, the two halves' along the batch)."""
+        d = self.d
         spans, a = [], 0
         for r in self.all_rows:
             spans.append((a, a + r.numel()))
@@ -418,10 +440,16 @@ class Band:
         stats.gather_s += time.perf_counter() - t0
         stats.gather_bytes += out.numel() * out.element_size() * (d.world - 1)
         rows = torch.cat(self.all_rows).to(cat.device)
-        if torch.equal(rows.cpu(), torch.arange(rows.numel())):
-            return cat
-        full = torch.empty_like(cat)
-        return full.index_copy_(2, rows, cat)
+        full = cat if torch.equal(rows.cpu(), torch.arange(rows.numel())) else \
+            torch.empty_like(cat).index_copy_(2, rows, cat)
+        if self.mirror is None:
+            return full
+        half = full.shape[0]
+        t0 = time.perf_counter()
+        both = gather_rows(full, [(0, half), (half, 2 * half)], self.mirror, dim=0)
+        stats.gather_s += time.perf_counter() - t0
+        stats.gather_bytes += full.numel() * full.element_size()
+        return both
 
 
 @dataclasses.dataclass
@@ -452,27 +480,38 @@ class DistState:
     `context.distributed`). The canvas forward asks it for this rank's band (cross_tile) or tile share
     (multidiffusion) and gathers the outputs, so every rank returns the whole canvas's output."""
 
-    def __init__(self, d: Dist):
+    def __init__(self, d: Dist, cfg_parallel: bool = False):
         self.dist = d
         self.current: Optional[Band] = None  # the band of the forward in progress (read by `attend`)
         self.stats = CommStats()
         self._layouts: dict = {}
+        self.half = self.mirror = None
+        if cfg_parallel:
+            self.half, self.mirror = _cfg_groups(d)
 
-    def band(self, grid, radius: int) -> Band:
-        """This rank's band of `grid` (a token TileGrid of batch 1 for the whole canvas); becomes `current`."""
-        bands = split_rows(grid.ny, self.dist.world)
-        key = (grid.ny, grid.nx, grid.tokens_per_tile, radius)
+    def band(self, grid, radius: int, batch: int = 1) -> Band:
+        """This rank's band of `grid` (a token TileGrid of batch 1 for the whole canvas) for `batch` input rows;
+        becomes `current`. Under CFG-parallel with an even batch (the CFG halves) rank r works on half r // m of
+        the rows (m = world / 2) and its band over the m ranks of that half; otherwise over all ranks."""
+        split = self.half is not None and batch % 2 == 0
+        bd = self.half if split else self.dist
+        bands = split_rows(grid.ny, bd.world)
+        key = (grid.ny, grid.nx, grid.tokens_per_tile, radius, split)
         layout = self._layouts.get(key)
         if layout is None:  # the neighbour structure ignores the shift: one layout serves every step
-            layout = self._layouts[key] = HaloLayout(grid, bands, self.dist.rank, radius)
+            layout = self._layouts[key] = HaloLayout(grid, bands, bd.rank, radius)
             self.stats.layouts.append(layout)
-        self.current = Band(grid, bands, self.dist.rank, layout)
+        span = None
+        if split:
+            h = self.mirror.rank
+            span = (h * batch // 2, (h + 1) * batch // 2)
+        self.current = Band(grid, bands, bd.rank, layout, bd, span, self.mirror if split else None)
         self.stats.forwards += 1
         return self.current
 
     def gather_band(self, out: torch.Tensor) -> torch.Tensor:
-        """The band output [B, C, band_h, w] of the forward in progress -> the canvas [B, C, h, w], every rank."""
-        return self.current.gather(out, self.dist, self.stats)
+        """The band output [B', C, band_h, w] of the forward in progress -> the canvas [B, C, h, w], every rank."""
+        return self.current.gather(out, self.stats)
 
     def tile_share(self, n: int) -> tuple[int, int]:
         """This rank's contiguous share [a, b) of n multidiffusion tiles (rows × tiles, in seam_blend's order)."""
@@ -491,7 +530,22 @@ class DistState:
         return out
 
     def attend(self, q, k, v, head_chunk: Optional[int]) -> torch.Tensor:
-        return halo_window_attention(q, k, v, self.current.layout, self.dist, head_chunk)
+        return halo_window_attention(q, k, v, self.current.layout, self.current.d, head_chunk)
+
+
+def _cfg_groups(d: Dist) -> tuple[Dist, Dist]:
+    """CFG-parallel groups (xDiT's CFG parallel): the two halves [0, m) and [m, 2m) of the ranks (each runs one
+    CFG half of the rows, banded over its m ranks), and the mirror pairs {i, i + m} that swap the halves' outputs.
+    Every rank creates every group, in the same order (new_group is collective)."""
+    if d.world < 2 or d.world % 2:
+        raise ValueError(f"distributed: CFG-parallel needs an even number of ranks, got {d.world}")
+    m = d.world // 2
+    g = [_global_rank(d, r) for r in range(d.world)]
+    halves = [dist.new_group(g[h * m:(h + 1) * m], timeout=d.timeout) for h in (0, 1)]
+    mirrors = [dist.new_group([g[i], g[i + m]], timeout=d.timeout) for i in range(m)]
+    h, i = divmod(d.rank, m)
+    return (Dist(group=halves[h], rank=i, world=m, device=d.device, timeout=d.timeout),
+            Dist(group=mirrors[i], rank=h, world=2, device=d.device, timeout=d.timeout))
 
 
 def _dist_context_class(cls: type) -> type:
@@ -526,17 +580,20 @@ def _transformer(pipe):
     return tr
 
 
-def enable(pipe, group: Optional[dist.ProcessGroup] = None, *, d: Optional[Dist] = None, **setup_kwargs) -> DistState:
+def enable(pipe, group: Optional[dist.ProcessGroup] = None, *, d: Optional[Dist] = None, cfg_parallel: bool = False,
+           **setup_kwargs) -> DistState:
     """Make an accelerated pipeline's (or transformer's) canvas forward run over the ranks of `group` (or the
     torchrun group, see `setup`): cross_tile bands with halo attention, multidiffusion tiles dealt; every rank
     gets the whole canvas's output, so sampler, schedulers and `pipe(...)` run unchanged on every rank. Every
-    rank must call the forward with the same inputs. `disable` reverts."""
+    rank must call the forward with the same inputs. cfg_parallel (even world): with guidance on, the two CFG
+    halves run on the two halves of the ranks (cross_tile; multidiffusion's tile deal splits them anyway).
+    `disable` reverts."""
     tr = _transformer(pipe)
     ctx = tr._tiled_diffusion.context
     if "distributed" in ctx.__dict__:
         return ctx.distributed
     d = d or setup(group, **setup_kwargs)
-    ds = DistState(d)
+    ds = DistState(d, cfg_parallel)
     ctx.__class__ = _dist_context_class(type(ctx))
     ctx.distributed = ds
     return ds
@@ -554,7 +611,7 @@ def disable(pipe) -> None:
 @torch.no_grad()
 def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, prompt_embeds=None,
              negative_prompt: str = "", guidance_scale: float = 0.0, output_type: str = "pil",
-             timings: Optional[dict] = None, **kwargs):
+             timings: Optional[dict] = None, cfg_parallel: bool = False, **kwargs):
     """`pipeline.generate` over the ranks of `group` (or torchrun's). Rank 0 encodes the prompt (other ranks
     need no text encoder) and broadcasts the embeddings; the canvas forward runs distributed; every rank ends
     with the same final latents. Returns the decoded output on rank 0 and None elsewhere (output_type "latent":
@@ -563,7 +620,7 @@ def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, pr
     from . import pipeline as P
 
     timings = {} if timings is None else timings
-    ds = enable(pipe, group)
+    ds = enable(pipe, group, cfg_parallel=cfg_parallel)
     d = ds.dist
     try:
         with fail_fast(d):
