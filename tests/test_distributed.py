@@ -223,3 +223,22 @@ def test_torchrun_command_strips_nproc():
     assert cmd[5:] == ["-m", "tiled_diffusion", "generate", "--prompt", "x", "--size", "512x512"]
     with pytest.raises(ValueError, match="--nproc"):
         D.torchrun_command(["generate"], 0)
+
+
+def test_more_ranks_than_tile_rows_is_refused_before_any_work():
+    from tiled_diffusion import pipeline as P
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    P.accelerate(pipe, mode="cross_tile", tile=128, int8=None, text_encoder_int8=False)
+    D.check_world(pipe, 5, width=256, height=640)  # 5 tile rows: fine
+    with pytest.raises(ValueError, match="6 ranks but the canvas has only 5 tile rows"):
+        D.check_world(pipe, 6, width=256, height=640)
+    with pytest.raises(ValueError, match="4 ranks but the canvas has only 3 tile rows"):
+        D.check_world(pipe, 8, width=256, height=384, guidance_scale=3.0, cfg_parallel=True)  # 4 per CFG half
+    with pytest.raises(ValueError, match="8 ranks but the canvas has only 3 tile rows"):
+        D.check_world(pipe, 8, width=256, height=384, cfg_parallel=True)  # guidance off: no CFG halves
+    md = dict(width=256, height=640, mode="multidiffusion", tile=256)  # 4 overlapping tiles per image
+    D.check_world(pipe, 6, guidance_scale=3.0, **md)  # 8 tiles with the CFG rows
+    with pytest.raises(ValueError, match="6 ranks but only 4 multidiffusion tiles"):
+        D.check_world(pipe, 6, **md)

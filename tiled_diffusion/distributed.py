@@ -608,6 +608,32 @@ def disable(pipe) -> None:
         ctx.__class__ = ctx.__class__.__mro__[1]
 
 
+def check_world(pipe, world: int, *, width: int, height: int, guidance_scale: float = 0.0,
+                cfg_parallel: bool = False, **overrides) -> None:
+    """Refuse, before any work, a canvas with fewer cross_tile tile rows (or multidiffusion tiles, CFG rows
+    included) than ranks (per CFG half under CFG-parallel with guidance on). overrides: TiledConfig fields for
+    this call (others are ignored)."""
+    from .canvas import TiledConfig, pixel_grid, token_grid
+
+    tr = _transformer(pipe)
+    st = tr._tiled_diffusion
+    names = {f.name for f in dataclasses.fields(TiledConfig)}
+    cfg = dataclasses.replace(st.config, **{k: v for k, v in overrides.items() if k in names})
+    patch, vsf = tr.config.patch_size, st.vae_scale_factor
+    lat_h, lat_w = height // vsf, width // vsf
+    rows = 2 if guidance_scale > 1.0 else 1
+    ranks = world // 2 if cfg_parallel and rows == 2 else world
+    if cfg.mode == "cross_tile":
+        grid = token_grid(cfg, lat_h, lat_w, patch, 0, vsf)
+        if grid.ny * grid.nx > 1:
+            split_rows(grid.ny, ranks)
+    elif cfg.mode == "multidiffusion":
+        n = pixel_grid(cfg, lat_h, lat_w, 1, patch, vsf).num_tiles * rows
+        if n > rows and n < world:
+            raise ValueError(f"distributed: {world} ranks but only {n} multidiffusion tiles (a rank runs at least "
+                             f"one); use at most {n} ranks or a smaller --tile")
+
+
 @torch.no_grad()
 def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, prompt_embeds=None,
              negative_prompt: str = "", guidance_scale: float = 0.0, output_type: str = "pil",
@@ -624,6 +650,7 @@ def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, pr
     d = ds.dist
     try:
         with fail_fast(d):
+            check_world(pipe, d.world, guidance_scale=guidance_scale, cfg_parallel=cfg_parallel, **kwargs)
             if prompt_embeds is None:
                 prompt_embeds = tuple(on_main(lambda: P.encode(pipe, prompt, negative_prompt, guidance_scale), d))
             lat = P.generate(pipe, prompt_embeds=prompt_embeds, guidance_scale=guidance_scale,
