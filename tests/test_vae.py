@@ -141,6 +141,13 @@ def test_memory_rule_picks_banded_when_plain_does_not_fit():
     assert V._plan(vae, z, encode=False, max_memory_gb=plain / 2**30, tile=None)["method"] == "plain"
 
 
+def test_estimates_from_config_equal_module():
+    vae = _vae(attention=True)
+    assert V.estimate_decode_bytes(vae.config, 168, 216, torch.float32) == V.estimate_decode_bytes(vae, 168, 216)
+    assert V.estimate_vae_bytes(vae.config, 168, 216, torch.float32) == V.estimate_vae_bytes(vae, 168, 216) <= \
+        V.estimate_decode_bytes(vae, 168, 216)
+
+
 def test_memory_rule_decodes_exactly_under_a_small_budget():
     vae, z = _vae(attention=True), _latents(h=21, w=27)
     store, band = V.estimate_banded_bytes(vae, 42, 54, torch.float32, tile=3, batch=2)

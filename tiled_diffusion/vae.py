@@ -400,7 +400,17 @@ def _band_elems(kind, m, C, H, W, Co, Ho, Wo, rows: int, lat_h: int) -> tuple[in
     return i + o, band
 
 
+def _meta_vae(config):
+    """An AutoencoderKL with parameters on the meta device, from its config (a dict or a FrozenDict): shapes only."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(dict(config))
+
+
 def _estimates(vae, H: int, W: int, *, encode: bool, rows: Optional[int], es: int, batch: int) -> dict:
+    if not isinstance(vae, nn.Module):
+        vae = _meta_vae(vae)
     f = vae_scale_factor(vae)
     if encode:
         steps, C0, h0, w0, lat_h = _encoder_steps(vae.encoder), vae.config.in_channels, H, W, max(1, H // f)
@@ -417,12 +427,21 @@ def _estimates(vae, H: int, W: int, *, encode: bool, rows: Optional[int], es: in
 
 
 def estimate_decode_bytes(vae, height: int, width: int, dtype=None, batch: int = 1) -> int:
-    """Peak activation bytes of a plain `vae.decode` of a height×width image (weights not counted).
+    """Peak activation bytes of a plain `vae.decode` of a height×width image (weights not counted). `vae`: the
+    AutoencoderKL or its config dict (then `dtype` is required).
 
     `decode` decodes plain exactly when this fits the budget; otherwise the banded decode needs about
     `estimate_banded_bytes` (the run's memory estimate should count min(this, that))."""
     es = torch.finfo(dtype or vae.dtype).bits // 8
     return _estimates(vae, height, width, encode=False, rows=None, es=es, batch=batch)["plain"]
+
+
+def estimate_vae_bytes(vae, height: int, width: int, dtype=None, batch: int = 1, encode: bool = False) -> int:
+    """What `decode` (or `encode`) needs at most under its own rule: the plain peak, or the banded store plus bands
+    of 64 latent rows if that is smaller (the rule takes shorter bands when memory is short). For the run's estimate."""
+    es = torch.finfo(dtype or vae.dtype).bits // 8
+    e = _estimates(vae, height, width, encode=encode, rows=64, es=es, batch=batch)
+    return min(e["plain"], e["store"] + e["band"])
 
 
 def estimate_banded_bytes(vae, height: int, width: int, dtype=None, *, tile: int = 64, batch: int = 1,
