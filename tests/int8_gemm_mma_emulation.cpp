@@ -7,6 +7,8 @@
 // at a time, and compares the integer result with a plain GEMM.
 //
 // usage: emu M N K seed      prints "OK ..." and exits 0, or prints the first problems and exits 1.
+//        emu grid M N        checks only the launch grid (grid_blocks / block_origin): every output tile is
+//                            one block, once, for M up to the largest canvases (no GEMM is computed).
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -139,7 +141,39 @@ static void load_tile(uint8_t* tile, const int8_t* src, int rows, int K, int row
     }
 }
 
+// The kernel's block -> tile mapping: each kBM x kBN tile of an M x N output gets exactly one block index in
+// [0, grid_blocks(M, N)), which must fit CUDA's grid.x (2^31 - 1).
+static int check_grid(long long M, long long N) {
+  const long long blocks = grid_blocks(M, N);
+  const long long tiles_m = (M + kBM - 1) / kBM, tiles_n = (N + kBN - 1) / kBN;
+  EXPECT(blocks == tiles_m * tiles_n, "grid_blocks(%lld, %lld) = %lld, tiles %lld x %lld", M, N, blocks, tiles_m,
+         tiles_n);
+  EXPECT(blocks <= 2147483647LL, "grid.x = %lld exceeds CUDA's 2^31 - 1", blocks);
+  std::vector<uint8_t> seen((size_t)(tiles_m * tiles_n), 0);
+  for (long long b = 0; b < blocks && g_errors < 20; ++b) {
+    const RC o = block_origin((int)b, (int)N);
+    const bool inside = o.row >= 0 && o.row < M && o.col >= 0 && o.col < N && o.row % kBM == 0 && o.col % kBN == 0;
+    EXPECT(inside, "block %lld -> origin (%d, %d) outside the %lld x %lld output", b, o.row, o.col, M, N);
+    if (!inside) continue;
+    uint8_t& s = seen[(size_t)(o.row / kBM) * tiles_n + o.col / kBN];
+    EXPECT(s == 0, "tile (%d, %d) launched twice", o.row, o.col);
+    s = 1;
+    if (b + 1 < blocks) {  // adjacent blocks walk N first (A-tile reuse in L2)
+      const RC next = block_origin((int)(b + 1), (int)N);
+      EXPECT(next.row == o.row || next.col == 0, "block %lld: N-tiles of one M-tile are not adjacent", b);
+    }
+  }
+  for (size_t i = 0; i < seen.size() && g_errors < 20; ++i) EXPECT(seen[i] == 1, "tile %zu never launched", i);
+  if (g_errors) {
+    std::printf("%d problems\n", g_errors);
+    return 1;
+  }
+  std::printf("OK grid M=%lld N=%lld: %lld blocks on x\n", M, N, blocks);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 4 && std::strcmp(argv[1], "grid") == 0) return check_grid(std::atoll(argv[2]), std::atoll(argv[3]));
   if (argc != 5) {
     std::printf("usage: %s M N K seed\n", argv[0]);
     return 2;
@@ -159,9 +193,9 @@ int main(int argc, char** argv) {
   const int k_tiles = (K + kBK - 1) / kBK;
   static int32_t acc[kThreads / 32][32][kTilesM][kTilesN][4];
 
-  for (int by = 0; by < (M + kBM - 1) / kBM; ++by)
-    for (int bx = 0; bx < (N + kBN - 1) / kBN; ++bx) {
-      const int m0 = by * kBM, n0 = bx * kBN;
+  for (long long blk = 0; blk < grid_blocks(M, N); ++blk) {  // blockIdx.x, in launch order
+      const RC origin = block_origin((int)blk, N);
+      const int m0 = origin.row, n0 = origin.col;
       std::memset(smem.data(), 0xCD, smem.size());
       std::memset(acc, 0, sizeof(acc));
       auto load = [&](int kt) {

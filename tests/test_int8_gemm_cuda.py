@@ -52,6 +52,16 @@ def test_mma_emulation(emulator, m, n, k):
     assert r.stdout.startswith("OK"), r.stdout
 
 
+@pytest.mark.parametrize("m,n", [(8 * 1024 * 1024, 1152), (33554432, 4608), (1, 1), (129, 10240)],
+                         ids=["16384sq_4img_cfg", "multidiffusion_256_all_tiles", "one", "t5_ff"])
+def test_mma_emulation_grid(emulator, m, n):
+    """blockIdx.x -> output tile (mma_layout.h block_origin) covers every tile once on grid.x alone; the first
+    case has ceil(M / 128) = 65536 M-tiles, one more than grid.y allows (where the old launch put them)."""
+    r = subprocess.run([emulator, "grid", str(m), str(n)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("OK grid"), r.stdout
+
+
 # ------------------------------------------------------------------------------------------ GPU tests
 
 needs_kernel = pytest.mark.skipif(

@@ -5,7 +5,9 @@ Dispatch: CPU -> C++ (`_C`) or the package's CPU path, CUDA -> C++/CUDA or Trito
 the pure-PyTorch reference (reference.py). `TILED_DIFFUSION_LOG=debug` logs which path ran and why (once
 per op, device and reason).
 
-Tensor layouts are given in each schema's docstring in reference.py.
+Tensor layouts are given in each schema's docstring in reference.py. Every op returns contiguous tensors,
+whatever its inputs' strides (the attention processor passes strided views on the CPU), and every fake says so:
+a fake whose strides differ from the real op's breaks torch.compile ("expected ... stride").
 """
 from __future__ import annotations
 
@@ -42,22 +44,25 @@ LIB.define(
     "int8_gemm_packed(Tensor a, Tensor a_scale, Tensor w_packed, Tensor w_scale, Tensor? bias, "
     "ScalarType out_dtype) -> Tensor"
 )
-LIB.define(
-    "window_attention(Tensor q, Tensor k, Tensor v, Tensor neighbours, Tensor? bias=None, float? scale=None)"
-    " -> (Tensor, Tensor)"
-)
-LIB.define(
-    "seam_blend(Tensor tiles, Tensor origins_y, Tensor origins_x, Tensor weights, int batch, int height, "
-    "int width) -> Tensor"
-)
-LIB.define(
-    "blend_lcm_step(Tensor tiles, Tensor origins_y, Tensor origins_x, Tensor weights, Tensor sample, "
-    "Tensor? noise, float sqrt_alpha_t, float sqrt_beta_t, float c_skip, float c_out, float sqrt_alpha_prev, "
-    "float sqrt_beta_prev) -> (Tensor, Tensor)"
-)
+# The ops with Triton kernels are torch.library.triton_op (CONVENTIONS.md item 4, defined further down): on CUDA
+# their body launches the kernel through wrap_triton, so torch.compile (inductor) sees the kernel itself. On every
+# other device the body calls `<name>_opaque`, an ordinary op holding the paths compile must not trace into (the
+# CPU fast paths read tensor data on the host): one node in a compiled graph, with a fake.
+_SCHEMAS = {
+    "window_attention": "(Tensor q, Tensor k, Tensor v, Tensor neighbours, Tensor? bias=None, float? scale=None)"
+                        " -> (Tensor, Tensor)",
+    "seam_blend": "(Tensor tiles, Tensor origins_y, Tensor origins_x, Tensor weights, SymInt batch, SymInt height, "
+                  "SymInt width) -> Tensor",
+    "blend_lcm_step": "(Tensor tiles, Tensor origins_y, Tensor origins_x, Tensor weights, Tensor sample, "
+                      "Tensor? noise, float sqrt_alpha_t, float sqrt_beta_t, float c_skip, float c_out, "
+                      "float sqrt_alpha_prev, float sqrt_beta_prev) -> (Tensor, Tensor)",
+}
+for _name, _schema in _SCHEMAS.items():
+    LIB.define(f"{_name}_opaque{_schema}")
 
-OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", "window_attention",
-       "seam_blend", "blend_lcm_step")
+TRITON_OPS = tuple(_SCHEMAS)
+OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", *TRITON_OPS,
+       *(f"{n}_opaque" for n in TRITON_OPS))
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -69,7 +74,10 @@ def _log_choice(op: str, device: str, path: str, why: str) -> None:
 
 
 def choose(op: str, device: torch.device, path: str, why: str) -> None:
-    """Record which implementation an op takes; logged once per (op, device, path, reason)."""
+    """Record which implementation an op takes; logged once per (op, device, path, reason). Silent while
+    torch.compile traces (a logging call there is a graph break; the choice is fixed in the compiled graph)."""
+    if torch.compiler.is_compiling():
+        return
     if log.isEnabledFor(logging.DEBUG):
         _log_choice(op, device.type, path, why)
 
@@ -84,6 +92,7 @@ def native_op(name: str) -> Callable:
         raise RuntimeError(f"tiled_diffusion._C has no kernel {name!r} ({e}); {_FIX}") from None
 
 
+@torch.compiler.assume_constant_result  # fixed for the process: torch.compile bakes it in, no graph break
 def native_has(name: str, device_type: str) -> bool:
     """Whether `_C` was built with a `device_type` kernel for `name` (e.g. CUDA kernels need nvcc at build)."""
     if _C is None:
@@ -108,6 +117,13 @@ def _native_for(name: str, device: torch.device) -> Callable:
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """False for meta and fake tensors (torch.compile tracing, opcheck): value checks are skipped for them."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t)
 
 
 def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
@@ -256,10 +272,11 @@ for _name, _fn in (("quantize_per_token", _quantize_per_token_impl), ("int8_gemm
 # ----------------------------------------------------------------------------------- window attention
 
 
-@torch.library.register_fake("tiled_diffusion::window_attention")
+@torch.library.register_fake("tiled_diffusion::window_attention_opaque")
 def _(q, k, v, neighbours, bias=None, scale=None):
+    # contiguous whatever q's strides (the CPU processor passes token-major views): what every path returns
     T, H, L, _ = q.shape
-    return torch.empty_like(q), q.new_empty((T, H, L), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((T, H, L), dtype=torch.float32)
 
 
 _CHECKED_NEIGHBOURS: dict = {}  # id -> (weakref to the tensor, (version, T)) of tables already checked
@@ -285,7 +302,7 @@ def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_
         _check(bias.dtype == torch.float32, f"{op}: bias must be float32, got {bias.dtype}")
     _check(scale is None or 0 < scale < float("inf"), f"{op}: scale must be a finite number > 0, "
            f"got {scale}")
-    if check_indices and neighbours.numel() and neighbours.device.type != "meta":
+    if check_indices and neighbours.numel() and _has_data(neighbours):
         # The same neighbour table serves every layer and step: check each version once, not once per call (on
         # CUDA the check is a device sync).
         seen = _CHECKED_NEIGHBOURS.get(id(neighbours))
@@ -298,7 +315,9 @@ def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_
             _CHECKED_NEIGHBOURS[id(neighbours)] = (weakref.ref(neighbours), (neighbours._version, T))
 
 
-def _window_attention_impl(q, k, v, neighbours, bias=None, scale=None):
+@torch.library.triton_op("tiled_diffusion::window_attention", mutates_args=(),
+                         schema=_SCHEMAS["window_attention"])
+def _window_attention_op(q, k, v, neighbours, bias=None, scale=None):
     check_window_attention(q, k, v, neighbours, bias, scale)
     dev = q.device
     if dev.type == "cuda":
@@ -309,14 +328,22 @@ def _window_attention_impl(q, k, v, neighbours, bias=None, scale=None):
             choose("window_attention", dev, "Triton", "triton importable and head dim supported")
             return window_attention_triton(q, k, v, neighbours, bias, scale)
         choose("window_attention", dev, "reference", why)
-        return reference.window_attention(q, k, v, neighbours, bias, scale)
-    if dev.type == "cpu":
+    elif dev.type == "cpu":
+        choose("window_attention", dev, "CPU path", "fused CPU flash attention over gathered neighbours")
+    else:
+        choose("window_attention", dev, "reference", f"no kernel for device type {dev.type}")
+    return torch.ops.tiled_diffusion.window_attention_opaque(q, k, v, neighbours, bias, scale)
+
+
+def _window_attention_opaque_impl(q, k, v, neighbours, bias=None, scale=None):
+    """Inputs checked by window_attention. The CPU path on the CPU, the reference elsewhere; contiguous outputs."""
+    if q.device.type == "cpu":
         from .cpu.window_attention import window_attention_cpu
 
-        choose("window_attention", dev, "CPU path", "fused CPU flash attention over gathered neighbours")
-        return window_attention_cpu(q, k, v, neighbours, bias, scale)
-    choose("window_attention", dev, "reference", f"no kernel for device type {dev.type}")
-    return reference.window_attention(q, k, v, neighbours, bias, scale)
+        out, lse = window_attention_cpu(q, k, v, neighbours, bias, scale)
+    else:
+        out, lse = reference.window_attention(q, k, v, neighbours, bias, scale)
+    return out.contiguous(), lse.contiguous()
 
 
 def _triton_window_attention_unavailable(head_dim: int) -> Optional[str]:
@@ -330,21 +357,22 @@ def _triton_window_attention_unavailable(head_dim: int) -> Optional[str]:
     return None
 
 
-torch.library.impl(LIB, "window_attention", "CompositeExplicitAutograd")(_window_attention_impl)
+torch.library.impl(LIB, "window_attention_opaque", "CompositeExplicitAutograd")(_window_attention_opaque_impl)
 
 
 # ---------------------------------------------------------------------------------------- seam blend
 
 
-@torch.library.register_fake("tiled_diffusion::seam_blend")
+@torch.library.register_fake("tiled_diffusion::seam_blend_opaque")
 def _(tiles, origins_y, origins_x, weights, batch, height, width):
     return tiles.new_empty((batch, tiles.shape[1], height, width))
 
 
-@torch.library.register_fake("tiled_diffusion::blend_lcm_step")
+@torch.library.register_fake("tiled_diffusion::blend_lcm_step_opaque")
 def _(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
       sqrt_alpha_prev, sqrt_beta_prev):
-    return torch.empty_like(sample), torch.empty_like(sample)
+    # contiguous whatever sample's strides, like every path (empty_like would keep e.g. channels_last)
+    return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
 
 
 def check_seam_blend(op, tiles, origins_y, origins_x, weights, batch, height, width) -> None:
@@ -363,13 +391,16 @@ def check_seam_blend(op, tiles, origins_y, origins_x, weights, batch, height, wi
            f"{op}: weights must be float32 [th={th}, tw={tw}], got {weights.dtype} {tuple(weights.shape)}")
     for name, o, t, size, dim in (("origins_y", origins_y, th, height, "height"),
                                   ("origins_x", origins_x, tw, width, "width")):
+        if not _has_data(o):
+            continue
         v = o.tolist()
         _check(all(a <= b for a, b in zip(v, v[1:])), f"{op}: {name} must be sorted, got {v}")
         _check(v[0] >= 0 and v[-1] + t <= size,
                f"{op}: {name} {v} places tiles of size {t} outside the canvas {dim} {size}")
 
 
-def _seam_blend_impl(tiles, origins_y, origins_x, weights, batch, height, width):
+@torch.library.triton_op("tiled_diffusion::seam_blend", mutates_args=(), schema=_SCHEMAS["seam_blend"])
+def _seam_blend_op(tiles, origins_y, origins_x, weights, batch, height, width):
     check_seam_blend("seam_blend", tiles, origins_y, origins_x, weights, batch, height, width)
     dev = tiles.device
     if dev.type == "cuda":
@@ -378,16 +409,24 @@ def _seam_blend_impl(tiles, origins_y, origins_x, weights, batch, height, width)
         choose("seam_blend", dev, "Triton", "CUDA tensors")
         return seam_blend_triton(tiles, origins_y, origins_x, weights, batch, height, width)
     if dev.type == "cpu":
+        choose("seam_blend", dev, "CPU", "fp32 slicing adds with pre-normalised weights")
+    else:
+        choose("seam_blend", dev, "reference", f"no kernel for {dev.type}")
+    return torch.ops.tiled_diffusion.seam_blend_opaque(tiles, origins_y, origins_x, weights, batch, height, width)
+
+
+def _seam_blend_opaque_impl(tiles, origins_y, origins_x, weights, batch, height, width):
+    """Inputs checked by seam_blend. The CPU path on the CPU, the reference elsewhere; a contiguous canvas."""
+    if tiles.device.type == "cpu":
         from .cpu.seam_blend import seam_blend_cpu
 
-        choose("seam_blend", dev, "CPU", "fp32 slicing adds with pre-normalised weights")
-        return seam_blend_cpu(tiles, origins_y, origins_x, weights, batch, height, width)
-    choose("seam_blend", dev, "reference", f"no kernel for {dev.type}")
-    return reference.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width)
+        return seam_blend_cpu(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
+    return reference.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
 
 
-def _blend_lcm_step_impl(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip,
-                         c_out, sqrt_alpha_prev, sqrt_beta_prev):
+@torch.library.triton_op("tiled_diffusion::blend_lcm_step", mutates_args=(), schema=_SCHEMAS["blend_lcm_step"])
+def _blend_lcm_step_op(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip,
+                       c_out, sqrt_alpha_prev, sqrt_beta_prev):
     op = "blend_lcm_step"
     _check(sample.dim() == 4, f"{op}: sample must be 4-D [B, C, H, W], got shape {tuple(sample.shape)}")
     B, C, H, W = sample.shape
@@ -408,16 +447,25 @@ def _blend_lcm_step_impl(tiles, origins_y, origins_x, weights, sample, noise, sq
         choose(op, dev, "Triton", "CUDA tensors")
         return blend_lcm_step_triton(*args)
     if dev.type == "cpu":
+        choose(op, dev, "CPU", "fp32 slicing adds with the step folded into the weights")
+    else:
+        choose(op, dev, "reference", f"no kernel for {dev.type}")
+    return torch.ops.tiled_diffusion.blend_lcm_step_opaque(*args)
+
+
+def _blend_lcm_step_opaque_impl(*args):
+    """Inputs checked by blend_lcm_step. The CPU path on the CPU, the reference elsewhere; contiguous outputs."""
+    if args[0].device.type == "cpu":
         from .cpu.seam_blend import blend_lcm_step_cpu
 
-        choose(op, dev, "CPU", "fp32 slicing adds with the step folded into the weights")
-        return blend_lcm_step_cpu(*args)
-    choose(op, dev, "reference", f"no kernel for {dev.type}")
-    return reference.blend_lcm_step(*args)
+        prev, den = blend_lcm_step_cpu(*args)
+    else:
+        prev, den = reference.blend_lcm_step(*args)
+    return prev.contiguous(), den.contiguous()
 
 
-torch.library.impl(LIB, "seam_blend", "CompositeExplicitAutograd")(_seam_blend_impl)
-torch.library.impl(LIB, "blend_lcm_step", "CompositeExplicitAutograd")(_blend_lcm_step_impl)
+torch.library.impl(LIB, "seam_blend_opaque", "CompositeExplicitAutograd")(_seam_blend_opaque_impl)
+torch.library.impl(LIB, "blend_lcm_step_opaque", "CompositeExplicitAutograd")(_blend_lcm_step_opaque_impl)
 
 
 # ------------------------------------------------------------------------------------ Python wrappers

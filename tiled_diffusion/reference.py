@@ -13,16 +13,27 @@ import torch
 # --------------------------------------------------------------------------------------------- int8 GEMM
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (x_i8 [M, K] int8, scale [M] fp32); symmetric: x ≈ x_i8 * scale, scale = absmax / 127.
+# Rows with absmax below this (127 * 2^-126) would get a subnormal scale and an infinite 1 / scale: they quantize
+# like an all-zero row. The CUDA kernel (csrc/cuda/int8_gemm.cu, kTinyBits) compares the same bits.
+TINY_ABSMAX = 127 * 2.0**-126
 
-    An all-zero row gets scale 0 and zeros (no NaN). Rounding is round-half-to-even (torch.round).
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (x_i8 [M, K] int8, scale [M] fp32); symmetric: x ≈ x_i8 * scale, scale = absmax / 127,
+    x_i8 = round-half-to-even(x * (1 / scale)) in fp32, clamped to [-127, 127].
+
+    Edge rows, defined the same on every device: absmax < TINY_ABSMAX (all-zero, subnormal or tiny rows) -> scale
+    0 and zeros; a row holding NaN -> scale NaN and zeros; ±inf (no NaN) -> scale inf and zeros. A non-finite row
+    thus dequantizes to NaN (0 * NaN / inf) instead of a silently finite value. Subnormal elements of a normal
+    row are quantized without flushing them to zero.
     """
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) / 127.0
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    x_i8 = torch.round(xf * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return x_i8, scale
+    amax = xf.abs().amax(dim=-1)  # NaN when the row holds a NaN
+    ok = (amax >= TINY_ABSMAX) & (amax < math.inf)  # False for NaN
+    scale = torch.where(amax < TINY_ABSMAX, torch.zeros_like(amax), amax / 127.0)
+    inv = torch.where(ok, 1.0 / scale, torch.zeros_like(scale))
+    x_i8 = torch.where(ok[:, None], torch.round(xf * inv[:, None]), torch.zeros_like(xf))
+    return x_i8.clamp_(-127, 127).to(torch.int8), scale
 
 
 def int8_gemm(

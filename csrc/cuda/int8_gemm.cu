@@ -16,6 +16,21 @@
 
 using namespace td_mma;
 
+constexpr long long kMaxGridX = 2147483647LL;  // CUDA's grid.x limit (y and z: 65535)
+constexpr int kQuantWarps = 8;                 // quantize: rows per 256-thread block, one warp per row
+
+// The launch grids (declared in td_cuda.h), used by the launchers below and exported for tests/test_launch.py,
+// which checks them on the CPU against CUDA's limits at the largest canvases the README promises.
+extern "C" void td_int8_gemm_grid(long long M, long long N, long long grid[3]) {
+  grid[0] = grid_blocks(M, N);
+  grid[1] = grid[2] = 1;
+}
+
+extern "C" void td_quantize_per_token_grid(long long M, long long grid[3]) {
+  grid[0] = (M + kQuantWarps - 1) / kQuantWarps;
+  grid[1] = grid[2] = 1;
+}
+
 namespace {
 
 // ------------------------------------------------------------------------------------------ PTX wrappers
@@ -110,7 +125,7 @@ __device__ __forceinline__ void store_pair(T* out, int N, int row, int col, floa
 
 // ------------------------------------------------------------------------------------------ GEMM kernel
 
-// grid: (ceil(N / 128), ceil(M / 128)); block: 256 threads; dynamic smem: kSmemBytes.
+// grid: grid_blocks(M, N) on x (block_origin maps it to a tile); block: 256 threads; dynamic smem: kSmemBytes.
 // __launch_bounds__(256, 2) caps registers at 128 so two CTAs fit per SM (64 accumulators + fragments).
 template <bool kAligned, typename OutT>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -121,8 +136,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int m0 = blockIdx.y * kBM;
-  const int n0 = blockIdx.x * kBN;
+  const RC origin = block_origin(blockIdx.x, N);
+  const int m0 = origin.row;
+  const int n0 = origin.col;
   const int k_tiles = (K + kBK - 1) / kBK;
 
   auto stage_a = [&](int s) { return smem + s * kStageBytes; };
@@ -217,8 +233,10 @@ cudaError_t launch_gemm(const int8_t* a, const float* a_scale, const int8_t* w, 
   // Above 48 KiB, dynamic shared memory must be opted into per kernel (cheap; idempotent).
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  dim3 grid((N + kBN - 1) / kBN, (M + kBM - 1) / kBM);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(a, a_scale, w, w_scale, bias, static_cast<OutT*>(out), M, N, K);
+  long long grid[3];
+  td_int8_gemm_grid(M, N, grid);
+  if (grid[0] > kMaxGridX) return cudaErrorInvalidConfiguration;  // 2^31 output tiles: M beyond any canvas
+  kernel<<<dim3(static_cast<unsigned>(grid[0])), kThreads, kSmemBytes, stream>>>(a, a_scale, w, w_scale, bias, static_cast<OutT*>(out), M, N, K);
   return cudaGetLastError();
 }
 
@@ -241,16 +259,35 @@ __device__ __forceinline__ float to_float(T v);
 template <>
 __device__ __forceinline__ float to_float<float>(float v) { return v; }
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __uint_as_float(static_cast<uint32_t>(__bfloat16_as_ushort(v)) << 16);  // exact, no cvt that could flush
+}
 template <>
 __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 
-constexpr int kQuantWarps = 8;  // rows per 256-thread block, one warp per row
+// Semantics of reference.quantize_per_token, edge rows included, independent of --use_fast_math (which flushes
+// subnormals to zero in every .f32 instruction nvcc emits and lets fmaxf drop NaN):
+// - absmax is taken on the bit patterns |x| as unsigned ints: IEEE order for non-NaN values, and a NaN (bits
+//   above inf's) wins, so a NaN row is seen; no float instruction touches a possibly subnormal value;
+// - a row with absmax < kTinyBits (127 * 2^-126: scale would be subnormal and 1 / scale overflow) gets scale 0
+//   and zeros, as an all-zero row; a row holding ±inf or NaN gets scale inf / NaN and zeros (its dequantized
+//   product is NaN, not a silently finite number);
+// - otherwise scale = absmax / 127 and inv = 1 / scale are normal floats, and q = rint(x * inv) uses a mul
+//   without flush-to-zero (inline PTX), so a subnormal x rounds like the reference's.
+constexpr uint32_t kAbsMask = 0x7fffffffu;
+constexpr uint32_t kInfBits = 0x7f800000u;
+constexpr uint32_t kTinyBits = 0x03fe0000u;  // 127 * 2^-126 = 1.4928778e-36 (reference.TINY_ABSMAX)
 
-// Rounds exactly like the reference (torch: scale = absmax / 127 in fp32, inv = 1 / scale, round-half-even of
-// x * inv): the explicit _rn intrinsics keep --use_fast_math from turning these into approximations.
+__device__ __forceinline__ float mul_rn_noftz(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & kAbsMask; }
+
 __device__ __forceinline__ int8_t quant1(float x, float inv) {
-  float q = rintf(__fmul_rn(x, inv));
+  float q = rintf(mul_rn_noftz(x, inv));  // |x * inv| <= 127 (+ rounding): finite, so fminf/fmaxf are exact
   q = fminf(fmaxf(q, -127.f), 127.f);
   return static_cast<int8_t>(static_cast<int>(q));
 }
@@ -270,23 +307,31 @@ __global__ void __launch_bounds__(32 * kQuantWarps)
   struct alignas(16) Vec { T v[V]; };
   struct alignas(V) QVec { int8_t v[V]; };
 
-  float amax = 0.f;
+  uint32_t amax_bits = 0u;  // max of |x| as bit patterns (see kTinyBits above)
   if constexpr (kVec) {
     const Vec* xv = reinterpret_cast<const Vec*>(xr);
     for (int i = lane; i < K / V; i += 32) {
       const Vec v = xv[i];
 #pragma unroll
-      for (int e = 0; e < V; ++e) amax = fmaxf(amax, fabsf(to_float(v.v[e])));
+      for (int e = 0; e < V; ++e) amax_bits = max(amax_bits, abs_bits(to_float(v.v[e])));
     }
   } else {
-    for (int i = lane; i < K; i += 32) amax = fmaxf(amax, fabsf(to_float(xr[i])));
+    for (int i = lane; i < K; i += 32) amax_bits = max(amax_bits, abs_bits(to_float(xr[i])));
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  for (int off = 16; off > 0; off >>= 1) amax_bits = max(amax_bits, __shfl_xor_sync(0xffffffffu, amax_bits, off));
 
-  const float s = __fdiv_rn(amax, 127.f);
-  const float inv = s > 0.f ? __frcp_rn(s) : 0.f;
+  // Integer comparisons only: a subnormal absmax must not be flushed before it is classified.
+  const bool finite = amax_bits < kInfBits;
+  const bool ok = finite && amax_bits >= kTinyBits;
+  const float amax = __uint_as_float(amax_bits);
+  const float s = ok ? __fdiv_rn(amax, 127.f) : (finite ? 0.f : amax);  // normal / 0 / inf or NaN
+  const float inv = ok ? __frcp_rn(s) : 0.f;
   if (lane == 0) scale[row] = s;
+  if (!ok) {  // zeros, and x * 0 would be NaN for inf / NaN elements
+    for (int i = lane; i < K; i += 32) qr[i] = 0;
+    return;
+  }
 
   if constexpr (kVec) {
     const Vec* xv = reinterpret_cast<const Vec*>(xr);
@@ -305,7 +350,9 @@ __global__ void __launch_bounds__(32 * kQuantWarps)
 
 template <typename T>
 cudaError_t launch_quant(const void* x, int8_t* q, float* scale, int M, int K, bool vec, cudaStream_t stream) {
-  const dim3 grid((M + kQuantWarps - 1) / kQuantWarps);
+  long long g[3];
+  td_quantize_per_token_grid(M, g);
+  const dim3 grid(static_cast<unsigned>(g[0]));  // M < 2^31 (checked by the binding): g[0] < 2^28
   if (vec)
     quantize_per_token_kernel<T, true><<<grid, 32 * kQuantWarps, 0, stream>>>(static_cast<const T*>(x), q, scale, M, K);
   else

@@ -83,6 +83,17 @@ TD_HD RC b_elem(int lane, int reg, int byte) { return {(lane & 3) * 4 + byte + r
 // C/D (16 x 8 int32): c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, cols 2t, 2t+1).
 TD_HD RC c_elem(int lane, int reg) { return {(lane >> 2) + (reg >> 1) * 8, (lane & 3) * 2 + (reg & 1)}; }
 
+// Launch grid: every kBM x kBN output tile is one block on grid.x alone (CUDA caps grid.y at 65535, which
+// ceil(M / 128) passes at 8.4 M rows: a 16384² canvas, 4 images, CFG). The N-tiles of one M-tile are adjacent
+// block indices, so they run together and read their A rows from L2 (w is small and stays L2-resident).
+// grid_blocks is the launch size (int64: the launcher refuses more than 2^31 - 1); block_origin maps blockIdx.x
+// to the tile's first (row, col).
+TD_HD long long grid_blocks(long long M, long long N) { return ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN); }
+TD_HD RC block_origin(int block, int N) {
+  const int n_tiles = (N + kBN - 1) / kBN;
+  return {(block / n_tiles) * kBM, (block % n_tiles) * kBN};
+}
+
 // Output coordinate (within the block tile) of accumulator register `reg` of mma tile (mi, ni) of lane `lane`
 // in warp `warp`: what the epilogue writes.
 TD_HD RC out_coord(int warp, int lane, int mi, int ni, int reg) {

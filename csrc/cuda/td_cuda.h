@@ -23,6 +23,10 @@ cudaError_t td_int8_gemm_cuda(const int8_t* a, const float* a_scale, const int8_
 cudaError_t td_quantize_per_token_cuda(const void* x, int x_dtype, int8_t* q, float* scale, int M, int K,
                                        cudaStream_t stream);
 
+// Launch grids (x, y, z) of the two launchers above, for M rows (and N columns): what they launch.
+void td_int8_gemm_grid(long long M, long long N, long long grid[3]);
+void td_quantize_per_token_grid(long long M, long long grid[3]);
+
 // "<kernel-name substring>=<dynamic shared memory bytes>;..." for tiled_diffusion/inspect.py.
 const char* td_cuda_dynamic_smem_table(void);
 

@@ -16,6 +16,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from .launch import check_grid, device_guard, seam_blend_grid
 
 BLOCK_Y = 16
 BLOCK_X = 64
@@ -135,9 +138,11 @@ def seam_blend_triton(tiles: torch.Tensor, origins_y: torch.Tensor, origins_x: t
     args = _prepare(tiles, origins_y, origins_x, weights, height, width)
     out = torch.empty((batch, C, height, width), dtype=tiles.dtype, device=tiles.device)
     n_bx = triton.cdiv(width, BLOCK_X)
-    grid = (triton.cdiv(height, BLOCK_Y) * n_bx, batch * C)
-    seam_blend_kernel[grid](args[0], out, *args[1:], C, height, width, origins_y.numel(), origins_x.numel(),
-                            th, tw, n_bx, BLOCK_Y=BLOCK_Y, BLOCK_X=BLOCK_X, num_warps=NUM_WARPS)
+    grid = check_grid(seam_blend_grid(batch, C, height, width, BLOCK_Y, BLOCK_X), "seam_blend")
+    with device_guard(tiles):
+        wrap_triton(seam_blend_kernel)[grid](args[0], out, *args[1:], C, height, width, origins_y.numel(),
+                                             origins_x.numel(), th, tw, n_bx, BLOCK_Y=BLOCK_Y, BLOCK_X=BLOCK_X,
+                                             num_warps=NUM_WARPS)
     return out
 
 
@@ -154,13 +159,14 @@ def blend_lcm_step_triton(tiles: torch.Tensor, origins_y: torch.Tensor, origins_
     prev = torch.empty_like(sample)
     den = torch.empty_like(sample)
     n_bx = triton.cdiv(W, BLOCK_X)
-    grid = (triton.cdiv(H, BLOCK_Y) * n_bx, B * C)
-    blend_lcm_step_kernel[grid](*args, sample, noise_arg, prev, den,
-                                float(sqrt_alpha_t), float(sqrt_beta_t), float(c_skip), float(c_out),
-                                float(sqrt_alpha_prev), float(sqrt_beta_prev),
-                                C, H, W, origins_y.numel(), origins_x.numel(), th, tw, n_bx,
-                                HAS_NOISE=noise is not None, BLOCK_Y=BLOCK_Y, BLOCK_X=BLOCK_X,
-                                num_warps=NUM_WARPS)
+    grid = check_grid(seam_blend_grid(B, C, H, W, BLOCK_Y, BLOCK_X), "blend_lcm_step")
+    with device_guard(sample):
+        wrap_triton(blend_lcm_step_kernel)[grid](*args, sample, noise_arg, prev, den,
+                                                 float(sqrt_alpha_t), float(sqrt_beta_t), float(c_skip),
+                                                 float(c_out), float(sqrt_alpha_prev), float(sqrt_beta_prev),
+                                                 C, H, W, origins_y.numel(), origins_x.numel(), th, tw, n_bx,
+                                                 HAS_NOISE=noise is not None, BLOCK_Y=BLOCK_Y, BLOCK_X=BLOCK_X,
+                                                 num_warps=NUM_WARPS)
     return prev, den
 
 

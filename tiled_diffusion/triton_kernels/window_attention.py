@@ -4,7 +4,9 @@ Layouts: q, k, v, out [T, H, L, D] contiguous; neighbours int32 [T, NB]
 (-1 = empty slot); bias fp32 [T, NB] (additive log-weight per neighbour slot, -inf = excluded);
 lse fp32 [T, H, L] (natural log).
 
-One program = BLOCK_M queries of one (tile, head); grid (cdiv(L, BLOCK_M), T*H). The program walks the
+One program = BLOCK_M queries of one (tile, head); grid (cdiv(L, BLOCK_M), pairs) with the (tile, head) pairs on
+axis y, split into launches of at most 65535 pairs starting at th0 (launch.window_attention_launches: T·H
+exceeds axis y's limit on the largest canvases). The program walks the
 neighbour slots; a -1 or -inf slot gets an empty key loop (its bound is set to 0), so excluded tiles cost
 nothing. Online softmax in base 2 with fp32 state: the scale is pre-multiplied by log2(e) so every
 exponential is one exp2, and the per-slot bias is folded in log2 units. L need not be a multiple of the
@@ -23,6 +25,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from .launch import check_grid, device_guard, programs_bucket, window_attention_grid, window_attention_launches
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -50,16 +55,17 @@ def supports_head_dim(d: int) -> bool:
     return (da + db - d) <= d / 8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["programs_bucket", "th0"])
 def _window_attention_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, nb_ptr, bias_ptr,
-    H, L, NB, qk_scale,
+    H, L, NB, qk_scale, programs_bucket, th0,
     HEAD_D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # programs_bucket is only read by the autotuner's key (launch.programs_bucket of T·H).
     pid_m = tl.program_id(0)
-    pid_th = tl.program_id(1)
+    pid_th = th0 + tl.program_id(1)  # this launch's first (tile, head) pair + the pair on axis y
     t = pid_th // H
     h = pid_th % H
     t64 = t.to(tl.int64)
@@ -175,7 +181,7 @@ TUNE_CONFIGS = [
 _window_attention_fwd_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
                            num_stages=c["num_stages"]) for c in TUNE_CONFIGS],
-    key=["L", "HEAD_D", "FP32_DOT"],
+    key=["L", "HEAD_D", "FP32_DOT", "programs_bucket"],
 )(_window_attention_fwd)
 
 
@@ -204,7 +210,7 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n
         lse = torch.empty((T, H, L), dtype=torch.float32, device=q.device)
     if T == 0 or L == 0 or H == 0:
         return out, lse
-    args = (q, k, v, out, lse, nb, bias_arg, H, L, NB, scale * LOG2E)
+    args = (q, k, v, out, lse, nb, bias_arg, H, L, NB, scale * LOG2E, programs_bucket(T * H))
     # The Triton 3.8 interpreter computes tl.dot on bf16 operands wrongly (garbage ~1e10); under the interpreter
     # bf16 tiles are widened to fp32 right after loading (exact) and P is rounded to bf16 before widening, so
     # the arithmetic matches a bf16 MMA with fp32 accumulation. Compiled kernels never take this branch.
@@ -212,13 +218,18 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n
     meta = dict(HEAD_D=D, DA=da, DB=db, HAS_BIAS=has_bias, FP32_DOT=q.dtype == torch.float32, UPCAST=upcast)
     if config is None and _interpreting():
         config = INTERPRET_CONFIG
-    if config is not None:
-        grid = (triton.cdiv(L, config["BLOCK_M"]), T * H)
-        _window_attention_fwd[grid](*args, **meta, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                                    num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
-    else:
-        grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), T * H)  # noqa: E731
-        _window_attention_fwd_tuned[grid](*args, **meta)
+    with device_guard(q):
+        for th0, pairs in window_attention_launches(T, H):
+            if config is not None:
+                grid = check_grid(window_attention_grid(pairs, L, config["BLOCK_M"]), "window_attention")
+                wrap_triton(_window_attention_fwd)[grid](
+                    *args, th0, **meta, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                    num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+            else:
+                def grid(META, pairs=pairs):
+                    return check_grid(window_attention_grid(pairs, L, META["BLOCK_M"]), "window_attention")
+
+                wrap_triton(_window_attention_fwd_tuned)[grid](*args, th0, **meta)
     return out, lse
 
 
@@ -234,7 +245,8 @@ def _aot_configs() -> list[dict]:
                 name = (f"window_attention_d72_{dt}{'_bias' if has_bias else ''}_m{c['BLOCK_M']}n{c['BLOCK_N']}"
                         f"w{c['num_warps']}s{c['num_stages']}")
                 sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "lse_ptr": "*fp32",
-                       "nb_ptr": "*i32", "bias_ptr": "*fp32", "H": "i32", "L": "i32", "NB": "i32", "qk_scale": "fp32"}
+                       "nb_ptr": "*i32", "bias_ptr": "*fp32", "H": "i32", "L": "i32", "NB": "i32", "qk_scale": "fp32",
+                       "programs_bucket": "i32", "th0": "i32"}
                 configs.append({
                     "name": name, "kernel": _window_attention_fwd,
                     "signature": sig,
