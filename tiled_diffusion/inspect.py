@@ -11,7 +11,9 @@
 Each record: kind, name, arch, registers, shared (bytes per block, static + dynamic), stack (frame bytes:
 register spills land here), local, tensor_core (SASS tensor-core mnemonics found: IMMA/HMMA/*GMMA), expects_tensor_core, problems.
 `--check` exits 1 when any record has a problem: spills (stack frame or local memory > 0), missing
-tensor-core instructions where expected, shared memory above the per-block limit, or a kernel that failed to compile.
+tensor-core instructions where expected, shared memory above the per-block limit, or a kernel that failed to compile;
+and when `_C` has no CUDA kernels on a machine whose build should have compiled them (nvcc found, torch a CUDA
+build, TD_SKIP_CUDA unset: setup.py's conditions), so a CUDA-less build cannot pass the check on CI.
 
 TRITON_INTERPRET=1 makes @triton.jit return interpreter functions that cannot be compiled, so main() re-runs
 itself in a child process without it.
@@ -87,6 +89,37 @@ def find_cuobjdump() -> Optional[str]:
     if home and os.access(os.path.join(home, "bin", "cuobjdump"), os.X_OK):
         return os.path.join(home, "bin", "cuobjdump")
     return None
+
+
+def find_nvcc() -> Optional[str]:
+    """nvcc where setup.py looks for it (CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda*), or None."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+            return os.path.join(home, "bin", "nvcc")
+    p = shutil.which("nvcc")
+    if p:
+        return p
+    for home in sorted(glob.glob("/usr/local/cuda*"), reverse=True):
+        if os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+def cuda_build_expected() -> Optional[str]:
+    """Why `_C` should hold CUDA kernels here (setup.py builds them when torch is a CUDA build, nvcc is found and
+    TD_SKIP_CUDA is unset), or None when a CPU-only build is legitimate."""
+    if os.environ.get("TD_SKIP_CUDA") == "1":
+        return None
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.version.cuda is None:
+        return None
+    return f"nvcc is at {nvcc} and torch is a CUDA {torch.version.cuda} build"
 
 
 def _run(cmd: list[str]) -> str:
@@ -301,13 +334,22 @@ def collect(archs: Iterable[int] = ARCHS, include_triton: bool = True) -> tuple[
     archs = tuple(archs)
     notes: list[str] = []
     records: list[Record] = []
+    why_missing = None
     try:
         cuda = cuda_records(archs=archs)
         if not cuda:
-            notes.append("tiled_diffusion._C has no CUDA kernels (built without nvcc or with TD_SKIP_CUDA=1)")
+            why_missing = "tiled_diffusion._C has no CUDA kernels (built without nvcc or with TD_SKIP_CUDA=1)"
         records += cuda
     except (FileNotFoundError, RuntimeError) as e:
-        notes.append(f"CUDA kernels not inspected: {e}")
+        why_missing = f"CUDA kernels not inspected: {e}"
+    if why_missing:
+        expected = cuda_build_expected()
+        if expected:  # a problem, not a note: --check must fail (CI has nvcc)
+            records.append(Record(kind="cuda", name="tiled_diffusion._C", arch="all", problems=[
+                f"{why_missing}, but {expected}: rebuild (pip install --no-build-isolation -e .) without "
+                "TD_SKIP_CUDA, or set TD_SKIP_CUDA=1 to accept a CPU-only build"]))
+        else:
+            notes.append(why_missing)
     if include_triton:
         try:
             records += triton_records(archs=archs)
