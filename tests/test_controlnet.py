@@ -274,6 +274,28 @@ def test_attach_follows_accelerate_int8():
         P.restore(tr)
 
 
+@torch.no_grad()
+def test_attach_follows_least_memory_setting():
+    """keep_original_weights=False: the copies' W8A8 layers are pack-only exactly when the base blocks' are, and
+    the forward still runs through them."""
+    from tiled_diffusion import pipeline as P
+
+    tr = make_transformer()
+    lat, text, mask, t = inputs(tr, h=16, w=16)
+    control = control_for(lat)
+    net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES), std=0.05).quantize("w8a8")
+    P.accelerate(tr, int8="w8a8", keep_original_weights=False)
+    try:
+        base_q = tr.transformer_blocks[0].attn1.to_q
+        with net.applied(tr, control):
+            q = net.controlnet_blocks[0].transformer_block.attn1.to_q
+            assert q._pack_only == base_q._pack_only
+            out = run(tr, lat, text, mask, t)
+    finally:
+        P.restore(tr)
+    assert torch.isfinite(out).all() and out.shape == lat.shape[:1] + (tr.config.out_channels,) + lat.shape[2:]
+
+
 # ---------------------------------------------------------------------------------------------- edges
 
 

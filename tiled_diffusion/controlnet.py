@@ -205,6 +205,13 @@ class PixArtControlNet(nn.Module):
             self.to(device=p.device, dtype=p.dtype)
         else:
             self.to(device=p.device)
+        st = getattr(transformer, "_tiled_diffusion", None)
+        if self.int8 is not None and st is not None and not st.keep_original_weights:
+            from .int8 import Int8Linear
+
+            for m in self.modules():  # the least-memory setting, as accelerate leaves the base blocks
+                if isinstance(m, Int8Linear):
+                    m.pack_only_()
         self._handles.append(transformer.register_forward_pre_hook(self._publish_control))
         for i in range(1, self.num_layers + 1):
             self._handles.append(transformer.transformer_blocks[i].register_forward_pre_hook(
