@@ -34,8 +34,9 @@ log = logging.getLogger("tiled_diffusion")
 # Where "auto" turns W8A8 on for a CPU ISA, with the evidence (benchmarks/NOTES.md, "CPU kernels"). Only measured
 # wins are listed as True: a default a user pays for is worse than no default.
 AUTO_W8A8_CPU = {
-    "avx512": (True, "AVX-512 VNNI int8 kernel: Int8Linear w8a8 (bf16 in/out, quantization included) measured "
-                     "1.3-1.7x bf16 nn.Linear on every PixArt shape (AMD Zen 5; Zen 4 1.6-1.9x)"),
+    "avx512": (True, "AVX-512 VNNI int8 kernel: the W8A8 linear (bf16 in/out, quantization included) measured "
+                     "1.4-2.0x bf16 nn.Linear on the PixArt and T5 shapes (AMD Zen 5, loaded; Zen 4 idle 1.7-1.9x), "
+                     "denoise 1024² 1.6x"),
     "amx": (False, "AMX: torch's bf16 Linear already runs on AMX-BF16 (oneDNN, 1.3-2.8 TFLOP/s on 2 cores) and the "
                    "AMX int8 kernel has not been timed on an AMX machine yet (pass int8='w8a8' to use it)"),
     "avx2": (False, "AVX2 only: the int8 path (vpmaddubsw emulation of VNNI) has not been measured against bf16"),
