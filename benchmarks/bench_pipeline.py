@@ -188,17 +188,20 @@ def _pipe_call_step(pipe, embeds, mask, size: int, full: bool) -> float:
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
+            # binning off: the un-accelerated pipeline would otherwise generate a ~1024² bin (the accelerated one
+            # ignores binning above the bins anyway)
             pipe(prompt_embeds=embeds, prompt_attention_mask=mask, width=size, height=size, num_inference_steps=4,
-                 guidance_scale=0.0, generator=gen, output_type="latent", callback=None if full else cb)
+                 guidance_scale=0.0, generator=gen, output_type="latent", callback=None if full else cb,
+                 use_resolution_binning=False)
     except Stop:
         pass
     return (time.perf_counter() - t0) / (4 if full else 1)
 
 
-def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=None) -> list[dict]:
+def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=None, rounds: int = 2) -> list[dict]:
     """`pipe(...)` exactly as a diffusers user calls it: un-accelerated, then accelerate(pipe) in cross_tile
-    (512 px) and multidiffusion (1024 px, 50% overlap), runs alternated side by side; int8 off so the rows
-    compare the tiling, not the GEMMs."""
+    (512 px, the default, and 256 px) and multidiffusion (1024 px, 50% overlap), runs alternated side by side;
+    int8 off so the rows compare the tiling, not the GEMMs."""
     from tiled_diffusion import pipeline as P
 
     pipe = pipe or xl_pipeline(layers, dtype)
@@ -208,9 +211,10 @@ def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=No
     mask = torch.ones(1, PROMPT_LEN, dtype=torch.long)
     full = size <= 1024
     configs = [("un-accelerated", None), ("cross_tile", dict(mode="cross_tile", tile=512)),
+               ("cross_tile 256px", dict(mode="cross_tile", tile=256)),
                ("multidiffusion", dict(mode="multidiffusion", tile=1024, overlap=0.5))]
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
-    for _ in range(1 if not full else 2):
+    for _ in range(rounds):
         for name, kw in configs:
             if kw is not None:
                 P.accelerate(pipe, int8=None, text_encoder_int8=False, **kw)
@@ -222,6 +226,7 @@ def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=No
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     for name, _ in configs:
         rows.append({"size": f"{size}²", "path": "pipe(...)", "mode": name, "steps_timed": 4 if full else 1,
+                     "rounds": rounds,
                      "time_4steps_s": 4 * med[name], "x_multidiffusion": med[name] / med["multidiffusion"],
                      "x_unaccelerated": med[name] / med["un-accelerated"],
                      "load_avg": round(os.getloadavg()[0], 2)})
@@ -272,7 +277,7 @@ def suite(quick: bool) -> list[dict]:
         from tiled_diffusion.tiny import tiny_pipeline
 
         tiny = tiny_pipeline()
-        return (quick_rows() + dropin_rows(size=512, pipe=tiny)  # 512²: above the tiny model's 256² bins
+        return (quick_rows() + dropin_rows(size=512, pipe=tiny, rounds=1)  # 512²: above the tiny model's bins
                 + seam_rows(size=512, tile=128, steps=1))
     t0 = time.perf_counter()
     rows = dropin_rows(2048)
