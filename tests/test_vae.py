@@ -110,10 +110,15 @@ def test_bf16_banded_error_within_plain_bf16_error():
 
 # --- one tile is the plain decode, bitwise; the memory rule
 
+def _cl(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def test_one_tile_decode_is_plain_bitwise():
+    """The plain path runs diffusers' decode in channels-last (the fast layout on the CPU, for the banded path too)."""
     vae, z = _vae(attention=True), _latents(h=21, w=27)
     with torch.no_grad():
-        full = vae.decode(z).sample
+        full = vae.decode(_cl(z)).sample
         assert torch.equal(decode(vae, z, tile=21, progress=False), full)
         assert torch.equal(decode(vae, z, max_memory_gb=64, progress=False), full)
     assert vae_scale_factor(vae) == 2
@@ -122,7 +127,7 @@ def test_one_tile_decode_is_plain_bitwise():
 def test_one_tile_encode_is_plain_bitwise():
     vae, x = _vae(attention=True), _images()
     with torch.no_grad():
-        ref = vae.encode(x).latent_dist.mean
+        ref = vae.encode(_cl(x)).latent_dist.mean
         assert torch.equal(encode(vae, x, tile=21, sample=False, progress=False), ref)
 
 

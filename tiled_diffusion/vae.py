@@ -139,10 +139,16 @@ class _Stats:
 
     def add(self, t: torch.Tensor) -> None:
         """t: a band of the canvas [B, C, rows, W]; each canvas position must be added exactly once."""
-        v = t.reshape(t.shape[0], self.gn.num_groups, -1)
-        var, mean = torch.var_mean(v.float(), dim=-1, correction=0)
-        nb = v.shape[-1]
-        mean, m2 = mean.double(), var.double() * nb
+        B, C, G = t.shape[0], t.shape[1], self.gn.num_groups
+        hw = t[0, 0].numel()
+        # the band's moments from aten's group-norm kernel (vectorised, channels-last aware; 6x faster on the CPU
+        # than torch.var_mean here). fp32 weights make it return fp32 moments for bf16 input; eps = 0 so that
+        # var = rstd^-2 exactly.
+        one = torch.ones(C, dtype=torch.float32, device=t.device)
+        _, mean, rstd = torch.ops.aten.native_group_norm(t, one, torch.zeros_like(one), B, C, hw, G, 0.0)
+        nb = hw * (C // G)
+        mean = mean.double().view(B, G)
+        m2 = rstd.double().view(B, G).pow(-2) * nb
         if self.n == 0:
             self.mean, self.m2 = mean, m2
         else:
@@ -152,23 +158,29 @@ class _Stats:
             self.m2 = self.m2 + m2 + delta.square() * (self.n * nb / n)
         self.n += nb
 
-    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """GroupNorm with these statistics as x·a + b; a, b fp32 [B, C, 1, 1]."""
+    def norm_args(self) -> tuple[torch.Tensor, ...]:
+        """(mean, var, weight, bias) per image and channel, fp32 [B·C]: GroupNorm with these statistics is
+        batch_norm in inference form over the B·C channels."""
         gn = self.gn
-        rstd = torch.rsqrt(self.m2 / self.n + gn.eps)  # fp64 [B, G]
+        B = self.mean.shape[0]
         cpg = gn.num_channels // gn.num_groups
-        a = rstd.repeat_interleave(cpg, dim=1)
-        b = -self.mean.repeat_interleave(cpg, dim=1) * a
+        mean = self.mean.repeat_interleave(cpg, dim=1).flatten().float()
+        var = (self.m2 / self.n).repeat_interleave(cpg, dim=1).flatten().float()
         if gn.affine:
-            w = gn.weight.detach().double()
-            a, b = a * w, b * w + gn.bias.detach().double()
-        return a.float()[:, :, None, None], b.float()[:, :, None, None]
+            w, b = gn.weight.detach().float().repeat(B), gn.bias.detach().float().repeat(B)
+        else:
+            w, b = torch.ones_like(mean), torch.zeros_like(mean)
+        return mean, var, w, b
 
 
-def _normed(x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """GroupNorm with fixed statistics on a band, in fp32, back in x's dtype."""
-    a, b = ab
-    return torch.addcmul(b.to(x.device), x.float(), a.to(x.device)).to(x.dtype)
+def _normed(x: torch.Tensor, stats: _Stats) -> torch.Tensor:
+    """GroupNorm of a band with the canvas statistics, computed in fp32 and returned in x's dtype (like the CPU and
+    CUDA group_norm kernels): one batch_norm over [1, B·C, rows, W] (2.4x faster than an fp32 addcmul for bf16)."""
+    B, C = x.shape[:2]
+    args = [a.to(x.device) for a in stats.args]
+    y = F.batch_norm(x.reshape(1, B * C, *x.shape[2:]), args[0], args[1], args[2], args[3], False, 0.0,
+                     stats.gn.eps)
+    return y.view(x.shape)
 
 
 # ----------------------------------------------------------------------------- the banded runner
@@ -194,16 +206,20 @@ class _Runner:
         return x[:, :, a:min(x.shape[-2], y1 + halo)].to(self.device, non_blocking=True), a
 
     def empty(self, like: torch.Tensor, C: int, H: int, W: int) -> torch.Tensor:
-        return torch.empty(like.shape[0], C, H, W, dtype=like.dtype, device=self.store)
+        # channels-last: a band of rows is then one contiguous block (no copy before the conv or the norms), and
+        # the convolutions are faster in it (CPU, oneDNN: 1.7x bf16, 1.36x fp32 on a 256-channel 3x3 conv)
+        return torch.empty(like.shape[0], C, H, W, dtype=like.dtype, device=self.store,
+                           memory_format=torch.channels_last)
 
     def put(self, out: torch.Tensor, y0: int, t: torch.Tensor, stats: Optional[_Stats]) -> None:
         if stats is not None:
             stats.add(t)
         out[:, :, y0:y0 + t.shape[-2]].copy_(t)
 
-    # --- steps: each takes the stored input and its input GroupNorm's statistics, returns the stored output
+    # --- steps: each takes the stored input and the _Stats of its input GroupNorm (None for conv/up/down) and
+    # returns the stored output with the _Stats of the next step's GroupNorm (nxt)
 
-    def conv(self, conv: nn.Conv2d, x, ab, nxt):
+    def conv(self, conv: nn.Conv2d, x, norm, nxt):
         p = conv.kernel_size[0] // 2
         out, st = self.empty(x, conv.out_channels, *x.shape[-2:]), _stats(nxt)
         for y0, y1 in self.bands(x.shape[-2]):
@@ -211,34 +227,42 @@ class _Runner:
             self.put(out, y0, conv(c)[:, :, y0 - a:y1 - a], st)
         return out, st
 
-    def res(self, m, x, ab, nxt):
+    def res(self, m, x, norm, nxt):
         H, W = x.shape[-2:]
         h, st2 = self.empty(x, m.conv1.out_channels, H, W), _Stats(m.norm2)
         for y0, y1 in self.bands(H):
             c, a = self.crop(x, y0, y1, 1)
-            self.put(h, y0, m.conv1(m.nonlinearity(_normed(c, ab)))[:, :, y0 - a:y1 - a], st2)
-        ab2 = st2.scale_shift()
+            self.put(h, y0, m.conv1(m.nonlinearity(_normed(c, norm)))[:, :, y0 - a:y1 - a], st2)
+        st2.args = st2.norm_args()
         # The output overwrites x in place (its first C_out channels when the shortcut narrows them): the second
         # pass reads x only at its own rows, before it writes them.
         Co = m.conv2.out_channels
-        out = x[:, :Co] if Co <= x.shape[1] else self.empty(x, Co, H, W)
+        if Co == x.shape[1]:
+            out = x
+        elif Co < x.shape[1] and x.shape[0] == 1 and x.is_contiguous(memory_format=torch.channels_last):
+            # a compact [1, Co, H, W] channels-last tensor over x's memory: band rows [y0, y1) of it lie within
+            # x's rows < y1, which every band up to this one has already read
+            out = torch.empty(0, dtype=x.dtype, device=x.device).set_(
+                x.untyped_storage(), x.storage_offset(), (1, Co, H, W), (Co * H * W, 1, W * Co, Co))
+        else:
+            out = self.empty(x, Co, H, W)
         st = _stats(nxt)
         for y0, y1 in self.bands(H):
             c, a = self.crop(h, y0, y1, 1)
-            t = m.conv2(m.dropout(m.nonlinearity(_normed(c, ab2))))[:, :, y0 - a:y1 - a]
+            t = m.conv2(m.dropout(m.nonlinearity(_normed(c, st2))))[:, :, y0 - a:y1 - a]
             s = x[:, :, y0:y1].to(self.device)
             if m.conv_shortcut is not None:
                 s = m.conv_shortcut(s.contiguous())
             self.put(out, y0, (s + t) / m.output_scale_factor, st)
         return out, st
 
-    def attn(self, m, x, ab, nxt):
+    def attn(self, m, x, norm, nxt):
         """Global self-attention over every token of the canvas (AttnProcessor2_0's math), one query band a time."""
         B, C, H, W = x.shape
         qkv = [torch.empty(B, H * W, lin.out_features, dtype=x.dtype, device=self.store)
                for lin in (m.to_q, m.to_k, m.to_v)]
         for y0, y1 in self.bands(H):
-            tok = _normed(x[:, :, y0:y1].to(self.device), ab).flatten(2).transpose(1, 2)
+            tok = _normed(x[:, :, y0:y1].to(self.device), norm).flatten(2).transpose(1, 2)
             for buf, lin in zip(qkv, (m.to_q, m.to_k, m.to_v)):
                 buf[:, y0 * W:y1 * W].copy_(lin(tok))
         heads = m.heads
@@ -252,7 +276,7 @@ class _Runner:
             self.put(x, y0, (o + x[:, :, y0:y1].to(self.device)) / m.rescale_output_factor, st)
         return x, st
 
-    def up(self, m, x, ab, nxt):
+    def up(self, m, x, norm, nxt):
         H, W = x.shape[-2:]
         out, st = self.empty(x, m.conv.out_channels, 2 * H, 2 * W), _stats(nxt)
         for y0, y1 in self.bands(2 * H):
@@ -260,7 +284,7 @@ class _Runner:
             self.put(out, y0, m(c)[:, :, y0 - 2 * a:y1 - 2 * a], st)
         return out, st
 
-    def down(self, m, x, ab, nxt):
+    def down(self, m, x, norm, nxt):
         H, W = x.shape[-2:]
         # output rows [y0, y1) read input rows [2·y0 - 1, 2·y1 + 1); a halo of 2 keeps the crop start even. The
         # module's own padding lands on the crop's edges: at the canvas border it is the real one, inside the canvas
@@ -274,20 +298,22 @@ class _Runner:
             self.put(out, y0, m(c)[:, :, y0 - a // 2:y1 - a // 2], st)
         return out, st
 
-    def out(self, m, x, ab, nxt):
+    def out(self, m, x, norm, nxt):
         conv = m.conv_out
         p = conv.kernel_size[0] // 2
-        out = self.empty(x, conv.out_channels, *x.shape[-2:])
+        out = torch.empty(x.shape[0], conv.out_channels, *x.shape[-2:], dtype=x.dtype, device=self.store)
         for y0, y1 in self.bands(x.shape[-2]):
             c, a = self.crop(x, y0, y1, p)
-            self.put(out, y0, conv(m.conv_act(_normed(c, ab)))[:, :, y0 - a:y1 - a], None)
+            self.put(out, y0, conv(m.conv_act(_normed(c, norm)))[:, :, y0 - a:y1 - a], None)
         return out, None
 
     def run(self, steps, x: torch.Tensor) -> torch.Tensor:
         st = None
         for i, (kind, m) in enumerate(steps):
             nxt = _input_norm(steps[i + 1]) if i + 1 < len(steps) else None
-            x, st = getattr(self, kind)(m, x, st.scale_shift() if st is not None else None, nxt)
+            if st is not None:
+                st.args = st.norm_args()
+            x, st = getattr(self, kind)(m, x, st, nxt)
         return x
 
 
@@ -319,9 +345,9 @@ def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional
     z = latents.to(next(vae.decoder.parameters()).dtype)
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)  # 1x1 at the latent resolution: the whole canvas at once is small
-    with _progress(progress, steps, "VAE decode (banded)") as pbar:
+    with _progress(progress, steps, "VAE decode (banded)") as pbar, _channels_last_weights(vae.decoder):
         run = _Runner(tile, latents.shape[-2], dev, store or dev, pbar)
-        return run.run(steps, z.to(run.store)).to(dev)
+        return run.run(steps, _fast_layout(z.to(run.store))).to(dev)
 
 
 @torch.no_grad()
@@ -334,10 +360,34 @@ def banded_encode_moments(vae, images: torch.Tensor, *, tile: int = 64, store: O
     steps = _encoder_steps(vae.encoder)
     dev = images.device
     f = vae_scale_factor(vae)
-    with _progress(progress, steps, "VAE encode (banded)") as pbar:
+    with _progress(progress, steps, "VAE encode (banded)") as pbar, _channels_last_weights(vae.encoder):
         run = _Runner(tile, max(1, images.shape[-2] // f), dev, store or dev, pbar)
-        m = run.run(steps, images.to(next(vae.encoder.parameters()).dtype).to(run.store)).to(dev)
+        m = run.run(steps, _fast_layout(images.to(next(vae.encoder.parameters()).dtype).to(run.store))).to(dev)
     return vae.quant_conv(m) if vae.quant_conv is not None else m
+
+
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """The layout both paths run in: channels-last (every conv, norm and activation after it follows it). Measured
+    on the CPU (AMD EPYC Zen 5, oneDNN, 1 thread), a 256-channel 3x3 conv on a 130x512 band: bf16 429 -> 248 ms,
+    fp32 709 -> 521 ms."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def _channels_last_weights(module: nn.Module) -> Iterator[None]:
+    """Conv weights in channels-last for the call (oneDNN otherwise reorders them on every call: 295 -> 248 ms for the
+    conv above, bf16); the original tensors are put back afterwards, so the caller's module is unchanged."""
+    saved = []
+    try:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.dim() == 4 and \
+                    not m.weight.is_contiguous(memory_format=torch.channels_last):
+                saved.append((m, m.weight.data))
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        yield
+    finally:
+        for m, w in saved:
+            m.weight.data = w
 
 
 def _check_input(x: torch.Tensor, name: str) -> None:
@@ -506,7 +556,9 @@ def decode(vae, latents: torch.Tensor, *, max_memory_gb: Optional[float] = None,
     log.debug("vae.decode %s: %s", tuple(latents.shape), plan)
     with torch.no_grad():
         if plan["method"] == "plain":  # the class's decode: after accelerate, pipe.vae.decode is this function
-            return type(vae).decode(vae, latents.to(vae.dtype), return_dict=False)[0]
+            with _channels_last_weights(vae):
+                img = type(vae).decode(vae, _fast_layout(latents.to(vae.dtype)), return_dict=False)[0]
+            return img.contiguous()
         if plan["method"] == "banded":
             return banded_decode(vae, latents, tile=plan["tile"], store=plan["store"], progress=progress)
     log.warning("vae.decode: the exact banded decode does not fit %s; decoding in overlapping tiles with per-tile "
@@ -526,7 +578,8 @@ def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, 
     log.debug("vae.encode %s: %s", tuple(images.shape), plan)
     with torch.no_grad():
         if plan["method"] == "plain":
-            dist = type(vae).encode(vae, images.to(vae.dtype)).latent_dist  # the class's, as in decode
+            with _channels_last_weights(vae):  # the class's encode, as in decode
+                dist = type(vae).encode(vae, _fast_layout(images.to(vae.dtype))).latent_dist
         elif plan["method"] == "banded":
             dist = DiagonalGaussianDistribution(
                 banded_encode_moments(vae, images, tile=plan["tile"], store=plan["store"], progress=progress))
