@@ -1,6 +1,6 @@
 """VAE decode / encode: plain vs the exact banded path vs approximate tiles, time, error and peak memory.
 
-Rows per (op, canvas, dtype): `plain` (vae.decode / vae.encode), `banded` (tiled_diffusion.vae.decode/encode with a
+Rows per (op, canvas, dtype): `plain` (vae.decode / vae.encode as diffusers runs them, NCHW), `plain channels-last` (tiled_diffusion.vae.decode/encode's plain path), `banded` (tiled_diffusion.vae.decode/encode with a
 forced band height of `tile` latent rows: exact canvas GroupNorm and global mid-block attention), `overlap` (the
 approximate `tiled_decode`, per-tile GroupNorm, and `overlap passes=1`, the old default with one shared-statistics
 pass), and `diffusers tiling` (the peer: `enable_tiling()` with tiles of `tile` latent px, overlap 0.25, per-tile
@@ -30,8 +30,8 @@ from harness import environment, print_table  # noqa: E402
 from tiled_diffusion import vae as V  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DECODE_METHODS = ("plain", "banded", "diffusers tiling", "overlap", "overlap passes=1")
-ENCODE_METHODS = ("plain", "banded")
+DECODE_METHODS = ("plain", "plain channels-last", "banded", "diffusers tiling", "overlap", "overlap passes=1")
+ENCODE_METHODS = ("plain", "plain channels-last", "banded")
 
 
 def _vae(config: dict, dtype: torch.dtype):
@@ -54,8 +54,10 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _decode_fn(vae, z, method: str, tile: int):
-    if method == "plain":
+    if method == "plain":  # diffusers' decode as called (NCHW)
         return lambda: vae.decode(z, return_dict=False)[0]
+    if method == "plain channels-last":  # tiled_diffusion.vae.decode's plain path: the same in channels-last
+        return lambda: V.decode(vae, z, tile=z.shape[-2], progress=False)
     if method == "banded":
         return lambda: V.decode(vae, z, tile=tile, progress=False)
     if method == "overlap":
@@ -79,7 +81,12 @@ def _decode_fn(vae, z, method: str, tile: int):
 def _encode_fn(vae, x, method: str, tile: int):
     if method == "plain":
         return lambda: vae.encode(x).latent_dist.mean
+    if method == "plain channels-last":
+        return lambda: V.encode(vae, x, tile=x.shape[-2], sample=False, progress=False)
     return lambda: V.encode(vae, x, tile=tile, sample=False, progress=False)
+
+
+CLOCK = time.perf_counter  # --cpu-time: time.process_time (with --threads 1: robust to a loaded machine)
 
 
 def _timed(fn, iters: int):
@@ -88,9 +95,9 @@ def _timed(fn, iters: int):
     times, out, peak = [], None, 0
     for i in range(max(1, iters) + (1 if iters > 1 else 0)):
         with PeakRSS() as p, torch.no_grad():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             out = fn()
-            dt = time.perf_counter() - t0
+            dt = CLOCK() - t0
         peak = max(peak, p.delta)
         if iters == 1 or i > 0:
             times.append(dt)
@@ -99,7 +106,7 @@ def _timed(fn, iters: int):
 
 
 def _est_gb(vae, method: str, H: int, W: int, dtype, tile: int, encode: bool) -> float:
-    if method == "plain":
+    if method.startswith("plain"):
         e = V._estimates(vae, H, W, encode=encode, rows=None, es=torch.finfo(dtype).bits // 8, batch=1)["plain"]
         return e / 2**30
     if method == "banded":
@@ -120,7 +127,7 @@ def run_rows(config: dict, sizes: list[int], dtypes: list[str], tile: int, iters
             if encode:
                 groups.append(("encode", ENCODE_METHODS, _encode_fn, None))
             for op, all_methods, make, inp in groups:
-                ref = t_ref = None
+                ref = t_ref = t_cl = None
                 for method in [m for m in all_methods if m in methods]:
                     if op == "encode" and inp is None:  # encode the plain decode of z: a realistic image
                         with torch.no_grad():
@@ -128,9 +135,12 @@ def run_rows(config: dict, sizes: list[int], dtypes: list[str], tile: int, iters
                     out, t, peak = _timed(make(vae, inp, method, tile), iters)
                     if method == "plain":
                         ref, t_ref = out, t
+                    if method == "plain channels-last":
+                        t_cl = t
                     rows.append({"op": op, "canvas": f"{side}²", "dtype": dname, "method": method,
-                                 "tile": tile if method != "plain" else "", "time_s": t,
+                                 "tile": tile if not method.startswith("plain") else "", "time_s": t,
                                  "x_plain": t / t_ref if t_ref else float("nan"),
+                                 "x_plain_cl": t / t_cl if t_cl else float("nan"),
                                  "rel_rms": _rms(out, ref) if ref is not None else float("nan"),
                                  "peak_GB": peak, "est_GB": _est_gb(vae, method, side, side, dtype, tile, op == "encode")})
                     print(rows[-1], flush=True)
@@ -141,7 +151,7 @@ def run_rows(config: dict, sizes: list[int], dtypes: list[str], tile: int, iters
 def suite(quick: bool) -> list[dict]:
     if quick:  # a small-channel VAE of the same layout at 128², 4 bands / 2x2 tiles: seconds
         return run_rows(VAE_QUICK, [128], ["fp32"], tile=4, iters=1,
-                        methods=("plain", "banded", "diffusers tiling", "overlap"))
+                        methods=("plain", "plain channels-last", "banded", "diffusers tiling", "overlap"))
     return run_rows(VAE_SD, [1024, 2048], ["bf16", "fp32"], tile=64, iters=1)
 
 
@@ -154,7 +164,14 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=64, help="latent rows per band / latent px per tile")
     ap.add_argument("--no-encode", action="store_true")
     ap.add_argument("--iters", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-time", action="store_true", help="time = process CPU time (use with --threads 1)")
     args = ap.parse_args()
+    global CLOCK
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK = time.process_time
     env = environment()
     print("  ".join(f"{k}={v}" for k, v in env.items()))
     if args.quick:
