@@ -279,7 +279,7 @@ def test_memory_above_limit_is_refused_before_running(accel):
                    progress=False, mode="multidiffusion", tile=256, max_memory_gb=1e-3)
 
 
-@pytest.mark.parametrize("mode,knob", [("multidiffusion", "tile_batch_size"), ("cross_tile", "--tile"),
+@pytest.mark.parametrize("mode,knob", [("multidiffusion", "--tile-batch-size"), ("cross_tile", "--tile"),
                                        ("global", "cross_tile")])
 def test_memory_refusal_names_the_knob(mode, knob):
     from tiled_diffusion.tiny import tiny_transformer

@@ -57,16 +57,13 @@ def _transformer_config(model: str):
     return SimpleNamespace(**_component_config(model, "transformer"))
 
 
-def _vae_shape(model: str) -> tuple[int, int]:
-    """(channels of the VAE decoder's full-resolution block — its activations dominate the decode —, the VAE's
-    scale factor 2^(blocks - 1), as diffusers' pipelines compute it)."""
+def _vae_config(model: str) -> dict:
+    """The VAE's config (the memory estimate builds its shapes on the meta device; nothing is loaded)."""
     if model == "tiny":
         from .tiny import tiny_vae
 
-        channels = tiny_vae().config.block_out_channels
-    else:
-        channels = _component_config(model, "vae")["block_out_channels"]
-    return channels[0], 2 ** (len(channels) - 1)
+        return dict(tiny_vae().config)
+    return _component_config(model, "vae")
 
 
 TEXT_PARTS = ("tokenizer", "text_encoder")
@@ -227,10 +224,10 @@ def run(args) -> int:
                                f"'tiny')")
         _pipeline_class(args.model)  # a folder of the right kind, before any estimate reads its configs
 
-    vae_channels, vae_scale_factor = _vae_shape(args.model)
+    vae_config = _vae_config(args.model)
     est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=dtype,
-                          guidance_scale=args.guidance_scale, int8=int8, vae_channels=vae_channels,
-                          vae_scale_factor=vae_scale_factor,
+                          guidance_scale=args.guidance_scale, int8=int8, vae=vae_config,
+                          vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
                           text_encoder_bytes=_text_encoder_bytes(args.model, dtype, te_int8), text_encoder_alone=True)
     try:
         check_memory(est, args.max_memory_gb, cfg)

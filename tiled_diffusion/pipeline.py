@@ -390,7 +390,7 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
     if max_memory_gb is not None:
         est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
                               dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8,
-                              vae_channels=pipe.vae.config.block_out_channels[0],
+                              vae=pipe.vae,
                               text_encoder_bytes=module_bytes(getattr(pipe, "text_encoder", None)),
                               vae_scale_factor=st.vae_scale_factor)
         check_memory(est, max_memory_gb, cfg)

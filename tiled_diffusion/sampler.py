@@ -204,7 +204,7 @@ def _fused_blend_step(scheduler, t, steps, eps_tiles, pgrid, profile, latents, g
 
 def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=torch.bfloat16, batch: int = 1,
                     guidance_scale: float = 0.0, int8: Optional[str] = None, param_count: Optional[int] = None,
-                    vae_channels: int = 128, text_encoder_bytes: int = 0, text_encoder_alone: bool = False,
+                    vae=None, text_encoder_bytes: int = 0, text_encoder_alone: bool = False,
                     vae_scale_factor: int = 8) -> dict:
     """Rough peak-memory estimate (bytes) of one run, before it starts. ±50%: it counts the big live tensors.
 
@@ -215,7 +215,8 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
     config: the transformer config (hidden = heads·head_dim, patch, num_layers). Terms: weights; activations of
     one forward (≈ 14 hidden-sized tensors per token: residual, norm, q/k/v/attn-out, 4x MLP in and out);
     attention working set (multidiffusion: SDPA per tile; cross_tile: per chunk of 8 query tiles over their
-    gathered neighbours); the latent canvas; a tiled VAE decode (512² px tiles) and the decoded image.
+    gathered neighbours); the latent canvas; the VAE decode (`vae`: the AutoencoderKL or its config dict, estimated
+    by vae.estimate_vae_bytes) and the decoded image.
     """
     es = torch.finfo(dtype).bits // 8
     hidden = config.num_attention_heads * config.attention_head_dim
@@ -245,7 +246,13 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
             attn = 0
     act = n_fwd * hidden * es * 14
     canvas = 6 * batch * 4 * lat_h * lat_w * 4
-    vae = 6 * min(512 * 512, height * width) * vae_channels * 4 + batch * height * width * 3 * 4
+    if vae is None:  # no VAE given: the SD/PixArt VAE's full-resolution block (128 channels), 512² at a time
+        vae_act = 6 * min(512 * 512, height * width) * 128 * 4
+    else:  # what vae.decode needs under its own rule (plain if it fits, else banded)
+        from .vae import estimate_vae_bytes
+
+        vae_act = estimate_vae_bytes(vae, height, width, dtype=dtype, batch=batch)
+    vae = vae_act + batch * height * width * 3 * 4  # + the decoded image (fp32)
     denoise_stage = weights + max(act + attn, vae) + canvas
     total = max(denoise_stage, text_encoder_bytes) if text_encoder_alone else denoise_stage + text_encoder_bytes
     return {"total": total, "weights": weights, "activations": act, "attention": attn, "canvas": canvas,
