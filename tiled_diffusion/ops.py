@@ -92,7 +92,6 @@ def native_op(name: str) -> Callable:
         raise RuntimeError(f"tiled_diffusion._C has no kernel {name!r} ({e}); {_FIX}") from None
 
 
-@torch.compiler.assume_constant_result  # fixed for the process: torch.compile bakes it in, no graph break
 def native_has(name: str, device_type: str) -> bool:
     """Whether `_C` was built with a `device_type` kernel for `name` (e.g. CUDA kernels need nvcc at build)."""
     if _C is None:
@@ -103,6 +102,11 @@ def native_has(name: str, device_type: str) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
+
+
+# Fixed for the process, so torch.compile may bake the answer in instead of breaking the graph on the dispatcher
+# query: the mark torch.compiler.assume_constant_result sets, without importing torch._dynamo here (seconds).
+native_has._dynamo_marked_constant = True
 
 
 def _native_for(name: str, device: torch.device) -> Callable:
