@@ -20,8 +20,14 @@ from tiled_diffusion.tiling import TileGrid
 # ------------------------------------------------------------------------------------------ launcher
 
 
+# What the ranks import, once, in the forkserver they fork from (the first test that launches starts it). The
+# tiny pipeline's modules are among them: importing diffusers + transformers costs each rank seconds otherwise.
+PRELOAD = ("torch", "tiled_diffusion.distributed", "tiled_diffusion.pipeline", "tiled_diffusion.tiny",
+           "transformers.models.t5.modeling_t5", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha", __name__)
+
+
 def _launch(fn, world, args, timeout=60.0) -> list[dict]:
-    return D.run_local(fn, world, args, timeout_s=timeout, preload=("torch", "tiled_diffusion.distributed", __name__))
+    return D.run_local(fn, world, args, timeout_s=timeout, preload=PRELOAD)
 
 
 def _ok(results):
@@ -225,12 +231,68 @@ def test_torchrun_command_strips_nproc():
         D.torchrun_command(["generate"], 0)
 
 
-def test_more_ranks_than_tile_rows_is_refused_before_any_work():
+# ------------------------------------------------------------------------------- whole denoise over ranks
+
+PROMPT = "a red house by the lake"
+
+
+def _tiny(mode, tile, radius, shift):
     from tiled_diffusion import pipeline as P
     from tiled_diffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
-    P.accelerate(pipe, mode="cross_tile", tile=128, int8=None, text_encoder_int8=False)
+    P.accelerate(pipe, mode=mode, tile=tile, radius=radius, shift=shift, int8=None, text_encoder_int8=False)
+    return pipe
+
+
+def _denoise_worker(rank, world, mode, tile, radius, shift, gs, w, h, cfg_parallel):
+    d = D.setup(backend="gloo", device="cpu", timeout_s=60)
+    with D.fail_fast(d):
+        pipe = _tiny(mode, tile, radius, shift)
+        timings = {}
+        lat = D.generate(pipe, PROMPT, width=w, height=h, steps=2, seed=0, guidance_scale=gs,
+                         output_type="latent", progress=False, timings=timings, cfg_parallel=cfg_parallel)
+        assert "distributed" not in pipe.transformer._tiled_diffusion.context.__dict__  # generate disabled it
+        D.teardown(d)
+        return {"latents": lat, "stats": timings}
+
+
+def _single(mode, tile, radius, shift, gs, w, h):
+    from tiled_diffusion import pipeline as P
+
+    pipe = _tiny(mode, tile, radius, shift)
+    return P.generate(pipe, PROMPT, width=w, height=h, steps=2, seed=0, guidance_scale=gs, output_type="latent",
+                      progress=False)
+
+
+DENOISE_CASES = [  # world, mode, tile px, radius, shift, guidance, width, height, CFG-parallel
+    pytest.param(2, "cross_tile", 128, 1, False, 0.0, 256, 640, False, id="2ranks-cross_tile-r1-uneven"),
+    pytest.param(3, "cross_tile", 128, 1, True, 3.0, 256, 640, False, id="3ranks-cross_tile-r1-shift-cfg-uneven"),
+    pytest.param(2, "multidiffusion", 256, 1, False, 3.0, 256, 640, False, id="2ranks-multidiffusion-cfg"),
+    pytest.param(4, "cross_tile", 128, 2, False, 3.0, 256, 640, True, id="4ranks-cfg_parallel-r2-uneven"),
+]
+
+
+@pytest.mark.parametrize("world,mode,tile,radius,shift,gs,w,h,cfg_parallel", DENOISE_CASES)
+def test_distributed_denoise_equals_single_process(world, mode, tile, radius, shift, gs, w, h, cfg_parallel):
+    res = _ok(_launch(_denoise_worker, world, (mode, tile, radius, shift, gs, w, h, cfg_parallel), timeout=120))
+    want = _single(mode, tile, radius, shift, gs, w, h)
+    for r, x in enumerate(res):
+        err = (x["latents"] - want).abs().max().item()
+        if cfg_parallel:
+            # Each half runs with batch 1 where the single process runs both halves as batch 2: fp32 Linear rounds
+            # differently with M = 1 and M = 2 rows (1 ulp in the timestep / caption MLPs), amplified by 2 LCM
+            # steps; measured max |err| 3.1e-6.
+            torch.testing.assert_close(x["latents"], want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(x["latents"], want), f"rank {r}: max |err| {err:.3g}"
+        st = x["stats"]
+        assert st["forwards"] == 2 and st["gather_bytes"] > 0  # 2 steps, each one distributed forward
+        assert (st["halo_bytes"] > 0) == (mode == "cross_tile")
+
+
+def test_more_ranks_than_tile_rows_is_refused_before_any_work():
+    pipe = _tiny("cross_tile", 128, 1, False)
     D.check_world(pipe, 5, width=256, height=640)  # 5 tile rows: fine
     with pytest.raises(ValueError, match="6 ranks but the canvas has only 5 tile rows"):
         D.check_world(pipe, 6, width=256, height=640)

@@ -191,12 +191,26 @@ class CanvasForward:
             if mode == "multidiffusion":
                 out = self._multidiffusion(hidden_states, pgrid, kw, st)
             else:
+                crop = None
+                # -- distributed (distributed.py; only with a process group enabled): this rank's band of rows --
+                ds = ctx.__dict__.get("distributed") if grid is not None else None
+                if ds is not None:
+                    band = ds.band(grid, cfg.radius, B)
+                    grid, ctx.offsets, crop = band.grid, band.offsets, band.crop
+                    hidden_states = crop(hidden_states)
+                # -- end distributed --
                 ctx.set_grid(grid)
                 ctx.current_extras = {k: _repeat_rows(v, B, k) for k, v in ctx.extras.items()}
+                if crop is not None:
+                    ctx.current_extras = {k: crop(v) for k, v in ctx.current_extras.items()}
                 if grid is not None and cfg.positional == "tile_local":
                     kw["added_cond_kwargs"] = _tile_micro_conditions(
                         added_cond_kwargs, (grid.th * vsf, grid.tw * vsf))
+                if ds is not None:  # distributed: this rank's input rows (its CFG half under CFG-parallel)
+                    kw = band.crop_kwargs(kw, B)
                 out = super().forward(hidden_states, return_dict=False, **kw)[0]
+                if ds is not None:  # distributed: every rank returns the whole canvas
+                    out = ds.gather_band(out)
         finally:
             ctx.clear()
         if not return_dict:
@@ -230,16 +244,22 @@ class CanvasForward:
         tb = cfg.tile_batch_size or B * T
         ctx.canvas_tokens = (x.shape[2] // patch, x.shape[3] // patch)
         ctx.set_grid(None)
+        # -- distributed (distributed.py; only with a process group enabled): this rank's share of the tiles --
+        ds = ctx.__dict__.get("distributed")
+        span = ds.tile_share(B * T) if ds is not None else (0, B * T)
+        # -- end distributed --
         try:
-            out = self._run_tiles(tiles, extras, offs, kw, added, tb, B, T, ctx)
+            out = self._run_tiles(tiles, extras, offs, kw, added, tb, B, T, ctx, span)
         finally:
             ctx.clear()
+        if ds is not None:  # distributed: every rank gets every tile's output (one all-gather)
+            out = ds.gather_tiles(out[span[0]:span[1]], B * T)
         return out
 
-    def _run_tiles(self, tiles, extras, offs, kw, added, tb, B, T, ctx):
+    def _run_tiles(self, tiles, extras, offs, kw, added, tb, B, T, ctx, span):
         out = None
-        for s in range(0, B * T, tb):
-            idx = torch.arange(s, min(s + tb, B * T))
+        for s in range(span[0], span[1], tb):
+            idx = torch.arange(s, min(s + tb, span[1]))
             rows = idx // T
             ctx.offsets = offs[idx % T]
             ctx.current_extras = {k: v[idx.to(v.device)] for k, v in extras.items()}
