@@ -14,6 +14,7 @@ SUITES = {  # suite name -> benchmarks/bench_<file>.py
     "vae": "bench_vae",
     "quality": "bench_quality",
     "guidance": "bench_guidance",
+    "distributed": "bench_distributed",
 }
 
 
