@@ -3,10 +3,11 @@
 suite(quick=False):
 - ControlNet overhead: PixArt-XL width (hidden 1152, 16 heads, D=72), 2 base blocks + 1 ControlNet copy (N + 1
   base blocks are needed for N copies), synthetic weights, bf16, no int8, 2048², cross_tile (512 px tiles,
-  radius 1), one LCM step timed (all steps cost the same), with and without the ControlNet, interleaved, median
-  of 3. The overhead per copy relative to one base block is (t_cn - t_none) / t_none × blocks / copies; the
-  PixArt-XL figure (13 copies on 28 blocks) is that × 13 / 28, an extrapolation (labelled as such): upstream
-  predicts +46 % from the block count alone (plus the control patch embedding and after_proj GEMMs).
+  radius 1), one LCM step timed (all steps cost the same), with and without the ControlNet, interleaved after
+  one warm-up round of each, median of 3 (`cpu_time=True`: process CPU time on 1 thread, for a shared machine).
+  The overhead per copy relative to one base block is (t_cn - t_none) / t_none × blocks / copies; the PixArt-XL
+  figure (13 copies on 28 blocks) is that × 13 / 28, an extrapolation (labelled as such): upstream predicts
+  +46 % from the block count alone (plus the control patch embedding and after_proj GEMMs).
 - Upscale 1024² -> 4096² (×4, strength 0.4, 4 LCM steps -> timesteps [399, 299, 199, 99]): Lanczos resize,
   VAE encode (`img2img.encode_image`: the tiled encode where vae.py provides one), noising, tiled denoise
   (PixArt-XL width, 2 blocks, cross_tile 512 px; one step timed, × 4), tiled VAE decode. The VAE is the SD/PixArt
@@ -49,8 +50,21 @@ def _trained_like(net, seed=3, std=0.02):
 # ------------------------------------------------------------------------------------------ ControlNet
 
 
+class _NoRSS:
+    delta = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def controlnet_rows(size: int = 2048, layers: int = 2, tile: int = 512, iters: int = 3, tr=None,
-                    text_dim: int = TEXT_DIM, dtype=torch.bfloat16, model: str = "PixArt-XL width") -> list[dict]:
+                    text_dim: int = TEXT_DIM, dtype=torch.bfloat16, model: str = "PixArt-XL width",
+                    cpu_time: bool = False) -> list[dict]:
+    """cpu_time=True: process CPU time with 1 thread instead of wall time (robust to other jobs on a shared
+    machine; the ratio, not the absolute time, is the figure)."""
     from tiled_diffusion import pipeline as P
     from tiled_diffusion.controlnet import PixArtControlNet
 
@@ -64,16 +78,24 @@ def controlnet_rows(size: int = 2048, layers: int = 2, tile: int = 512, iters: i
     control = torch.randn(1, tr.config.in_channels, lat, lat, generator=torch.Generator().manual_seed(5)).to(dtype)
     times = {"none": [], "controlnet": []}
     peaks = {"none": 0, "controlnet": 0}
-    for _ in range(iters):  # interleaved: both see the same machine load
+    threads = torch.get_num_threads()
+    if cpu_time:
+        torch.set_num_threads(1)
+    for it in range(iters + 1):  # interleaved: both see the same machine load; round 0 warms up (not kept)
         for name in times:
-            with PeakRSS() as mem:
+            with (PeakRSS() if not cpu_time else _NoRSS()) as mem:  # the sampling thread would count as CPU
+                c0 = time.process_time()
                 if name == "none":
                     t = _one_step_timer(tr, sched, embeds, mask, size, "cross_tile", tile)
                 else:
                     with net.applied(tr, control):
                         t = _one_step_timer(tr, sched, embeds, mask, size, "cross_tile", tile)
-            times[name].append(t)
-            peaks[name] = max(peaks[name], mem.delta)
+                if cpu_time:
+                    t = time.process_time() - c0
+            if it:
+                times[name].append(t)
+                peaks[name] = max(peaks[name], mem.delta)
+    torch.set_num_threads(threads)
     P.restore(tr)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     overhead = med["controlnet"] / med["none"] - 1
@@ -81,9 +103,11 @@ def controlnet_rows(size: int = 2048, layers: int = 2, tile: int = 512, iters: i
     rows = []
     for name in times:
         rows.append({"size": f"{size}²", "model": f"{model}, {len(tr.transformer_blocks)} blocks",
+                     "clock": "cpu 1 thread" if cpu_time else f"wall {threads} threads",
                      "controlnet": f"{copies} cop{'y' if copies == 1 else 'ies'}" if name != "none" else "none",
-                     "step_s": med[name], "x_none": med[name] / med["none"],
-                     "peak_rss_gb": peaks[name] / 2**30, "load_avg": round(os.getloadavg()[0], 2)})
+                     "step_s": med[name], "step_s_min": min(times[name]), "step_s_max": max(times[name]),
+                     "x_none": med[name] / med["none"], "peak_rss_gb": peaks[name] / 2**30 if not cpu_time else None,
+                     "load_avg": round(os.getloadavg()[0], 2)})
     rows.append({"size": f"{size}²", "model": "PixArt-XL (28 blocks, 13 copies): extrapolated",
                  "controlnet": "13 copies", "per_copy_vs_block": per_copy, "x_none": 1 + per_copy * 13 / 28})
     return rows
