@@ -5,7 +5,16 @@ that owns the tile rows [y0, y1) of the canvas needs, per self-attention, only t
 rows above and below its band. Those rows are exchanged point to point with the ranks that own them
 (send/recv, never an all-gather of the image's K/V, and never stale K/V): traffic per rank grows with the
 band's width, not with the image. Everything else in a PixArt block (adaLN, linears, MLP, cross-attention) is
-token-wise and stays local, and so is the scheduler step.
+token-wise and stays local.
+
+The canvas forward over ranks (`enable`; the delimited branch in canvas.py): every rank calls the transformer
+with the same whole-canvas latents; cross_tile runs only the rank's band of the step's tile grid (the grid's
+shift included) and multidiffusion only the rank's share of the tiles, and the outputs (ε: a few channels, well
+under 1 % of the halo traffic) are all-gathered once per forward, so every rank returns the whole canvas's
+output and runs the same scheduler step with the same generator. That keeps stochastic schedulers (LCM's noise
+draw over the whole canvas) and the shifted grids exact with no other change, and the final latents are already
+on every rank at the end. CFG-parallel (`cfg_parallel=True`, even world): the two CFG halves run on the two
+halves of the ranks, each banded over its half.
 
 Pieces (one place each):
 
@@ -23,8 +32,10 @@ Pieces (one place each):
 * `reduce_moments` / `combine_moments`: exact distributed statistics for a parallel GroupNorm (all-reduce of Σx,
   Σx², count in fp64; or all-gathered (count, mean, M2) combined with Chan's formula in rank order): the variance
   includes the spread of the per-rank means, unlike a mean of per-rank variances (xDiT's DistVAE).
-* `broadcast_tensors` (text embeddings from rank 0), `gather_rows` (the band latents, once at the end).
-* `run_local`: N local CPU ranks for tests and benchmarks (what torchrun does, from a forkserver).
+* `broadcast_tensors` / `on_main` (text embeddings: rank 0 runs the text encoder), `gather_rows` (uneven bands).
+* `generate`: `pipeline.generate` over the ranks; `check_world` refuses too many ranks before any work.
+* `run_local`: N local CPU ranks for tests and benchmarks (what torchrun does, from a forkserver);
+  `torchrun_command` / `launch_local` for `generate --nproc N`.
 
 Layouts: tiles are tile-major, (b, iy, ix) with iy over the band's rows only: local tile index
 (b * band_rows + iy - y0) * nx + ix. q, k, v [B·T_band, H, L, D] as `window_attention`.
