@@ -97,7 +97,9 @@ def test_one_tile_pipe_call_equals_plain_pipeline(pipe, mode):
     img_before = call(pipe, w=256, h=256, use_resolution_binning=False, output_type="pt")
     P.accelerate(pipe, mode=mode, int8=None, text_encoder_int8=False)  # default tiles cover a 256² canvas
     assert torch.equal(call(pipe, w=256, h=256), before)
-    assert torch.equal(call(pipe, w=256, h=256, output_type="pt"), img_before)
+    # The accelerated decode (vae.decode) runs the same convolutions channels-last (faster on CPU), which orders
+    # the fp32 sums differently: ~1e-7 relative, far below one 8-bit level (4e-3).
+    assert (call(pipe, w=256, h=256, output_type="pt") - img_before).abs().max().item() < 1e-5
 
 
 def test_transformer_sees_the_requested_canvas_with_default_arguments(pipe):
