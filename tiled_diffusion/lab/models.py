@@ -11,7 +11,10 @@ from __future__ import annotations
 TRAIN_SIZE = 128  # pixels: the image size the lab model is trained at
 VAE_SCALE = 8
 
-TRANSFORMER_CONFIG = dict(num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=4,
+# out_channels=8: PixArt's learned-sigma layout (ε, then σ), which samplers and tests expect; the lab trains the ε half
+# only (TRAIN_OUT_CHANNELS) and `with_sigma_channels` adds a zero σ half at export.
+TRAIN_OUT_CHANNELS = 4
+TRANSFORMER_CONFIG = dict(num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=4,
                           cross_attention_dim=48, sample_size=TRAIN_SIZE // VAE_SCALE, patch_size=2,
                           caption_channels=32, norm_num_groups=4, interpolation_scale=1)
 
@@ -29,6 +32,26 @@ def build_transformer(**overrides):
     from diffusers import PixArtTransformer2DModel
 
     return PixArtTransformer2DModel(**{**TRANSFORMER_CONFIG, **overrides})
+
+
+@__import__("torch").no_grad()
+def with_sigma_channels(tr):
+    """The trained ε-only transformer (out_channels 4) as a PixArt learned-sigma model (out_channels 8): the same
+    ε channels (proj_out rows copied; its outputs are ordered (p, q, channel), channel fastest) and a zero σ half.
+    Every ε-prediction sampler keeps the first half, so samples are unchanged."""
+    c_in, c_out = tr.config.out_channels, TRANSFORMER_CONFIG["out_channels"]
+    if c_in == c_out:
+        return tr
+    new = build_transformer()
+    sd = tr.state_dict()
+    p = tr.config.patch_size
+    for name in ("proj_out.weight", "proj_out.bias"):
+        t = sd[name]
+        padded = t.new_zeros((p * p, c_out) + t.shape[1:])
+        padded[:, :c_in] = t.reshape((p * p, c_in) + t.shape[1:])
+        sd[name] = padded.reshape((p * p * c_out,) + t.shape[1:])
+    new.load_state_dict(sd)
+    return new.eval()
 
 
 def build_vae(**overrides):

@@ -202,8 +202,8 @@ def caption_embeddings(texts) -> tuple[torch.Tensor, torch.Tensor]:
 def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
     path = os.path.join(ckpt, "dit.pt")
     torch.manual_seed(args.seed + 2)
-    tr = models.build_transformer()
-    ema = models.build_transformer()
+    tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS)
+    ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS)
     ema.load_state_dict(tr.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(tr.parameters(), lr=args.dit_lr, weight_decay=0.0)
@@ -270,7 +270,8 @@ def export(args, out: str, vae, transformer, scale: float, meta: dict) -> str:
         tok = tiny_tokenizer()
         te = tiny_text_encoder(len(tok))
     vae.register_to_config(scaling_factor=scale)
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=vae,
+                               transformer=models.with_sigma_channels(transformer),
                                scheduler=models.build_scheduler())
     folder = os.path.join(out, "model")
     save_pretrained_offline(pipe, folder, safe_serialization=True)
@@ -287,11 +288,11 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (checkpoints, cache, and the model in OUT/model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=2048, help="training images rendered from the world")
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
-    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-steps", type=int, default=4500)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=8e-4)
     p.add_argument("--ema", type=float, default=0.999)
