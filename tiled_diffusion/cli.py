@@ -63,6 +63,10 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
+    if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the same command on N local ranks
+        from .distributed import launch_local
+
+        return launch_local(args.argv, args.nproc)
     from .cli_generate import RequestError, run
 
     try:
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 (fp16 on GPU)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--max-memory-gb", type=float, default=None, help="refuse requests whose estimate exceeds this")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run on N local processes (torchrun; one device each); under torchrun, leave it out")
     g.add_argument("--out", default="image.png")
     g.add_argument("--json", default=None, help="write per-stage timings here")
     cli_upscale.add_guidance_arguments(g)  # --controlnet, --control-image, --control-scale, --region
@@ -134,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --nproc re-runs the same command under torchrun
     return args.func(args)
 
 

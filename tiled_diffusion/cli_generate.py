@@ -210,7 +210,15 @@ def run(args) -> int:
     except ValueError as e:
         raise RequestError(str(e)) from None
     # --- end guidance ---
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Under torchrun (or --nproc, which starts torchrun) every rank runs this: one device per rank, rank 0 alone
+    # loads the text encoder and writes files (distributed.py).
+    from . import distributed as Dd
+
+    d = Dd.setup(device=args.device) if Dd.launched_by_torchrun() else None
+    if d is not None and (getattr(args, "region", None) or getattr(args, "controlnet", None)):
+        raise RequestError("--region and --controlnet are not supported over several processes yet; run them on one")
+    device = d.device if d is not None else torch.device(args.device or ("cuda" if torch.cuda.is_available()
+                                                                         else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
     # T5 is int8 (weight-only) unless --int8 none: that is about memory and pays everywhere. The transformer's
     # W8A8 is about speed: "auto" takes it only where it was measured faster than bf16 (int8.resolve_mode).
@@ -239,7 +247,7 @@ def run(args) -> int:
 
     # Every model is loaded and quantized on the CPU, then moved: the float T5-XXL (9.5 GB in bf16) never has to
     # fit on the GPU, only its int8 form does, and it has left before the transformer arrives.
-    embeds, mask = encode_prompt(args, device, dtype, te_int8, timings, guidance)
+    embeds, mask = Dd.on_main(lambda: encode_prompt(args, device, dtype, te_int8, timings, guidance), d)
 
     t0 = time.perf_counter()
     pipe = load(args.model, dtype, int8, DENOISE_PARTS)
@@ -254,6 +262,12 @@ def run(args) -> int:
         extra = guidance.generate_kwargs(pipe)
     except ValueError as e:
         raise RequestError(str(e)) from None
+    if d is not None:
+        Dd.enable(pipe, d=d)
+        try:
+            Dd.check_world(pipe, d.world, width=w, height=h, guidance_scale=args.guidance_scale)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
     release_freed_memory()
     timings["accelerate_s"] = time.perf_counter() - t0
 
@@ -262,10 +276,13 @@ def run(args) -> int:
         pipe.to(device)
     timings["to_device_s"] = time.perf_counter() - t0
 
+    main = d is None or d.is_main
     image = P.generate(pipe, prompt_embeds=(embeds, mask), width=w, height=h, steps=args.steps, seed=args.seed,
-                       guidance_scale=args.guidance_scale, output_type="pil", progress=True, timings=timings,
-                       **extra)[0]
+                       guidance_scale=args.guidance_scale, output_type="pil" if main else "latent",
+                       progress=main, timings=timings, **extra)[0]
     release_freed_memory()
+    if not main:  # the other ranks took part in the denoise; rank 0 decodes and writes
+        return 0
 
     t0 = time.perf_counter()
     _atomic_write(args.out, lambda p: image.save(p, format="PNG"))
