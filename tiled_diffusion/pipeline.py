@@ -365,7 +365,7 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
              guidance_scale: float = 0.0, negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
              max_memory_gb: Optional[float] = None, prompt_embeds: Optional[tuple] = None,
              timings: Optional[dict] = None, controlnet=None, control_image=None, control_scale: float = 1.0,
-             image=None, strength: Optional[float] = None, regions=None, **overrides: Any):
+             image=None, strength: Optional[float] = None, regions=None, group=None, **overrides: Any):
     """One tiled generation with the accelerated pipeline; `overrides` replace TiledConfig fields for this call.
 
     The same image as `pipe(prompt, width=, height=, num_inference_steps=steps, guidance_scale=,
@@ -378,8 +378,21 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
     in [-1, 1]) and control_scale; image (img2img: PIL / path / tensor, resized to width × height) with strength
     (default 0.5); regions ("x0,y0,x1,y1:prompt" strings, regions.Region, or an encoded regions.RegionalPrompts
     whose `encode` gave prompt_embeds). Any image size, and upscaling: img2img.img2img / img2img.upscale.
+
+    group: an initialised torch.distributed process group to run the canvas over its ranks
+    (`distributed.generate`: rank 0 gets the output, the others None; guidance is not supported there yet).
     """
     import time
+
+    if group is not None:
+        if controlnet is not None or image is not None or regions is not None:
+            raise ValueError("generate: controlnet=, image= and regions= are not supported with group= yet")
+        from . import distributed
+
+        return distributed.generate(pipe, prompt, group=group, width=width, height=height, steps=steps, seed=seed,
+                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                    output_type=output_type, progress=progress, max_memory_gb=max_memory_gb,
+                                    prompt_embeds=prompt_embeds, timings=timings, **overrides)
 
     st = state(pipe)
     cfg = dataclasses.replace(st.config, **overrides).validate()
