@@ -111,9 +111,8 @@ def test_w8a8_compiled_matches_eager():
 
 
 @pytest.mark.slow  # 40 s; run with TD_SLOW_TESTS=1 once the int8 layers are fixed, then drop the xfail
-@pytest.mark.xfail(strict=True, reason="int8 layers graph-break: ops._int8_path calls log.isEnabledFor on every "
-                   "Int8Linear forward (via cpu/int8_linear.w8a8_linear), and with keep_original_weights=True "
-                   "int8.Int8Linear.packed_weight compares data_ptr(); both in files another helper owns (issue 14)")
+@pytest.mark.xfail(strict=True, reason="int8 layers graph-break: int8.Int8Linear.packed_weight compares "
+                   "data_ptr() (ops._int8_path no longer logs while compiling); not re-run since")
 def test_w8a8_has_no_graph_breaks():
     pipe = _pipe("cross_tile", int8="w8a8", keep_original_weights=False)
     pipe.transformer.compile(backend=CompileCounterWithBackend("eager"))

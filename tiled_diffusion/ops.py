@@ -220,8 +220,9 @@ def cpu_isa() -> str:
 
 
 def _int8_path(device: torch.device) -> str:
-    # cpu_isa() is an op call (~µs): only ask for it when the choice is actually logged
-    if device.type != "cpu" or not log.isEnabledFor(logging.DEBUG):
+    # cpu_isa() is an op call (~µs): only ask for it when the choice is actually logged (never while compiling:
+    # the logger check would break the graph on every int8 layer)
+    if device.type != "cpu" or torch.compiler.is_compiling() or not log.isEnabledFor(logging.DEBUG):
         return "C++"
     from .cpu import isa
 
