@@ -279,7 +279,7 @@ def run(args) -> int:
     main = d is None or d.is_main
     image = P.generate(pipe, prompt_embeds=(embeds, mask), width=w, height=h, steps=args.steps, seed=args.seed,
                        guidance_scale=args.guidance_scale, output_type="pil" if main else "latent",
-                       progress=main, timings=timings, **extra)[0]
+                       progress=main, timings=timings, max_memory_gb=args.max_memory_gb, **extra)[0]
     release_freed_memory()
     if not main:  # the other ranks took part in the denoise; rank 0 decodes and writes
         return 0

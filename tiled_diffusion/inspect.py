@@ -391,10 +391,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         return subprocess.run([sys.executable, "-m", "tiled_diffusion.inspect", *argv], env=env).returncode
     records, notes = collect(archs=args.arch or ARCHS, include_triton=not args.no_triton)
+    from .cpu import isa
+
+    cpu = isa.describe()  # the CPU int8 path this machine takes, beside the GPU report
     if args.json:
-        print(json.dumps({"records": [dataclasses.asdict(r) for r in records], "notes": notes}, indent=1))
+        print(json.dumps({"records": [dataclasses.asdict(r) for r in records], "notes": notes, "cpu_isa": cpu},
+                         indent=1))
     else:
         print_table(records, notes)
+        print(f"CPU int8 path: {cpu}")
     bad = [r for r in records if r.problems]
     if args.check and bad:
         if not args.json:

@@ -202,13 +202,13 @@ def _apply_pipeline_call(pipe, st: AccelerateState):
     return old_cls
 
 
-def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
+def decode_latents(vae, z: torch.Tensor, max_memory_gb: Optional[float] = None) -> torch.Tensor:
     """VAE-decode latents z [B, 4, h, w] (already divided by the scaling factor) to images [B, 3, H, W] in
     [-1, 1]: `vae.decode` (vae.py) — the plain decode when it fits the free memory, else banded with exact
     canvas-wide GroupNorm statistics. The one decode every path of the package uses."""
     from . import vae as vae_mod
 
-    return vae_mod.decode(vae, z.to(vae.dtype))
+    return vae_mod.decode(vae, z.to(vae.dtype), max_memory_gb=max_memory_gb)
 
 
 def _apply_vae_decode(vae, st: AccelerateState):
@@ -351,10 +351,10 @@ def encode(pipe, prompt, negative_prompt: str = "", guidance_scale: float = 0.0,
 
 
 @torch.no_grad()
-def decode(pipe, latents, output_type: str = "pil"):
+def decode(pipe, latents, output_type: str = "pil", max_memory_gb: Optional[float] = None):
     """VAE-decode the canvas (`decode_latents`) and post-process as diffusers' pipelines do ("pil", "pt", "np");
     "pt_raw": the decoder's output in [-1, 1], not post-processed."""
-    image = decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor)
+    image = decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor, max_memory_gb)
     if output_type == "pt_raw":
         return image
     return pipe.image_processor.postprocess(image, output_type=output_type)
@@ -454,6 +454,6 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
     if output_type == "latent":
         return lat
     t0 = time.perf_counter()
-    out = decode(pipe, lat, output_type=output_type)
+    out = decode(pipe, lat, output_type=output_type, max_memory_gb=max_memory_gb)
     timings["decode_s"] = time.perf_counter() - t0
     return out
