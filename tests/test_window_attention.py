@@ -118,6 +118,21 @@ def test_all_neighbours_equals_global_attention(impl, shift):
     torch.testing.assert_close(lse_canvas.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("bias_kind", ["none", "zero", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_global_fast_path(bias_kind, dtype):
+    """2x2 tiles at radius 1: every tile sees every tile once, so the CPU path makes one global flash call when
+    there is no bias (a bias, even all zero, takes the gathered path). Both against the fp64 reference, with the
+    neighbour slots in a different order per tile (key order must not matter)."""
+    grid = TileGrid.for_tokens(2 * 2 * 5, 2 * 2 * 3, (10, 6), patch=2)  # 2x2 tiles of 5x3 = 15 tokens (odd L)
+    nb = grid.neighbours(1).to(torch.int32)
+    valid = nb.sort(dim=1, descending=True).values[:, :4].flip(1)  # the (2r+1)² slots, -1 where off the grid
+    assert (nb >= 0).sum(1).eq(4).all() and (valid == torch.arange(4, dtype=torch.int32)).all()
+    q, k, v = inputs(4, 3, grid.tokens_per_tile, 72, dtype)
+    bias = {"none": None, "zero": torch.zeros(nb.shape), "random": torch.randn(nb.shape)}[bias_kind]
+    assert_matches_reference("cpu", q, k, v, nb, bias)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_self_only_equals_per_tile_attention(impl):
     grid = TileGrid(16, 24, 8)  # 8x12 tokens, 4x4-token tiles
