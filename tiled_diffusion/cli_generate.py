@@ -3,6 +3,7 @@ load, accelerate, encode once, denoise the canvas, tiled VAE decode, write the P
 timings."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -10,19 +11,20 @@ import os
 import sys
 import time
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
 from .sampler import MODES, TiledConfig, check_memory, check_size, estimate_memory
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class RequestError(ValueError):
     """A bad request, reported before any heavy work starts."""
 
 
-def _pipeline_class(path: str):
+def pipeline_class(path: str):
     """The pipeline class a local diffusers folder names in its model_index.json (PixArt-α or -Σ only)."""
     import diffusers
 
@@ -80,7 +82,7 @@ def load(model: str, dtype: torch.dtype, int8, components=TEXT_PARTS + DENOISE_P
         for name in set(TEXT_PARTS + DENOISE_PARTS) - set(components):
             setattr(pipe, name, None)
         return pipe
-    _pipeline_class(model)
+    pipeline_class(model)
     from .loading import LoadError, load_pipeline
 
     try:
@@ -132,7 +134,7 @@ def _text_encoder_bytes(model: str, dtype: torch.dtype, int8) -> int:
     return numel * (1 if int8 else torch.finfo(dtype).bits // 8)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -166,7 +168,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
+def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak host RSS of this process (imports included) and, on CUDA, the peak of allocated tensor memory."""
     import resource
 
@@ -197,6 +199,92 @@ def validate(args) -> TiledConfig:
         raise RequestError(str(e)) from None
 
 
+@dataclasses.dataclass
+class Setup:
+    """Where and how a CLI run computes: the device, the dtype, the transformer's int8 mode (with the reason
+    `int8.resolve_mode` gave) and the text encoder's."""
+
+    device: torch.device
+    dtype: torch.dtype
+    int8: Optional[str]
+    int8_reason: str
+    text_encoder_int8: Optional[str]
+
+
+def setup(args, device: Optional[torch.device] = None) -> Setup:
+    """Resolve --device/--dtype/--int8 and check --model (a folder of the right kind) before anything loads.
+
+    T5 is int8 (weight-only) unless --int8 none: that is about memory and pays everywhere. The transformer's W8A8
+    is about speed: "auto" takes it only where it was measured faster than bf16 (int8.resolve_mode)."""
+    from .int8 import resolve_mode
+
+    device = device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    requested = None if args.int8 in (None, "none") else args.int8
+    int8, reason = resolve_mode(requested, device)
+    if args.model != "tiny":
+        if not os.path.isdir(args.model):
+            raise RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or "
+                               f"'tiny')")
+        pipeline_class(args.model)  # a folder of the right kind, before any estimate reads its configs
+    return Setup(device, dtype, int8, reason, None if requested is None else "w8a8")
+
+
+def prepare_pipeline(args, cfg: TiledConfig, su: Setup, timings: dict, guidance, d=None):
+    """Stage 2: load the transformer, VAE and scheduler on the CPU (int8 as the weights stream in), accelerate
+    them for `cfg` in the least-memory setting, load the guidance (ControlNet) for it, join the process group `d`
+    (distributed runs), move to the device. Returns (pipe, keyword arguments for pipeline.generate)."""
+    from . import pipeline as P
+
+    t0 = time.perf_counter()
+    pipe = load(args.model, su.dtype, su.int8, DENOISE_PARTS)
+    pipe.set_progress_bar_config(disable=True)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, shift=cfg.shift, overlap=cfg.overlap,
+                 profile=cfg.profile, positional=cfg.positional, tile_batch_size=cfg.tile_batch_size,
+                 head_chunk=cfg.head_chunk, int8=su.int8, text_encoder_int8=False, keep_original_weights=False)
+    try:  # guidance (issue 10): the ControlNet loads for this transformer
+        extra = guidance.generate_kwargs(pipe)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if d is not None:
+        from . import distributed as Dd
+
+        Dd.enable(pipe, d=d)
+        try:  # (generate only: upscale runs on one process)
+            Dd.check_world(pipe, d.world, width=args.size[0], height=args.size[1],
+                           guidance_scale=args.guidance_scale)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+    release_freed_memory()
+    timings["accelerate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if su.device.type != "cpu":
+        pipe.to(su.device)  # a ControlNet follows the transformer when generate attaches it
+    timings["to_device_s"] = time.perf_counter() - t0
+    return pipe, extra
+
+
+def write_outputs(args, image, su: Setup, timings: dict, t_all: float, summary: str, report: dict) -> None:
+    """Write the PNG atomically, print the summary and the per-stage timings with the peak memory, and write the
+    --json report (`report` plus timings, memory, device, dtype and int8)."""
+    t0 = time.perf_counter()
+    atomic_write(args.out, lambda p: image.save(p, format="PNG"))
+    timings["write_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+    memory = peak_memory(su.device)
+    print(f"wrote {args.out} ({summary})")
+    print("  ".join(f"{k}={v:.2f}" for k, v in {**timings, **memory}.items()))
+    if args.json:
+        full = {"timings": timings, "memory": memory, **report, "model": args.model, "device": str(su.device),
+                "dtype": str(su.dtype).replace("torch.", ""), "int8": su.int8, "int8_reason": su.int8_reason,
+                "out": args.out}
+        atomic_write(args.json, lambda p: _write_text(p, json.dumps(full, indent=2)))
+
+
 def run(args) -> int:
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -217,64 +305,27 @@ def run(args) -> int:
     d = Dd.setup(device=args.device) if Dd.launched_by_torchrun() else None
     if d is not None and (getattr(args, "region", None) or getattr(args, "controlnet", None)):
         raise RequestError("--region and --controlnet are not supported over several processes yet; run them on one")
-    device = d.device if d is not None else torch.device(args.device or ("cuda" if torch.cuda.is_available()
-                                                                         else "cpu"))
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    # T5 is int8 (weight-only) unless --int8 none: that is about memory and pays everywhere. The transformer's
-    # W8A8 is about speed: "auto" takes it only where it was measured faster than bf16 (int8.resolve_mode).
-    from .int8 import resolve_mode
-
-    te_int8 = None if args.int8 in (None, "none") else "w8a8"
-    int8, int8_reason = resolve_mode(None if args.int8 in (None, "none") else args.int8, device)
-    if args.model != "tiny":
-        if not os.path.isdir(args.model):
-            raise RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or "
-                               f"'tiny')")
-        _pipeline_class(args.model)  # a folder of the right kind, before any estimate reads its configs
+    su = setup(args, d.device if d is not None else None)
 
     vae_config = _vae_config(args.model)
-    est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=dtype,
-                          guidance_scale=args.guidance_scale, int8=int8, vae=vae_config,
+    est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=su.dtype,
+                          guidance_scale=args.guidance_scale, int8=su.int8, vae=vae_config,
                           vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
-                          text_encoder_bytes=_text_encoder_bytes(args.model, dtype, te_int8), text_encoder_alone=True)
+                          text_encoder_bytes=_text_encoder_bytes(args.model, su.dtype, su.text_encoder_int8),
+                          text_encoder_alone=True)
     try:
         check_memory(est, args.max_memory_gb, cfg)
     except MemoryError as e:
         raise RequestError(str(e)) from None
-    print(f"estimated peak memory {est['total'] / 2**30:.2f} GB ({cfg.mode}, {w}x{h}, {dtype})", file=sys.stderr)
+    print(f"estimated peak memory {est['total'] / 2**30:.2f} GB ({cfg.mode}, {w}x{h}, {su.dtype})", file=sys.stderr)
 
     from . import pipeline as P
 
     # Every model is loaded and quantized on the CPU, then moved: the float T5-XXL (9.5 GB in bf16) never has to
     # fit on the GPU, only its int8 form does, and it has left before the transformer arrives.
-    embeds, mask = Dd.on_main(lambda: encode_prompt(args, device, dtype, te_int8, timings, guidance), d)
-
-    t0 = time.perf_counter()
-    pipe = load(args.model, dtype, int8, DENOISE_PARTS)
-    pipe.set_progress_bar_config(disable=True)
-    timings["load_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, shift=cfg.shift, overlap=cfg.overlap,
-                 profile=cfg.profile, positional=cfg.positional, tile_batch_size=cfg.tile_batch_size,
-                 head_chunk=cfg.head_chunk, int8=int8, text_encoder_int8=False, keep_original_weights=False)
-    try:  # guidance (issue 10): the ControlNet loads for this transformer
-        extra = guidance.generate_kwargs(pipe)
-    except ValueError as e:
-        raise RequestError(str(e)) from None
-    if d is not None:
-        Dd.enable(pipe, d=d)
-        try:
-            Dd.check_world(pipe, d.world, width=w, height=h, guidance_scale=args.guidance_scale)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-    release_freed_memory()
-    timings["accelerate_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if device.type != "cpu":
-        pipe.to(device)
-    timings["to_device_s"] = time.perf_counter() - t0
+    embeds, mask = Dd.on_main(lambda: encode_prompt(args, su.device, su.dtype, su.text_encoder_int8, timings,
+                                                    guidance), d)
+    pipe, extra = prepare_pipeline(args, cfg, su, timings, guidance, d)
 
     main = d is None or d.is_main
     image = P.generate(pipe, prompt_embeds=(embeds, mask), width=w, height=h, steps=args.steps, seed=args.seed,
@@ -283,18 +334,6 @@ def run(args) -> int:
     release_freed_memory()
     if not main:  # the other ranks took part in the denoise; rank 0 decodes and writes
         return 0
-
-    t0 = time.perf_counter()
-    _atomic_write(args.out, lambda p: image.save(p, format="PNG"))
-    timings["write_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_all
-
-    memory = _peak_memory(device)
-    print(f"wrote {args.out} ({w}x{h}, {cfg.mode}, {args.steps} steps)")
-    print("  ".join(f"{k}={v:.2f}" for k, v in {**timings, **memory}.items()))
-    if args.json:
-        report = {"timings": timings, "memory": memory, "size": [w, h], "mode": cfg.mode, "steps": args.steps,
-                  "model": args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                  "int8": int8, "int8_reason": int8_reason, "estimated_memory_gb": est["total"] / 2**30, "out": args.out}
-        _atomic_write(args.json, lambda p: _write_text(p, json.dumps(report, indent=2)))
+    write_outputs(args, image, su, timings, t_all, f"{w}x{h}, {cfg.mode}, {args.steps} steps",
+                  {"size": [w, h], "mode": cfg.mode, "steps": args.steps, "estimated_memory_gb": est["total"] / 2**30})
     return 0

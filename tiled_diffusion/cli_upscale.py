@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -131,12 +130,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from . import cli_generate as G
     from . import img2img as I
-    from . import pipeline as P
-    from .int8 import resolve_mode
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -147,55 +142,23 @@ def run(args: argparse.Namespace) -> int:
     I.check_strength(args.strength, args.steps)
     guidance = check_guidance(args, w, h, control_required=False)
     cfg = G.validate(SimpleNamespace(**{**vars(args), "size": I.padded_size(w, h)}))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = G._DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    te_int8 = None if args.int8 in (None, "none") else "w8a8"
-    int8, int8_reason = resolve_mode(None if args.int8 in (None, "none") else args.int8, device)
-    if args.model != "tiny":
-        if not os.path.isdir(args.model):
-            raise G.RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or "
-                                 f"'tiny')")
-        G._pipeline_class(args.model)
-
-    embeds, mask = G.encode_prompt(args, device, dtype, te_int8, timings)
-    t0 = time.perf_counter()
-    pipe = G.load(args.model, dtype, int8, G.DENOISE_PARTS)
-    pipe.set_progress_bar_config(disable=True)
-    timings["load_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, shift=cfg.shift, overlap=cfg.overlap,
-                 profile=cfg.profile, positional=cfg.positional, tile_batch_size=cfg.tile_batch_size,
-                 head_chunk=cfg.head_chunk, int8=int8, text_encoder_int8=False, keep_original_weights=False)
-    extra = guidance.generate_kwargs(pipe)
+    su = G.setup(args)
+    embeds, mask = G.encode_prompt(args, su.device, su.dtype, su.text_encoder_int8, timings)
+    pipe, extra = G.prepare_pipeline(args, cfg, su, timings, guidance)
     if guidance.controlnet and guidance.control_image is None:  # the input's own soft edges, at the output size
         from PIL import Image
 
         from .edges import soft_edges
 
         extra["control_image"] = soft_edges(image.resize((w, h), Image.LANCZOS))
-    G.release_freed_memory()
-    timings["accelerate_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if device.type != "cpu":
-        pipe.to(device)  # the ControlNet follows the transformer when generate attaches it
-    timings["to_device_s"] = time.perf_counter() - t0
 
     out = I.upscale(pipe, image, scale=args.scale, strength=args.strength, steps=args.steps, seed=args.seed,
                     timings=timings, prompt_embeds=(embeds, mask), guidance_scale=args.guidance_scale,
                     progress=True, **extra)[0]
     G.release_freed_memory()
-    t0 = time.perf_counter()
-    G._atomic_write(args.out, lambda p: out.save(p, format="PNG"))
-    timings["write_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_all
-    memory = G._peak_memory(device)
-    print(f"wrote {args.out} ({image.size[0]}x{image.size[1]} -> {w}x{h}, strength {args.strength:g}, "
-          f"{cfg.mode}, {args.steps} steps)")
-    print("  ".join(f"{k}={v:.2f}" for k, v in {**timings, **memory}.items()))
-    if args.json:
-        report = {"timings": timings, "memory": memory, "input_size": list(image.size), "size": [w, h],
-                  "scale": args.scale, "strength": args.strength, "mode": cfg.mode, "steps": args.steps,
-                  "model": args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                  "int8": int8, "int8_reason": int8_reason, "controlnet": args.controlnet, "out": args.out}
-        G._atomic_write(args.json, lambda p: G._write_text(p, json.dumps(report, indent=2)))
+    G.write_outputs(args, out, su, timings, t_all,
+                    f"{image.size[0]}x{image.size[1]} -> {w}x{h}, strength {args.strength:g}, {cfg.mode}, "
+                    f"{args.steps} steps",
+                    {"input_size": list(image.size), "size": [w, h], "scale": args.scale, "strength": args.strength,
+                     "mode": cfg.mode, "steps": args.steps, "controlnet": args.controlnet})
     return 0
