@@ -331,13 +331,21 @@ def quantize_model(module: nn.Module, mode: Optional[str] = None, include: Optio
     mode = mode or defaults["mode"]
     if mode not in MODES:
         raise ValueError(f"quantize_model: mode must be one of {MODES}, got {mode!r}")
-    include = tuple(include) if include is not None else ("*",)
-    exclude = tuple(exclude) if exclude is not None else tuple(defaults["exclude"])
-    targets = [(name, m) for name, m in module.named_modules()
-               if type(m) is nn.Linear and _matches(name, include) and not _matches(name, exclude)]
+    targets = linear_targets(module, include, exclude if exclude is not None else defaults["exclude"])
     for name, lin in targets:
         _set_submodule(module, name, Int8Linear.from_linear(lin, mode))
     return [name for name, _ in targets]
+
+
+def linear_targets(module: nn.Module, include: Optional[Iterable[str]] = None,
+                   exclude: Iterable[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """The layers int8 swaps: every plain nn.Linear (qualified names from named_modules()) matching `include`
+    (fnmatch patterns, default all) and not `exclude`. The one selection rule, shared by quantize_model and the
+    streaming loader (loading.py), which picks the same layers before their weights exist."""
+    include = tuple(include) if include is not None else ("*",)
+    exclude = tuple(exclude)
+    return [(name, m) for name, m in module.named_modules()
+            if type(m) is nn.Linear and _matches(name, include) and not _matches(name, exclude)]
 
 
 def restore_linears(module: nn.Module, dtype: Optional[torch.dtype] = None) -> list[str]:

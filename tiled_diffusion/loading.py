@@ -225,14 +225,12 @@ def load_component(folder: str, model_cls, library: str, dtype: torch.dtype, mod
             key_to_group[prefix + n] = g
     canonical = {g["keys"][0] for g in groups.values()}
 
-    # The layers to quantize, exactly as quantize_model picks them (qualified names from named_modules()).
+    # The layers to quantize: quantize_model's own selection (int8.linear_targets).
     targets: dict[int, dict] = {}
     if mode is not None:
-        exclude = tuple(exclude)
-        for name, m in model.named_modules():
-            if type(m) is nn.Linear and not I._matches(name, exclude):
-                targets[id(m)] = {"module": m, "name": name, "need": {id(m.weight)} | (
-                    {id(m.bias)} if m.bias is not None else set())}
+        for name, m in I.linear_targets(model, exclude=exclude):
+            targets[id(m)] = {"module": m, "name": name, "need": {id(m.weight)} | (
+                {id(m.bias)} if m.bias is not None else set())}
     parents = {}  # id(module) -> [(parent, child name)]: every place a target sits in the tree
     for _, parent in model.named_modules(remove_duplicate=False):
         for cname, child in parent._modules.items():
