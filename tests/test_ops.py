@@ -211,15 +211,8 @@ def _check_edge_semantics(kind, q, s):
         assert 0 < s.item() < math.inf and q.abs().max().item() == 127
 
 
-# The CPU kernel (csrc/cpu, another owner) does not follow the definition yet for these rows: its absmax drops NaN
-# and it keeps a subnormal scale. Strict: the day it does, these XPASS and fail — remove the mark with the fix.
-_CPU_PENDING = pytest.mark.xfail(strict=True, reason="csrc/cpu quantize_per_token: NaN-propagating absmax and "
-                                 "TINY_ABSMAX not implemented yet (issue 14)")
-_CPU_PENDING_KINDS = ("subnormal", "tiny_normal", "nan", "nan_and_inf")
-
 EDGE_CASES = [pytest.param(kind, device, id=f"{kind}-{device}",
-                           marks=[pytest.mark.cuda] if device == "cuda" else
-                           [_CPU_PENDING] if kind in _CPU_PENDING_KINDS else [])
+                           marks=[pytest.mark.cuda] if device == "cuda" else [])
               for kind in EDGE_KINDS for device in ("cpu", "cuda")]
 
 

@@ -2,8 +2,8 @@
 // per-token quantization of one row and the dequantize + bias + cast store of 16 output columns.
 //
 // Both are written so that every ISA path gives bit-identical results:
-//   quantize:  scale = absmax/127, inv = scale > 0 ? 1/scale : 0, q = clamp(round_half_even(x*inv), -127, 127)
-//              (the fp32 operations of reference.quantize_per_token)
+//   quantize:  scale = absmax/127, inv = 1/scale, q = clamp(round_half_even(x*inv), -127, 127)
+//              (the fp32 operations of reference.quantize_per_token, its edge rows included: quant_scale)
 //   epilogue:  out = cast(fma(float(acc - comp), a_scale*w_scale, bias)), bf16/fp16 rounded to nearest even.
 #pragma once
 
@@ -33,15 +33,44 @@ TD_AVX512 inline __m512 load16(const void* x, Dt dt, __mmask16 m) {
 
 inline int dt_size(Dt dt) { return dt == Dt::f32 ? 4 : dt == Dt::i8 ? 1 : 2; }
 
+// The row's absmax as the bits of |x| (sign cleared): as unsigned integers every NaN is above +inf, which is above
+// every finite value, so an integer max propagates NaN (a float max would drop it).
+inline uint32_t abs_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u & 0x7fffffffu;
+}
+
+// Scale and inverse of a row from its absmax bits, with the edge rows of reference.quantize_per_token: absmax
+// below TINY_ABSMAX = 127·2^-126 (bits 0x03fe0000; all-zero, subnormal and tiny rows) -> scale 0; a NaN row ->
+// scale NaN; an inf row -> scale inf. Returns false for those rows, whose q is all zeros.
+inline bool quant_scale(uint32_t amax_bits, float* scale, float* inv) {
+  float amax;
+  __builtin_memcpy(&amax, &amax_bits, 4);
+  if (amax_bits < 0x03fe0000u) {
+    *scale = 0.f, *inv = 0.f;
+    return false;
+  }
+  *scale = amax / 127.0f;  // NaN / inf stay NaN / inf
+  *inv = amax_bits < 0x7f800000u ? 1.0f / *scale : 0.f;
+  return amax_bits < 0x7f800000u;
+}
+
 // One row x[0:K] (fp32/bf16/fp16) -> q[0:K] int8 and its scale; the same fp32 operations as the reference.
 TD_AVX512 inline void quant_row_avx512(const void* x, Dt dt, int64_t K, int8_t* q, float* scale_out) {
   const char* xb = static_cast<const char*>(x);
   const int es = dt_size(dt);
-  __m512 amax = _mm512_setzero_ps();
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  __m512i amax = _mm512_setzero_si512();  // |x| bits, unsigned max: NaN propagates (see abs_bits)
   for (int64_t k = 0; k < K; k += 16)
-    amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(xb + k * es, dt, tail_mask16(K - k))));
-  const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
-  const float inv = scale > 0.f ? 1.0f / scale : 0.f;
+    amax = _mm512_max_epu32(amax, _mm512_and_si512(_mm512_castps_si512(load16(xb + k * es, dt, tail_mask16(K - k))),
+                                                   absmask));
+  float scale, inv;
+  if (!quant_scale(static_cast<uint32_t>(_mm512_reduce_max_epu32(amax)), &scale, &inv)) {
+    for (int64_t k = 0; k < K; ++k) q[k] = 0;
+    *scale_out = scale;
+    return;
+  }
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = tail_mask16(K - k);

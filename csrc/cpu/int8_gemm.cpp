@@ -437,19 +437,18 @@ namespace {
 
 // --------------------------------------------------------------------------------------- quantize
 
-// Same fp32 operations as reference.quantize_per_token (absmax/127, 1/scale, round-half-even of x*inv), so the
-// result is bit-identical (the AVX-512 row is avx512_common.h's quant_row_avx512).
-inline void quant_row_finish(float amax, float& scale, float& inv) {
-  scale = amax / 127.0f;
-  inv = scale > 0.f ? 1.0f / scale : 0.f;
-}
-
+// Same fp32 operations as reference.quantize_per_token (absmax/127, 1/scale, round-half-even of x*inv), edge rows
+// included (td_cpu::quant_scale), so the result is bit-identical (the AVX-512 row is quant_row_avx512).
 template <typename T>
 void quant_row_scalar(const T* x, int64_t K, int8_t* q, float* scale_out) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
+  uint32_t amax = 0;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, td_cpu::abs_bits(static_cast<float>(x[k])));
   float scale, inv;
-  quant_row_finish(amax, scale, inv);
+  if (!td_cpu::quant_scale(amax, &scale, &inv)) {
+    std::fill(q, q + K, int8_t(0));
+    *scale_out = scale;
+    return;
+  }
   for (int64_t k = 0; k < K; ++k) {
     float v = std::nearbyint(static_cast<float>(x[k]) * inv);
     v = std::min(127.f, std::max(-127.f, v));
@@ -473,16 +472,21 @@ TD_AVX2 inline __m256 load8_avx2(const T* x) {
 template <typename T>
 TD_AVX2 void quant_row_avx2(const T* x, int64_t K, int8_t* q, float* scale_out) {
   const int64_t K8 = K / 8 * 8;
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 amax = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(load8_avx2(x + k), absmask));
-  alignas(32) float t[8];
-  _mm256_store_ps(t, amax);
-  float am = 0.f;
-  for (float v : t) am = std::max(am, v);
-  for (int64_t k = K8; k < K; ++k) am = std::max(am, std::fabs(static_cast<float>(x[k])));
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  __m256i amax = _mm256_setzero_si256();  // |x| bits, unsigned max: NaN propagates (td_cpu::abs_bits)
+  for (int64_t k = 0; k < K8; k += 8)
+    amax = _mm256_max_epu32(amax, _mm256_and_si256(_mm256_castps_si256(load8_avx2(x + k)), absmask));
+  alignas(32) uint32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), amax);
+  uint32_t am = 0;
+  for (uint32_t v : t) am = std::max(am, v);
+  for (int64_t k = K8; k < K; ++k) am = std::max(am, td_cpu::abs_bits(static_cast<float>(x[k])));
   float scale, inv;
-  quant_row_finish(am, scale, inv);
+  if (!td_cpu::quant_scale(am, &scale, &inv)) {
+    std::fill(q, q + K, int8_t(0));
+    *scale_out = scale;
+    return;
+  }
   const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 v = _mm256_round_ps(_mm256_mul_ps(load8_avx2(x + k), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
