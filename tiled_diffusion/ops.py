@@ -499,6 +499,15 @@ def window_attention(q, k, v, neighbours, bias=None, scale=None):
 merge_attention = reference.merge_attention  # a few elementwise ops: torch is already optimal here
 
 
+# The fused CPU W8A8 linear (quantize + GEMM + dequantize in one call, cpu/int8_linear.py) is a private op of the
+# native library, CPU-only (its weight is the CPU packed layout); its fake lives here with the others. Reference:
+# int8_gemm_packed(*quantize_per_token(x), w_packed, w_scale, bias, x.dtype), bit-identical (tests/test_int8_gemm.py).
+if native_has("w8a8_linear", "cpu"):
+    @torch.library.register_fake("tiled_diffusion_C::w8a8_linear")
+    def _(x, w_packed, w_scale, bias):
+        return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+
 def seam_blend(tiles, origins_y, origins_x, weights, batch, height, width):
     return torch.ops.tiled_diffusion.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width)
 

@@ -1,6 +1,7 @@
 """CPU W8A8 linear in one kernel call: float x [M, K] -> per-token quantization fused into the kernel's A packing
 -> int8 GEMM against the packed weight -> dequantize + bias + cast to x's dtype (csrc/cpu/int8_gemm.cpp,
-private op `tiled_diffusion_C::w8a8_linear`; fused on the avx512 and amx paths, quantize-then-GEMM on the others).
+private op `tiled_diffusion_C::w8a8_linear`, its fake in ops.py; fused on the avx512 and amx paths, quantize-then-GEMM
+on the others).
 
 Bit-identical to `int8_gemm_packed(*quantize_per_token(x), w_packed, w_scale, bias, x.dtype)`; it saves the int8
 copy of x (a write and a re-read of M·K bytes, fresh pages every call).
@@ -25,9 +26,3 @@ def w8a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     [M, N] in x's dtype."""
     ops.choose("w8a8_linear", x.device, ops._int8_path(x.device), "per-token quantization fused into the A packing")
     return torch.ops.tiled_diffusion_C.w8a8_linear(x, w_packed, w_scale, bias)
-
-
-if available():
-    @torch.library.register_fake("tiled_diffusion_C::w8a8_linear")
-    def _(x, w_packed, w_scale, bias):
-        return x.new_empty((x.shape[0], w_scale.shape[0]))
