@@ -165,10 +165,12 @@ def test_folder_without_model_index_is_one_clear_line(tmp_path, capsys):
 
 
 def test_generate_nproc_2_equals_one_process(tmp_path):
-    """`--nproc 2` runs the same command under torchrun on 2 gloo ranks (bands of tile rows, halo attention);
-    rank 0 alone writes the PNG. The reference runs in a subprocess with one thread like each rank (torchrun sets
-    OMP_NUM_THREADS=1), because fp32 GEMMs round differently with another thread count (±1 level on ~0.06% of
-    the pixels)."""
+    """`--nproc 2` runs the same command under torchrun on 2 gloo ranks (bands of tile rows, halo attention, then
+    the VAE decode split over the ranks); rank 0 alone writes the PNG. The reference runs in a subprocess with one
+    thread like each rank (torchrun sets OMP_NUM_THREADS=1), because fp32 GEMMs round differently with another
+    thread count. The final latents are bitwise those of one process (test_distributed.py); the image is not:
+    the parallel decode runs each rank's rows as bands (another floating-point order than the one-process plain
+    decode, ~1e-6 relative), which moves a few pixels across a rounding boundary (measured: 1 level on 0.06%)."""
     import subprocess
     import sys
 
@@ -179,5 +181,6 @@ def test_generate_nproc_2_equals_one_process(tmp_path):
     subprocess.run(base + ["--out", str(one)], check=True, env=env, capture_output=True, timeout=600)
     subprocess.run(base + ["--out", str(two), "--nproc", "2"], check=True, env=env, capture_output=True, timeout=600)
     with Image.open(one) as a, Image.open(two) as b:
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        diff = np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 2e-3, (diff.max(), (diff > 0).mean())
     assert sorted(os.listdir(tmp_path)) == ["one.png", "two.png"]

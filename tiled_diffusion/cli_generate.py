@@ -328,12 +328,13 @@ def run(args) -> int:
     pipe, extra = prepare_pipeline(args, cfg, su, timings, guidance, d)
 
     main = d is None or d.is_main
-    image = P.generate(pipe, prompt_embeds=(embeds, mask), width=w, height=h, steps=args.steps, seed=args.seed,
-                       guidance_scale=args.guidance_scale, output_type="pil" if main else "latent",
-                       progress=main, timings=timings, max_memory_gb=args.max_memory_gb, **extra)[0]
+    images = P.generate(pipe, prompt_embeds=(embeds, mask), width=w, height=h, steps=args.steps, seed=args.seed,
+                        guidance_scale=args.guidance_scale, output_type="pil", progress=main, timings=timings,
+                        max_memory_gb=args.max_memory_gb, **extra)
     release_freed_memory()
-    if not main:  # the other ranks took part in the denoise; rank 0 decodes and writes
+    if not main:  # the other ranks took part in the denoise and the VAE decode; rank 0 alone writes
         return 0
+    image = images[0]
     write_outputs(args, image, su, timings, t_all, f"{w}x{h}, {cfg.mode}, {args.steps} steps",
                   {"size": [w, h], "mode": cfg.mode, "steps": args.steps, "estimated_memory_gb": est["total"] / 2**30})
     return 0

@@ -610,6 +610,13 @@ def enable(pipe, group: Optional[dist.ProcessGroup] = None, *, d: Optional[Dist]
     return ds
 
 
+def dist_of(pipe) -> Optional[Dist]:
+    """The process group a pipeline's canvas runs over (`enable`), or None."""
+    ctx = getattr(getattr(getattr(pipe, "transformer", None), "_tiled_diffusion", None), "context", None)
+    ds = None if ctx is None else ctx.__dict__.get("distributed")
+    return None if ds is None else ds.dist
+
+
 def disable(pipe) -> None:
     """Undo `enable` (the process group itself is left as it is)."""
     tr = _transformer(pipe)
@@ -669,7 +676,7 @@ def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, pr
             timings.update(ds.stats.as_dict())
             if output_type == "latent":
                 return lat
-            return P.decode(pipe, lat, output_type=output_type) if d.is_main else None
+            return P.decode(pipe, lat, output_type=output_type)  # every rank decodes its share; rank 0 gets it
     finally:
         disable(pipe)
 
@@ -767,24 +774,42 @@ def broadcast_tensors(tensors: Optional[Sequence[Optional[torch.Tensor]]], d: Di
     return out
 
 
+def _padded(band: torch.Tensor, bands_px: Sequence[tuple[int, int]], d: Dist, dim: int) -> torch.Tensor:
+    """A rank's band padded to the largest band along dim (collectives need equal shapes), on the group's device."""
+    mine = bands_px[d.rank][1] - bands_px[d.rank][0]
+    if band.shape[dim] != mine:
+        raise ValueError(f"gather_rows: rank {d.rank} holds {band.shape[dim]} rows along dim {dim}, its band "
+                         f"{bands_px[d.rank]} has {mine}")
+    pad_shape = list(band.shape)
+    pad_shape[dim] = max(b - a for a, b in bands_px)
+    x = band.new_zeros(pad_shape)
+    x.narrow(dim, 0, mine).copy_(band)
+    return x.to(d.device)
+
+
 def gather_rows(band: torch.Tensor, bands_px: Sequence[tuple[int, int]], d: Dist, dim: int = -2) -> torch.Tensor:
     """Every rank's band [..., rows_r, ...] (rows along `dim`) -> the whole tensor on every rank, bands in rank
     order. bands_px: each rank's (start, stop) along dim; uneven bands are padded to the largest for the
     all-gather and trimmed after."""
     dim = dim % band.dim()
-    mine = bands_px[d.rank][1] - bands_px[d.rank][0]
-    if band.shape[dim] != mine:
-        raise ValueError(f"gather_rows: rank {d.rank} holds {band.shape[dim]} rows along dim {dim}, its band "
-                         f"{bands_px[d.rank]} has {mine}")
-    most = max(b - a for a, b in bands_px)
-    pad_shape = list(band.shape)
-    pad_shape[dim] = most
-    x = band.new_zeros(pad_shape)
-    x.narrow(dim, 0, mine).copy_(band)
-    x = x.to(d.device)
+    x = _padded(band, bands_px, d, dim)
     parts = [torch.empty_like(x) for _ in range(d.world)]
     work = dist.all_gather(parts, x, group=d.group, async_op=True)
     _wait([work], d.timeout, "gather of the band latents")
+    return torch.cat([p.narrow(dim, 0, b - a) for p, (a, b) in zip(parts, bands_px)], dim=dim).to(band.device)
+
+
+def gather_rows_to_main(band: torch.Tensor, bands_px: Sequence[tuple[int, int]], d: Dist, dim: int = -2
+                        ) -> Optional[torch.Tensor]:
+    """As gather_rows, but only rank 0 receives (and returns) the whole tensor; the others return None (a decoded
+    image: only rank 0 writes it, and no other rank should hold a copy)."""
+    dim = dim % band.dim()
+    x = _padded(band, bands_px, d, dim)
+    parts = [torch.empty_like(x) for _ in range(d.world)] if d.is_main else None
+    work = dist.gather(x, parts, dst=_global_rank(d, 0), group=d.group, async_op=True)
+    _wait([work], d.timeout, "gather of the decoded rows on rank 0")
+    if not d.is_main:
+        return None
     return torch.cat([p.narrow(dim, 0, b - a) for p, (a, b) in zip(parts, bands_px)], dim=dim).to(band.device)
 
 

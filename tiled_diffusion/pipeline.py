@@ -202,13 +202,14 @@ def _apply_pipeline_call(pipe, st: AccelerateState):
     return old_cls
 
 
-def decode_latents(vae, z: torch.Tensor, max_memory_gb: Optional[float] = None) -> torch.Tensor:
+def decode_latents(vae, z: torch.Tensor, max_memory_gb: Optional[float] = None, dist=None) -> Optional[torch.Tensor]:
     """VAE-decode latents z [B, 4, h, w] (already divided by the scaling factor) to images [B, 3, H, W] in
     [-1, 1]: `vae.decode` (vae.py) — the plain decode when it fits the free memory, else banded with exact
-    canvas-wide GroupNorm statistics. The one decode every path of the package uses."""
+    canvas-wide GroupNorm statistics; over the ranks of `dist` (a distributed.Dist) in parallel, the image on rank 0
+    and None elsewhere. The one decode every path of the package uses."""
     from . import vae as vae_mod
 
-    return vae_mod.decode(vae, z.to(vae.dtype), max_memory_gb=max_memory_gb)
+    return vae_mod.decode(vae, z.to(vae.dtype), max_memory_gb=max_memory_gb, dist=dist)
 
 
 def _apply_vae_decode(vae, st: AccelerateState):
@@ -353,8 +354,14 @@ def encode(pipe, prompt, negative_prompt: str = "", guidance_scale: float = 0.0,
 @torch.no_grad()
 def decode(pipe, latents, output_type: str = "pil", max_memory_gb: Optional[float] = None):
     """VAE-decode the canvas (`decode_latents`) and post-process as diffusers' pipelines do ("pil", "pt", "np");
-    "pt_raw": the decoder's output in [-1, 1], not post-processed."""
-    image = decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor, max_memory_gb)
+    "pt_raw": the decoder's output in [-1, 1], not post-processed. A pipeline whose canvas runs over several
+    processes (distributed.enable) decodes over them too: every rank calls this, rank 0 gets the image, the
+    others None."""
+    from .distributed import dist_of
+
+    image = decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor, max_memory_gb, dist_of(pipe))
+    if image is None:
+        return None
     if output_type == "pt_raw":
         return image
     return pipe.image_processor.postprocess(image, output_type=output_type)

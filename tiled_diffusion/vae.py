@@ -185,72 +185,173 @@ def _normed(x: torch.Tensor, stats: _Stats) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the banded runner
 
+HALO = 2  # rows of margin each rank's store keeps above and below its share (a stride-2 downsample reads 2)
+
+
+class _Act:
+    """A canvas activation [B, C, H, W] of which this process holds the canvas rows [a, a + t.shape[-2]) in t
+    (one process: all of them; a rank of a distributed decode: its share plus HALO rows each side)."""
+
+    __slots__ = ("t", "H", "a")
+
+    def __init__(self, t: torch.Tensor, H: int, a: int = 0) -> None:
+        self.t, self.H, self.a = t, H, a
+
+    def rows(self, y0: int, y1: int) -> torch.Tensor:
+        return self.t[:, :, y0 - self.a:y1 - self.a]
+
+
+class _Part:
+    """A rank's share of a distributed banded run: the latent rows [lo, hi) of `shares[rank]` (every resolution's
+    share is the same canvas fraction), the halo rows exchanged with the two neighbour ranks after each pass, the
+    GroupNorm moments combined across ranks (exactly: Chan's formula over the ranks' (count, mean, M2)), the
+    mid-block attention's K/V all-gathered (it is global), and the output rows gathered on rank 0."""
+
+    def __init__(self, d, lat_h: int) -> None:
+        from . import distributed as D
+
+        self.D, self.d, self.lat_h = D, d, lat_h
+        self.shares = D.split_rows(lat_h, d.world)  # refuses more ranks than latent rows
+        self.bytes_sent = 0
+
+    def own(self, H: int, rank: Optional[int] = None) -> tuple[int, int]:
+        lo, hi = self.shares[self.d.rank if rank is None else rank]
+        return lo * H // self.lat_h, hi * H // self.lat_h
+
+    def held(self, H: int) -> tuple[int, int]:
+        lo, hi = self.own(H)
+        return max(0, lo - HALO), min(H, hi + HALO)
+
+    def exchange(self, x: _Act) -> None:
+        """Fill x's margin rows from the neighbours' shares (each sends at most its own rows: a deeper margin is
+        never read, since every step's halo is at most the rows any rank owns at that resolution)."""
+        from torch import distributed as tdist
+
+        H, r, world = x.H, self.d.rank, self.d.world
+        lo, hi = self.own(H)
+        ops, keep = [], []
+        for peer in (r - 1, r + 1):
+            if not 0 <= peer < world:
+                continue
+            if peer < r:  # my first rows are its bottom margin; its last rows are my top margin
+                mine, theirs = (lo, min(hi, lo + HALO)), (max(x.a, self.own(H, peer)[0]), lo)
+            else:
+                mine, theirs = (max(lo, hi - HALO), hi), (hi, min(x.a + x.t.shape[-2], self.own(H, peer)[1]))
+            snd = x.rows(*mine).contiguous()
+            rcv = torch.empty_like(x.rows(*theirs), memory_format=torch.contiguous_format)
+            keep.append((snd, rcv, theirs))
+            g = self.D._global_rank(self.d, peer)
+            ops += [tdist.P2POp(tdist.isend, snd, g, self.d.group), tdist.P2POp(tdist.irecv, rcv, g, self.d.group)]
+            self.bytes_sent += snd.numel() * snd.element_size()
+        if ops:
+            self.D._wait(tdist.batch_isend_irecv(ops), self.d.timeout, "VAE halo exchange")
+        for _, rcv, (a, b) in keep:
+            x.rows(a, b).copy_(rcv)
+
+    def combine(self, st: "_Stats") -> None:
+        st.n, st.mean, st.m2 = self.D.combine_moments(st.n, st.mean, st.m2, self.d)
+
+    def all_rows(self, t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Tokens [B, rows·W, C] of this rank's share -> every token of the canvas [B, H·W, C], every rank."""
+        bands = [tuple(v * W for v in self.own(H, r)) for r in range(self.d.world)]
+        self.bytes_sent += t.numel() * t.element_size() * (self.d.world - 1)
+        return self.D.gather_rows(t, bands, self.d, dim=1)
+
+    def to_main(self, x: _Act) -> Optional[torch.Tensor]:
+        """The output's share of every rank -> the whole canvas on rank 0 (None on the others)."""
+        mine = x.rows(*self.own(x.H)).contiguous()
+        self.bytes_sent += mine.numel() * mine.element_size() * (self.d.rank != 0)
+        return self.D.gather_rows_to_main(mine, [self.own(x.H, r) for r in range(self.d.world)], self.d)
+
 
 class _Runner:
-    """Runs steps over a canvas stored on `store`, computing bands of `rows` latent rows on `device`."""
+    """Runs steps over a canvas stored on `store`, computing bands of `rows` latent rows on `device`; with a
+    `part`, only this rank's share of every canvas."""
 
-    def __init__(self, rows: int, lat_h: int, device: torch.device, store: torch.device, pbar) -> None:
+    def __init__(self, rows: int, lat_h: int, device: torch.device, store: torch.device, pbar,
+                 part: Optional[_Part] = None) -> None:
         self.rows, self.lat_h, self.device, self.store, self.pbar = rows, lat_h, device, store, pbar
+        self.part = part
+
+    def own(self, H: int) -> tuple[int, int]:
+        return (0, H) if self.part is None else self.part.own(H)
 
     def bands(self, H: int) -> Iterator[tuple[int, int]]:
         r = max(1, self.rows * H // self.lat_h)  # the same canvas fraction at every resolution
         if H > self.lat_h and r % 2:
             r += 1  # even above the latent resolution, so a x2 step maps band edges to integers
-        for y0 in range(0, H, r):
-            yield y0, min(H, y0 + r)
+        lo, hi = self.own(H)
+        for y0 in range(lo, hi, r):
+            yield y0, min(hi, y0 + r)
         if self.pbar is not None:
             self.pbar.update(1)
 
-    def crop(self, x: torch.Tensor, y0: int, y1: int, halo: int) -> tuple[torch.Tensor, int]:
+    def crop(self, x: _Act, y0: int, y1: int, halo: int) -> tuple[torch.Tensor, int]:
         a = max(0, y0 - halo)
-        return x[:, :, a:min(x.shape[-2], y1 + halo)].to(self.device, non_blocking=True), a
+        return x.rows(a, min(x.H, y1 + halo)).to(self.device, non_blocking=True), a
 
-    def empty(self, like: torch.Tensor, C: int, H: int, W: int) -> torch.Tensor:
+    def empty(self, like: _Act, C: int, H: int, W: int) -> _Act:
         # channels-last: a band of rows is then one contiguous block (no copy before the conv or the norms), and
         # the convolutions are faster in it (CPU, oneDNN: 1.7x bf16, 1.36x fp32 on a 256-channel 3x3 conv)
-        return torch.empty(like.shape[0], C, H, W, dtype=like.dtype, device=self.store,
-                           memory_format=torch.channels_last)
+        a, b = (0, H) if self.part is None else self.part.held(H)
+        return _Act(torch.empty(like.t.shape[0], C, b - a, W, dtype=like.t.dtype, device=self.store,
+                                memory_format=torch.channels_last), H, a)
 
-    def put(self, out: torch.Tensor, y0: int, t: torch.Tensor, stats: Optional[_Stats]) -> None:
+    def put(self, out: _Act, y0: int, t: torch.Tensor, stats: Optional[_Stats]) -> None:
         if stats is not None:
             stats.add(t)
-        out[:, :, y0:y0 + t.shape[-2]].copy_(t)
+        out.rows(y0, y0 + t.shape[-2]).copy_(t)
+
+    def finish(self, st: Optional[_Stats]) -> None:
+        """The statistics of a completed canvas pass become the GroupNorm's arguments (across ranks: combined)."""
+        if st is not None:
+            if self.part is not None:
+                self.part.combine(st)
+            st.args = st.norm_args()
+
+    def shared(self, x: _Act) -> _Act:
+        """After a pass: the margin rows from the neighbour ranks (nothing to do in one process)."""
+        if self.part is not None:
+            self.part.exchange(x)
+        return x
 
     # --- steps: each takes the stored input and the _Stats of its input GroupNorm (None for conv/up/down) and
     # returns the stored output with the _Stats of the next step's GroupNorm (nxt)
 
     def conv(self, conv: nn.Conv2d, x, norm, nxt):
         p = conv.kernel_size[0] // 2
-        out, st = self.empty(x, conv.out_channels, *x.shape[-2:]), _stats(nxt)
-        for y0, y1 in self.bands(x.shape[-2]):
+        out, st = self.empty(x, conv.out_channels, x.H, x.t.shape[-1]), _stats(nxt)
+        for y0, y1 in self.bands(x.H):
             c, a = self.crop(x, y0, y1, p)
             self.put(out, y0, conv(c)[:, :, y0 - a:y1 - a], st)
         return out, st
 
     def res(self, m, x, norm, nxt):
-        H, W = x.shape[-2:]
+        H, W = x.H, x.t.shape[-1]
         h, st2 = self.empty(x, m.conv1.out_channels, H, W), _Stats(m.norm2)
         for y0, y1 in self.bands(H):
             c, a = self.crop(x, y0, y1, 1)
             self.put(h, y0, m.conv1(m.nonlinearity(_normed(c, norm)))[:, :, y0 - a:y1 - a], st2)
-        st2.args = st2.norm_args()
+        self.finish(st2)
+        self.shared(h)
         # The output overwrites x in place (its first C_out channels when the shortcut narrows them): the second
         # pass reads x only at its own rows, before it writes them.
-        Co = m.conv2.out_channels
-        if Co == x.shape[1]:
+        Co, xt = m.conv2.out_channels, x.t
+        if Co == xt.shape[1]:
             out = x
-        elif Co < x.shape[1] and x.shape[0] == 1 and x.is_contiguous(memory_format=torch.channels_last):
-            # a compact [1, Co, H, W] channels-last tensor over x's memory: band rows [y0, y1) of it lie within
+        elif Co < xt.shape[1] and xt.shape[0] == 1 and xt.is_contiguous(memory_format=torch.channels_last):
+            # a compact [1, Co, rows, W] channels-last tensor over x's memory: band rows [y0, y1) of it lie within
             # x's rows < y1, which every band up to this one has already read
-            out = torch.empty(0, dtype=x.dtype, device=x.device).set_(
-                x.untyped_storage(), x.storage_offset(), (1, Co, H, W), (Co * H * W, 1, W * Co, Co))
+            L = xt.shape[-2]
+            out = _Act(torch.empty(0, dtype=xt.dtype, device=xt.device).set_(
+                xt.untyped_storage(), xt.storage_offset(), (1, Co, L, W), (Co * L * W, 1, W * Co, Co)), H, x.a)
         else:
             out = self.empty(x, Co, H, W)
         st = _stats(nxt)
         for y0, y1 in self.bands(H):
             c, a = self.crop(h, y0, y1, 1)
             t = m.conv2(m.dropout(m.nonlinearity(_normed(c, st2))))[:, :, y0 - a:y1 - a]
-            s = x[:, :, y0:y1].to(self.device)
+            s = x.rows(y0, y1).to(self.device)
             if m.conv_shortcut is not None:
                 s = m.conv_shortcut(s.contiguous())
             self.put(out, y0, (s + t) / m.output_scale_factor, st)
@@ -258,26 +359,30 @@ class _Runner:
 
     def attn(self, m, x, norm, nxt):
         """Global self-attention over every token of the canvas (AttnProcessor2_0's math), one query band a time."""
-        B, C, H, W = x.shape
-        qkv = [torch.empty(B, H * W, lin.out_features, dtype=x.dtype, device=self.store)
+        B, C, W = x.t.shape[0], x.t.shape[1], x.t.shape[-1]
+        H = x.H
+        lo, hi = self.own(H)
+        qkv = [torch.empty(B, (hi - lo) * W, lin.out_features, dtype=x.t.dtype, device=self.store)
                for lin in (m.to_q, m.to_k, m.to_v)]
         for y0, y1 in self.bands(H):
-            tok = _normed(x[:, :, y0:y1].to(self.device), norm).flatten(2).transpose(1, 2)
+            tok = _normed(x.rows(y0, y1).to(self.device), norm).flatten(2).transpose(1, 2)
             for buf, lin in zip(qkv, (m.to_q, m.to_k, m.to_v)):
-                buf[:, y0 * W:y1 * W].copy_(lin(tok))
+                buf[:, (y0 - lo) * W:(y1 - lo) * W].copy_(lin(tok))
+        if self.part is not None:  # every query attends to every key of the canvas
+            qkv[1:] = [self.part.all_rows(t, H, W) for t in qkv[1:]]
         heads = m.heads
         d = qkv[1].shape[-1] // heads
         k, v = (t.to(self.device).view(B, H * W, heads, d).transpose(1, 2) for t in qkv[1:])
         st = _stats(nxt)
         for y0, y1 in self.bands(H):
-            q = qkv[0][:, y0 * W:y1 * W].to(self.device).view(B, -1, heads, d).transpose(1, 2)
+            q = qkv[0][:, (y0 - lo) * W:(y1 - lo) * W].to(self.device).view(B, -1, heads, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, heads * d).to(q.dtype)
             o = m.to_out[1](m.to_out[0](o)).transpose(-1, -2).reshape(B, C, y1 - y0, W)
-            self.put(x, y0, (o + x[:, :, y0:y1].to(self.device)) / m.rescale_output_factor, st)
+            self.put(x, y0, (o + x.rows(y0, y1).to(self.device)) / m.rescale_output_factor, st)
         return x, st
 
     def up(self, m, x, norm, nxt):
-        H, W = x.shape[-2:]
+        H, W = x.H, x.t.shape[-1]
         out, st = self.empty(x, m.conv.out_channels, 2 * H, 2 * W), _stats(nxt)
         for y0, y1 in self.bands(2 * H):
             c, a = self.crop(x, y0 // 2, (y1 + 1) // 2, 1)
@@ -285,7 +390,7 @@ class _Runner:
         return out, st
 
     def down(self, m, x, norm, nxt):
-        H, W = x.shape[-2:]
+        H, W = x.H, x.t.shape[-1]
         # output rows [y0, y1) read input rows [2·y0 - 1, 2·y1 + 1); a halo of 2 keeps the crop start even. The
         # module's own padding lands on the crop's edges: at the canvas border it is the real one, inside the canvas
         # it only touches the outermost output row of the crop, which the halo cuts away.
@@ -301,19 +406,22 @@ class _Runner:
     def out(self, m, x, norm, nxt):
         conv = m.conv_out
         p = conv.kernel_size[0] // 2
-        out = torch.empty(x.shape[0], conv.out_channels, *x.shape[-2:], dtype=x.dtype, device=self.store)
-        for y0, y1 in self.bands(x.shape[-2]):
+        a, b = self.own(x.H)  # the network's output: this process's own rows only
+        out = _Act(torch.empty(x.t.shape[0], conv.out_channels, b - a, x.t.shape[-1], dtype=x.t.dtype,
+                               device=self.store), x.H, a)
+        for y0, y1 in self.bands(x.H):
             c, a = self.crop(x, y0, y1, p)
             self.put(out, y0, conv(m.conv_act(_normed(c, norm)))[:, :, y0 - a:y1 - a], None)
         return out, None
 
-    def run(self, steps, x: torch.Tensor) -> torch.Tensor:
+    def run(self, steps, x: _Act) -> _Act:
         st = None
         for i, (kind, m) in enumerate(steps):
             nxt = _input_norm(steps[i + 1]) if i + 1 < len(steps) else None
-            if st is not None:
-                st.args = st.norm_args()
+            self.finish(st)
             x, st = getattr(self, kind)(m, x, st, nxt)
+            if i + 1 < len(steps):
+                self.shared(x)
         return x
 
 
@@ -333,21 +441,32 @@ def _progress(progress: bool, steps, desc: str):
 
 @torch.no_grad()
 def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional[torch.device] = None,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, dist=None) -> Optional[torch.Tensor]:
     """Exact decode of latents [B, C_lat, h, w] (already divided by the scaling factor) to [B, 3, f·h, f·w].
 
     tile: latent rows per band (every resolution's band covers the same canvas rows). store: where the canvas
     activations live (default: the latents' device). Returns the decoder's dtype, on the latents' device.
+    dist: a `distributed.Dist` of N > 1 ranks, each passing the same whole-canvas latents: rank r decodes its share
+    of the latent rows (its store holds that share + HALO rows), the result is returned on rank 0 (None elsewhere)
+    and is the one-process decode up to floating-point order (the GroupNorm moments are combined across ranks).
     """
     _check_input(latents, "latents")
     steps = _decoder_steps(vae.decoder)
     dev = latents.device
+    part = _Part(dist, latents.shape[-2]) if dist is not None and dist.world > 1 else None
     z = latents.to(next(vae.decoder.parameters()).dtype)
+    a, b = (0, z.shape[-2]) if part is None else part.held(z.shape[-2])
+    z = z[:, :, a:b]
     if vae.post_quant_conv is not None:
-        z = vae.post_quant_conv(z)  # 1x1 at the latent resolution: the whole canvas at once is small
+        z = vae.post_quant_conv(z)  # 1x1 at the latent resolution: the whole share at once is small
     with _progress(progress, steps, "VAE decode (banded)") as pbar, _channels_last_weights(vae.decoder):
-        run = _Runner(tile, latents.shape[-2], dev, store or dev, pbar)
-        return run.run(steps, _fast_layout(z.to(run.store))).to(dev)
+        run = _Runner(tile, latents.shape[-2], dev, store or dev, pbar, part)
+        out = run.run(steps, _Act(_fast_layout(z.to(run.store)), latents.shape[-2], a))
+        if part is None:
+            return out.t.to(dev)
+        img = part.to_main(out)
+        log.debug("banded decode rank %d/%d: sent %d bytes", dist.rank, dist.world, part.bytes_sent)
+        return None if img is None else img.to(dev)
 
 
 @torch.no_grad()
@@ -362,7 +481,8 @@ def banded_encode_moments(vae, images: torch.Tensor, *, tile: int = 64, store: O
     f = vae_scale_factor(vae)
     with _progress(progress, steps, "VAE encode (banded)") as pbar, _channels_last_weights(vae.encoder):
         run = _Runner(tile, max(1, images.shape[-2] // f), dev, store or dev, pbar)
-        m = run.run(steps, _fast_layout(images.to(next(vae.encoder.parameters()).dtype).to(run.store))).to(dev)
+        x = _fast_layout(images.to(next(vae.encoder.parameters()).dtype).to(run.store))
+        m = run.run(steps, _Act(x, x.shape[-2])).t.to(dev)
     return vae.quant_conv(m) if vae.quant_conv is not None else m
 
 
@@ -548,14 +668,20 @@ def _plan(vae, x: torch.Tensor, *, encode: bool, max_memory_gb: Optional[float],
 
 
 def decode(vae, latents: torch.Tensor, *, max_memory_gb: Optional[float] = None, tile: Optional[int] = None,
-           progress: bool = True) -> torch.Tensor:
+           progress: bool = True, dist=None) -> Optional[torch.Tensor]:
     """Decode latents [B, C_lat, h, w] (already divided by vae.config.scaling_factor) to images [B, 3, f·h, f·w] in
     [-1, 1], in the decoder's dtype, exactly (up to floating-point order) like `vae.decode`.
 
     Plain when the plain decode fits `max_memory_gb` (default: the device's free memory) or `tile` >= h; else banded
     with the tallest bands that fit (or `tile` latent rows); if even the banded store does not fit, the approximate
-    overlap-tiled decode (per-tile GroupNorm, logged as a warning)."""
+    overlap-tiled decode (per-tile GroupNorm, logged as a warning).
+
+    dist: a `distributed.Dist` of N > 1 ranks, each passing the same latents: the parallel banded decode (each rank
+    decodes its share of the rows, `banded_decode`), with the memory rule applied to a rank's share; the image is
+    returned on rank 0 and None on the others."""
     _check_input(latents, "latents")
+    if dist is not None and dist.world > 1:
+        return _parallel_decode(vae, latents, max_memory_gb=max_memory_gb, tile=tile, progress=progress, d=dist)
     plan = _plan(vae, latents, encode=False, max_memory_gb=max_memory_gb, tile=tile)
     log.debug("vae.decode %s: %s", tuple(latents.shape), plan)
     with torch.no_grad():
@@ -568,6 +694,24 @@ def decode(vae, latents: torch.Tensor, *, max_memory_gb: Optional[float] = None,
     log.warning("vae.decode: the exact banded decode does not fit %s; decoding in overlapping tiles with per-tile "
                 "GroupNorm (approximate)", f"{max_memory_gb} GB" if max_memory_gb else "the free memory")
     return tiled_decode(vae, latents.to(vae.dtype), progress=progress)
+
+
+def _parallel_decode(vae, latents: torch.Tensor, *, max_memory_gb, tile, progress, d) -> Optional[torch.Tensor]:
+    from .distributed import split_rows
+
+    h = latents.shape[-2]
+    share = max(b - a for a, b in split_rows(h, d.world)) + 2 * HALO  # the largest store any rank holds
+    if tile is None:  # the memory rule on a rank's share: one band per pass when the share fits plainly
+        plan = _plan(vae, latents[:, :, :min(h, share)], encode=False, max_memory_gb=max_memory_gb, tile=None)
+        if plan["method"] == "overlap":
+            raise MemoryError(f"vae.decode: a rank's share ({share} latent rows of {h}) does not fit "
+                              f"{max_memory_gb if max_memory_gb else 'the free memory'} GB even banded; "
+                              f"use more ranks")
+        tile, store = (h if plan["method"] == "plain" else plan["tile"]), plan["store"]
+    else:
+        store = latents.device
+    log.debug("vae.decode %s over %d ranks: %d-row bands", tuple(latents.shape), d.world, tile)
+    return banded_decode(vae, latents, tile=tile, store=store, progress=progress and d.is_main, dist=d)
 
 
 def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, tile: Optional[int] = None,
