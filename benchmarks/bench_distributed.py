@@ -22,6 +22,13 @@ Projection rows (`kind` = "PROJECTION", never measured): 8 ranks on 8×H100 at 4
            of 1-2 tile rows every tile is a border tile (no interior attention to hide the exchange behind).
   xDiT / DistriFusion (patch parallel): every layer all-gathers K and V of the whole image; a ring sends
            (N-1)/N of it per rank. Their time is not projected (they hide it behind stale K/V).
+  Projected for 512-px tiles (the default) and 256-px tiles: the halo is one tile row per neighbour per radius.
+
+VAE rows (`kind` = "vae decode", measured): one decode of the canvas by `vae.banded_decode` on 1 rank (2 threads)
+and over 2 local gloo ranks (1 thread each; `dist=`), one band per rank's share; step_s = the decode's seconds,
+halo_MB/step = the bytes the rank sent (row halos, the mid-block K/V all-gather, its image rows to rank 0),
+fwd_peak_MB = peak RSS minus RSS before (the rank's store + band). The full suite decodes 1024² with the SD VAE
+(random weights, bf16); --quick a 4-level 32-channel VAE at 256² in fp32.
 """
 from __future__ import annotations
 
@@ -166,12 +173,14 @@ def halo_bytes_per_step(pixels: int, ranks: int, blocks: int, hidden: int = HIDD
     return {"max_rank": blocks * max(per_rank), "one_direction": blocks * one_dir, "band_rows": bands[0][1]}
 
 
-def projection(pixels: int, ranks: int = 8, blocks: int = 28) -> list[dict]:
+def projection(pixels: int, ranks: int = 8, blocks: int = 28, tile_px: int = TILE_PX) -> list[dict]:
+    """The halo is `radius` tile rows per neighbour and the all-gather (N-1)/N of the image, so per rank
+    ours/allgather ≈ 2·radius·tile_px·N / ((N-1)·canvas_px): it falls with smaller tiles and larger canvases."""
     import bench_window_attention as bwa
 
-    f = step_flops(pixels, blocks)
+    f = step_flops(pixels, blocks, tile_px=tile_px)
     t1 = f["linear"] / (H100_PEAK * GEMM_EFF) + f["attention"] / (H100_PEAK * bwa.H100_EFF)
-    ours = halo_bytes_per_step(pixels, ranks, blocks)
+    ours = halo_bytes_per_step(pixels, ranks, blocks, tile_px=tile_px)
     lat = pixels // 8
     eps_gather = 8 * (lat * lat // ranks) * 2 * (ranks - 1)  # the band's ε (8 channels, bf16), sent N-1 times
     kv_all = blocks * 2 * f["tokens"] * HIDDEN * 2  # every layer's K and V of the whole image, bf16
@@ -180,11 +189,81 @@ def projection(pixels: int, ranks: int = 8, blocks: int = 28) -> list[dict]:
     for link, bw in (("NVLink 450 GB/s", NVLINK), ("PCIe 25 GB/s", PCIE)):
         comm = ours["one_direction"] / bw + eps_gather / bw
         tn = t1 / ranks + comm
-        rows.append({"kind": "PROJECTION", "canvas": f"{pixels}²", "blocks": blocks, "ranks": ranks, "link": link,
+        rows.append({"kind": "PROJECTION", "canvas": f"{pixels}²", "tile_px": tile_px, "blocks": blocks,
+                     "ranks": ranks, "link": link,
                      "band_rows": ours["band_rows"], "t1_step_s": t1, "tN_step_s": tn, "efficiency %": 100 * t1 / (ranks * tn),
                      "ours_MB/step": (ours["max_rank"] + eps_gather) / 2**20,
                      "allgather_MB/step": allgather / 2**20,
                      "ours/allgather": (ours["max_rank"] + eps_gather) / allgather})
+    return rows
+
+
+def projections() -> list[dict]:
+    return [r for tile in (TILE_PX, TILE_PX // 2) for px in (4096, 8192) for r in projection(px, tile_px=tile)]
+
+
+# ------------------------------------------------------------------------------------ parallel VAE decode
+
+
+def _vae(small: bool, dtype):
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        kw = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8) if small else \
+            dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # the SD / PixArt VAE
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            latent_channels=4, **kw)
+    return vae.to(dtype).eval()
+
+
+def _vae_worker(rank: int, world: int, p: dict) -> dict:
+    """One decode of a pixels² canvas (banded, one band per rank's share: `vae.decode` with dist), timed."""
+    from tiled_diffusion import distributed as D
+    from tiled_diffusion import vae as V
+
+    dtype = getattr(torch, p["dtype"])
+    vae = _vae(p["small"], dtype)
+    d = D.setup(backend="gloo", device="cpu", timeout_s=3600) if world > 1 else None
+    z = torch.randn(1, 4, p["pixels"] // 8, p["pixels"] // 8, generator=torch.Generator().manual_seed(0))
+    rss0 = _rss_mb()
+    comm: dict = {}
+    t0 = time.perf_counter()
+    img = V.banded_decode(vae, z, tile=p["pixels"] // 8, dist=d, comm=comm)
+    dt = time.perf_counter() - t0
+    res = {"s": dt, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0,
+           "sent": comm.get("bytes_sent", 0), "image": img if rank == 0 else None}
+    if d is not None:
+        D.teardown(d)
+    return res
+
+
+def vae_rows(pixels: int, small: bool, dtype: str, worlds=(1, 2)) -> list[dict]:
+    """Parallel VAE decode: 1 rank (2 threads) vs N ranks (2 // N threads each) on this machine; rank 0's image
+    compared with the one-rank image (relative RMS)."""
+    from tiled_diffusion import distributed as D
+
+    p = dict(pixels=pixels, small=small, dtype=dtype)
+    rows, ref, t1 = [], None, None
+    for world in worlds:
+        res = D.run_local(_vae_worker, world, (p,), timeout_s=3600, threads=max(1, 2 // world),
+                          preload=("torch", "tiled_diffusion.distributed", "tiled_diffusion.vae", __name__))
+        for r, x in enumerate(res):
+            if "ok" not in x:
+                rows.append({"kind": "vae decode", "canvas": f"{pixels}²", "ranks": world, "rank": r,
+                             "note": f"failed: {x.get('error', 'no report')}"[:160]})
+                continue
+            x = x["ok"]
+            row = {"kind": "vae decode", "canvas": f"{pixels}²", "width": "small" if small else "SD", "ranks": world,
+                   "rank": r, "step_s": x["s"], "fwd_peak_MB": x["peak_mb"], "halo_MB/step": x["sent"] / 2**20,
+                   "load": os.getloadavg()[0]}
+            if r == 0:
+                img = x["image"].double()
+                if ref is None:
+                    ref, t1 = img, x["s"]
+                row["note"] = (f"x1 rank {x['s'] / t1:.2f}, rel RMS vs 1 rank "
+                               f"{((img - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item():.1e}")
+            rows.append(row)
     return rows
 
 
@@ -193,7 +272,7 @@ def suite(quick: bool) -> list[dict]:
         p = dict(width=24, heads=2, head_dim=12, caption=32, blocks=2, tile=128, radius=1, dtype="float32",
                  warmup=0, steps=1)
         rows = _measure(256, 2, p, timeout_s=300)
-        return rows + projection(4096) + projection(8192)
+        return rows + vae_rows(256, True, "float32") + projections()
     # one timed forward per configuration (after one warm-up at 2048²): a 4096² forward of 2 blocks is ~10 TFLOP
     p = dict(width=HIDDEN, heads=HEADS, head_dim=HEAD_DIM, caption=CAPTION, blocks=BLOCKS, tile=TILE_PX,
              radius=RADIUS, dtype="bfloat16", warmup=1, steps=1)
@@ -202,10 +281,10 @@ def suite(quick: bool) -> list[dict]:
         q = dict(p, warmup=0) if pixels >= 4096 else p
         for world in (1, 2):
             rows += _measure(pixels, world, q, timeout_s=3600)
-    return rows + projection(4096) + projection(8192)
+    return rows + vae_rows(1024, False, "bfloat16") + projections()
 
 
-COLUMNS = ["kind", "canvas", "width", "blocks", "ranks", "rank", "band_rows", "link", "step_s", "wait %",
+COLUMNS = ["kind", "canvas", "tile_px", "width", "blocks", "ranks", "rank", "band_rows", "link", "step_s", "wait %",
            "halo_wait %", "halo_MB/step", "formula_ok", "gather_MB/step", "fwd_peak_MB", "load", "t1_step_s", "tN_step_s",
            "efficiency %", "ours_MB/step", "allgather_MB/step", "ours/allgather", "note"]
 

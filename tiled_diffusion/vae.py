@@ -441,7 +441,7 @@ def _progress(progress: bool, steps, desc: str):
 
 @torch.no_grad()
 def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional[torch.device] = None,
-                  progress: bool = False, dist=None) -> Optional[torch.Tensor]:
+                  progress: bool = False, dist=None, comm: Optional[dict] = None) -> Optional[torch.Tensor]:
     """Exact decode of latents [B, C_lat, h, w] (already divided by the scaling factor) to [B, 3, f·h, f·w].
 
     tile: latent rows per band (every resolution's band covers the same canvas rows). store: where the canvas
@@ -449,6 +449,7 @@ def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional
     dist: a `distributed.Dist` of N > 1 ranks, each passing the same whole-canvas latents: rank r decodes its share
     of the latent rows (its store holds that share + HALO rows), the result is returned on rank 0 (None elsewhere)
     and is the one-process decode up to floating-point order (the GroupNorm moments are combined across ranks).
+    comm: a dict that receives "bytes_sent" (what this rank sent; 0 on one process).
     """
     _check_input(latents, "latents")
     steps = _decoder_steps(vae.decoder)
@@ -465,7 +466,8 @@ def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional
         if part is None:
             return out.t.to(dev)
         img = part.to_main(out)
-        log.debug("banded decode rank %d/%d: sent %d bytes", dist.rank, dist.world, part.bytes_sent)
+        if comm is not None:
+            comm["bytes_sent"] = part.bytes_sent
         return None if img is None else img.to(dev)
 
 
