@@ -6,8 +6,10 @@ What is checked, per mode (cross_tile, multidiffusion):
   with inductor's decompositions, every op's fake (meta) output checked against the real op's — strides included,
   the mismatch that made inductor's `assert_size_stride` fail ("expected size 2==2, stride 6144==24") — while
   running eager kernels, so it is fast. The `inductor` cases (the default backend, ~2-5 min on 2 cores), the int8
-  transformer and the multidiffusion size walk are marked slow (TD_SLOW_TESTS=1); CI runs ~2 min of this file. Tolerance: fp32 model; decompositions and fused kernels reassociate fp32 sums, seen ≤ 6e-7 relative to
-  the latent's scale over 2 steps: atol = 1e-5 (crossref) / 1e-4 (inductor) × max|eager|, rtol alike.
+  transformer and the multidiffusion size walk are marked slow (TD_SLOW_TESTS=1); CI runs ~2 min of this file. Tolerance: fp32 model; decompositions and fused kernels reassociate fp32 sums, seen
+  ≤ 1.2e-5 relative to the latent's scale over 2 LCM steps with the trained tiny model (6e-7 with the random one it
+  replaced: the first LCM step divides ε differences by sqrt(alpha_bar(999)) = 0.0063): atol = 1e-4 × max|eager|
+  (crossref and inductor; 1e-3 for int8), rtol alike.
 - Graph breaks: none (torch._dynamo.utils.counters["graph_break"]).
 - Recompiles (one test per mode walks sizes A, A, B, A): no dimension is marked dynamic; the canvas forward
   derives its tile grid from the latent size in Python, so each canvas size is its own graph (dynamo's automatic-dynamic attempt specializes again). They are
@@ -74,7 +76,7 @@ def test_generate_compiled_matches_eager_and_recompiles_only_on_new_sizes(mode):
     pipe.transformer.compile(backend=cnt)
     frames = []
     for s in sizes:
-        _close(_generate(pipe, mode, *s), eager[s], 1e-5)
+        _close(_generate(pipe, mode, *s), eager[s], 1e-4)
         frames.append(cnt.frame_count)
     first, same, new, back = frames[0], frames[1] - frames[0], frames[2] - frames[1], frames[3] - frames[2]
     assert 1 <= first <= 2 and same == 0 and 1 <= new <= 2 and back == 0, frames
@@ -95,7 +97,7 @@ def test_direct_canvas_call_with_cfg_matches_eager():
         pipe.transformer.compile(backend=CompileCounterWithBackend(CROSSREF))
         got = pipe.transformer(lat, **kw)[0]
     assert got.shape == (2, 8, 48, 32)
-    _close(got, eager, 1e-5)
+    _close(got, eager, 1e-4)
     assert _graph_breaks() == {}
 
 

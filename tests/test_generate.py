@@ -170,7 +170,8 @@ def test_generate_nproc_2_equals_one_process(tmp_path):
     thread like each rank (torchrun sets OMP_NUM_THREADS=1), because fp32 GEMMs round differently with another
     thread count. The final latents are bitwise those of one process (test_distributed.py); the image is not:
     the parallel decode runs each rank's rows as bands (another floating-point order than the one-process plain
-    decode, ~1e-6 relative), which moves a few pixels across a rounding boundary (measured: 1 level on 0.06%)."""
+    decode, ~1e-6 relative), which moves a few pixels across a rounding boundary (measured: 1 level on 0.28% of
+    the values with the trained tiny model)."""
     import subprocess
     import sys
 
@@ -182,5 +183,5 @@ def test_generate_nproc_2_equals_one_process(tmp_path):
     subprocess.run(base + ["--out", str(two), "--nproc", "2"], check=True, env=env, capture_output=True, timeout=600)
     with Image.open(one) as a, Image.open(two) as b:
         diff = np.abs(np.asarray(a).astype(np.int16) - np.asarray(b).astype(np.int16))
-    assert diff.max() <= 1 and (diff > 0).mean() < 2e-3, (diff.max(), (diff > 0).mean())
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (diff.max(), (diff > 0).mean())
     assert sorted(os.listdir(tmp_path)) == ["one.png", "two.png"]

@@ -104,8 +104,9 @@ def test_cross_tile_small_radius_differs_from_global(accel):
 def test_multidiffusion_same_result_across_tile_batch_sizes(accel, tile_batch_size):
     ref = tiled(accel, 512, 384, mode="multidiffusion", tile=256)
     out = tiled(accel, 512, 384, mode="multidiffusion", tile=256, tile_batch_size=tile_batch_size)
-    # same initial noise (drawn once on the canvas); only GEMM blocking changes with the batch
-    assert rel_err(out, ref) < 1e-5
+    # same initial noise (drawn once on the canvas); only GEMM blocking changes with the batch, and the first LCM
+    # step divides an ε difference by sqrt(alpha_bar(999)) = 0.0063: measured 1.6e-5 with the trained tiny model
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_same_noise_across_tile_batch_sizes(accel):

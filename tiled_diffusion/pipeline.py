@@ -149,7 +149,8 @@ def _revert_class(obj, old_cls):
 
 
 def _bin_area(pipe) -> int:
-    """The largest area (px²) among the resolution bins the pipeline would snap a request to."""
+    """The largest area (px²) among the resolution bins the pipeline would snap a request to; 0 for a model
+    diffusers has no bins for (a sample_size other than 32/64/128/256, e.g. the lab's 16: its binning raises)."""
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pa
 
     bins = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
@@ -161,7 +162,7 @@ def _bin_area(pipe) -> int:
 
         table = getattr(ps, bins.get(sample, ""), None)
     if table is None:
-        return (sample * pipe.vae_scale_factor) ** 2
+        return 0
     return int(max(float(h) * float(w) for h, w in table.values()))
 
 

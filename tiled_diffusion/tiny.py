@@ -1,12 +1,17 @@
-"""The built-in tiny PixArt test model: built from configs with seeded random weights, fully offline.
+"""The built-in tiny PixArt model (`--model tiny`): the quality lab's model, trained here and shipped in the package.
 
-Same architecture family as PixArt-α/δ (PixArtTransformer2DModel with ada_norm_single, T5 encoder,
-AutoencoderKL with an 8x downsampling, LCMScheduler), scaled down so it builds in well under a second and runs
-1024² canvases on a CPU. The weights are random, so images are structured noise: the model exists to test the
-plumbing (tiling, positional embeddings, schedulers, module swaps), not image quality.
+A PixArtAlphaPipeline of the same architecture family as PixArt-α/δ (PixArtTransformer2DModel with
+ada_norm_single, T5 encoder, AutoencoderKL with an 8x downsampling, LCMScheduler with PixArt-δ's schedule), small
+enough for CPU tests, with weights trained on the lab's procedural world (`tiled_diffusion/lab`: world.py,
+train.py; the configs live in lab/models.py): it draws the world's four scene families from their captions
+(`lab.world.CAPTIONS`, e.g. "a blue ocean") at its 128-px training size and beyond. The trained folder is
+`tiled_diffusion/lab/tiny_model` (safetensors), loaded offline; retrain with
+`python -m tiled_diffusion.lab.train --out DIR` and copy DIR/model there.
 
 Tokenizer: a `tokenizers` WordLevel model over a small fixed vocabulary (unknown words -> <unk>), wrapped in
-T5TokenizerFast so PixArtAlphaPipeline.encode_prompt works unchanged (no hub access).
+T5TokenizerFast so PixArtAlphaPipeline.encode_prompt works unchanged (no hub access). The text encoder is a tiny
+T5 with seeded random weights (`SEED`), frozen during training: the transformer's caption projection learned to
+read its embeddings.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import string
 
 import torch
 
-SEED = 1234
-SAMPLE_SIZE = 32  # latent pixels: the model's base image is 256² px
+SEED = 1234  # the tiny T5's weights (frozen in training, so the shipped ones are exactly this draw)
+SAMPLE_SIZE = 16  # latent pixels: the model's base image is 128² px (lab.models.TRAIN_SIZE)
 TEXT_DIM = 32
 _WORDS = ("a photo of the an and in on with at cat dog city mountain lake forest sky river house tree car red "
           "blue green yellow black white big small old new night day sunset ocean beach snow painting "
@@ -39,22 +44,17 @@ def tiny_tokenizer():
 
 
 def tiny_transformer(**overrides):
-    from diffusers import PixArtTransformer2DModel
+    """The tiny model's PixArtTransformer2DModel built from its config (random init; `overrides` change it)."""
+    from .lab.models import build_transformer
 
-    cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-               cross_attention_dim=16, sample_size=SAMPLE_SIZE, patch_size=2, caption_channels=TEXT_DIM,
-               norm_num_groups=4, interpolation_scale=1)
-    cfg.update(overrides)
-    return PixArtTransformer2DModel(**cfg)
+    return build_transformer(**overrides)
 
 
 def tiny_vae():
-    from diffusers import AutoencoderKL
+    """The tiny model's AutoencoderKL built from its config (random init)."""
+    from .lab.models import build_vae
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-                         block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         sample_size=256)
+    return build_vae()
 
 
 def tiny_text_encoder(vocab_size: int):
@@ -67,32 +67,22 @@ def tiny_text_encoder(vocab_size: int):
 
 
 def tiny_scheduler():
-    from diffusers import LCMScheduler
+    """PixArt-δ's LCMScheduler (linear betas 1e-4..0.02, ε-prediction): the schedule the tiny model was trained on."""
+    from .lab.models import build_scheduler
 
-    # PixArt-δ's schedule has beta_end=0.02 (alpha_bar(999) ≈ 4e-5): x0 = (x - σ·ε)/α amplifies any ε that is not
-    # the true noise ~156x, so a random model's images are amplified noise, identical in every mode. A gentler
-    # schedule (alpha_bar(999) ≈ 0.35) keeps latents O(1) and lets the model's own (tile-dependent) output show
-    # in the image, which is what seam measurements need. The scheduler arithmetic is the same code either way.
-    return LCMScheduler(beta_start=1e-4, beta_end=0.002, beta_schedule="linear", prediction_type="epsilon",
-                        num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
+    return build_scheduler()
 
 
-def tiny_pipeline(device="cpu", dtype=torch.float32, seed: int = SEED):
-    """A PixArtAlphaPipeline with tiny random (deterministic for a given seed) weights, on `device` in `dtype`.
+def tiny_pipeline(device="cpu", dtype=torch.float32):
+    """The trained tiny PixArtAlphaPipeline (lab/tiny_model, offline) on `device` in `dtype`.
 
-    The global RNG state is left untouched.
+    Every call returns fresh modules (callers accelerate and quantize them in place). The global RNG state is
+    left untouched.
     """
-    from diffusers import PixArtAlphaPipeline
+    from .lab.models import load_pipeline
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = tiny_tokenizer()
-        text_encoder = tiny_text_encoder(len(tokenizer))
-        transformer = tiny_transformer().eval()
-        vae = tiny_vae().eval()
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                               scheduler=tiny_scheduler())
-    pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline()
     # Modules built from configs have no `_keep_in_fp32_modules` to honour; diffusers warns about that on every
     # cast, so the warning is muted for this one call.
     from diffusers.utils import logging as dlogging

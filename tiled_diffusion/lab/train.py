@@ -11,7 +11,9 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             t uniform in [0, 1000)), conditioned on the caption embeddings of the frozen, seeded tiny T5
             (10% of captions dropped to "" so classifier-free guidance is possible). An EMA of the weights is
             what ships.
-5. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
+5. lcm      latent consistency distillation of the EMA ε-model (`stage_lcm`): 4 LCM steps of an un-distilled
+            model draw the captions' mean colours, the distilled one draws structure (--lcm-steps 0 skips it).
+6. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
             DIR/model/lab_training.json (configs, steps, losses, times).
 
 Everything is drawn from seeded torch.Generators whose states are checkpointed, so a resumed run continues the
@@ -257,6 +259,109 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     return ema.eval(), history
 
 
+# ------------------------------------------------------------------------------------ lcm distillation
+
+SIGMA_DATA = 0.5  # diffusers' LCMScheduler boundary condition (get_scalings_for_boundary_condition_discrete)
+
+
+def lcm_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of LCMScheduler at integer timesteps t: the student's output is c_skip·x_t + c_out·x0(ε), so
+    at t = 0 it is x_t itself (the consistency boundary condition), exactly as the scheduler applies it."""
+    st = t.double() * timestep_scaling
+    return (SIGMA_DATA ** 2 / (st ** 2 + SIGMA_DATA ** 2)).float(), (st / (st ** 2 + SIGMA_DATA ** 2).sqrt()).float()
+
+
+def consistency(e: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                timestep_scaling: float) -> torch.Tensor:
+    """The consistency function f(x_t, t) of a model that predicted ε = e: LCMScheduler.step's `denoised`
+    (c_skip·x + c_out·x0 with x0 = (x - sqrt(1 - ᾱ)·e) / sqrt(ᾱ)), per batch row t."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+    c_skip, c_out = (c.view(-1, 1, 1, 1) for c in lcm_scalings(t, timestep_scaling))
+    return c_skip * x + c_out * x0
+
+
+def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.Tensor, scale: float):
+    """Latent consistency distillation (Luo et al. 2023, LCM) of the trained ε-model into a 2-4 step sampler.
+
+    PixArt-δ's LCMScheduler jumps to an x0 prediction at every step; an un-distilled ε-model predicts the mean
+    image there (flat colour fields in 4 steps). Distillation: x_{t+k} from data; the frozen teacher takes one DDIM
+    step k = 1000 / --lcm-origin-steps back to t (conditional only: guidance scale 1, the lab's best, NOTES); the
+    student's f(x_{t+k}, t+k) is pulled to the target network's f(x̂_t, t) (pseudo-Huber loss), the target an EMA
+    of the student (--lcm-ema). f is the scheduler's own c_skip·x + c_out·x0(ε), on its grid t ∈ {k-1, 2k-1, ...,
+    999}, so the shipped LCMScheduler samples the student as it was trained. The target network ships."""
+    import copy
+
+    path = os.path.join(ckpt, "lcm.pt")
+    sched = models.build_scheduler()
+    ab = sched.alphas_cumprod.float()
+    k = sched.config.num_train_timesteps // args.lcm_origin_steps
+    grid = torch.arange(1, args.lcm_origin_steps + 1) * k - 1  # LCMScheduler's lcm_origin_timesteps
+    ts = float(sched.config.timestep_scaling)
+    teacher = teacher.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    target = copy.deepcopy(teacher).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lcm_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 4)
+    start, history = 0, []
+    if os.path.exists(path):
+        st = torch.load(path, weights_only=False)
+        student.load_state_dict(st["model"])
+        target.load_state_dict(st["target"])
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["rng"])
+        start, history = st["step"], st["history"]
+        if start >= args.lcm_steps:
+            return target.eval(), history
+        log(f"lcm: resuming at step {start}")
+    embeds, masks = caption_embeddings(list(world.CAPTIONS))
+    x0_all = latents * scale
+    n = x0_all.shape[0]
+    no_cond = {"resolution": None, "aspect_ratio": None}
+
+    def eps(model, x, t, cap):
+        return model(x, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
+                     added_cond_kwargs=no_cond).sample
+
+    def f(model, x, t, cap):
+        return consistency(eps(model, x, t, cap), x, t, ab, ts)
+
+    prog = Progress("lcm", args.lcm_steps, start)
+    for step in range(start + 1, args.lcm_steps + 1):
+        for pg in opt.param_groups:
+            pg["lr"] = _lr(step - 1, args.lcm_steps, args.lcm_lr, 100)
+        idx = torch.randint(0, n, (args.dit_batch,), generator=g)
+        cap = families[idx]
+        t1 = grid[torch.randint(0, grid.numel(), (args.dit_batch,), generator=g)]
+        t0 = (t1 - k).clamp_min(0)
+        noise = torch.randn(x0_all[idx].shape, generator=g)
+        a1 = ab[t1].view(-1, 1, 1, 1)
+        x1 = a1.sqrt() * x0_all[idx] + (1 - a1).sqrt() * noise
+        with torch.no_grad():
+            e = eps(teacher, x1, t1, cap)  # one DDIM step of the teacher, t1 -> t0
+            x0_t = (x1 - (1 - a1).sqrt() * e) / a1.sqrt()
+            a0 = ab[t0].view(-1, 1, 1, 1)
+            x0_hat = a0.sqrt() * x0_t + (1 - a0).sqrt() * e
+            want = f(target, x0_hat, t0, cap)
+        pred = f(student, x1, t1, cap)
+        c = 1e-3
+        loss = (((pred - want) ** 2 + c * c).sqrt() - c).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pt, p in zip(target.parameters(), student.parameters()):
+                pt.lerp_(p, 1 - args.lcm_ema)
+        prog.update(step, loss.item())
+        if step % 100 == 0:
+            history.append((step, prog.loss))
+        if step % args.ckpt_every == 0 or step == args.lcm_steps:
+            _atomic_save({"model": student.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
+                          "rng": g.get_state(), "step": step, "history": history}, path)
+    return target.eval(), history
+
+
 # --------------------------------------------------------------------------------------------- export
 
 
@@ -292,17 +397,22 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
-    p.add_argument("--dit-steps", type=int, default=4500)
+    p.add_argument("--dit-steps", type=int, default=16000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=8e-4)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--lcm-steps", type=int, default=3000, help="LCM distillation steps (0: ship the ε-model)")
+    p.add_argument("--lcm-lr", type=float, default=2e-4)
+    p.add_argument("--lcm-ema", type=float, default=0.95, help="the target network's EMA decay (LCM's 0.95)")
+    p.add_argument("--lcm-origin-steps", type=int, default=50, help="the distillation grid (LCMScheduler's "
+                   "original_inference_steps): the teacher's DDIM step is 1000 / this")
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 is fastest on a shared 2-core machine (idle threads spin-wait)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few images and steps (checks the command)")
     args = p.parse_args(argv)
     if args.quick:
-        args.images, args.vae_steps, args.dit_steps, args.ckpt_every = 64, 20, 20, 10
+        args.images, args.vae_steps, args.dit_steps, args.lcm_steps, args.ckpt_every = 64, 20, 20, 10, 10
     return args
 
 
@@ -326,10 +436,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     tr, dit_hist = stage_dit(args, ckpt, latents, families, scale)
     times["dit_s"] = time.perf_counter() - t0
+    lcm_hist = []
+    if args.lcm_steps > 0:
+        t0 = time.perf_counter()
+        tr, lcm_hist = stage_lcm(args, ckpt, tr, latents, families, scale)
+        times["lcm_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_all  # this invocation only (a resumed run counts from its start)
     meta = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "train_size": models.TRAIN_SIZE,
             "captions": world.FAMILIES, "vae_psnr_db": psnr, "scaling_factor": scale, "times": times,
-            "vae_loss": vae_hist, "dit_loss": dit_hist, "threads": torch.get_num_threads()}
+            "vae_loss": vae_hist, "dit_loss": dit_hist, "lcm_loss": lcm_hist, "threads": torch.get_num_threads()}
     export(args, args.out, vae, tr, scale, meta)
     log(f"done in {times['total_s'] / 60:.1f} min")
     return 0
