@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--size", type=_size, default=(2048, 2048), help="WIDTHxHEIGHT in pixels (multiples of 16)")
     g.add_argument("--steps", type=int, default=4, help="LCM steps (2-4 for PixArt-δ)")
-    g.add_argument("--model", default="tiny", help="a local diffusers PixArt folder, or 'tiny' (built-in test model)")
+    g.add_argument("--model", default="tiny",
+                   help="a local diffusers PixArt folder, or 'tiny' (the built-in lab model, trained on lab/world.py)")
     g.add_argument("--mode", choices=["cross_tile", "multidiffusion", "global"], default="cross_tile")
     g.add_argument("--tile", type=int, default=None,
                    help="tile size in pixels (default: 512 for cross_tile, 1024 for multidiffusion)")
