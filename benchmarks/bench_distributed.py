@@ -108,30 +108,38 @@ def _worker(rank: int, world: int, p: dict) -> dict:
     return res
 
 
-def _measure(pixels: int, world: int, p: dict, timeout_s: float) -> list[dict]:
+def _ranks(fn, world: int, p: dict, timeout_s: float, kind: str, preload: tuple) -> list[tuple[int, dict, dict]]:
+    """fn on `world` local gloo ranks (2 // world threads each: the 2 cores split evenly); per rank (rank, its
+    report or None, the row's common columns, with the failure as a note)."""
     from tiled_diffusion import distributed as D
 
-    q = dict(p, pixels=pixels)
-    results = D.run_local(_worker, world, (q,), timeout_s=timeout_s, threads=max(1, 2 // world),
-                          preload=("torch", "tiled_diffusion.distributed", "tiled_diffusion.pipeline",
-                                   "diffusers.models.transformers.pixart_transformer_2d", __name__))
-    rows = []
+    results = D.run_local(fn, world, (p,), timeout_s=timeout_s, threads=max(1, 2 // world),
+                          preload=("torch", "tiled_diffusion.distributed") + preload + (__name__,))
+    out = []
     for r, res in enumerate(results):
+        row = {"kind": kind, "canvas": f"{p['pixels']}²", "ranks": world, "rank": r}
         if "ok" not in res:
-            rows.append({"kind": "measured", "canvas": f"{pixels}²", "ranks": world, "rank": r,
-                         "note": f"failed: {res.get('error', 'no report')}"[:160]})
+            row["note"] = f"failed: {res.get('error', 'no report')}"[:160]
+        out.append((r, res.get("ok"), row))
+    return out
+
+
+def _measure(pixels: int, world: int, p: dict, timeout_s: float) -> list[dict]:
+    rows = []
+    for r, x, row in _ranks(_worker, world, dict(p, pixels=pixels), timeout_s, "measured",
+                            ("tiled_diffusion.pipeline", "diffusers.models.transformers.pixart_transformer_2d")):
+        rows.append(row)
+        if x is None:
             continue
-        x = res["ok"]
         st = sorted(x["steps"], key=lambda s: s["step_s"])[len(x["steps"]) // 2]  # the median step
-        row = {"kind": "measured", "canvas": f"{pixels}²", "width": p["width"], "blocks": p["blocks"],
-               "ranks": world, "rank": r, "step_s": st["step_s"], "fwd_peak_MB": x["fwd_peak_mb"]}
+        row.update({"width": p["width"], "blocks": p["blocks"], "step_s": st["step_s"],
+                    "fwd_peak_MB": x["fwd_peak_mb"]})
         if world > 1:
             row.update({"band_rows": x["band_rows"], "halo_MB/step": st["halo_bytes"] / 2**20,
                         "formula_ok": st["halo_bytes"] == x["halo_formula_bytes"],
                         "gather_MB/step": st["gather_bytes"] / 2**20,
                         "wait %": 100 * (st["halo_wait_s"] + st["gather_s"]) / st["step_s"],
                         "halo_wait %": 100 * st["halo_wait_s"] / st["step_s"]})
-        rows.append(row)
     for row in rows:
         row["load"] = os.getloadavg()[0]  # the machine is shared: figures taken at a high load are noisy
     return rows
@@ -241,29 +249,21 @@ def _vae_worker(rank: int, world: int, p: dict) -> dict:
 def vae_rows(pixels: int, small: bool, dtype: str, worlds=(1, 2)) -> list[dict]:
     """Parallel VAE decode: 1 rank (2 threads) vs N ranks (2 // N threads each) on this machine; rank 0's image
     compared with the one-rank image (relative RMS)."""
-    from tiled_diffusion import distributed as D
-
     p = dict(pixels=pixels, small=small, dtype=dtype)
     rows, ref, t1 = [], None, None
     for world in worlds:
-        res = D.run_local(_vae_worker, world, (p,), timeout_s=3600, threads=max(1, 2 // world),
-                          preload=("torch", "tiled_diffusion.distributed", "tiled_diffusion.vae", __name__))
-        for r, x in enumerate(res):
-            if "ok" not in x:
-                rows.append({"kind": "vae decode", "canvas": f"{pixels}²", "ranks": world, "rank": r,
-                             "note": f"failed: {x.get('error', 'no report')}"[:160]})
+        for r, x, row in _ranks(_vae_worker, world, p, 3600, "vae decode", ("tiled_diffusion.vae",)):
+            rows.append(row)
+            if x is None:
                 continue
-            x = x["ok"]
-            row = {"kind": "vae decode", "canvas": f"{pixels}²", "width": "small" if small else "SD", "ranks": world,
-                   "rank": r, "step_s": x["s"], "fwd_peak_MB": x["peak_mb"], "halo_MB/step": x["sent"] / 2**20,
-                   "load": os.getloadavg()[0]}
+            row.update({"width": "small" if small else "SD", "step_s": x["s"], "fwd_peak_MB": x["peak_mb"],
+                        "halo_MB/step": x["sent"] / 2**20, "load": os.getloadavg()[0]})
             if r == 0:
                 img = x["image"].double()
                 if ref is None:
                     ref, t1 = img, x["s"]
                 row["note"] = (f"x1 rank {x['s'] / t1:.2f}, rel RMS vs 1 rank "
                                f"{((img - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item():.1e}")
-            rows.append(row)
     return rows
 
 

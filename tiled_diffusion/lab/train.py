@@ -62,6 +62,24 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _resume(path: str, model, shadow, shadow_key: str, opt, g: torch.Generator) -> tuple[int, list]:
+    """Load a stage's checkpoint into (model, its EMA/target `shadow`, optimizer, generator): (step, history),
+    (0, []) when there is none."""
+    if not os.path.exists(path):
+        return 0, []
+    st = torch.load(path, weights_only=False)
+    model.load_state_dict(st["model"])
+    shadow.load_state_dict(st[shadow_key])
+    opt.load_state_dict(st["opt"])
+    g.set_state(st["rng"])
+    return st["step"], st["history"]
+
+
+def _checkpoint(path: str, model, shadow, shadow_key: str, opt, g: torch.Generator, step: int, history) -> None:
+    _atomic_save({"model": model.state_dict(), shadow_key: shadow.state_dict(), "opt": opt.state_dict(),
+                  "rng": g.get_state(), "step": step, "history": history}, path)
+
+
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -210,16 +228,10 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(tr.parameters(), lr=args.dit_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 3)
-    start, history = 0, []
-    if os.path.exists(path):
-        st = torch.load(path, weights_only=False)
-        tr.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        g.set_state(st["rng"])
-        start, history = st["step"], st["history"]
-        if start >= args.dit_steps:
-            return ema.eval(), history
+    start, history = _resume(path, tr, ema, "ema", opt, g)
+    if start >= args.dit_steps:
+        return ema.eval(), history
+    if start:
         log(f"dit: resuming at step {start}")
     embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
     ab = models.build_scheduler().alphas_cumprod.float()
@@ -254,8 +266,7 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
         if step % 100 == 0:
             history.append((step, prog.loss))
         if step % args.ckpt_every == 0 or step == args.dit_steps:
-            _atomic_save({"model": tr.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                          "rng": g.get_state(), "step": step, "history": history}, path)
+            _checkpoint(path, tr, ema, "ema", opt, g, step, history)
     return ema.eval(), history
 
 
@@ -303,16 +314,10 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
     target = copy.deepcopy(teacher).requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lcm_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 4)
-    start, history = 0, []
-    if os.path.exists(path):
-        st = torch.load(path, weights_only=False)
-        student.load_state_dict(st["model"])
-        target.load_state_dict(st["target"])
-        opt.load_state_dict(st["opt"])
-        g.set_state(st["rng"])
-        start, history = st["step"], st["history"]
-        if start >= args.lcm_steps:
-            return target.eval(), history
+    start, history = _resume(path, student, target, "target", opt, g)
+    if start >= args.lcm_steps:
+        return target.eval(), history
+    if start:
         log(f"lcm: resuming at step {start}")
     embeds, masks = caption_embeddings(list(world.CAPTIONS))
     x0_all = latents * scale
@@ -357,8 +362,7 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
         if step % 100 == 0:
             history.append((step, prog.loss))
         if step % args.ckpt_every == 0 or step == args.lcm_steps:
-            _atomic_save({"model": student.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
-                          "rng": g.get_state(), "step": step, "history": history}, path)
+            _checkpoint(path, student, target, "target", opt, g, step, history)
     return target.eval(), history
 
 
