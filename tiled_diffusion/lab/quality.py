@@ -58,6 +58,10 @@ MODES = (
     Mode("cross_tile r1 canvas_native", "cross_tile", (("radius", 1), ("positional", "canvas_native"))),
     Mode("cross_tile r1 tile_local", "cross_tile", (("radius", 1), ("positional", "tile_local"))),
     Mode("multidiffusion 50%", "multidiffusion", (("overlap", 0.5),)),
+    # tiles of the training size: fewer seams, but each tile nearer the untiled model's large-canvas behaviour
+    Mode("cross_tile r1 train-size tiles", "cross_tile", (("radius", 1), ("tile", models.TRAIN_SIZE))),
+    Mode("cross_tile r1 shift train-size tiles", "cross_tile", (("radius", 1), ("shift", True),
+                                                                ("tile", models.TRAIN_SIZE))),
 )
 # diffusers' own call, tiled by accelerate (canvas.py); the suite accelerates with cross_tile r1 at CROSS_TILE_PX,
 # so this row must equal "cross_tile r1" (tests/test_dropin.py asserts that for generate vs pipe(...)).
@@ -77,11 +81,12 @@ def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[i
         g = pixel_grid(cfg, height // 8, width // 8, 1, patch)
         edges = lambda origins, t, size: sorted({v * 8 for o in origins for v in (o, o + t) if 0 < v * 8 < size})  # noqa: E731
         return edges(g.origins_y, g.th, height), edges(g.origins_x, g.tw, width)
-    kw = dict(m.overrides)
-    ys, xs = metrics.grid_seams(CROSS_TILE_PX, height), metrics.grid_seams(CROSS_TILE_PX, width)
+    kw = m.kwargs() if m.mode == "cross_tile" else {"tile": CROSS_TILE_PX}
+    t = kw["tile"]
+    ys, xs = metrics.grid_seams(t, height), metrics.grid_seams(t, width)
     if kw.get("shift"):  # odd steps run on the grid shifted by half a tile
-        ys = sorted(set(ys) | set(metrics.grid_seams(CROSS_TILE_PX, height, CROSS_TILE_PX // 2)))
-        xs = sorted(set(xs) | set(metrics.grid_seams(CROSS_TILE_PX, width, CROSS_TILE_PX // 2)))
+        ys = sorted(set(ys) | set(metrics.grid_seams(t, height, t // 2)))
+        xs = sorted(set(xs) | set(metrics.grid_seams(t, width, t // 2)))
     return ys, xs
 
 
