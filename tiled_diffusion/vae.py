@@ -603,9 +603,11 @@ def _estimates(vae, H: int, W: int, *, encode: bool, rows: Optional[int], es: in
             store, band = max(store, s), max(band, b)
     io = batch * 3 * H * W * es  # the image (output of decode, input of encode)
     # + one copy of the conv weights (channels-last for the call; oneDNN's reorders). The plain count is scaled by
-    # 1.25: measured peak RSS / count was 1.48 at 512² bf16 and 1.26 at 1024² fp32 (allocator and oneDNN scratch).
+    # what was measured (allocator and oneDNN scratch): decode peak RSS / count 1.48 at 512² bf16, 1.26 at 1024²
+    # and 1.23 at 2048² fp32 -> 1.25; encode 1.64 (plain) and 1.66 (channels-last) at 2048² fp32 -> 1.7.
     weights = sum(p.numel() for p in (vae.encoder if encode else vae.decoder).parameters()) * es
-    return {"plain": int(1.25 * batch * plain * es) + io + weights, "store": batch * store * es + io + weights,
+    scale = 1.7 if encode else 1.25
+    return {"plain": int(scale * batch * plain * es) + io + weights, "store": batch * store * es + io + weights,
             "band": batch * band * 4}
 
 

@@ -401,11 +401,11 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
-    p.add_argument("--dit-steps", type=int, default=16000)
+    p.add_argument("--dit-steps", type=int, default=10000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=8e-4)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--lcm-steps", type=int, default=3000, help="LCM distillation steps (0: ship the ε-model)")
+    p.add_argument("--lcm-steps", type=int, default=2000, help="LCM distillation steps (0: ship the ε-model)")
     p.add_argument("--lcm-lr", type=float, default=2e-4)
     p.add_argument("--lcm-ema", type=float, default=0.95, help="the target network's EMA decay (LCM's 0.95)")
     p.add_argument("--lcm-origin-steps", type=int, default=50, help="the distillation grid (LCMScheduler's "
