@@ -332,6 +332,18 @@ class HaloLayout:
         return works, recvs, sends
 
 
+def send_recv(pairs: Sequence[tuple[int, torch.Tensor, torch.Tensor]], d: Dist, what: str) -> int:
+    """Blocking point-to-point exchange: for each (peer group rank, tensor to send, contiguous buffer to receive
+    into), both posted in one batch and waited for within the group's timeout. Returns the bytes sent."""
+    ops = []
+    for peer, snd, rcv in pairs:
+        g = _global_rank(d, peer)
+        ops += [dist.P2POp(dist.isend, snd, g, d.group), dist.P2POp(dist.irecv, rcv, g, d.group)]
+    if ops:
+        _wait(dist.batch_isend_irecv(ops), d.timeout, what)
+    return sum(snd.numel() * snd.element_size() for _, snd, _ in pairs)
+
+
 def _global_rank(d: Dist, group_rank: int) -> int:
     if d.group is None or d.group is dist.group.WORLD:
         return group_rank
@@ -716,21 +728,15 @@ def combine_moments(n: int, mean: torch.Tensor, m2: torch.Tensor, d: Dist) -> tu
     parts = [torch.empty_like(mine) for _ in range(d.world)]
     work = dist.all_gather(parts, mine, group=d.group, async_op=True)
     _wait([work], d.timeout, "GroupNorm statistics all-gather")
+    from .vae import merge_moments
+
     k = mean.numel()
     tot_n, tot_mean, tot_m2 = 0, None, None
     for p in parts:
         p = p.cpu()
-        pn, pmean, pm2 = int(p[0].item()), p[1:1 + k], p[1 + k:]
-        if pn == 0:
-            continue
-        if tot_mean is None:
-            tot_n, tot_mean, tot_m2 = pn, pmean, pm2
-            continue
-        nn_ = tot_n + pn
-        delta = pmean - tot_mean
-        tot_mean = tot_mean + delta * (pn / nn_)
-        tot_m2 = tot_m2 + pm2 + delta.square() * (tot_n * pn / nn_)
-        tot_n = nn_
+        pn = int(p[0].item())
+        if pn:
+            tot_n, tot_mean, tot_m2 = merge_moments(tot_n, tot_mean, tot_m2, pn, p[1:1 + k], p[1 + k:])
     if tot_mean is None:
         raise RuntimeError("combine_moments: no rank counted any element")
     return tot_n, tot_mean.reshape(shape).to(mean.device), tot_m2.reshape(shape).to(mean.device)

@@ -136,6 +136,18 @@ def _input_norm(step) -> Optional[nn.GroupNorm]:
 # ----------------------------------------------------------------------------- exact canvas GroupNorm statistics
 
 
+def merge_moments(n_a: int, mean_a: Optional[torch.Tensor], m2_a: Optional[torch.Tensor], n_b: int,
+                  mean_b: torch.Tensor, m2_b: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Chan et al.'s pairwise combination of two parts' (count, mean, M2 = Σ(x - mean)²): the M2s plus the spread
+    of the two means (never a mean of variances). n_a = 0 (mean_a, m2_a None) is the empty part. The one place this
+    formula lives: bands of one canvas (_Stats) and ranks of a distributed one (distributed.combine_moments)."""
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n)
+
+
 class _Stats:
     """Per-(image, group) mean and M2 of a canvas, accumulated band by band (Chan et al.'s pairwise combination)."""
 
@@ -156,14 +168,7 @@ class _Stats:
         nb = hw * (C // G)
         mean = mean.double().view(B, G)
         m2 = rstd.double().view(B, G).pow(-2) * nb
-        if self.n == 0:
-            self.mean, self.m2 = mean, m2
-        else:
-            n = self.n + nb
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (nb / n)
-            self.m2 = self.m2 + m2 + delta.square() * (self.n * nb / n)
-        self.n += nb
+        self.n, self.mean, self.m2 = merge_moments(self.n, self.mean, self.m2, nb, mean, m2)
 
     def norm_args(self) -> tuple[torch.Tensor, ...]:
         """(mean, var, weight, bias) per image and channel, fp32 [B·C]: GroupNorm with these statistics is
@@ -232,27 +237,21 @@ class _Part:
     def exchange(self, x: _Act) -> None:
         """Fill x's margin rows from the neighbours' shares (each sends at most its own rows: a deeper margin is
         never read, since every step's halo is at most the rows any rank owns at that resolution)."""
-        from torch import distributed as tdist
-
-        H, r, world = x.H, self.d.rank, self.d.world
+        H, r = x.H, self.d.rank
         lo, hi = self.own(H)
-        ops, keep = [], []
+        pairs, spans = [], []
         for peer in (r - 1, r + 1):
-            if not 0 <= peer < world:
+            if not 0 <= peer < self.d.world:
                 continue
             if peer < r:  # my first rows are its bottom margin; its last rows are my top margin
                 mine, theirs = (lo, min(hi, lo + HALO)), (max(x.a, self.own(H, peer)[0]), lo)
             else:
                 mine, theirs = (max(lo, hi - HALO), hi), (hi, min(x.a + x.t.shape[-2], self.own(H, peer)[1]))
-            snd = x.rows(*mine).contiguous()
-            rcv = torch.empty_like(x.rows(*theirs), memory_format=torch.contiguous_format)
-            keep.append((snd, rcv, theirs))
-            g = self.D._global_rank(self.d, peer)
-            ops += [tdist.P2POp(tdist.isend, snd, g, self.d.group), tdist.P2POp(tdist.irecv, rcv, g, self.d.group)]
-            self.bytes_sent += snd.numel() * snd.element_size()
-        if ops:
-            self.D._wait(tdist.batch_isend_irecv(ops), self.d.timeout, "VAE halo exchange")
-        for _, rcv, (a, b) in keep:
+            pairs.append((peer, x.rows(*mine).contiguous(),
+                          torch.empty_like(x.rows(*theirs), memory_format=torch.contiguous_format)))
+            spans.append(theirs)
+        self.bytes_sent += self.D.send_recv(pairs, self.d, "VAE halo exchange")
+        for (_, _, rcv), (a, b) in zip(pairs, spans):
             x.rows(a, b).copy_(rcv)
 
     def combine(self, st: "_Stats") -> None:
@@ -656,6 +655,10 @@ def _free_bytes(device: torch.device) -> int:
 CPU_BAND_ROWS = 16
 
 
+def _band_rows(rows: int, device: torch.device) -> int:
+    return min(rows, CPU_BAND_ROWS) if device.type == "cpu" else rows
+
+
 def _plan(vae, x: torch.Tensor, *, encode: bool, max_memory_gb: Optional[float], tile: Optional[int]) -> dict:
     """Which method and band height: plain if it fits, else the tallest bands whose store + band fit (at most
     CPU_BAND_ROWS on the CPU)."""
@@ -679,9 +682,7 @@ def _plan(vae, x: torch.Tensor, *, encode: bool, max_memory_gb: Optional[float],
         # a store on the compute device shares the budget with the band; a CPU store behind a GPU gets host memory
         room = budget - b1 - (s1 if store == x.device else 0)
         if room >= 0 and (store == x.device or s1 <= _free_bytes(store)):
-            rows = int(min(lat_h - 1, 1 + room // max(1, b2 - b1)))
-            if x.device.type == "cpu":
-                rows = min(rows, CPU_BAND_ROWS)
+            rows = _band_rows(int(min(lat_h - 1, 1 + room // max(1, b2 - b1))), x.device)
             return {"method": "banded", "tile": max(1, rows), "store": store}
     return {"method": "overlap", "tile": None, "store": x.device}
 
@@ -720,13 +721,14 @@ def _parallel_decode(vae, latents: torch.Tensor, *, max_memory_gb, tile, progres
 
     h = latents.shape[-2]
     share = max(b - a for a, b in split_rows(h, d.world)) + 2 * HALO  # the largest store any rank holds
-    if tile is None:  # the memory rule on a rank's share: one band per pass when the share fits plainly
+    if tile is None:  # the memory rule on a rank's share: bands as tall as the device likes when it fits plainly
         plan = _plan(vae, latents[:, :, :min(h, share)], encode=False, max_memory_gb=max_memory_gb, tile=None)
         if plan["method"] == "overlap":
             raise MemoryError(f"vae.decode: a rank's share ({share} latent rows of {h}) does not fit "
                               f"{max_memory_gb if max_memory_gb else 'the free memory'} GB even banded; "
                               f"use more ranks")
-        tile, store = (h if plan["method"] == "plain" else plan["tile"]), plan["store"]
+        tile = _band_rows(h, latents.device) if plan["method"] == "plain" else plan["tile"]
+        store = plan["store"]
     else:
         store = latents.device
     log.debug("vae.decode %s over %d ranks: %d-row bands", tuple(latents.shape), d.world, tile)
