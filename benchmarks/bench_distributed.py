@@ -213,25 +213,15 @@ def projections() -> list[dict]:
 # ------------------------------------------------------------------------------------ parallel VAE decode
 
 
-def _vae(small: bool, dtype):
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        kw = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8) if small else \
-            dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)  # the SD / PixArt VAE
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            latent_channels=4, **kw)
-    return vae.to(dtype).eval()
-
-
 def _vae_worker(rank: int, world: int, p: dict) -> dict:
     """One decode of a pixels² canvas (banded, one band per rank's share: `vae.decode` with dist), timed."""
     from tiled_diffusion import distributed as D
     from tiled_diffusion import vae as V
 
-    dtype = getattr(torch, p["dtype"])
-    vae = _vae(p["small"], dtype)
+    from bench_memory import VAE_QUICK, VAE_SD
+    from bench_vae import _vae
+
+    vae = _vae(VAE_QUICK if p["small"] else VAE_SD, getattr(torch, p["dtype"]))  # the VAE suite's models
     d = D.setup(backend="gloo", device="cpu", timeout_s=3600) if world > 1 else None
     z = torch.randn(1, 4, p["pixels"] // 8, p["pixels"] // 8, generator=torch.Generator().manual_seed(0))
     rss0 = _rss_mb()

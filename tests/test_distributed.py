@@ -310,19 +310,16 @@ def test_more_ranks_than_tile_rows_is_refused_before_any_work():
 # ------------------------------------------------------------------------------- parallel VAE decode
 
 
-def _small_vae(attention=True):
-    from diffusers import AutoencoderKL
+def _small_vae():
+    from test_vae import _vae  # the small SD-layout VAE of tests/test_vae.py, mid-block attention on
 
-    torch.manual_seed(0)  # the SD layout scaled down (tests/test_vae.py): 13 GroupNorms, global mid attention
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-                         norm_num_groups=8, latent_channels=4, mid_block_add_attention=attention).eval()
+    return _vae(attention=True)
 
 
 def _vae_latents(h, w):
-    g = torch.Generator().manual_seed(1)  # large-scale structure, so each rank's share has other statistics
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    return 0.5 * torch.randn(2, 4, h, w, generator=g) + 2 * torch.stack([xx, yy, xx * yy, torch.sin(3 * xx)])[None]
+    from test_vae import _latents  # noise plus large-scale structure, so each rank's share has other statistics
+
+    return _latents(B=2, h=h, w=w)
 
 
 def _vae_worker(rank, world, h, w, tile):
