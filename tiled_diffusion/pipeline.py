@@ -16,6 +16,7 @@ PixArtTransformer2DModel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 import weakref
@@ -191,7 +192,7 @@ class _TiledCall:
         return super().__call__(*args, use_resolution_binning=binning, **kwargs)
 
 
-@__import__("functools").lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _call_class(cls: type) -> type:
     """The accelerated pipeline class (keeps the base __name__: diffusers saves it as `_class_name`)."""
     return type(cls.__name__, (_TiledCall, cls), {"__module__": __name__, "__qualname__": f"Tiled{cls.__name__}"})

@@ -8,6 +8,10 @@ read. The noise schedule is PixArt-δ's (LCMScheduler, linear betas 1e-4..0.02, 
 """
 from __future__ import annotations
 
+import os
+
+import torch
+
 TRAIN_SIZE = 128  # pixels: the image size the lab model is trained at
 VAE_SCALE = 8
 
@@ -34,7 +38,7 @@ def build_transformer(**overrides):
     return PixArtTransformer2DModel(**{**TRANSFORMER_CONFIG, **overrides})
 
 
-@__import__("torch").no_grad()
+@torch.no_grad()
 def with_sigma_channels(tr):
     """The trained ε-only transformer (out_channels 4) as a PixArt learned-sigma model (out_channels 8): the same
     ε channels (proj_out rows copied; its outputs are ordered (p, q, channel), channel fastest) and a zero σ half.
@@ -66,12 +70,10 @@ def build_scheduler():
     return LCMScheduler(**SCHEDULER_CONFIG)
 
 
-MODEL_DIR = __import__("os").path.join(__import__("os").path.dirname(__file__), "tiny_model")
+MODEL_DIR = os.path.join(os.path.dirname(__file__), "tiny_model")
 
 
 def _read(folder: str, component: str, file: str) -> dict:
-    import os
-
     from safetensors.torch import load_file
 
     return load_file(os.path.join(folder, component, file))
@@ -86,7 +88,6 @@ def load_pipeline(folder: str = MODEL_DIR):
     The VAE's scaling_factor comes from the folder's config (it is measured at training time).
     """
     import json
-    import os
 
     from diffusers import PixArtAlphaPipeline
 
