@@ -25,7 +25,7 @@ Projection rows (`kind` = "PROJECTION", never measured): 8 ranks on 8×H100 at 4
   Projected for 512-px tiles (the default) and 256-px tiles: the halo is one tile row per neighbour per radius.
 
 VAE rows (`kind` = "vae decode", measured): one decode of the canvas by `vae.banded_decode` on 1 rank (2 threads)
-and over 2 local gloo ranks (1 thread each; `dist=`), one band per rank's share; step_s = the decode's seconds,
+and over 2 local gloo ranks (1 thread each; `part=`), one band per rank's share; step_s = the decode's seconds,
 halo_MB/step = the bytes the rank sent (row halos, the mid-block K/V all-gather, its image rows to rank 0),
 fwd_peak_MB = peak RSS minus RSS before (the rank's store + band). The full suite decodes 1024² with the SD VAE
 (random weights, bf16); --quick a 4-level 32-channel VAE at 256² in fp32.
@@ -69,7 +69,7 @@ def _transformer(width: int, heads: int, head_dim: int, caption: int, blocks: in
 
 def _worker(rank: int, world: int, p: dict) -> dict:
     """Build the transformer, run `warmup + steps` canvas forwards; per-step timings and counters."""
-    from tiled_diffusion import distributed as D
+    from tiled_diffusion.parallel import comm as D
     from tiled_diffusion import pipeline as P
 
     dtype = getattr(torch, p["dtype"])
@@ -111,10 +111,10 @@ def _worker(rank: int, world: int, p: dict) -> dict:
 def _ranks(fn, world: int, p: dict, timeout_s: float, kind: str, preload: tuple) -> list[tuple[int, dict, dict]]:
     """fn on `world` local gloo ranks (2 // world threads each: the 2 cores split evenly); per rank (rank, its
     report or None, the row's common columns, with the failure as a note)."""
-    from tiled_diffusion import distributed as D
+    from tiled_diffusion.parallel import comm as D
 
     results = D.run_local(fn, world, (p,), timeout_s=timeout_s, threads=max(1, 2 // world),
-                          preload=("torch", "tiled_diffusion.distributed") + preload + (__name__,))
+                          preload=("torch", "tiled_diffusion.parallel.comm") + preload + (__name__,))
     out = []
     for r, res in enumerate(results):
         row = {"kind": kind, "canvas": f"{p['pixels']}²", "ranks": world, "rank": r}
@@ -127,7 +127,7 @@ def _ranks(fn, world: int, p: dict, timeout_s: float, kind: str, preload: tuple)
 def _measure(pixels: int, world: int, p: dict, timeout_s: float) -> list[dict]:
     rows = []
     for r, x, row in _ranks(_worker, world, dict(p, pixels=pixels), timeout_s, "measured",
-                            ("tiled_diffusion.pipeline", "diffusers.models.transformers.pixart_transformer_2d")):
+                            ("tiled_diffusion.pipeline.swaps", "diffusers.models.transformers.pixart_transformer_2d")):
         rows.append(row)
         if x is None:
             continue
@@ -152,7 +152,7 @@ def step_flops(pixels: int, blocks: int, hidden: int = HIDDEN, tile_px: int = TI
                text_tokens: int = TEXT_TOKENS) -> dict:
     """FLOPs of one canvas forward: linears (attn1 q/k/v/out, attn2 q/out, MLP 4x: 14·C² MACs per token per
     block) and attention (window: 4·keys·C per query token over the tiles each tile really sees; text: 4·S·C)."""
-    from tiled_diffusion.tiling import TileGrid
+    from tiled_diffusion.core.tiling import TileGrid
 
     lat = pixels // 8
     grid = TileGrid.for_tokens(lat, lat, tile_px // 8, patch=2)
@@ -165,8 +165,8 @@ def step_flops(pixels: int, blocks: int, hidden: int = HIDDEN, tile_px: int = TI
 def halo_bytes_per_step(pixels: int, ranks: int, blocks: int, hidden: int = HIDDEN, tile_px: int = TILE_PX,
                         radius: int = RADIUS, elem: int = 2) -> dict:
     """K/V bytes a middle rank sends per step (both neighbours), from the same HaloLayout the run uses."""
-    from tiled_diffusion import distributed as D
-    from tiled_diffusion.tiling import TileGrid
+    from tiled_diffusion.parallel import comm as D
+    from tiled_diffusion.core.tiling import TileGrid
 
     lat = pixels // 8
     grid = TileGrid.for_tokens(lat, lat, tile_px // 8, patch=2)
@@ -215,8 +215,9 @@ def projections() -> list[dict]:
 
 def _vae_worker(rank: int, world: int, p: dict) -> dict:
     """One decode of a pixels² canvas (banded, one band per rank's share: `vae.decode` with dist), timed."""
-    from tiled_diffusion import distributed as D
-    from tiled_diffusion import vae as V
+    from tiled_diffusion.parallel import comm as D
+    from tiled_diffusion.parallel.vae import RowPartition
+    from tiled_diffusion.vae import banded as V
 
     from bench_memory import VAE_QUICK, VAE_SD
     from bench_vae import _vae
@@ -225,12 +226,12 @@ def _vae_worker(rank: int, world: int, p: dict) -> dict:
     d = D.setup(backend="gloo", device="cpu", timeout_s=3600) if world > 1 else None
     z = torch.randn(1, 4, p["pixels"] // 8, p["pixels"] // 8, generator=torch.Generator().manual_seed(0))
     rss0 = _rss_mb()
-    comm: dict = {}
+    part = RowPartition(d, z.shape[-2]) if d is not None else None
     t0 = time.perf_counter()
-    img = V.banded_decode(vae, z, tile=p["pixels"] // 8, dist=d, comm=comm)
+    img = V.banded_decode(vae, z, tile=p["pixels"] // 8, part=part)
     dt = time.perf_counter() - t0
     res = {"s": dt, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0,
-           "sent": comm.get("bytes_sent", 0), "image": img if rank == 0 else None}
+           "sent": 0 if part is None else part.bytes_sent, "image": img if rank == 0 else None}
     if d is not None:
         D.teardown(d)
     return res
@@ -242,7 +243,7 @@ def vae_rows(pixels: int, small: bool, dtype: str, worlds=(1, 2)) -> list[dict]:
     p = dict(pixels=pixels, small=small, dtype=dtype)
     rows, ref, t1 = [], None, None
     for world in worlds:
-        for r, x, row in _ranks(_vae_worker, world, p, 3600, "vae decode", ("tiled_diffusion.vae",)):
+        for r, x, row in _ranks(_vae_worker, world, p, 3600, "vae decode", ("tiled_diffusion.vae.banded",)):
             rows.append(row)
             if x is None:
                 continue

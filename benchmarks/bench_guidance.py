@@ -66,7 +66,7 @@ def controlnet_rows(size: int = 2048, layers: int = 2, tile: int = 512, iters: i
     """cpu_time=True: process CPU time with 1 thread instead of wall time (robust to other jobs on a shared
     machine; the ratio, not the absolute time, is the figure)."""
     from tiled_diffusion import pipeline as P
-    from tiled_diffusion.controlnet import PixArtControlNet
+    from tiled_diffusion.model.controlnet import PixArtControlNet
 
     tr = xl_transformer(layers, dtype) if tr is None else tr
     P.accelerate(tr, int8=None)
@@ -133,9 +133,11 @@ def upscale_rows(src: int = 1024, scale: int = 4, vae_cfg=None, vae_name: str = 
                  dtype=torch.bfloat16, time_one_step: bool = True) -> list[dict]:
     from diffusers import AutoencoderKL
 
-    from tiled_diffusion import img2img as I
+    from tiled_diffusion.pipeline import img2img as I
     from tiled_diffusion import pipeline as P
-    from tiled_diffusion.sampler import TiledConfig, denoise, set_timesteps
+    from tiled_diffusion.core.config import TiledConfig
+    from tiled_diffusion.pipeline.sampler import denoise
+    from tiled_diffusion.pipeline.sampler import set_timesteps
 
     from diffusers.utils import logging as dlogging
 
@@ -204,7 +206,8 @@ def upscale_rows(src: int = 1024, scale: int = 4, vae_cfg=None, vae_name: str = 
 
 
 def _tiny_transformer(layers=3):
-    from tiled_diffusion.tiny import TEXT_DIM as TINY_TEXT, tiny_transformer
+    from tiled_diffusion.tiny import TEXT_DIM as TINY_TEXT
+    from tiled_diffusion.tiny import tiny_transformer
 
     torch.manual_seed(0)
     return tiny_transformer(num_layers=layers).eval(), TINY_TEXT

@@ -34,9 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, measure, print_table  # noqa: E402
 
 from tiled_diffusion import ops  # noqa: E402
-from tiled_diffusion.cpu import int8_linear  # noqa: E402
-from tiled_diffusion.cpu import isa as cpu_isa  # noqa: E402
-from tiled_diffusion.int8 import Int8Linear  # noqa: E402
+from tiled_diffusion.backends.cpu import int8_linear  # noqa: E402
+from tiled_diffusion.backends.cpu import isa as cpu_isa  # noqa: E402
+from tiled_diffusion.model.int8 import Int8Linear  # noqa: E402
 
 SHAPES_FULL = [(4096, k, n) for k, n in ((1152, 1152), (1152, 3456), (1152, 4608), (4608, 1152))] + [(120, 4096, 10240)]
 SHAPES_QUICK = [(64, 96, 80)]

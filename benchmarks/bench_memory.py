@@ -9,7 +9,7 @@ at a time, so its activations stay bounded). Configurations:
           int8 token table), transformer W8A8 holding only the CPU kernel's packed weights (PixArt's sensitive
           layers kept bf16), VAE bf16
 Weights are synthetic (no checkpoint can be downloaded here) and are quantized layer by layer as they are made,
-so the int8 run never holds a bf16 copy of T5 (tiled_diffusion.loading does the same for a real checkpoint).
+so the int8 run never holds a bf16 copy of T5 (tiled_diffusion.pipeline.loading does the same for a real checkpoint).
 T5's `shared` and `encoder.embed_tokens` are one table, as in a loaded checkpoint.
 The suite also writes the same synthetic pipeline as a diffusers folder (bf16 safetensors, T5 sharded) and runs
 `tiled-diffusion generate --model FOLDER` on it in a fresh process: the product's own peak RSS (streaming int8
@@ -50,7 +50,7 @@ def _rss_gb() -> float:
 
 
 def _tensor_gb(module: torch.nn.Module) -> float:
-    from tiled_diffusion.int8 import module_bytes
+    from tiled_diffusion.model.int8 import module_bytes
 
     return module_bytes(module) / 2**30
 
@@ -83,9 +83,13 @@ def measure_config(config: str, quick: bool) -> dict:
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from tiled_diffusion.int8 import Int8Embedding, Int8Linear, PIXART_KEEP_HIGH_PRECISION, _matches, replace_module
-    from tiled_diffusion.cli_generate import release_freed_memory
-    from tiled_diffusion.vae import tiled_decode
+    from tiled_diffusion.model.int8 import Int8Embedding
+    from tiled_diffusion.model.int8 import Int8Linear
+    from tiled_diffusion.model.int8 import PIXART_KEEP_HIGH_PRECISION
+    from tiled_diffusion.model.int8 import _matches
+    from tiled_diffusion.model.int8 import replace_module
+    from tiled_diffusion.cli.generate import release_freed_memory
+    from tiled_diffusion.vae.banded import tiled_decode
 
     torch.manual_seed(0)
     int8 = config == "int8"
@@ -168,7 +172,7 @@ def measure_vae(tile: int, overlap: int, quick: bool) -> dict:
     increase over the built VAE (the decode's own working memory)."""
     from diffusers import AutoencoderKL
 
-    from tiled_diffusion.vae import tiled_decode
+    from tiled_diffusion.vae.banded import tiled_decode
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -190,7 +194,9 @@ def write_synthetic_folder(path: str, quick: bool) -> str:
     from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from tiled_diffusion.tiny import save_pretrained_offline, tiny_scheduler, tiny_tokenizer
+    from tiled_diffusion.tiny import save_pretrained_offline
+    from tiled_diffusion.tiny import tiny_scheduler
+    from tiled_diffusion.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -212,7 +218,7 @@ def generate_row(quick: bool, folder: str) -> dict:
     side = 256 if quick else 1024
     out = os.path.join(folder, "bench.png")
     js = os.path.join(folder, "bench.json")
-    cmd = [sys.executable, "-c", "import sys; from tiled_diffusion.cli import main; sys.exit(main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from tiled_diffusion.cli.commands import main; sys.exit(main(sys.argv[1:]))",
            "generate", "--model", folder, "--prompt", "a lighthouse at dawn", "--size", f"{side}x{side}",
            "--steps", "4", "--seed", "0", "--out", out, "--json", js]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)

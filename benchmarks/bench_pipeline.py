@@ -82,7 +82,8 @@ def _scheduler():
 
 
 def run_denoise(tr, sched, embeds, mask, size: int, mode: str, tile: int, steps: int, **kw):
-    from tiled_diffusion.sampler import TiledConfig, denoise
+    from tiled_diffusion.core.config import TiledConfig
+    from tiled_diffusion.pipeline.sampler import denoise
 
     cfg = TiledConfig(mode=mode, tile=tile, radius=1, overlap=0.5, **kw)
     gen = torch.Generator().manual_seed(0)
@@ -99,7 +100,8 @@ def _one_step_timer(tr, sched, embeds, mask, size, mode, tile, **kw):
     def cb(i, t, lat):
         raise Stop
 
-    from tiled_diffusion.sampler import TiledConfig, denoise
+    from tiled_diffusion.core.config import TiledConfig
+    from tiled_diffusion.pipeline.sampler import denoise
 
     cfg = TiledConfig(mode=mode, tile=tile, radius=1, overlap=0.5, **kw)
     gen = torch.Generator().manual_seed(0)
@@ -238,7 +240,7 @@ def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=No
 
 def seam_rows(size: int = 1024, tile: int = 256, steps: int = 2) -> list[dict]:
     from tiled_diffusion import pipeline as P
-    from tiled_diffusion.metrics import seam_ratio
+    from tiled_diffusion.tools.metrics import seam_ratio
     from tiled_diffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()

@@ -1,7 +1,9 @@
 """Quality benchmark: the lab model (tiled_diffusion/lab, shipped as `--model tiny`) through every tiling mode at
 1×, 4× and 16× its training area (128², 256², 512² px), scored against ground truth rendered from the same world
 at the same size: seam ratio at the mode's own seams, KID and power-spectrum distance to the ground truth, PSNR
-against `global` at the same seed, time. See tiled_diffusion/lab/quality.py for the definitions.
+against `global` at the same seed, prompt fidelity (the share of samples the lab's family classifier assigns to
+the prompted family), per family a structure figure over the ground truth's (waves, suns, trunks, windows), time.
+See tiled_diffusion/lab/quality.py for the definitions.
 
 Writes quality.json and one contact sheet per size (one seed per row, one mode per column, seams in red) into
 $TD_QUALITY_OUT, or a fresh folder under the system temp dir (never into the repository); the path is printed.

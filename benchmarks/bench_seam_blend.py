@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, measure, print_table  # noqa: E402
 
 from tiled_diffusion import ops  # noqa: E402
-from tiled_diffusion.tiling import TileGrid  # noqa: E402
+from tiled_diffusion.core.tiling import TileGrid  # noqa: E402
 
 H100_BW = 3.35e12
 

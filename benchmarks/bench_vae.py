@@ -1,6 +1,6 @@
 """VAE decode / encode: plain vs the exact banded path vs approximate tiles, time, error and peak memory.
 
-Rows per (op, canvas, dtype): `plain` (vae.decode / vae.encode as diffusers runs them, NCHW), `plain channels-last` (tiled_diffusion.vae.decode/encode's plain path), `banded` (tiled_diffusion.vae.decode/encode with a
+Rows per (op, canvas, dtype): `plain` (vae.decode / vae.encode as diffusers runs them, NCHW), `plain channels-last` (tiled_diffusion.vae.banded.decode/encode's plain path), `banded` (tiled_diffusion.vae.banded.decode/encode with a
 forced band height of `tile` latent rows: exact canvas GroupNorm and global mid-block attention), `overlap` (the
 approximate `tiled_decode`, per-tile GroupNorm, and `overlap passes=1`, the old default with one shared-statistics
 pass), and `diffusers tiling` (the peer: `enable_tiling()` with tiles of `tile` latent px, overlap 0.25, per-tile
@@ -56,7 +56,7 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 def _decode_fn(vae, z, method: str, tile: int):
     if method == "plain":  # diffusers' decode as called (NCHW)
         return lambda: vae.decode(z, return_dict=False)[0]
-    if method == "plain channels-last":  # tiled_diffusion.vae.decode's plain path: the same in channels-last
+    if method == "plain channels-last":  # tiled_diffusion.vae.banded.decode's plain path: the same in channels-last
         return lambda: V.decode(vae, z, tile=z.shape[-2], progress=False)
     if method == "banded":
         return lambda: V.decode(vae, z, tile=tile, progress=False)

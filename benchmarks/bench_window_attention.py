@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, measure, print_table  # noqa: E402
 
 from tiled_diffusion import ops  # noqa: E402
-from tiled_diffusion.tiling import TileGrid  # noqa: E402
+from tiled_diffusion.core.tiling import TileGrid  # noqa: E402
 
 HEADS, HEAD_DIM, TILE_TOKENS, RADIUS = 16, 72, 32, 1
 # Projection: H100 SXM dense bf16 peak 989 TFLOP/s × 40% — what FlashAttention-2-class kernels reach on

@@ -1,7 +1,7 @@
 """Command-line parsing and the bench/inspect entry points."""
 import pytest
 
-from tiled_diffusion import cli
+from tiled_diffusion.cli import commands as cli
 
 
 def test_size_parses_width_by_height():

@@ -1,4 +1,4 @@
-"""PixArt-δ ControlNet-Transformer (tiled_diffusion.controlnet) on a tiny PixArt transformer (CPU, fp32).
+"""PixArt-δ ControlNet-Transformer (tiled_diffusion.model.controlnet) on a tiny PixArt transformer (CPU, fp32).
 
 The reference below is the upstream forward written out by hand (PixArt-alpha `ControlPixArtMSHalf.forward` /
 diffusers' research `PixArtControlNetTransformerModel.forward`): embed, base block 0, then for i = 1..N the copy
@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from tiled_diffusion import controlnet as C
+from tiled_diffusion.model import controlnet as C
+from tiled_diffusion.pipeline.img2img import control_latent
 from tiled_diffusion.tiny import tiny_transformer
 
 N_COPIES = 3
@@ -239,7 +240,7 @@ def test_unreadable_checkpoint_is_one_line(tr, tmp_path, name):
 
 @torch.no_grad()
 def test_int8_copies_close_to_float(tr):
-    from tiled_diffusion.int8 import Int8Linear
+    from tiled_diffusion.model.int8 import Int8Linear
 
     lat, text, mask, t = inputs(tr, h=16, w=16)
     control = control_for(lat)
@@ -261,7 +262,7 @@ def test_int8_copies_close_to_float(tr):
 @torch.no_grad()
 def test_attach_follows_accelerate_int8():
     from tiled_diffusion import pipeline as P
-    from tiled_diffusion.int8 import Int8Linear
+    from tiled_diffusion.model.int8 import Int8Linear
 
     tr = make_transformer()
     P.accelerate(tr, int8="w8a8")
@@ -300,7 +301,7 @@ def test_attach_follows_least_memory_setting():
 
 
 def test_soft_edges_finds_a_step():
-    from tiled_diffusion.edges import soft_edges
+    from tiled_diffusion.pipeline.edges import soft_edges
 
     img = torch.zeros(1, 3, 20, 33)
     img[..., 17:] = 1.0  # a vertical step between columns 16 and 17
@@ -312,7 +313,7 @@ def test_soft_edges_finds_a_step():
 
 
 def test_soft_edges_flat_image_is_black():
-    from tiled_diffusion.edges import soft_edges
+    from tiled_diffusion.pipeline.edges import soft_edges
 
     assert torch.equal(soft_edges(torch.full((1, 1, 9, 11), 0.3)), -torch.ones(1, 3, 9, 11))
 
@@ -326,7 +327,7 @@ def test_control_latent_shape():
     torch.manual_seed(0)
     vae = tiny_vae().eval()
     img = Image.new("RGB", (40, 24), (200, 30, 30))
-    lat = C.control_latent(vae, img, height=64, width=96)
+    lat = control_latent(vae, img, height=64, width=96)
     assert lat.shape == (1, 4, 8, 12)
     assert torch.isfinite(lat).all()
 
@@ -436,7 +437,7 @@ def _edge_image():
 @torch.no_grad()
 def test_generate_with_controlnet(cn_pipe, mode):
     from tiled_diffusion import pipeline as P
-    from tiled_diffusion.edges import soft_edges
+    from tiled_diffusion.pipeline.edges import soft_edges
 
     pipe = cn_pipe
     kw = dict(width=256, height=192, steps=2, seed=0, output_type="latent", progress=False, mode=mode)
@@ -463,7 +464,7 @@ def test_pipe_call_with_attached_controlnet_equals_generate(cn_pipe):
                      output_type="latent", progress=False, controlnet=net, control_image=img)
     net.attach(pipe.transformer)
     try:
-        net.set_control_image(pipe.vae, img, 192, 256)
+        net.set_control(control_latent(pipe.vae, img, 192, 256))
         out = pipe("a red house", width=256, height=192, num_inference_steps=2, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(4), output_type="latent",
                    use_resolution_binning=False).images
@@ -494,7 +495,7 @@ def test_controlnet_copies_use_the_region_processor(cn_pipe):
 def test_generate_cli_with_controlnet(tmp_path):
     from PIL import Image
 
-    from tiled_diffusion.cli import main
+    from tiled_diffusion.cli.commands import main
     from tiled_diffusion.tiny import tiny_pipeline
 
     net = randomize(C.PixArtControlNet.from_transformer(tiny_pipeline().transformer, 1), std=0.05)
@@ -514,7 +515,7 @@ def test_generate_cli_with_controlnet(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "no-control-image", "control-image-alone"])
 def test_generate_cli_controlnet_errors_are_one_line(tmp_path, capsys, case):
-    from tiled_diffusion.cli import main
+    from tiled_diffusion.cli.commands import main
 
     _edge_image().save(tmp_path / "e.png")
     argv = {"missing-checkpoint": ["--controlnet", str(tmp_path / "nope"), "--control-image", str(tmp_path / "e.png")],

@@ -1,4 +1,4 @@
-"""CPU ISA dispatch of the int8 kernels (csrc/cpu/isa.cpp, tiled_diffusion/cpu/isa.py) and int8.resolve_mode."""
+"""CPU ISA dispatch of the int8 kernels (csrc/cpu/isa.cpp, tiled_diffusion/backends/cpu/isa.py) and int8.resolve_mode."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
-from tiled_diffusion import int8, ops, reference
-from tiled_diffusion.cpu import isa
+from tiled_diffusion.model import int8
+from tiled_diffusion import ops
+from tiled_diffusion import reference
+from tiled_diffusion.backends.cpu import isa
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="tiled_diffusion._C not built")
 
@@ -74,8 +76,9 @@ def test_unknown_isa_is_an_error(monkeypatch):
 
 _REFUSED = """
 import torch
-from tiled_diffusion import ops, reference
-from tiled_diffusion.cpu import isa
+from tiled_diffusion import ops
+from tiled_diffusion import reference
+from tiled_diffusion.backends.cpu import isa
 rep = isa.report()
 assert "refused" in rep["amx"] and "simulated" in rep["amx"], rep
 assert isa.cpu_isa() != "amx", isa.cpu_isa()

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiled_diffusion import cli
-from tiled_diffusion.cli_generate import RequestError, run
+from tiled_diffusion.cli import commands as cli
+from tiled_diffusion.cli.generate import RequestError
+from tiled_diffusion.cli.generate import run
 
 
 def test_generate_end_to_end(tmp_path):
@@ -89,7 +90,8 @@ def test_unknown_mode_is_rejected():
 def save_tiny_folder(path, pipeline_cls=None, **save_kw):
     """The tiny pipeline written with save_pretrained (as `pipeline_cls`, default PixArtAlphaPipeline); see
     tiny.save_pretrained_offline for why its tokenizer is relabelled (same ids: asserted below through the images)."""
-    from tiled_diffusion.tiny import save_pretrained_offline, tiny_pipeline
+    from tiled_diffusion.tiny import save_pretrained_offline
+    from tiled_diffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     if pipeline_cls is not None:

@@ -1,11 +1,12 @@
-"""Tiled img2img / upscale (tiled_diffusion.img2img): image loading, strength schedule, noising, end to end on
+"""Tiled img2img / upscale (tiled_diffusion.pipeline.img2img): image loading, strength schedule, noising, end to end on
 the built-in tiny model (CPU, fp32)."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tiled_diffusion import img2img as I
+from tiled_diffusion import pipeline as P
+from tiled_diffusion.pipeline import img2img as I
 
 
 # ------------------------------------------------------------------------------------------ image files
@@ -101,7 +102,7 @@ def lcm_scheduler():
                                                (0.8, [799, 599, 399, 199]), (1.0, [999, 759, 499, 259])],
                          ids=["0.3", "0.5", "0.8", "1.0"])
 def test_strength_schedule_matches_diffusers(strength, expected):
-    from tiled_diffusion.sampler import set_timesteps
+    from tiled_diffusion.pipeline.sampler import set_timesteps
 
     assert set_timesteps(lcm_scheduler(), 4, "cpu", strength).tolist() == expected
     ref = lcm_scheduler()
@@ -179,9 +180,9 @@ def test_generate_img2img_equals_a_hand_written_lcm_img2img_loop():
 
 def test_img2img_any_size_and_seeds(pipe):
     img = _rand_image(50, 37, seed=5)
-    a = I.img2img(pipe, "a cat", img, strength=0.5, steps=2, seed=1, progress=False)[0]
-    b = I.img2img(pipe, "a cat", img, strength=0.5, steps=2, seed=1, progress=False)[0]
-    c = I.img2img(pipe, "a cat", img, strength=0.5, steps=2, seed=2, progress=False)[0]
+    a = P.img2img(pipe, "a cat", img, strength=0.5, steps=2, seed=1, progress=False)[0]
+    b = P.img2img(pipe, "a cat", img, strength=0.5, steps=2, seed=1, progress=False)[0]
+    c = P.img2img(pipe, "a cat", img, strength=0.5, steps=2, seed=2, progress=False)[0]
     assert a.size == (50, 37)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
@@ -189,7 +190,7 @@ def test_img2img_any_size_and_seeds(pipe):
 
 def test_upscale_output_size(pipe):
     timings = {}
-    out = I.upscale(pipe, _rand_image(24, 20, seed=6), scale=2.5, strength=0.5, steps=2, seed=0, progress=False,
+    out = P.upscale(pipe, _rand_image(24, 20, seed=6), scale=2.5, strength=0.5, steps=2, seed=0, progress=False,
                     timings=timings)[0]
     assert out.size == (60, 50)
     assert {"resize_s", "encode_s", "denoise_s", "decode_s"} <= set(timings)
@@ -204,7 +205,7 @@ def test_strength_without_image_is_refused(pipe):
 
 def test_strength_too_low_for_the_steps_is_refused(pipe):
     with pytest.raises(I.ImageError, match="original_inference_steps × strength ≥ steps"):
-        I.img2img(pipe, "a cat", _rand_image(32, 32), strength=0.05, steps=4, progress=False)
+        P.img2img(pipe, "a cat", _rand_image(32, 32), strength=0.05, steps=4, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -213,7 +214,7 @@ def test_strength_too_low_for_the_steps_is_refused(pipe):
 def test_upscale_cli(tmp_path, capsys):
     import json
 
-    from tiled_diffusion.cli import main
+    from tiled_diffusion.cli.commands import main
 
     src = tmp_path / "in.png"
     _rand_image(40, 24, seed=8).save(src)
@@ -228,7 +229,7 @@ def test_upscale_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["missing-image", "bad-strength", "bad-scale"])
 def test_upscale_cli_errors_are_one_line(tmp_path, capsys, case):
-    from tiled_diffusion.cli import main
+    from tiled_diffusion.cli.commands import main
 
     src = tmp_path / "in.png"
     _rand_image(16, 16).save(src)

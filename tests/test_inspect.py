@@ -1,4 +1,4 @@
-"""tiled_diffusion/inspect.py: the static GPU report (runs without a GPU).
+"""tiled_diffusion/tools/inspect.py: the static GPU report (runs without a GPU).
 
 inspect compiles Triton kernels, which cannot happen under TRITON_INTERPRET=1 (conftest sets it on machines
 without a GPU), so everything that compiles runs in a subprocess with that variable removed.
@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tiled_diffusion import inspect as td_inspect
+from tiled_diffusion.tools import inspect as td_inspect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +90,7 @@ _SELFTEST = textwrap.dedent('''
     import json, sys
     import triton
     import triton.language as tl
-    from tiled_diffusion import inspect as td_inspect
+    from tiled_diffusion.tools import inspect as td_inspect
 
     @triton.jit
     def tiny_dot(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
@@ -140,7 +140,7 @@ def test_triton_aot_records(tmp_path):
 
 def test_cuda_int8_gemm_records():
     """The built _C: every int8_gemm kernel uses IMMA with zero spills on sm_80 and sm_90."""
-    r = _run(["-m", "tiled_diffusion.inspect", "--json", "--no-triton", "--check"], timeout=300)
+    r = _run(["-m", "tiled_diffusion.tools.inspect", "--json", "--no-triton", "--check"], timeout=300)
     out = json.loads(r.stdout)
     recs = out["records"]
     if not recs and td_inspect.cuda_build_expected() is None:  # no nvcc here: a CPU-only build is legitimate

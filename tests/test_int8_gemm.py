@@ -2,7 +2,7 @@
 and the fused private op w8a8_linear.
 
 Every ISA path (amx, avx512, avx2, ref) is one parametrize id, forced with TD_CPU_ISA (read by the kernels at
-each call); an ISA this machine cannot run is skipped with the probe's reason (tiled_diffusion/cpu/isa.py).
+each call); an ISA this machine cannot run is skipped with the probe's reason (tiled_diffusion/backends/cpu/isa.py).
 """
 import math
 import os
@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiled_diffusion import ops, reference
-from tiled_diffusion.cpu import isa as cpu_isa
+from tiled_diffusion import ops
+from tiled_diffusion import reference
+from tiled_diffusion.backends.cpu import isa as cpu_isa
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="tiled_diffusion._C not built")
 
@@ -149,7 +150,7 @@ W8A8_SHAPES = [(1, 3, 5), (17, 1153, 129), (70, 67, 33), (0, 67, 129)]
 @pytest.mark.parametrize("M,K,N", W8A8_SHAPES, ids=[f"M{m}K{k}N{n}" for m, k, n in W8A8_SHAPES])
 def test_w8a8_linear_fused_equals_quantize_then_gemm(isa, M, K, N, dtype):
     """The fused op (quantization inside the A packing on avx512/amx) is bit-identical to the two-op path."""
-    from tiled_diffusion.cpu import int8_linear
+    from tiled_diffusion.backends.cpu import int8_linear
 
     x = (torch.randn(M, K) * torch.rand(M, 1) * 5).to(dtype)
     if M > 1:
@@ -164,7 +165,7 @@ def test_w8a8_linear_fused_equals_quantize_then_gemm(isa, M, K, N, dtype):
 
 
 def test_w8a8_linear_opcheck():
-    from tiled_diffusion.cpu import int8_linear  # noqa: F401  (registers the fake)
+    from tiled_diffusion.backends.cpu import int8_linear  # noqa: F401  (registers the fake)
 
     w = rand_i8(9, 7)
     torch.library.opcheck(torch.ops.tiled_diffusion_C.w8a8_linear.default,

@@ -17,8 +17,9 @@ import subprocess
 import pytest
 import torch
 
-from tiled_diffusion import ops, reference
-from tiled_diffusion.cpu import isa as cpu_isa
+from tiled_diffusion import ops
+from tiled_diffusion import reference
+from tiled_diffusion.backends.cpu import isa as cpu_isa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_SRC = os.path.join(ROOT, "tests", "amx_emulation.cpp")
@@ -114,7 +115,7 @@ def test_amx_exact_accumulation(amx, M, K, N):
 @pytest.mark.parametrize("M,K,N", SHAPES[:3], ids=[f"M{m}K{k}N{n}" for m, k, n in SHAPES[:3]])
 def test_amx_equals_reference_path(amx, monkeypatch, M, K, N, out_dtype, with_bias):
     """Bit-identical to the reference ISA path (same epilogue formula), packed and fused-quantization ops."""
-    from tiled_diffusion.cpu import int8_linear
+    from tiled_diffusion.backends.cpu import int8_linear
 
     x = torch.randn(M, K).to(out_dtype)
     w, w_scale = rand_i8(N, K), torch.rand(N) * 1e-2

@@ -15,7 +15,8 @@ import subprocess
 import pytest
 import torch
 
-from tiled_diffusion import ops, reference
+from tiled_diffusion import ops
+from tiled_diffusion import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_SRC = os.path.join(ROOT, "tests", "int8_gemm_mma_emulation.cpp")

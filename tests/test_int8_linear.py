@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from tiled_diffusion import reference
-from tiled_diffusion.int8 import (Int8Linear, PIXART_KEEP_HIGH_PRECISION, load_quantized, quantize_model,
-                                  restore_linears, save_quantized)
+from tiled_diffusion.model.int8 import (Int8Linear, PIXART_KEEP_HIGH_PRECISION, load_quantized, quantize_model,
+                                   restore_linears, save_quantized)
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -93,7 +93,7 @@ def test_quantize_model_table_and_restore():
 
 
 def test_pixart_defaults_keep_sensitive_layers():
-    from tiled_diffusion.int8 import _matches
+    from tiled_diffusion.model.int8 import _matches
 
     for name in ["adaln_single.linear", "caption_projection.linear_1", "proj_out",
                  "adaln_single.emb.timestep_embedder.linear_1", "pos_embed.proj"]:
@@ -161,7 +161,9 @@ def test_pack_only_keeps_one_copy_and_behaves_the_same(tmp_path):
 
 
 def test_int8_embedding_lookup_ties_and_restore():
-    from tiled_diffusion.int8 import Int8Embedding, quantize_embeddings, restore_embeddings
+    from tiled_diffusion.model.int8 import Int8Embedding
+    from tiled_diffusion.model.int8 import quantize_embeddings
+    from tiled_diffusion.model.int8 import restore_embeddings
 
     torch.manual_seed(3)
     emb = nn.Embedding(301, 48, dtype=torch.bfloat16)

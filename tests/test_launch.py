@@ -1,7 +1,7 @@
 """Launch grids against CUDA's limits, the device guard, and the autotune key — checked on the CPU.
 
 CUDA caps grid.x at 2^31 - 1 and grid.y / grid.z at 65535; a launch past them fails with "invalid argument" only
-on a GPU. So every grid is a small pure function (Triton: tiled_diffusion/triton_kernels/launch.py; the CUDA int8
+on a GPU. So every grid is a small pure function (Triton: tiled_diffusion/backends/triton/launch.py; the CUDA int8
 GEMM: td_int8_gemm_grid / td_quantize_per_token_grid exported by `_C`, the launchers' own functions), checked here
 for the largest canvases the README promises: 16384² px, 4 images with CFG (batch 8), --tile 256 (and the
 defaults), in each mode. The Triton launches are also traced on fake CUDA tensors of those sizes (no GPU, no
@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from tiled_diffusion import ops
-from tiled_diffusion.inspect import native_library
-from tiled_diffusion.tiling import TileGrid
-from tiled_diffusion.triton_kernels import launch
-from tiled_diffusion.triton_kernels import seam_blend as sb
-from tiled_diffusion.triton_kernels import window_attention as wa
+from tiled_diffusion.tools.inspect import native_library
+from tiled_diffusion.core.tiling import TileGrid
+from tiled_diffusion.backends.triton import launch
+from tiled_diffusion.backends.triton import seam_blend as sb
+from tiled_diffusion.backends.triton import window_attention as wa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

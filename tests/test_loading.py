@@ -12,9 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from test_generate import save_tiny_folder
 
-from tiled_diffusion import int8 as I
-from tiled_diffusion import loading
-from tiled_diffusion.loading import LoadError, iter_safetensors, load_pipeline
+from tiled_diffusion.model import int8 as I
+from tiled_diffusion.pipeline import loading
+from tiled_diffusion.pipeline.loading import LoadError
+from tiled_diffusion.pipeline.loading import iter_safetensors
+from tiled_diffusion.pipeline.loading import load_pipeline
 
 PROMPT = "a photo of a red house by the lake"
 
@@ -171,7 +173,7 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path, edit, match):
 
 
 def test_checkpoint_mismatch_through_the_cli_is_one_line(tmp_path, capsys):
-    from tiled_diffusion import cli
+    from tiled_diffusion.cli import commands as cli
 
     folder = save_tiny_folder(tmp_path / "broken")
     _edit_transformer_checkpoint(folder, lambda sd: sd.pop("proj_out.weight"))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from tiled_diffusion.metrics import seam_ratio, tile_seams
+from tiled_diffusion.tools.metrics import seam_ratio
+from tiled_diffusion.tools.metrics import tile_seams
 
 
 def _smooth(B=1, C=3, H=67, W=91):
@@ -79,7 +80,7 @@ def test_period_needs_one_phase_and_width_one():
 
 
 def test_grid_seams():
-    from tiled_diffusion.metrics import grid_seams
+    from tiled_diffusion.tools.metrics import grid_seams
 
     assert grid_seams(64, 200) == [64, 128, 192]
     assert grid_seams(64, 200, offset=32) == [32, 96, 160]
@@ -87,7 +88,7 @@ def test_grid_seams():
 
 
 def test_psnr():
-    from tiled_diffusion.metrics import psnr
+    from tiled_diffusion.tools.metrics import psnr
 
     a = _smooth()
     b = a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
@@ -111,7 +112,7 @@ def _kid_reference(a, b):
 
 
 def test_kid_matches_the_loop_reference():
-    from tiled_diffusion.metrics import kid
+    from tiled_diffusion.tools.metrics import kid
 
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(7, 5, generator=g), torch.randn(9, 5, generator=g) + 0.3
@@ -119,7 +120,7 @@ def test_kid_matches_the_loop_reference():
 
 
 def test_kid_separates_distributions():
-    from tiled_diffusion.metrics import kid
+    from tiled_diffusion.tools.metrics import kid
 
     g = torch.Generator().manual_seed(3)
     same = kid(torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g))
@@ -130,7 +131,8 @@ def test_kid_separates_distributions():
 
 
 def test_spectrum_distance():
-    from tiled_diffusion.metrics import radial_power_spectrum, spectrum_distance
+    from tiled_diffusion.tools.metrics import radial_power_spectrum
+    from tiled_diffusion.tools.metrics import spectrum_distance
 
     g = torch.Generator().manual_seed(4)
     smooth = torch.stack([_smooth(H=64, W=80)[0] for _ in range(3)])

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from tiled_diffusion import ops, reference
+from tiled_diffusion import ops
+from tiled_diffusion import reference
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -82,7 +83,7 @@ def _window_args(strided: bool, with_bias: bool):
 
 
 def _blend_args(strided: bool):
-    from tiled_diffusion.tiling import TileGrid
+    from tiled_diffusion.core.tiling import TileGrid
 
     g = TileGrid(21, 26, tile=10, overlap=3, batch=2, patch=1)
     tiles = torch.randn(g.num_tiles, 3, g.th, g.tw)

@@ -4,8 +4,8 @@ import torch
 from diffusers import PixArtSigmaPipeline
 
 from tiled_diffusion import pipeline as P
-from tiled_diffusion.attention import CrossTileAttnProcessor
-from tiled_diffusion.positional import CanvasPatchEmbed
+from tiled_diffusion.model.attention import CrossTileAttnProcessor
+from tiled_diffusion.model.positional import CanvasPatchEmbed
 from tiled_diffusion.tiny import tiny_pipeline
 
 PROMPT = "a small dog in the snow"
@@ -129,7 +129,8 @@ def test_failed_accelerate_leaves_pipe_untouched(pipe, monkeypatch):
 def test_least_memory_setting_gives_the_same_image():
     """keep_original_weights=False: T5 table in int8, W8A8 layers pack-only on the CPU; same result as the default
     int8 setting (the embedding rows are the only extra rounding, so compare with the T5 table quantized too)."""
-    from tiled_diffusion.int8 import Int8Embedding, Int8Linear
+    from tiled_diffusion.model.int8 import Int8Embedding
+    from tiled_diffusion.model.int8 import Int8Linear
 
     kw = dict(width=384, height=256, steps=1, output_type="latent", progress=False, tile=128)
     a, b = tiny_pipeline(), tiny_pipeline()
@@ -146,7 +147,8 @@ def test_least_memory_setting_gives_the_same_image():
 
 
 def test_int8_auto_is_the_default_and_follows_resolve_mode(pipe):
-    from tiled_diffusion.int8 import Int8Linear, resolve_mode
+    from tiled_diffusion.model.int8 import Int8Linear
+    from tiled_diffusion.model.int8 import resolve_mode
 
     P.accelerate(pipe, text_encoder_int8=False)
     expected = resolve_mode("auto", "cpu")[0]

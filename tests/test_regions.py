@@ -1,4 +1,4 @@
-"""Regional prompts (tiled_diffusion.regions) on a tiny PixArt transformer (CPU, fp32).
+"""Regional prompts (tiled_diffusion.model.regions) on a tiny PixArt transformer (CPU, fp32).
 
 Tolerance: comparisons of the regional forward with a plain one differ only in GEMM batch shapes (the text
 projection runs over P·S tokens instead of S), i.e. fp32 rounding: 1e-5 relative to max|reference|.
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from tiled_diffusion import regions as R
+from tiled_diffusion.model import regions as R
 from tiled_diffusion.tiny import tiny_transformer
 
 W, H = 160, 96  # pixels: latent 20 x 12, tokens 10 x 6
@@ -256,7 +256,7 @@ def test_generate_with_regions_and_cfg(rpipe):
 
 
 def test_generate_cli_with_regions(tmp_path):
-    from tiled_diffusion.cli import main
+    from tiled_diffusion.cli.commands import main
 
     rc = main(["generate", "--model", "tiny", "--prompt", "a red house", "--size", "128x96", "--steps", "2",
                "--dtype", "fp32", "--int8", "none", "--region", "0,0,64,96:a blue lake", "--region",
@@ -265,7 +265,7 @@ def test_generate_cli_with_regions(tmp_path):
 
 
 def test_generate_cli_bad_region_is_one_line(tmp_path, capsys):
-    from tiled_diffusion.cli import main
+    from tiled_diffusion.cli.commands import main
 
     rc = main(["generate", "--model", "tiny", "--prompt", "x", "--size", "64x64", "--region", "0,0,100,10:cat",
                "--out", str(tmp_path / "o.png")])

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tiled_diffusion import pipeline as P
-from tiled_diffusion.sampler import TiledConfig, check_memory, estimate_memory
+from tiled_diffusion.core.config import TiledConfig
+from tiled_diffusion.pipeline.sampler import check_memory
+from tiled_diffusion.pipeline.sampler import estimate_memory
 from tiled_diffusion.tiny import tiny_pipeline
 
 PROMPT = "a photo of a red house by the lake"
@@ -223,7 +225,7 @@ def test_shifted_grid_differs(accel):
     a = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0)
     b = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0, shift=True)
     assert not torch.equal(a, b)  # step 1 (odd) runs on a grid moved by half a tile
-    from tiled_diffusion.sampler import token_grid
+    from tiled_diffusion.pipeline.sampler import token_grid
 
     cfg = TiledConfig(tile=128, shift=True)
     assert token_grid(cfg, 48, 64, 2, 0).shift == (0, 0)
@@ -233,7 +235,7 @@ def test_shifted_grid_differs(accel):
 def test_canvas_stretched_crop_is_the_canvas_embedding():
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-    from tiled_diffusion.positional import positional_embedding
+    from tiled_diffusion.model.positional import positional_embedding
 
     full = get_2d_sincos_pos_embed(16, (12, 20), base_size=16, interpolation_scale=1.0, output_type="pt")
     full = full.float().reshape(12, 20, 16)
@@ -244,7 +246,7 @@ def test_canvas_stretched_crop_is_the_canvas_embedding():
 
 
 def test_canvas_native_equals_stretched_at_base_size():
-    from tiled_diffusion.positional import positional_embedding
+    from tiled_diffusion.model.positional import positional_embedding
 
     a = positional_embedding("canvas_native", 16, (16, 16), (16, 16), None, 16, 2.0, torch.device("cpu"))
     b = positional_embedding("canvas_stretched", 16, (16, 16), (16, 16), None, 16, 2.0, torch.device("cpu"))
@@ -327,7 +329,8 @@ def micro():
 @pytest.mark.parametrize("sample_size,flag,expected", [(128, None, True), (128, True, True), (128, False, False),
                                                        (32, None, False), (32, True, True), (64, False, False)])
 def test_micro_conditions_follow_the_model_rule(sample_size, flag, expected):
-    from tiled_diffusion.sampler import _added_cond, uses_micro_conditions
+    from tiled_diffusion.pipeline.sampler import _added_cond
+    from tiled_diffusion.pipeline.sampler import uses_micro_conditions
     from tiled_diffusion.tiny import tiny_transformer
 
     tr = tiny_transformer(**MICRO_WIDTH, sample_size=sample_size, use_additional_conditions=flag)
@@ -420,8 +423,9 @@ def test_micro_conditions_on_at_another_sample_size():
 @pytest.mark.parametrize("shift", [(0, 0), (2, 2), (1, 3)])
 def test_tile_local_follows_the_shifted_cross_tile_grid(shift):
     """Every tile of the step's grid (shifted or not) carries exactly the embedding of a tile-sized image."""
-    from tiled_diffusion.positional import _grid_embed, _tile_local_canvas
-    from tiled_diffusion.tiling import TileGrid
+    from tiled_diffusion.model.positional import _grid_embed
+    from tiled_diffusion.model.positional import _tile_local_canvas
+    from tiled_diffusion.core.tiling import TileGrid
 
     grid = TileGrid.for_tokens(24, 32, 8, patch=2, shift=shift)  # 12 x 16 tokens, 3 x 4 tiles of 4 x 4 tokens
     assert (grid.ny, grid.nx, grid.tile_tokens_h, grid.tile_tokens_w) == (3, 4, 4, 4)

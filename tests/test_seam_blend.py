@@ -7,10 +7,16 @@ import textwrap
 import pytest
 import torch
 
-from tiled_diffusion import ops, reference
-from tiled_diffusion.lcm import lcm_coefficients, step_args
-from tiled_diffusion.tiling import TileGrid
-from tiled_diffusion.triton_kernels.seam_blend import blend_lcm_step_triton, coverage_tables, seam_blend_triton
+from tiled_diffusion import ops
+from tiled_diffusion import reference
+from tiled_diffusion.core.lcm import lcm_coefficients
+from tiled_diffusion.core.lcm import step_args
+from tiled_diffusion.core.tiling import TileGrid
+from tiled_diffusion.backends.triton.seam_blend import blend_lcm_step_triton
+from tiled_diffusion.backends.triton.seam_blend import coverage_tables
+from tiled_diffusion.backends.triton.seam_blend import seam_blend_triton
+
+ops.register_triton_ops()  # the opcheck tests call torch.ops.tiled_diffusion.* directly
 
 PROFILES = ("uniform", "linear", "cosine", "gaussian")
 
@@ -267,7 +273,7 @@ def test_aot_compile_sm80_sm90():
     script = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
-        from tiled_diffusion.triton_kernels.seam_blend import AOT_CONFIGS
+        from tiled_diffusion.backends.triton.seam_blend import AOT_CONFIGS
         for cfg in AOT_CONFIGS:
             fn = cfg["kernel"]
             sig = dict(cfg["signature"], **{k: "constexpr" for k in cfg["constexprs"]})

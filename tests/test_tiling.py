@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tiled_diffusion import reference
-from tiled_diffusion.tiling import PROFILES, TileGrid
+from tiled_diffusion.core.tiling import PROFILES
+from tiled_diffusion.core.tiling import TileGrid
 
 
 @pytest.mark.parametrize("hw,tile,overlap", [((64, 96), 32, 8), ((70, 50), (24, 16), 6), ((32, 32), 64, 0),

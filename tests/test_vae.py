@@ -8,8 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tiled_diffusion import vae as V
-from tiled_diffusion.vae import banded_decode, banded_encode_moments, decode, encode, tiled_decode, vae_scale_factor
+from tiled_diffusion.vae import banded as V
+from tiled_diffusion.vae.banded import banded_decode
+from tiled_diffusion.vae.banded import banded_encode_moments
+from tiled_diffusion.vae.banded import decode
+from tiled_diffusion.vae.banded import encode
+from tiled_diffusion.vae.banded import tiled_decode
+from tiled_diffusion.vae.banded import vae_scale_factor
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,11 +144,11 @@ def test_memory_rule_picks_banded_when_plain_does_not_fit():
     assert store + band < plain
     assert V.estimate_decode_bytes(vae, 336, 432, torch.float32, batch=2) > 3 * plain  # grows with the canvas
     budget_gb = (store + band) / 2**30 * 1.01
-    plan = V._plan(vae, z, encode=False, max_memory_gb=budget_gb, tile=None)
+    plan = V.plan_method(vae, z, encode=False, max_memory_gb=budget_gb, tile=None)
     assert plan["method"] == "banded" and 2 <= plan["tile"] < 84
     s, b = V.estimate_banded_bytes(vae, 168, 216, torch.float32, tile=plan["tile"], batch=2)
     assert s + b <= budget_gb * 2**30  # the tallest band that fits, fits
-    assert V._plan(vae, z, encode=False, max_memory_gb=plain / 2**30, tile=None)["method"] == "plain"
+    assert V.plan_method(vae, z, encode=False, max_memory_gb=plain / 2**30, tile=None)["method"] == "plain"
 
 
 def test_estimates_from_config_equal_module():

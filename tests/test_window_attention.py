@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiled_diffusion import ops, reference
-from tiled_diffusion.tiling import TileGrid
-from tiled_diffusion.triton_kernels.window_attention import (AOT_CONFIGS, split_head_dim, supports_head_dim,
-                                                             window_attention_triton)
+from tiled_diffusion import ops
+from tiled_diffusion import reference
+from tiled_diffusion.core.tiling import TileGrid
+from tiled_diffusion.backends.triton.window_attention import (AOT_CONFIGS, split_head_dim, supports_head_dim,
+                                                              window_attention_triton)
+
+ops.register_triton_ops()  # the opcheck tests call torch.ops.tiled_diffusion.* directly
 
 IMPLS = ("triton", "cpu")
 LSE_ATOL = 2e-3
@@ -210,7 +213,7 @@ def test_opcheck(with_bias):
 
 def test_cpu_path_chunks():
     """Chunked gathers (tiny max_gather_bytes) give the same result as one chunk."""
-    from tiled_diffusion.cpu.window_attention import window_attention_cpu
+    from tiled_diffusion.backends.cpu.window_attention import window_attention_cpu
 
     q, k, v = inputs(7, 2, 11, 72, torch.float32)
     nb = random_neighbours(7, 3)

@@ -11,7 +11,6 @@ a fake whose strides differ from the real op's breaks torch.compile ("expected .
 """
 from __future__ import annotations
 
-import functools
 import logging
 import weakref
 from typing import Callable, Optional
@@ -19,20 +18,12 @@ from typing import Callable, Optional
 import torch
 
 from . import reference
+from .backends.cpu import isa
 
 log = logging.getLogger("tiled_diffusion")
 
-# The native library is optional at import time (NATTEN's stubs.py idea): a missing `_C` only fails the ops
-# that need it, with the fix in the message.
-try:
-    from . import _C  # noqa: F401  (registers the private ops in namespace tiled_diffusion_C)
-
-    NATIVE_ERROR: Optional[str] = None
-except ImportError as e:  # pragma: no cover - depends on the build
-    _C = None
-    NATIVE_ERROR = str(e)
-
-_FIX = 'build it with: pip install --no-build-isolation -e ".[dev]"  (see README.md)'
+from ._native import FIX as _FIX, NATIVE_ERROR, _C, native_for as _native_for, native_has, native_op  # noqa: F401
+from .backends.choice import choose  # noqa: F401
 
 LIB = torch.library.Library("tiled_diffusion", "DEF")
 LIB.define("quantize_per_token(Tensor x) -> (Tensor, Tensor)")
@@ -68,54 +59,28 @@ OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed"
 # ------------------------------------------------------------------------------------------ plumbing
 
 
-@functools.lru_cache(maxsize=None)
-def _log_choice(op: str, device: str, path: str, why: str) -> None:
-    log.debug("%s on %s: %s (%s)", op, device, path, why)
+_PENDING_TRITON_OPS: list = []  # (name, kwargs, fn) of the ops with Triton kernels, until register_triton_ops()
 
 
-def choose(op: str, device: torch.device, path: str, why: str) -> None:
-    """Record which implementation an op takes; logged once per (op, device, path, reason). Silent while
-    torch.compile traces (a logging call there is a graph break; the choice is fixed in the compiled graph)."""
-    if torch.compiler.is_compiling():
-        return
-    if log.isEnabledFor(logging.DEBUG):
-        _log_choice(op, device.type, path, why)
+def _triton_op(name: str, **kwargs) -> Callable:
+    """`torch.library.triton_op`, deferred to `register_triton_ops` (see there why)."""
+    def record(fn):
+        _PENDING_TRITON_OPS.append((name, kwargs, fn))
+        return fn
+    return record
 
 
-def native_op(name: str) -> Callable:
-    """The C++ kernel `tiled_diffusion_C::<name>`, or a clear error when the library is missing."""
-    if _C is None:
-        raise RuntimeError(f"tiled_diffusion._C is not available ({NATIVE_ERROR}); {_FIX}")
-    try:
-        return getattr(torch.ops.tiled_diffusion_C, name)
-    except (AttributeError, RuntimeError) as e:
-        raise RuntimeError(f"tiled_diffusion._C has no kernel {name!r} ({e}); {_FIX}") from None
+def register_triton_ops() -> None:
+    """Register the ops with Triton kernels (window_attention, seam_blend, blend_lcm_step) as
+    `torch.library.triton_op`s. Deferred from import: triton_op reads each body's source for the Triton kernels it
+    launches, which imports torch._inductor (1.3 s) — a cost `import tiled_diffusion` should not carry for users of
+    the other ops. Every wrapper below calls this, and so do the modules that swap the ops into a model (they load
+    diffusers, which imports inductor anyway); a direct `torch.ops.tiled_diffusion.window_attention` needs it first.
+    Idempotent."""
+    while _PENDING_TRITON_OPS:
+        name, kwargs, fn = _PENDING_TRITON_OPS.pop(0)
+        torch.library.triton_op(name, **kwargs)(fn)
 
-
-def native_has(name: str, device_type: str) -> bool:
-    """Whether `_C` was built with a `device_type` kernel for `name` (e.g. CUDA kernels need nvcc at build)."""
-    if _C is None:
-        return False
-    try:
-        op = getattr(torch.ops.tiled_diffusion_C, name)
-    except (AttributeError, RuntimeError):
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
-
-
-# Fixed for the process, so torch.compile may bake the answer in instead of breaking the graph on the dispatcher
-# query: the mark torch.compiler.assume_constant_result sets, without importing torch._dynamo here (seconds).
-native_has._dynamo_marked_constant = True
-
-
-def _native_for(name: str, device: torch.device) -> Callable:
-    """The C++ kernel for `device`, or a clear error (e.g. `_C` built without CUDA because nvcc was missing)."""
-    op = native_op(name)
-    if not native_has(name, device.type):
-        raise RuntimeError(f"tiled_diffusion._C was built without a {device.type.upper()} kernel for {name!r} "
-                           f"(CUDA kernels need a CUDA build of torch and nvcc at build time); {_FIX}")
-    return op
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -213,27 +178,14 @@ def unpack_int8_weight_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor
 
 def cpu_isa() -> str:
     """ISA path the CPU int8 kernels take now: amx, avx512 (VNNI), avx2 or ref; TD_CPU_ISA=amx|avx512|avx2|ref
-    (read at every call) forces one. Probe and reasons: tiled_diffusion/cpu/isa.py."""
-    from .cpu import isa
-
+    (read at every call) forces one. Probe and reasons: tiled_diffusion/backends/cpu/isa.py."""
     return isa.cpu_isa()
-
-
-def _int8_path(device: torch.device) -> str:
-    # cpu_isa() is an op call (~µs): only ask for it when the choice is actually logged (never while compiling:
-    # the logger check would break the graph on every int8 layer)
-    if device.type != "cpu" or torch.compiler.is_compiling() or not log.isEnabledFor(logging.DEBUG):
-        return "C++"
-    from .cpu import isa
-
-    isa.log_choice()  # the ISA with the probe's reasons, once
-    return f"C++ {isa.cpu_isa()}"
 
 
 def _quantize_per_token_impl(x):
     check_quantize_per_token(x)
     if x.device.type in ("cpu", "cuda"):
-        choose("quantize_per_token", x.device, _int8_path(x.device), "native kernel")
+        choose("quantize_per_token", x.device, isa.int8_path(x.device), "native kernel")
         return _native_for("quantize_per_token", x.device)(x.contiguous())
     choose("quantize_per_token", x.device, "reference", "no native kernel for this device type")
     return reference.quantize_per_token(x)
@@ -242,7 +194,7 @@ def _quantize_per_token_impl(x):
 def _int8_gemm_impl(a, a_scale, w, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
     if a.device.type in ("cpu", "cuda"):
-        choose("int8_gemm", a.device, _int8_path(a.device), "native kernel")
+        choose("int8_gemm", a.device, isa.int8_path(a.device), "native kernel")
         return _native_for("int8_gemm", a.device)(a.contiguous(), a_scale.contiguous(), w.contiguous(),
                                                   w_scale.contiguous(), None if bias is None else bias.contiguous(),
                                                   out_dtype)
@@ -263,7 +215,7 @@ def _pack_int8_weight_impl(w):
 def _int8_gemm_packed_impl(a, a_scale, w_packed, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w_packed, w_scale, bias, out_dtype, packed=True)
     if a.device.type == "cpu":
-        choose("int8_gemm_packed", a.device, _int8_path(a.device), "CPU packed layout")
+        choose("int8_gemm_packed", a.device, isa.int8_path(a.device), "CPU packed layout")
         return _native_for("int8_gemm_packed", a.device)(a.contiguous(), a_scale.contiguous(), w_packed, w_scale.contiguous(),
                                              None if bias is None else bias.contiguous(), out_dtype)
     return _int8_gemm_impl(a, a_scale, w_packed, w_scale, bias, out_dtype)  # packed == plain off the CPU
@@ -320,7 +272,7 @@ def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_
             _CHECKED_NEIGHBOURS[id(neighbours)] = (weakref.ref(neighbours), (neighbours._version, T))
 
 
-@torch.library.triton_op("tiled_diffusion::window_attention", mutates_args=(),
+@_triton_op("tiled_diffusion::window_attention", mutates_args=(),
                          schema=_SCHEMAS["window_attention"])
 def _window_attention_op(q, k, v, neighbours, bias=None, scale=None):
     check_window_attention(q, k, v, neighbours, bias, scale)
@@ -328,7 +280,7 @@ def _window_attention_op(q, k, v, neighbours, bias=None, scale=None):
     if dev.type == "cuda":
         why = _triton_window_attention_unavailable(q.shape[-1])
         if why is None:
-            from .triton_kernels.window_attention import window_attention_triton
+            from .backends.triton.window_attention import window_attention_triton
 
             choose("window_attention", dev, "Triton", "triton importable and head dim supported")
             return window_attention_triton(q, k, v, neighbours, bias, scale)
@@ -343,7 +295,7 @@ def _window_attention_op(q, k, v, neighbours, bias=None, scale=None):
 def _window_attention_opaque_impl(q, k, v, neighbours, bias=None, scale=None):
     """Inputs checked by window_attention. The CPU path on the CPU, the reference elsewhere; contiguous outputs."""
     if q.device.type == "cpu":
-        from .cpu.window_attention import window_attention_cpu
+        from .backends.cpu.window_attention import window_attention_cpu
 
         out, lse = window_attention_cpu(q, k, v, neighbours, bias, scale)
     else:
@@ -354,7 +306,7 @@ def _window_attention_opaque_impl(q, k, v, neighbours, bias=None, scale=None):
 def _triton_window_attention_unavailable(head_dim: int) -> Optional[str]:
     """None when the Triton kernel can run, else the reason it cannot."""
     try:
-        from .triton_kernels.window_attention import supports_head_dim
+        from .backends.triton.window_attention import supports_head_dim
     except ImportError as e:
         return f"triton not importable ({e})"
     if not supports_head_dim(head_dim):
@@ -404,12 +356,12 @@ def check_seam_blend(op, tiles, origins_y, origins_x, weights, batch, height, wi
                f"{op}: {name} {v} places tiles of size {t} outside the canvas {dim} {size}")
 
 
-@torch.library.triton_op("tiled_diffusion::seam_blend", mutates_args=(), schema=_SCHEMAS["seam_blend"])
+@_triton_op("tiled_diffusion::seam_blend", mutates_args=(), schema=_SCHEMAS["seam_blend"])
 def _seam_blend_op(tiles, origins_y, origins_x, weights, batch, height, width):
     check_seam_blend("seam_blend", tiles, origins_y, origins_x, weights, batch, height, width)
     dev = tiles.device
     if dev.type == "cuda":
-        from .triton_kernels.seam_blend import seam_blend_triton
+        from .backends.triton.seam_blend import seam_blend_triton
 
         choose("seam_blend", dev, "Triton", "CUDA tensors")
         return seam_blend_triton(tiles, origins_y, origins_x, weights, batch, height, width)
@@ -423,13 +375,13 @@ def _seam_blend_op(tiles, origins_y, origins_x, weights, batch, height, width):
 def _seam_blend_opaque_impl(tiles, origins_y, origins_x, weights, batch, height, width):
     """Inputs checked by seam_blend. The CPU path on the CPU, the reference elsewhere; a contiguous canvas."""
     if tiles.device.type == "cpu":
-        from .cpu.seam_blend import seam_blend_cpu
+        from .backends.cpu.seam_blend import seam_blend_cpu
 
         return seam_blend_cpu(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
     return reference.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
 
 
-@torch.library.triton_op("tiled_diffusion::blend_lcm_step", mutates_args=(), schema=_SCHEMAS["blend_lcm_step"])
+@_triton_op("tiled_diffusion::blend_lcm_step", mutates_args=(), schema=_SCHEMAS["blend_lcm_step"])
 def _blend_lcm_step_op(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip,
                        c_out, sqrt_alpha_prev, sqrt_beta_prev):
     op = "blend_lcm_step"
@@ -447,7 +399,7 @@ def _blend_lcm_step_op(tiles, origins_y, origins_x, weights, sample, noise, sqrt
             sqrt_alpha_prev, sqrt_beta_prev)
     dev = tiles.device
     if dev.type == "cuda":
-        from .triton_kernels.seam_blend import blend_lcm_step_triton
+        from .backends.triton.seam_blend import blend_lcm_step_triton
 
         choose(op, dev, "Triton", "CUDA tensors")
         return blend_lcm_step_triton(*args)
@@ -461,7 +413,7 @@ def _blend_lcm_step_op(tiles, origins_y, origins_x, weights, sample, noise, sqrt
 def _blend_lcm_step_opaque_impl(*args):
     """Inputs checked by blend_lcm_step. The CPU path on the CPU, the reference elsewhere; contiguous outputs."""
     if args[0].device.type == "cpu":
-        from .cpu.seam_blend import blend_lcm_step_cpu
+        from .backends.cpu.seam_blend import blend_lcm_step_cpu
 
         prev, den = blend_lcm_step_cpu(*args)
     else:
@@ -493,6 +445,7 @@ def int8_gemm_packed(a, a_scale, w_packed, w_scale, bias=None, out_dtype=torch.f
 
 
 def window_attention(q, k, v, neighbours, bias=None, scale=None):
+    register_triton_ops()
     return torch.ops.tiled_diffusion.window_attention(q, k, v, neighbours, bias, scale)
 
 
@@ -509,11 +462,13 @@ if native_has("w8a8_linear", "cpu"):
 
 
 def seam_blend(tiles, origins_y, origins_x, weights, batch, height, width):
+    register_triton_ops()
     return torch.ops.tiled_diffusion.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width)
 
 
 def blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
                    sqrt_alpha_prev, sqrt_beta_prev):
+    register_triton_ops()
     return torch.ops.tiled_diffusion.blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise,
                                                     sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev,
                                                     sqrt_beta_prev)

@@ -175,6 +175,10 @@ TD_AMX inline void configure() {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  // GCC 12 does not treat LDTILECFG's operand as a read of memory and drops the stores above as dead (the
+  // tiles were then configured with 0 rows, and the first TILEZERO raised #UD: SIGILL on every AMX machine).
+  // Passing the address to an empty asm with a memory clobber keeps them.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
   TD_TILE_LOADCONFIG(&cfg);
 }
 

@@ -12,17 +12,19 @@ from typing import Optional
 
 import torch
 
-from .. import ops
+from ... import _native
+from ..choice import choose
+from . import isa
 
 
 def available() -> bool:
     """Whether the native library has the fused CPU kernel (an older build may not)."""
-    return ops.native_has("w8a8_linear", "cpu")
+    return _native.native_has("w8a8_linear", "cpu")
 
 
 def w8a8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [M, K] fp32/bf16/fp16 (CPU), w_packed from ops.pack_int8_weight, w_scale fp32 [N], bias [N] or None ->
     [M, N] in x's dtype."""
-    ops.choose("w8a8_linear", x.device, ops._int8_path(x.device), "per-token quantization fused into the A packing")
+    choose("w8a8_linear", x.device, isa.int8_path(x.device), "per-token quantization fused into the A packing")
     return torch.ops.tiled_diffusion_C.w8a8_linear(x, w_packed, w_scale, bias)

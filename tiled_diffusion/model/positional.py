@@ -37,25 +37,20 @@ included, runs on it; there is no per-layer shift. Per mode:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed, get_2d_sincos_pos_embed_from_grid
 
-MODES = ("canvas_stretched", "canvas_native", "tile_local")
-
-
-def check_mode(positional: str) -> str:
-    if positional not in MODES:
-        raise ValueError(f"positional must be one of {MODES}, got {positional!r}")
-    return positional
-
-
-@functools.lru_cache(maxsize=16)
-def _grid_embed(mode: str, dim: int, h: int, w: int, base: int, interp: float, device_str: str) -> torch.Tensor:
-    """fp32 [h, w, dim] embedding of an h x w token grid (the canvas, or one tile for tile_local)."""
-    device = torch.device(device_str)
+def _grid_embed(mode: str, dim: int, h: int, w: int, base: int, interp: float, device,
+                cache: Optional[dict] = None) -> torch.Tensor:
+    """fp32 [h, w, dim] embedding of an h x w token grid (the canvas, or one tile for tile_local). cache: a dict
+    that keeps it for the next call (the accelerated pipeline's TileContext.cache: it can be GBs at 16384², so it
+    lives, is counted and is freed with the acceleration, not in a process-wide cache)."""
+    key = ("pos", mode, dim, h, w, base, interp, str(device))
+    if cache is not None and key in cache:
+        return cache[key]
+    device = torch.device(device)
     if mode in ("canvas_stretched", "tile_local"):
         # Exactly diffusers' own computation, so the whole-canvas case matches the plain pipeline bitwise.
         emb = get_2d_sincos_pos_embed(dim, (h, w), base_size=base, interpolation_scale=interp, device=device,
@@ -65,21 +60,25 @@ def _grid_embed(mode: str, dim: int, h: int, w: int, base: int, interp: float, d
         gw = torch.arange(w, device=device, dtype=torch.float32) / interp
         grid = torch.stack(torch.meshgrid(gw, gh, indexing="xy"), dim=0).reshape(2, 1, h, w)
         emb = get_2d_sincos_pos_embed_from_grid(dim, grid, output_type="pt")
-    return emb.float().reshape(h, w, dim)
+    emb = emb.float().reshape(h, w, dim)
+    if cache is not None:
+        cache[key] = emb
+    return emb
 
 
 def positional_embedding(mode: str, dim: int, canvas: tuple[int, int], tile: tuple[int, int],
                          offsets: Optional[torch.Tensor], base: int, interp: float,
-                         device: torch.device) -> torch.Tensor:
+                         device: torch.device, cache: Optional[dict] = None) -> torch.Tensor:
     """Embedding of tile-sized token grids cut from a canvas.
 
     canvas (Ht, Wt) and tile (h, w) in tokens; offsets int64 [n, 2] (top, left) of each input's tile on the canvas
     in tokens, or None (one tile at (0, 0) shared by the whole batch). Returns fp32 [n or 1, h*w, dim].
+    cache: see `_grid_embed`.
     """
     h, w = tile
     if mode == "tile_local":
-        return _grid_embed(mode, dim, h, w, base, float(interp), str(device)).reshape(1, h * w, dim)
-    emb = _grid_embed(mode, dim, canvas[0], canvas[1], base, float(interp), str(device))
+        return _grid_embed(mode, dim, h, w, base, float(interp), device, cache).reshape(1, h * w, dim)
+    emb = _grid_embed(mode, dim, canvas[0], canvas[1], base, float(interp), device, cache)
     if offsets is None:
         return emb[:h, :w].reshape(1, h * w, dim)
     ys = offsets[:, 0:1].to(device) + torch.arange(h, device=device)  # [n, h]
@@ -109,10 +108,10 @@ class CanvasPatchEmbed(PatchEmbed):
             x = self.norm(x)
         if st.positional == "tile_local" and st.grid is not None:
             pos = _tile_local_canvas(st.grid, self.pos_embed.shape[-1], self.base_size, self.interpolation_scale,
-                                     x.device)
+                                     x.device, st.cache)
         else:
             pos = positional_embedding(st.positional, self.pos_embed.shape[-1], st.canvas_tokens, (h, w),
-                                       st.offsets, self.base_size, self.interpolation_scale, x.device)
+                                       st.offsets, self.base_size, self.interpolation_scale, x.device, st.cache)
         if pos.shape[0] > 1 and pos.shape[0] != x.shape[0]:  # CFG doubled the batch: offsets repeat
             pos = pos.repeat(x.shape[0] // pos.shape[0], 1, 1)
         x = (x + pos).to(x.dtype)
@@ -121,12 +120,13 @@ class CanvasPatchEmbed(PatchEmbed):
         return x
 
 
-def _tile_local_canvas(grid, dim: int, base: int, interp: float, device) -> torch.Tensor:
+def _tile_local_canvas(grid, dim: int, base: int, interp: float, device, cache: Optional[dict] = None
+                       ) -> torch.Tensor:
     """cross_tile + tile_local: the tile embedding laid over the canvas along the grid's tiles, raster order
     [1, N, dim]. The tiles start at canvas token `grid.shift`, so the repeated embedding is rolled by it:
     token (y, x) gets tile position ((y - sy) mod th, (x - sx) mod tw)."""
     th, tw = grid.tile_tokens_h, grid.tile_tokens_w
-    emb = _grid_embed("tile_local", dim, th, tw, base, float(interp), str(device))
+    emb = _grid_embed("tile_local", dim, th, tw, base, float(interp), device, cache)
     emb = emb.repeat(grid.ny, grid.nx, 1)
     sy, sx = grid.shift
     if sy or sx:

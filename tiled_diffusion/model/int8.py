@@ -24,8 +24,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from . import ops
-from .cpu import int8_linear as cpu_int8_linear
+from .. import ops
+from ..backends.cpu import int8_linear as cpu_int8_linear
 
 MODES = ("w8a8", "w8a16")
 
@@ -71,7 +71,7 @@ def resolve_mode(requested: Optional[str], device) -> tuple[Optional[str], str]:
         raise ValueError(f"int8 must be 'auto', 'w8a8', 'w8a16' or None, got {requested!r}")
     dev = torch.device(device)
     if dev.type == "cpu":
-        from .cpu import isa
+        from ..backends.cpu import isa
 
         name = isa.cpu_isa()
         pays, why = AUTO_W8A8_CPU.get(name, (False, f"unknown CPU int8 path {name!r}"))

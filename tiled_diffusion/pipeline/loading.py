@@ -195,7 +195,7 @@ def load_component(folder: str, model_cls, library: str, dtype: torch.dtype, mod
     Raises LoadError naming missing / unexpected / mis-shaped keys. A folder with no safetensors checkpoint
     falls back to `from_pretrained` + `quantize_model`.
     """
-    from . import int8 as I
+    from ..model import int8 as I
 
     files = checkpoint_files(folder, library)
     if files is None:
@@ -318,7 +318,7 @@ def load_pipeline(folder: str, dtype: torch.dtype, int8: Optional[str], componen
     """
     import diffusers
 
-    from . import int8 as I
+    from ..model import int8 as I
 
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from . import ops
+from .. import ops
 
 
 class TileContext:
@@ -30,6 +30,9 @@ class TileContext:
     forward as `current_extras[name]`.
     step: the denoising step index the shifted grid follows (`shift`): set by the sampler, or counted from the
     timesteps the forward sees (see `step_for`).
+    partition: None on one process; the slot parallel/ plugs a process group's partition into (`parallel.comm.
+    enable`): the canvas forward asks it for this rank's band or tile share, and `attend` hands it the band's
+    attention (a halo exchange instead of a local gather).
     """
 
     def __init__(self, config):
@@ -43,6 +46,10 @@ class TileContext:
         self._last_t: Optional[float] = None
         self._counted_step = 0
         self._nb_cache: dict = {}
+        self.partition = None
+        # Device tensors derived from the canvas geometry (positional tables, token grids with their neighbour
+        # tables): they belong to this acceleration and go with it (restore drops the context).
+        self.cache: dict = {}
 
     @property
     def positional(self) -> str:
@@ -69,6 +76,8 @@ class TileContext:
 
     def clear(self) -> None:
         self.canvas_tokens, self.offsets, self.grid, self.current_extras = None, None, None, {}
+        if self.partition is not None:
+            self.partition.current = None
 
     def set_grid(self, grid) -> None:
         if grid is not self.grid:
@@ -116,6 +125,8 @@ class TileContext:
         """Windowed self-attention of every tile over its neighbour tiles: q, k, v [B·T, H, L, D] (tile-major,
         B images of T tiles) -> out [B·T, H, L, D]. The one place keys are gathered: replace this method (e.g. with
         a halo exchange between processes) to change where neighbour K/V come from."""
+        if self.partition is not None and self.partition.current is not None:
+            return self.partition.attend(q, k, v, self.head_chunk)
         T = self.grid.ny * self.grid.nx
         return window_attention(q, k, v, self.neighbours(q.shape[0] // T, q.device), self.head_chunk)
 
@@ -173,9 +184,3 @@ class CrossTileAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
-
-
-def attention_flops(tokens_q: int, keys_per_query: float, heads: int, head_dim: int) -> float:
-    """FLOPs of one attention (QKᵀ and PV): 4 * Nq * Nk * H * D."""
-    return 4.0 * tokens_q * keys_per_query * heads * head_dim
-

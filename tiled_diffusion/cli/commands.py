@@ -27,7 +27,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _benchmarks_dir() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(here, "benchmarks")
     if not os.path.isdir(path):
         raise SystemExit("tiled-diffusion bench needs a source checkout (the benchmarks/ folder beside the package)")
@@ -56,7 +56,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def inspect_cmd(args: argparse.Namespace) -> int:
-    from . import inspect
+    from ..tools import inspect
 
     argv = (["--check"] if args.check else []) + (["--json"] if args.json else [])
     return inspect.main(argv)
@@ -64,10 +64,10 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the same command on N local ranks
-        from .distributed import launch_local
+        from ..parallel.comm import launch_local
 
         return launch_local(args.argv, args.nproc)
-    from .cli_generate import RequestError, run
+    from .generate import RequestError, run
 
     try:
         return run(args)
@@ -77,14 +77,49 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def upscale(args: argparse.Namespace) -> int:
-    from .cli_upscale import main
+    from .upscale import main
 
     return main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import cli_upscale
+def add_guidance_arguments(p: argparse.ArgumentParser, regions: bool = True) -> None:
+    p.add_argument("--controlnet", default=None,
+                   help="a PixArt ControlNet checkpoint: diffusers folder / .safetensors with config.json, or an "
+                        "upstream PixArt-alpha .pth")
+    p.add_argument("--control-image", default=None,
+                   help="control image for --controlnet (e.g. a HED edge map; `edges:PATH` = soft edges of PATH "
+                        "computed here)" + ("" if regions else "; default: soft edges of the resized input"))
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    if regions:
+        p.add_argument("--region", action="append", default=[], metavar="X0,Y0,X1,Y1:PROMPT",
+                       help="a prompt for a rectangle of the canvas in pixels (repeatable; --prompt is the "
+                            "background)")
 
+
+def add_upscale_arguments(u: argparse.ArgumentParser) -> None:
+    u.add_argument("--image", required=True, help="input image (PNG/JPEG/...; RGBA, greyscale and 16-bit handled)")
+    u.add_argument("--scale", type=float, default=4.0, help="output size = scale × input size")
+    u.add_argument("--strength", type=float, default=0.4,
+                   help="where the schedule starts (near 0: keep the input, 1: from pure noise)")
+    u.add_argument("--prompt", default="", help="what the image shows (helps the model add matching detail)")
+    u.add_argument("--steps", type=int, default=4, help="LCM steps (original_inference_steps × strength ≥ steps)")
+    u.add_argument("--model", default="tiny", help="a local diffusers PixArt folder, or 'tiny'")
+    u.add_argument("--mode", choices=["cross_tile", "multidiffusion", "global"], default="cross_tile")
+    u.add_argument("--tile", type=int, default=None, help="tile size in pixels (default per mode)")
+    u.add_argument("--radius", type=int, default=1)
+    u.add_argument("--overlap", type=float, default=0.5)
+    u.add_argument("--profile", choices=["uniform", "linear", "cosine", "gaussian"], default="cosine")
+    u.add_argument("--int8", choices=["auto", "w8a8", "none"], default="auto")
+    u.add_argument("--guidance-scale", type=float, default=0.0)
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    u.add_argument("--device", default=None)
+    add_guidance_arguments(u, regions=False)
+    u.add_argument("--out", default="upscaled.png")
+    u.add_argument("--json", default=None, help="write per-stage timings and peak memory here")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tiled-diffusion", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -119,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on N local processes (torchrun; one device each); under torchrun, leave it out")
     g.add_argument("--out", default="image.png")
     g.add_argument("--json", default=None, help="write per-stage timings here")
-    cli_upscale.add_guidance_arguments(g)  # --controlnet, --control-image, --control-scale, --region
+    add_guidance_arguments(g)  # --controlnet, --control-image, --control-scale, --region
     g.set_defaults(func=generate)
 
     u = sub.add_parser("upscale", help="upscale an image: resize, tiled encode, noise to a strength, tiled "
                                        "denoise, tiled decode")
-    cli_upscale.add_arguments(u)
+    add_upscale_arguments(u)
     u.set_defaults(func=upscale)
 
     b = sub.add_parser("bench", help="run a benchmark suite and print a table")

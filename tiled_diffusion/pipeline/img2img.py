@@ -8,6 +8,9 @@ import os
 from typing import Optional
 
 import torch
+from PIL import Image
+
+from ..core.config import TOKEN_MULTIPLE
 
 
 class ImageError(ValueError):
@@ -72,8 +75,8 @@ def encode_image(vae, images: torch.Tensor) -> torch.Tensor:
     """images [B, 3, H, W] in [-1, 1] -> latents [B, C, H/8, W/8] × scaling factor. The latent distribution's
     mean, not a sample (diffusers' img2img samples it with the seed): the same image always starts from the
     same latent, and the seed only draws the noise.
-    The one place that calls the VAE encoder: `tiled_diffusion.vae.encode` (tiled/banded) when it exists."""
-    from . import vae as tvae
+    The one place that calls the VAE encoder: `tiled_diffusion.vae.banded.encode` (tiled/banded) when it exists."""
+    from ..vae import banded as tvae
 
     x = images.to(device=vae.device, dtype=vae.dtype)
     tiled = getattr(tvae, "encode", None)
@@ -82,6 +85,25 @@ def encode_image(vae, images: torch.Tensor) -> torch.Tensor:
     else:
         lat = vae.encode(x).latent_dist.mean
     return lat * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def control_latent(vae, image, height: int, width: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The control latent of `image` (a PIL image, a path, or a float tensor [B, 3, H, W] in [-1, 1]) for a
+    height × width canvas: resized to the canvas (Lanczos), VAE-encoded (mean of the latent distribution:
+    deterministic; upstream samples it, which differs by the VAE's tiny posterior std) × scaling factor.
+    Returns [B, C_latent, height / 8, width / 8]."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(str(image))
+    if not torch.is_tensor(image):
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        image = to_tensor(image)
+    elif tuple(image.shape[-2:]) != (height, width):
+        image = torch.nn.functional.interpolate(image.float(), size=(height, width), mode="bicubic",
+                                                align_corners=False).clamp(-1, 1)
+    lat = encode_image(vae, image)
+    return lat.to(dtype) if dtype is not None else lat
 
 
 # ------------------------------------------------------------------------------------------ strength
@@ -101,14 +123,13 @@ def check_strength(strength: float, steps: int, scheduler=None) -> None:
 
 # ----------------------------------------------------------------------------------- sizes and padding
 
-MULTIPLE = 16  # VAE factor 8 × patch 2: every canvas is a whole number of tokens
 
 
-def padded_size(width: int, height: int, multiple: int = MULTIPLE) -> tuple[int, int]:
+def padded_size(width: int, height: int, multiple: int = TOKEN_MULTIPLE) -> tuple[int, int]:
     return -(-width // multiple) * multiple, -(-height // multiple) * multiple
 
 
-def prepare_image(image, width: int, height: int, multiple: int = MULTIPLE) -> torch.Tensor:
+def prepare_image(image, width: int, height: int, multiple: int = TOKEN_MULTIPLE) -> torch.Tensor:
     """`image` (PIL, path, or [B, 3, H, W] in [-1, 1]) resized to width × height (Lanczos for PIL) and padded by
     reflection on the right and bottom to multiples of `multiple` -> [B, 3, H16, W16] in [-1, 1]. Crop the
     result back with `[..., :height, :width]` (in pixels)."""
@@ -157,7 +178,7 @@ def image_latents(pipe, image, *, width: int, height: int, strength: float, step
     t0 = time.perf_counter()
     x = prepare_image(image, width, height)
     if tuple(x.shape[-2:]) != (height, width):
-        raise ImageError(f"img2img canvas {width}x{height} must be multiples of {MULTIPLE} px "
+        raise ImageError(f"img2img canvas {width}x{height} must be multiples of {TOKEN_MULTIPLE} px "
                          f"(img2img.img2img pads any size)")
     lat = encode_image(pipe.vae, x)
     if timings is not None:
@@ -167,50 +188,3 @@ def image_latents(pipe, image, *, width: int, height: int, strength: float, step
     t_first = set_timesteps(pipe.scheduler, steps, device, strength)[:1]
     noise = randn_tensor(tuple(lat.shape), generator=generator, device=device, dtype=lat.dtype)
     return pipe.scheduler.add_noise(lat, noise, t_first)
-
-
-def img2img(pipe, prompt, image, *, strength: float = 0.5, steps: int = 4, seed: int = 0,
-            width: Optional[int] = None, height: Optional[int] = None, timings: Optional[dict] = None,
-            **generate_kwargs):
-    """Tiled img2img of an image of any size: resized to width × height (default: the image's size), padded to
-    multiples of 16, generated (`pipeline.generate(..., image=, strength=)`) and cropped back. Returns a list of
-    PIL images of width × height (other `output_type`s: the padded canvas's output as generate returns it)."""
-    import time
-
-    from . import pipeline as P
-
-    timings = {} if timings is None else timings
-    t0 = time.perf_counter()
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image(str(image))
-    if torch.is_tensor(image):
-        h0, w0 = image.shape[-2:]
-    else:
-        image = to_rgb(image)
-        w0, h0 = image.size
-    width, height = width or w0, height or h0
-    x = prepare_image(image, width, height)
-    timings["resize_s"] = time.perf_counter() - t0
-    ph, pw = x.shape[-2:]
-    if prompt is None and "prompt_embeds" not in generate_kwargs:
-        prompt = ""
-    out = P.generate(pipe, prompt, width=pw, height=ph, steps=steps, seed=seed, image=x, strength=strength,
-                     timings=timings, **generate_kwargs)
-    if isinstance(out, list):  # PIL images: the padding cropped off
-        return [im.crop((0, 0, width, height)) for im in out]
-    return out  # other output types are of the padded canvas
-
-
-def upscale(pipe, image, *, scale: float = 4.0, strength: float = 0.4, prompt: Optional[str] = None, steps: int = 4,
-            seed: int = 0, timings: Optional[dict] = None, **generate_kwargs):
-    """Upscale by `scale`: Lanczos resize, tiled encode, noise to `strength`, tiled denoise, tiled decode.
-    Returns a list with one PIL image of round(scale × size). prompt None: the empty prompt, unless
-    `prompt_embeds=` is among the generate keyword arguments."""
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image(str(image))
-    image = to_rgb(image)
-    if not scale > 0:
-        raise ImageError(f"scale must be > 0, got {scale!r}")
-    w, h = (max(1, round(v * scale)) for v in image.size)
-    return img2img(pipe, prompt, image, strength=strength, steps=steps, seed=seed, width=w, height=h,
-                   timings=timings, **generate_kwargs)

@@ -25,11 +25,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .attention import CrossTileAttnProcessor, TileContext
-from .canvas import TiledConfig, canvas_class
-from .int8 import module_bytes
-from .positional import CanvasPatchEmbed
-from .sampler import check_memory, check_size, denoise, estimate_memory
+from ..model.attention import CrossTileAttnProcessor, TileContext
+from ..core.config import TiledConfig
+from ..model.canvas import canvas_class
+from ..model.positional import CanvasPatchEmbed
+from .. import vae as vae_mod
+from ..parallel import vae as parallel_vae
 
 log = logging.getLogger("tiled_diffusion")
 
@@ -97,7 +98,7 @@ def _revert_token_order(tr, handle):
 
 
 def _apply_int8(module, mode: str, exclude, keep: bool, embeddings: bool = False):
-    from . import int8
+    from ..model import int8
 
     originals = {n: m for n, m in module.named_modules() if type(m) is nn.Linear} if keep else None
     swapped = int8.quantize_model(module, mode=mode, exclude=exclude)
@@ -111,7 +112,7 @@ def _apply_int8(module, mode: str, exclude, keep: bool, embeddings: bool = False
 
 
 def _revert_int8(module, rec):
-    from . import int8
+    from ..model import int8
 
     int8.restore_embeddings(module, rec["embeddings"], keep_original=rec["originals"] is not None)
     if rec["originals"] is None:
@@ -122,7 +123,7 @@ def _revert_int8(module, rec):
 
 
 def _apply_transformer_int8(tr, st: AccelerateState):
-    from . import int8
+    from ..model import int8
 
     return _apply_int8(tr, st.int8, int8.PIXART_KEEP_HIGH_PRECISION, st.keep_original_weights)
 
@@ -207,11 +208,11 @@ def _apply_pipeline_call(pipe, st: AccelerateState):
 def decode_latents(vae, z: torch.Tensor, max_memory_gb: Optional[float] = None, dist=None) -> Optional[torch.Tensor]:
     """VAE-decode latents z [B, 4, h, w] (already divided by the scaling factor) to images [B, 3, H, W] in
     [-1, 1]: `vae.decode` (vae.py) — the plain decode when it fits the free memory, else banded with exact
-    canvas-wide GroupNorm statistics; over the ranks of `dist` (a distributed.Dist) in parallel, the image on rank 0
-    and None elsewhere. The one decode every path of the package uses."""
-    from . import vae as vae_mod
-
-    return vae_mod.decode(vae, z.to(vae.dtype), max_memory_gb=max_memory_gb, dist=dist)
+    canvas-wide GroupNorm statistics; over the ranks of `dist` (a parallel.comm.Dist) in parallel, the image on rank
+    0 and None elsewhere. The one decode every path of the package uses."""
+    if dist is not None:
+        return parallel_vae.decode(vae, z.to(vae.dtype), dist, max_memory_gb=max_memory_gb)
+    return vae_mod.decode(vae, z.to(vae.dtype), max_memory_gb=max_memory_gb)
 
 
 def _apply_vae_decode(vae, st: AccelerateState):
@@ -268,7 +269,7 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     float); "auto" (default) takes W8A8 only where it was measured faster than bf16 on the device the transformer
     is on now (`int8.resolve_mode`; the reason is logged at INFO);
     text_encoder_int8: T5 weight-only int8 (pipelines only). tile: pixels, default per mode
-    (canvas.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see canvas.TiledConfig.
+    (core.config.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see core.config.TiledConfig.
     Afterwards `pipe(...)` itself is tiled (canvas.py). A transformer shared by two pipelines is accelerated
     through one of them; accelerating it through the other raises.
     keep_original_weights=False is the inference-only, least-memory setting: the float layers are not kept (restore
@@ -278,7 +279,7 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     tr = comps["transformer"]
     if int8 not in (None, "auto", "w8a8", "w8a16"):
         raise ValueError(f"int8 must be 'auto', 'w8a8', 'w8a16' or None, got {int8!r}")
-    from .int8 import resolve_mode
+    from ..model.int8 import resolve_mode
 
     int8 = resolve_mode(int8, next(tr.parameters()).device)[0]
     cfg = TiledConfig(mode=mode, tile=tile, radius=radius, shift=shift, overlap=overlap, profile=profile,
@@ -336,133 +337,3 @@ def state(pipe) -> AccelerateState:
     if st is None:
         raise RuntimeError("the pipeline is not accelerated: call tiled_diffusion.accelerate(pipe) first")
     return st
-
-
-# ----------------------------------------------------------------------------------------- stages
-
-
-@torch.no_grad()
-def encode(pipe, prompt, negative_prompt: str = "", guidance_scale: float = 0.0, max_sequence_length: int = 120):
-    """T5-encode once: returns (embeds, mask), CFG-stacked (uncond first) when guidance_scale > 1."""
-    cfg_on = guidance_scale > 1.0
-    pe, pm, ne, nm = pipe.encode_prompt(prompt, cfg_on, negative_prompt=negative_prompt,
-                                        device=pipe._execution_device, clean_caption=False,
-                                        max_sequence_length=max_sequence_length)
-    if cfg_on:
-        return torch.cat([ne, pe]), torch.cat([nm, pm])
-    return pe, pm
-
-
-@torch.no_grad()
-def decode(pipe, latents, output_type: str = "pil", max_memory_gb: Optional[float] = None):
-    """VAE-decode the canvas (`decode_latents`) and post-process as diffusers' pipelines do ("pil", "pt", "np");
-    "pt_raw": the decoder's output in [-1, 1], not post-processed. A pipeline whose canvas runs over several
-    processes (distributed.enable) decodes over them too: every rank calls this, rank 0 gets the image, the
-    others None."""
-    from .distributed import dist_of
-
-    image = decode_latents(pipe.vae, latents / pipe.vae.config.scaling_factor, max_memory_gb, dist_of(pipe))
-    if image is None:
-        return None
-    if output_type == "pt_raw":
-        return image
-    return pipe.image_processor.postprocess(image, output_type=output_type)
-
-
-@torch.no_grad()
-def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed: int = 0,
-             guidance_scale: float = 0.0, negative_prompt: str = "", output_type: str = "pil", progress: bool = True,
-             max_memory_gb: Optional[float] = None, prompt_embeds: Optional[tuple] = None,
-             timings: Optional[dict] = None, controlnet=None, control_image=None, control_scale: float = 1.0,
-             image=None, strength: Optional[float] = None, regions=None, group=None, **overrides: Any):
-    """One tiled generation with the accelerated pipeline; `overrides` replace TiledConfig fields for this call.
-
-    The same image as `pipe(prompt, width=, height=, num_inference_steps=steps, guidance_scale=,
-    generator=torch.Generator().manual_seed(seed))` after accelerate (tests/test_dropin.py). prompt_embeds:
-    (embeds, mask) from `encode` instead of a prompt (the CLI encodes in a stage of its own). timings: a dict
-    that receives denoise_s and decode_s. Returns a list of PIL images (output_type "pil"), or the latents
-    ("latent"), or what `decode` returns for the other output types.
-
-    Guidance (issue 10): controlnet (a controlnet.PixArtControlNet) with control_image (PIL / path / [B, 3, H, W]
-    in [-1, 1]) and control_scale; image (img2img: PIL / path / tensor, resized to width × height) with strength
-    (default 0.5); regions ("x0,y0,x1,y1:prompt" strings, regions.Region, or an encoded regions.RegionalPrompts
-    whose `encode` gave prompt_embeds). Any image size, and upscaling: img2img.img2img / img2img.upscale.
-
-    group: an initialised torch.distributed process group to run the canvas over its ranks
-    (`distributed.generate`: rank 0 gets the output, the others None; guidance is not supported there yet).
-    """
-    import time
-
-    if group is not None:
-        if controlnet is not None or image is not None or regions is not None:
-            raise ValueError("generate: controlnet=, image= and regions= are not supported with group= yet")
-        from . import distributed
-
-        return distributed.generate(pipe, prompt, group=group, width=width, height=height, steps=steps, seed=seed,
-                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                    output_type=output_type, progress=progress, max_memory_gb=max_memory_gb,
-                                    prompt_embeds=prompt_embeds, timings=timings, **overrides)
-
-    st = state(pipe)
-    cfg = dataclasses.replace(st.config, **overrides).validate()
-    check_size(width, height)
-    if (prompt is None) == (prompt_embeds is None):
-        raise ValueError("generate: give either a prompt or prompt_embeds=(embeds, mask)")
-    timings = {} if timings is None else timings
-    if max_memory_gb is not None:
-        est = estimate_memory(pipe.transformer.config, height=height, width=width, cfg=cfg,
-                              dtype=pipe.transformer.dtype, guidance_scale=guidance_scale, int8=st.int8,
-                              vae=pipe.vae,
-                              text_encoder_bytes=module_bytes(getattr(pipe, "text_encoder", None)),
-                              vae_scale_factor=st.vae_scale_factor)
-        check_memory(est, max_memory_gb, cfg)
-    # --- guidance (issue 10): regional prompts, img2img, ControlNet (regions.py, img2img.py, controlnet.py) ---
-    if (controlnet is None) != (control_image is None):
-        raise ValueError("generate: controlnet= and control_image= go together")
-    if strength is not None and image is None:
-        raise ValueError("generate: strength= needs image= (img2img)")
-    regional = None
-    if regions:
-        from .regions import RegionalPrompts
-
-        regional = regions if isinstance(regions, RegionalPrompts) else RegionalPrompts(prompt, regions, width,
-                                                                                         height)
-        if prompt_embeds is None:  # every distinct prompt encoded once
-            prompt_embeds = regional.encode(lambda ps: encode(pipe, ps, negative_prompt, guidance_scale),
-                                            guidance_scale)
-    # --- end guidance ---
-    embeds, mask = prompt_embeds if prompt_embeds is not None else encode(pipe, prompt, negative_prompt,
-                                                                         guidance_scale)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    # --- guidance (issue 10) ---
-    import contextlib
-
-    latents, strength = None, (None if image is None else (0.5 if strength is None else strength))
-    if image is not None:
-        from .img2img import image_latents
-
-        latents = image_latents(pipe, image, width=width, height=height, strength=strength, steps=steps,
-                                generator=gen, timings=timings)
-    if controlnet is not None:
-        from .controlnet import control_latent
-
-        t0 = time.perf_counter()
-        control = control_latent(pipe.vae, control_image, height, width, pipe.transformer.dtype)
-        timings["control_encode_s"] = time.perf_counter() - t0
-    # --- end guidance ---
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as guided:  # guidance (issue 10): installed for this call only
-        if regional is not None:
-            guided.enter_context(regional.applied(pipe.transformer, cfg.mode))
-        if controlnet is not None:
-            guided.enter_context(controlnet.applied(pipe.transformer, control, control_scale))
-        lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=height, width=width, steps=steps,
-                      cfg=cfg, guidance_scale=guidance_scale, generator=gen, progress=progress, latents=latents,
-                      strength=strength)
-    timings["denoise_s"] = time.perf_counter() - t0
-    if output_type == "latent":
-        return lat
-    t0 = time.perf_counter()
-    out = decode(pipe, lat, output_type=output_type, max_memory_gb=max_memory_gb)
-    timings["decode_s"] = time.perf_counter() - t0
-    return out

@@ -1,9 +1,9 @@
 """Static GPU report: resources and instruction mix of every kernel for sm_80 and sm_90, no GPU needed.
 
-`tiled-diffusion inspect [--check] [--json]` (or `python -m tiled_diffusion.inspect`).
+`tiled-diffusion inspect [--check] [--json]` (or `python -m tiled_diffusion.tools.inspect`).
 
 - CUDA kernels of `tiled_diffusion._C`: `cuobjdump -res-usage` and `-sass` on the built library, per arch.
-- Triton kernels: every module in `tiled_diffusion/triton_kernels/` that defines `AOT_CONFIGS` (a list of
+- Triton kernels: every module in `tiled_diffusion/backends/triton/` that defines `AOT_CONFIGS` (a list of
   {"name", "kernel", "signature", "constexprs", "num_warps", "num_stages", "expects_mma"}) is compiled ahead
   of time with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`; its cubin goes through
   the same cuobjdump queries.
@@ -257,14 +257,14 @@ def cuda_records(lib: Optional[str] = None, archs: Iterable[int] = ARCHS) -> lis
 
 
 def triton_configs() -> list[dict]:
-    """AOT_CONFIGS of every module in tiled_diffusion/triton_kernels/ (modules without it are skipped)."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_kernels")
+    """AOT_CONFIGS of every module in tiled_diffusion/backends/triton/ (modules without it are skipped)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backends", "triton")
     configs = []
     for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
         mod = os.path.splitext(os.path.basename(path))[0]
         if mod.startswith("_"):
             continue
-        module = importlib.import_module(f"tiled_diffusion.triton_kernels.{mod}")
+        module = importlib.import_module(f"tiled_diffusion.backends.triton.{mod}")
         configs.extend(getattr(module, "AOT_CONFIGS", []))
     return configs
 
@@ -389,9 +389,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = list(sys.argv[1:] if argv is None else argv)
-        return subprocess.run([sys.executable, "-m", "tiled_diffusion.inspect", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "tiled_diffusion.tools.inspect", *argv], env=env).returncode
     records, notes = collect(archs=args.arch or ARCHS, include_triton=not args.no_triton)
-    from .cpu import isa
+    from ..backends.cpu import isa
 
     cpu = isa.describe()  # the CPU int8 path this machine takes, beside the GPU report
     if args.json:

@@ -23,12 +23,12 @@ Two methods, chosen by memory (`decode` / `encode`; `estimate_decode_bytes` is t
    one band's working set, which the band height bounds.
 
 3. **Approximate, bounded** (`tiled_decode`, kept for its callers): overlapping tiles decoded independently and
-   cross-faded with `seam_blend`; memory = one tile + the output. GroupNorm is per tile (`stats_passes=0`, the
-   default) — see `tiled_decode` for why the shared-statistics iteration (`stats_passes>0`) is not a fix.
+   cross-faded with `seam_blend`; memory = one tile + the output. GroupNorm is per tile (as diffusers'
+   `enable_tiling`).
    `decode` falls back to it only when even the banded store does not fit the budget.
 
-Over N processes (`decode(..., dist=)`, `banded_decode(..., dist=)`; distributed.generate and torchrun generate use
-it): rank r runs the banded decode on its share of the latent rows only — its store holds that share plus HALO
+Over N processes (`parallel.vae.decode`, which hands `banded_decode` a row partition; a generation over ranks and
+torchrun generate use it): rank r runs the banded decode on its share of the latent rows only — its store holds that share plus HALO
 rows each side, refreshed from the two neighbour ranks (point to point) after every pass; the GroupNorm moments of
 each pass are combined across ranks exactly (Chan's formula over (count, mean, M2), the same result on every rank);
 the mid-block attention all-gathers K and V (it is global; latent resolution); the output rows are gathered on
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from typing import Iterator, Optional
 
@@ -51,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .tiling import TileGrid
+from .. import ops
+from ..core.tiling import TileGrid
 
 log = logging.getLogger("tiled_diffusion")
 
@@ -200,7 +199,7 @@ def _normed(x: torch.Tensor, stats: _Stats) -> torch.Tensor:
 HALO = 2  # rows of margin each rank's store keeps above and below its share (a stride-2 downsample reads 2)
 
 
-class _Act:
+class Act:
     """A canvas activation [B, C, H, W] of which this process holds the canvas rows [a, a + t.shape[-2]) in t
     (one process: all of them; a rank of a distributed decode: its share plus HALO rows each side)."""
 
@@ -213,69 +212,12 @@ class _Act:
         return self.t[:, :, y0 - self.a:y1 - self.a]
 
 
-class _Part:
-    """A rank's share of a distributed banded run: the latent rows [lo, hi) of `shares[rank]` (every resolution's
-    share is the same canvas fraction), the halo rows exchanged with the two neighbour ranks after each pass, the
-    GroupNorm moments combined across ranks (exactly: Chan's formula over the ranks' (count, mean, M2)), the
-    mid-block attention's K/V all-gathered (it is global), and the output rows gathered on rank 0."""
-
-    def __init__(self, d, lat_h: int) -> None:
-        from . import distributed as D
-
-        self.D, self.d, self.lat_h = D, d, lat_h
-        self.shares = D.split_rows(lat_h, d.world)  # refuses more ranks than latent rows
-        self.bytes_sent = 0
-
-    def own(self, H: int, rank: Optional[int] = None) -> tuple[int, int]:
-        lo, hi = self.shares[self.d.rank if rank is None else rank]
-        return lo * H // self.lat_h, hi * H // self.lat_h
-
-    def held(self, H: int) -> tuple[int, int]:
-        lo, hi = self.own(H)
-        return max(0, lo - HALO), min(H, hi + HALO)
-
-    def exchange(self, x: _Act) -> None:
-        """Fill x's margin rows from the neighbours' shares (each sends at most its own rows: a deeper margin is
-        never read, since every step's halo is at most the rows any rank owns at that resolution)."""
-        H, r = x.H, self.d.rank
-        lo, hi = self.own(H)
-        pairs, spans = [], []
-        for peer in (r - 1, r + 1):
-            if not 0 <= peer < self.d.world:
-                continue
-            if peer < r:  # my first rows are its bottom margin; its last rows are my top margin
-                mine, theirs = (lo, min(hi, lo + HALO)), (max(x.a, self.own(H, peer)[0]), lo)
-            else:
-                mine, theirs = (max(lo, hi - HALO), hi), (hi, min(x.a + x.t.shape[-2], self.own(H, peer)[1]))
-            pairs.append((peer, x.rows(*mine).contiguous(),
-                          torch.empty_like(x.rows(*theirs), memory_format=torch.contiguous_format)))
-            spans.append(theirs)
-        self.bytes_sent += self.D.send_recv(pairs, self.d, "VAE halo exchange")
-        for (_, _, rcv), (a, b) in zip(pairs, spans):
-            x.rows(a, b).copy_(rcv)
-
-    def combine(self, st: "_Stats") -> None:
-        st.n, st.mean, st.m2 = self.D.combine_moments(st.n, st.mean, st.m2, self.d)
-
-    def all_rows(self, t: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """Tokens [B, rows·W, C] of this rank's share -> every token of the canvas [B, H·W, C], every rank."""
-        bands = [tuple(v * W for v in self.own(H, r)) for r in range(self.d.world)]
-        self.bytes_sent += t.numel() * t.element_size() * (self.d.world - 1)
-        return self.D.gather_rows(t, bands, self.d, dim=1)
-
-    def to_main(self, x: _Act) -> Optional[torch.Tensor]:
-        """The output's share of every rank -> the whole canvas on rank 0 (None on the others)."""
-        mine = x.rows(*self.own(x.H)).contiguous()
-        self.bytes_sent += mine.numel() * mine.element_size() * (self.d.rank != 0)
-        return self.D.gather_rows_to_main(mine, [self.own(x.H, r) for r in range(self.d.world)], self.d)
-
-
 class _Runner:
     """Runs steps over a canvas stored on `store`, computing bands of `rows` latent rows on `device`; with a
     `part`, only this rank's share of every canvas."""
 
     def __init__(self, rows: int, lat_h: int, device: torch.device, store: torch.device, pbar,
-                 part: Optional[_Part] = None) -> None:
+                 part=None) -> None:
         self.rows, self.lat_h, self.device, self.store, self.pbar = rows, lat_h, device, store, pbar
         self.part = part
 
@@ -292,18 +234,18 @@ class _Runner:
         if self.pbar is not None:
             self.pbar.update(1)
 
-    def crop(self, x: _Act, y0: int, y1: int, halo: int) -> tuple[torch.Tensor, int]:
+    def crop(self, x: Act, y0: int, y1: int, halo: int) -> tuple[torch.Tensor, int]:
         a = max(0, y0 - halo)
         return x.rows(a, min(x.H, y1 + halo)).to(self.device, non_blocking=True), a
 
-    def empty(self, like: _Act, C: int, H: int, W: int) -> _Act:
+    def empty(self, like: Act, C: int, H: int, W: int) -> Act:
         # channels-last: a band of rows is then one contiguous block (no copy before the conv or the norms), and
         # the convolutions are faster in it (CPU, oneDNN: 1.7x bf16, 1.36x fp32 on a 256-channel 3x3 conv)
         a, b = (0, H) if self.part is None else self.part.held(H)
-        return _Act(torch.empty(like.t.shape[0], C, b - a, W, dtype=like.t.dtype, device=self.store,
+        return Act(torch.empty(like.t.shape[0], C, b - a, W, dtype=like.t.dtype, device=self.store,
                                 memory_format=torch.channels_last), H, a)
 
-    def put(self, out: _Act, y0: int, t: torch.Tensor, stats: Optional[_Stats]) -> None:
+    def put(self, out: Act, y0: int, t: torch.Tensor, stats: Optional[_Stats]) -> None:
         if stats is not None:
             stats.add(t)
         out.rows(y0, y0 + t.shape[-2]).copy_(t)
@@ -315,7 +257,7 @@ class _Runner:
                 self.part.combine(st)
             st.args = st.norm_args()
 
-    def shared(self, x: _Act) -> _Act:
+    def shared(self, x: Act) -> Act:
         """After a pass: the margin rows from the neighbour ranks (nothing to do in one process)."""
         if self.part is not None:
             self.part.exchange(x)
@@ -349,7 +291,7 @@ class _Runner:
             # a compact [1, Co, rows, W] channels-last tensor over x's memory: band rows [y0, y1) of it lie within
             # x's rows < y1, which every band up to this one has already read
             L = xt.shape[-2]
-            out = _Act(torch.empty(0, dtype=xt.dtype, device=xt.device).set_(
+            out = Act(torch.empty(0, dtype=xt.dtype, device=xt.device).set_(
                 xt.untyped_storage(), xt.storage_offset(), (1, Co, L, W), (Co * L * W, 1, W * Co, Co)), H, x.a)
         else:
             out = self.empty(x, Co, H, W)
@@ -413,14 +355,14 @@ class _Runner:
         conv = m.conv_out
         p = conv.kernel_size[0] // 2
         a, b = self.own(x.H)  # the network's output: this process's own rows only
-        out = _Act(torch.empty(x.t.shape[0], conv.out_channels, b - a, x.t.shape[-1], dtype=x.t.dtype,
+        out = Act(torch.empty(x.t.shape[0], conv.out_channels, b - a, x.t.shape[-1], dtype=x.t.dtype,
                                device=self.store), x.H, a)
         for y0, y1 in self.bands(x.H):
             c, a = self.crop(x, y0, y1, p)
             self.put(out, y0, conv(m.conv_act(_normed(c, norm)))[:, :, y0 - a:y1 - a], None)
         return out, None
 
-    def run(self, steps, x: _Act) -> _Act:
+    def run(self, steps, x: Act) -> Act:
         st = None
         for i, (kind, m) in enumerate(steps):
             nxt = _input_norm(steps[i + 1]) if i + 1 < len(steps) else None
@@ -447,20 +389,18 @@ def _progress(progress: bool, steps, desc: str):
 
 @torch.no_grad()
 def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional[torch.device] = None,
-                  progress: bool = False, dist=None, comm: Optional[dict] = None) -> Optional[torch.Tensor]:
+                  progress: bool = False, part=None) -> Optional[torch.Tensor]:
     """Exact decode of latents [B, C_lat, h, w] (already divided by the scaling factor) to [B, 3, f·h, f·w].
 
     tile: latent rows per band (every resolution's band covers the same canvas rows). store: where the canvas
     activations live (default: the latents' device). Returns the decoder's dtype, on the latents' device.
-    dist: a `distributed.Dist` of N > 1 ranks, each passing the same whole-canvas latents: rank r decodes its share
-    of the latent rows (its store holds that share + HALO rows), the result is returned on rank 0 (None elsewhere)
-    and is the one-process decode up to floating-point order (the GroupNorm moments are combined across ranks).
-    comm: a dict that receives "bytes_sent" (what this rank sent; 0 on one process).
+    part: a partition of the latent rows over several processes (`parallel.vae.RowPartition`: own / held rows, the
+    halo exchange, the moments' combination, the K/V all-gather, the gather on rank 0): this process decodes its
+    share only and returns the image on rank 0 (None elsewhere), the one-process decode up to floating-point order.
     """
-    _check_input(latents, "latents")
+    check_input(latents, "latents")
     steps = _decoder_steps(vae.decoder)
     dev = latents.device
-    part = _Part(dist, latents.shape[-2]) if dist is not None and dist.world > 1 else None
     z = latents.to(next(vae.decoder.parameters()).dtype)
     a, b = (0, z.shape[-2]) if part is None else part.held(z.shape[-2])
     z = z[:, :, a:b]
@@ -468,12 +408,10 @@ def banded_decode(vae, latents: torch.Tensor, *, tile: int = 64, store: Optional
         z = vae.post_quant_conv(z)  # 1x1 at the latent resolution: the whole share at once is small
     with _progress(progress, steps, "VAE decode (banded)") as pbar, _channels_last_weights(vae.decoder):
         run = _Runner(tile, latents.shape[-2], dev, store or dev, pbar, part)
-        out = run.run(steps, _Act(_fast_layout(z.to(run.store)), latents.shape[-2], a))
+        out = run.run(steps, Act(_fast_layout(z.to(run.store)), latents.shape[-2], a))
         if part is None:
             return out.t.to(dev)
         img = part.to_main(out)
-        if comm is not None:
-            comm["bytes_sent"] = part.bytes_sent
         return None if img is None else img.to(dev)
 
 
@@ -483,14 +421,14 @@ def banded_encode_moments(vae, images: torch.Tensor, *, tile: int = 64, store: O
     """Exact encoder (+ quant_conv) of images [B, 3, H, W] in [-1, 1]: the moments [B, 2·C_lat, H/f, W/f].
 
     tile: latent rows per band, as in banded_decode."""
-    _check_input(images, "images")
+    check_input(images, "images")
     steps = _encoder_steps(vae.encoder)
     dev = images.device
     f = vae_scale_factor(vae)
     with _progress(progress, steps, "VAE encode (banded)") as pbar, _channels_last_weights(vae.encoder):
         run = _Runner(tile, max(1, images.shape[-2] // f), dev, store or dev, pbar)
         x = _fast_layout(images.to(next(vae.encoder.parameters()).dtype).to(run.store))
-        m = run.run(steps, _Act(x, x.shape[-2])).t.to(dev)
+        m = run.run(steps, Act(x, x.shape[-2])).t.to(dev)
     return vae.quant_conv(m) if vae.quant_conv is not None else m
 
 
@@ -518,7 +456,7 @@ def _channels_last_weights(module: nn.Module) -> Iterator[None]:
             m.weight.data = w
 
 
-def _check_input(x: torch.Tensor, name: str) -> None:
+def check_input(x: torch.Tensor, name: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"vae: {name} must be [B, C, H, W], got shape {tuple(x.shape)}")
 
@@ -655,11 +593,11 @@ def _free_bytes(device: torch.device) -> int:
 CPU_BAND_ROWS = 16
 
 
-def _band_rows(rows: int, device: torch.device) -> int:
+def band_rows(rows: int, device: torch.device) -> int:
     return min(rows, CPU_BAND_ROWS) if device.type == "cpu" else rows
 
 
-def _plan(vae, x: torch.Tensor, *, encode: bool, max_memory_gb: Optional[float], tile: Optional[int]) -> dict:
+def plan_method(vae, x: torch.Tensor, *, encode: bool, max_memory_gb: Optional[float], tile: Optional[int]) -> dict:
     """Which method and band height: plain if it fits, else the tallest bands whose store + band fit (at most
     CPU_BAND_ROWS on the CPU)."""
     f = vae_scale_factor(vae)
@@ -682,27 +620,21 @@ def _plan(vae, x: torch.Tensor, *, encode: bool, max_memory_gb: Optional[float],
         # a store on the compute device shares the budget with the band; a CPU store behind a GPU gets host memory
         room = budget - b1 - (s1 if store == x.device else 0)
         if room >= 0 and (store == x.device or s1 <= _free_bytes(store)):
-            rows = _band_rows(int(min(lat_h - 1, 1 + room // max(1, b2 - b1))), x.device)
+            rows = band_rows(int(min(lat_h - 1, 1 + room // max(1, b2 - b1))), x.device)
             return {"method": "banded", "tile": max(1, rows), "store": store}
     return {"method": "overlap", "tile": None, "store": x.device}
 
 
 def decode(vae, latents: torch.Tensor, *, max_memory_gb: Optional[float] = None, tile: Optional[int] = None,
-           progress: bool = True, dist=None) -> Optional[torch.Tensor]:
+           progress: bool = True) -> Optional[torch.Tensor]:
     """Decode latents [B, C_lat, h, w] (already divided by vae.config.scaling_factor) to images [B, 3, f·h, f·w] in
     [-1, 1], in the decoder's dtype, exactly (up to floating-point order) like `vae.decode`.
 
     Plain when the plain decode fits `max_memory_gb` (default: the device's free memory) or `tile` >= h; else banded
     with the tallest bands that fit (or `tile` latent rows); if even the banded store does not fit, the approximate
-    overlap-tiled decode (per-tile GroupNorm, logged as a warning).
-
-    dist: a `distributed.Dist` of N > 1 ranks, each passing the same latents: the parallel banded decode (each rank
-    decodes its share of the rows, `banded_decode`), with the memory rule applied to a rank's share; the image is
-    returned on rank 0 and None on the others."""
-    _check_input(latents, "latents")
-    if dist is not None and dist.world > 1:
-        return _parallel_decode(vae, latents, max_memory_gb=max_memory_gb, tile=tile, progress=progress, d=dist)
-    plan = _plan(vae, latents, encode=False, max_memory_gb=max_memory_gb, tile=tile)
+    overlap-tiled decode (per-tile GroupNorm, logged as a warning). Over several processes: `parallel.vae.decode`."""
+    check_input(latents, "latents")
+    plan = plan_method(vae, latents, encode=False, max_memory_gb=max_memory_gb, tile=tile)
     log.debug("vae.decode %s: %s", tuple(latents.shape), plan)
     with torch.no_grad():
         if plan["method"] == "plain":  # the class's decode: after accelerate, pipe.vae.decode is this function
@@ -716,25 +648,6 @@ def decode(vae, latents: torch.Tensor, *, max_memory_gb: Optional[float] = None,
     return tiled_decode(vae, latents.to(vae.dtype), progress=progress)
 
 
-def _parallel_decode(vae, latents: torch.Tensor, *, max_memory_gb, tile, progress, d) -> Optional[torch.Tensor]:
-    from .distributed import split_rows
-
-    h = latents.shape[-2]
-    share = max(b - a for a, b in split_rows(h, d.world)) + 2 * HALO  # the largest store any rank holds
-    if tile is None:  # the memory rule on a rank's share: bands as tall as the device likes when it fits plainly
-        plan = _plan(vae, latents[:, :, :min(h, share)], encode=False, max_memory_gb=max_memory_gb, tile=None)
-        if plan["method"] == "overlap":
-            raise MemoryError(f"vae.decode: a rank's share ({share} latent rows of {h}) does not fit "
-                              f"{max_memory_gb if max_memory_gb else 'the free memory'} GB even banded; "
-                              f"use more ranks")
-        tile = _band_rows(h, latents.device) if plan["method"] == "plain" else plan["tile"]
-        store = plan["store"]
-    else:
-        store = latents.device
-    log.debug("vae.decode %s over %d ranks: %d-row bands", tuple(latents.shape), d.world, tile)
-    return banded_decode(vae, latents, tile=tile, store=store, progress=progress and d.is_main, dist=d)
-
-
 def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, tile: Optional[int] = None,
            progress: bool = True, generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
     """Encode images [B, 3, H, W] in [-1, 1] to latents [B, C_lat, H/f, W/f] (not yet multiplied by the scaling
@@ -742,8 +655,8 @@ def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, 
     `vae.encode(x).latent_dist.sample(generator)` does) or its mean. Plain or banded by the rule of `decode`."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    _check_input(images, "images")
-    plan = _plan(vae, images, encode=True, max_memory_gb=max_memory_gb, tile=tile)
+    check_input(images, "images")
+    plan = plan_method(vae, images, encode=True, max_memory_gb=max_memory_gb, tile=tile)
     log.debug("vae.encode %s: %s", tuple(images.shape), plan)
     with torch.no_grad():
         if plan["method"] == "plain":
@@ -759,177 +672,35 @@ def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, 
 
 
 # ----------------------------------------------------------------------------- approximate overlap-tiled decode
-#
-# Overlapping tiles decoded independently and cross-faded (below). Its GroupNorm can record canvas statistics and
-# apply them in later passes (`stats_passes`), but that iteration is not a fix (measured in benchmarks/NOTES.md, VAE):
-# pass p records layer k's statistics while layers < k are normalised with the statistics of pass p-1, so only the
-# first p layers are consistent; every deeper layer is normalised with (mean, std) that belong to a different
-# upstream, which does not normalise it, and the mismatch compounds through the ~30 residual GroupNorm layers of the
-# SD decoder. Per-tile GroupNorm is at least self-consistent. The iteration reaches the canvas statistics only after
-# as many passes as GroupNorm layers (each a full decode), and then still carries the tiles' border error.
-
-
-class _Session:
-    """What the swapped GroupNorms need to know about the tile batch being decoded."""
-
-    def __init__(self) -> None:
-        self.record = False
-        self.images = 1  # B: images per tile (the decoder batch is tiles × images, tile-major)
-        self.tile_hw = (1, 1)  # latent size of every tile
-        self.cores: list[tuple[int, int, int, int]] = []  # per tile in the batch: (y0, y1, x0, x1) latent px
-
-
-class _SharedGroupNorm(nn.Module):
-    """Drop-in for nn.GroupNorm on [N, C, *spatial] that records canvas statistics or applies fixed ones."""
-
-    def __init__(self, gn: nn.GroupNorm, session: _Session) -> None:
-        super().__init__()
-        self.gn = gn
-        self.session = session
-        self.fixed: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (mean, rstd) fp32 [B, G]
-        self._sum = self._sumsq = None
-        self._count = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.session.record:
-            self._record(x)
-        if self.fixed is None:
-            return self.gn(x)
-        return self._apply(x)
-
-    def _spatial(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """x as [tiles, B, G, C/G, h, w] and the scale of this feature map w.r.t. the latent."""
-        s = self.session
-        k = x.shape[0] // s.images
-        lh, lw = s.tile_hw
-        if x.dim() == 4:
-            h, w = x.shape[-2:]
-        else:  # attention's GroupNorm sees [N, C, h·w]
-            f = math.isqrt(x.shape[-1] // (lh * lw))
-            h, w = lh * f, lw * f
-        if h % lh or w % lw or h // lh != w // lw:
-            raise RuntimeError(f"tiled_decode: feature map {h}x{w} is not an integer scale of the tile {lh}x{lw}")
-        G = self.gn.num_groups
-        return x.reshape(k, s.images, G, x.shape[1] // G, h, w), h // lh
-
-    def _group_step(self) -> int:
-        # fp32 work is done a few groups at a time: a whole-tensor fp32 copy of a 512² tile's 128-channel feature
-        # map is 128 MB, and the decoder's own activations at that size are only a few such maps.
-        return max(1, self.gn.num_groups // 8)
-
-    def _record(self, x: torch.Tensor) -> None:
-        xv, f = self._spatial(x)
-        total = torch.zeros(2, xv.shape[1], xv.shape[2], dtype=torch.float64, device=x.device)
-        G, step = xv.shape[2], self._group_step()
-        for j, (y0, y1, x0, x1) in enumerate(self.session.cores):
-            for g in range(0, G, step):
-                core = xv[j, :, g:g + step, :, y0 * f:y1 * f, x0 * f:x1 * f].float()
-                var, mean = torch.var_mean(core, dim=(2, 3, 4), correction=0)  # accurate per tile, then combined
-                n = core[0, 0].numel()
-                total[0, :, g:g + step] += mean.double() * n
-                total[1, :, g:g + step] += (var.double() + mean.double() ** 2) * n
-            self._count += n
-        if self._sum is None:
-            self._sum, self._sumsq = total[0], total[1]
-        else:
-            self._sum += total[0]
-            self._sumsq += total[1]
-
-    def finish_recording(self) -> None:
-        if self._count == 0:
-            raise RuntimeError("tiled_decode: a GroupNorm recorded nothing (is it outside the decoder path?)")
-        mean = self._sum / self._count
-        var = (self._sumsq / self._count - mean**2).clamp_min(0)
-        self.fixed = (mean.float(), torch.rsqrt(var + self.gn.eps).float())
-        self._sum = self._sumsq = None
-        self._count = 0
-
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        xv, _ = self._spatial(x)
-        out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
-        mean, rstd = self.fixed  # [B, G]
-        G, cpg, step = xv.shape[2], xv.shape[3], self._group_step()
-        for g in range(0, G, step):
-            # out of place first: for an fp32 input .float() is x itself, which the resnet still needs
-            y = xv[:, :, g:g + step].float() - mean[None, :, g:g + step, None, None, None]
-            y.mul_(rstd[None, :, g:g + step, None, None, None])
-            if self.gn.affine:
-                wb = slice(g * cpg, (g + step) * cpg)
-                y.mul_(self.gn.weight[wb].float().reshape(-1, cpg, 1, 1)).add_(
-                    self.gn.bias[wb].float().reshape(-1, cpg, 1, 1))
-            out[:, :, g:g + step] = y
-        return out.reshape(x.shape)
-
-
-# Module swaps: which module class gets which replacement (Liger-style table, reverted by _swapped).
-_SWAPS = {nn.GroupNorm: _SharedGroupNorm}
-
-
-@contextlib.contextmanager
-def _swapped(root: nn.Module, session: _Session) -> Iterator[list[_SharedGroupNorm]]:
-    """Swap every module listed in _SWAPS under `root` for its replacement; always revert."""
-    done: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for name, mod in list(root.named_modules()):
-            for child_name, child in list(mod.named_children()):
-                new_cls = _SWAPS.get(type(child))
-                if new_cls is not None:
-                    setattr(mod, child_name, new_cls(child, session))
-                    done.append((mod, child_name, child))
-        yield [getattr(m, n) for m, n, _ in done]
-    finally:
-        for mod, child_name, child in reversed(done):
-            setattr(mod, child_name, child)
-
-
-def _cores(origins: tuple[int, ...], tile: int, size: int) -> list[tuple[int, int]]:
-    """Each tile's share of [0, size): overlaps cut in the middle. Relative to the tile's origin."""
-    bounds = [0] + [(origins[i] + origins[i - 1] + tile) // 2 for i in range(1, len(origins))] + [size]
-    return [(bounds[i] - o, bounds[i + 1] - o) for i, o in enumerate(origins)]
 
 
 def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, overlap: int = 16, profile: str = "cosine",
-                 stats_passes: int = 0, tile_batch: int = 1, progress: bool = False) -> torch.Tensor:
+                 tile_batch: int = 1, progress: bool = False) -> torch.Tensor:
     """Approximate decode of latents [B, C_lat, h, w] (already divided by the VAE's scaling factor) to images
     [B, 3, f·h, f·w] in overlapping tiles, cross-faded: memory = one tile batch + the output. `decode` is exact.
 
     Each tile sees zero padding instead of its neighbours where the decoder's receptive field (≈ 18 latent px for
     the SD VAE) exceeds the overlap, and normalises with its own GroupNorm statistics.
     tile / overlap: in latent pixels. profile: the seam_blend window ("uniform", "linear", "cosine", "gaussian").
-    stats_passes: recording passes for shared GroupNorm statistics (0 = per-tile GroupNorm, like diffusers'
-    tiling; > 0 is worse until about as many passes as the decoder has GroupNorms, see the note above). tile_batch: tiles decoded together (memory ∝ tile_batch · tile²; one 512² tile of the SD/PixArt VAE
+    GroupNorm is per tile, like diffusers' tiling (shared statistics from a first pass were measured no better
+    until about as many passes as the decoder has GroupNorms; `decode`'s banded pass is the exact answer).
+    tile_batch: tiles decoded together (memory ∝ tile_batch · tile²; one 512² tile of the SD/PixArt VAE
     needs ≈ 0.5 GB, and batching tiles buys little once a tile fills the device). Returns the decoder's dtype.
     """
     if latents.dim() != 4:
         raise ValueError(f"tiled_decode: latents must be [B, C, h, w], got shape {tuple(latents.shape)}")
-    if stats_passes < 0 or tile_batch < 1:
-        raise ValueError(f"tiled_decode: stats_passes must be >= 0 and tile_batch >= 1, got {stats_passes}, "
-                         f"{tile_batch}")
+    if tile_batch < 1:
+        raise ValueError(f"tiled_decode: tile_batch must be >= 1, got {tile_batch}")
     B, _, h, w = latents.shape
     f = vae_scale_factor(vae)
     grid = TileGrid(h, w, tile=tile, overlap=min(overlap, max(min(tile, h, w) - 1, 0)), batch=B, patch=1)
-    cores_y = _cores(grid.origins_y, grid.th, h)
-    cores_x = _cores(grid.origins_x, grid.tw, w)
-    tiles = [(iy, ix) for iy in range(grid.ny) for ix in range(grid.nx)]
-
-    session = _Session()
-    session.images, session.tile_hw = B, (grid.th, grid.tw)
 
     def decode_batch(batch: list[tuple[int, int]]) -> torch.Tensor:
-        session.cores = [cores_y[iy] + cores_x[ix] for iy, ix in batch]
         z = torch.cat([latents[:, :, grid.origins_y[iy]:grid.origins_y[iy] + grid.th,
                                grid.origins_x[ix]:grid.origins_x[ix] + grid.tw] for iy, ix in batch])
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
         return vae.decoder(z)  # [len(batch)·B, 3, f·th, f·tw], tile-major
-
-    def batches(items, desc):
-        chunks = [items[i:i + tile_batch] for i in range(0, len(items), tile_batch)]
-        if progress:
-            from tqdm.auto import tqdm
-
-            chunks = tqdm(chunks, desc=desc)
-        return chunks
 
     # Pixel-space window, separable: w = wy ⊗ wx (up to scale, which the normalisation cancels).
     wpix = TileGrid(f * h, f * w, tile=(f * grid.th, f * grid.tw), overlap=f * grid.overlap, patch=1) \
@@ -941,15 +712,7 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, overlap: int = 16, 
     ox = torch.tensor([f * o for o in grid.origins_x], dtype=torch.int32, device=latents.device)
     oy0 = torch.zeros(1, dtype=torch.int32, device=latents.device)
 
-    with torch.no_grad(), _swapped(vae.decoder, session) as norms:
-        for p in range(stats_passes):
-            session.record = True
-            for batch in batches(tiles, f"VAE stats pass {p + 1}/{stats_passes}"):
-                decode_batch(batch)
-            session.record = False
-            for n in norms:
-                n.finish_recording()
-
+    with torch.no_grad():
         H, W = f * h, f * w
         out = torch.zeros(B, vae.config.out_channels, H, W, dtype=torch.float32, device=latents.device)
         wsum = torch.zeros(H, 1, dtype=torch.float32, device=latents.device)

@@ -57,9 +57,13 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .attention import window_attention
+from ..core.config import TiledConfig
+from ..core.tiling import TileGrid
+from ..model.attention import window_attention
+from ..model.canvas import pixel_grid, token_grid
+from ..vae.banded import merge_moments
 
-log = logging.getLogger("tiled_diffusion.distributed")
+log = logging.getLogger("tiled_diffusion.parallel.comm")
 
 DEFAULT_TIMEOUT_S = 600.0  # covers rank 0 encoding the prompt while the others wait at the broadcast
 TIMEOUT_ENV = "TD_DIST_TIMEOUT_S"
@@ -404,8 +408,6 @@ class Band:
 
     def __init__(self, grid, bands: Sequence[tuple[int, int]], rank: int, layout: HaloLayout, d: Dist,
                  row_span: Optional[tuple[int, int]] = None, mirror: Optional[Dist] = None):
-        from .tiling import TileGrid
-
         tth, p = grid.tile_tokens_h, grid.patch
         sy, sx = grid.shift
         Ht = grid.tokens_h
@@ -500,7 +502,7 @@ class CommStats:
 
 class DistState:
     """The process group a transformer's canvas forward runs over (`enable` attaches one to its TileContext as
-    `context.distributed`). The canvas forward asks it for this rank's band (cross_tile) or tile share
+    `context.partition`). The canvas forward asks it for this rank's band (cross_tile) or tile share
     (multidiffusion) and gathers the outputs, so every rank returns the whole canvas's output."""
 
     def __init__(self, d: Dist, cfg_parallel: bool = False):
@@ -571,30 +573,6 @@ def _cfg_groups(d: Dist) -> tuple[Dist, Dist]:
             Dist(group=mirrors[i], rank=h, world=2, device=d.device, timeout=d.timeout))
 
 
-def _dist_context_class(cls: type) -> type:
-    """The subclass of a TileContext class whose `attend` exchanges halos while a band forward runs."""
-    cached = _CONTEXT_CLASSES.get(cls)
-    if cached is None:
-        def attend(self, q, k, v):
-            ds = self.__dict__.get("distributed")
-            if ds is None or ds.current is None:
-                return cls.attend(self, q, k, v)
-            return ds.attend(q, k, v, self.head_chunk)
-
-        def clear(self):
-            cls.clear(self)
-            ds = self.__dict__.get("distributed")
-            if ds is not None:
-                ds.current = None
-
-        cached = _CONTEXT_CLASSES[cls] = type(f"Distributed{cls.__name__}", (cls,),
-                                             {"attend": attend, "clear": clear, "__module__": __name__})
-    return cached
-
-
-_CONTEXT_CLASSES: dict = {}
-
-
 def _transformer(pipe):
     tr = getattr(pipe, "transformer", pipe)
     if getattr(tr, "_tiled_diffusion", None) is None:
@@ -613,19 +591,18 @@ def enable(pipe, group: Optional[dist.ProcessGroup] = None, *, d: Optional[Dist]
     `disable` reverts."""
     tr = _transformer(pipe)
     ctx = tr._tiled_diffusion.context
-    if "distributed" in ctx.__dict__:
-        return ctx.distributed
+    if ctx.partition is not None:
+        return ctx.partition
     d = d or setup(group, **setup_kwargs)
     ds = DistState(d, cfg_parallel)
-    ctx.__class__ = _dist_context_class(type(ctx))
-    ctx.distributed = ds
+    ctx.partition = ds
     return ds
 
 
 def dist_of(pipe) -> Optional[Dist]:
     """The process group a pipeline's canvas runs over (`enable`), or None."""
     ctx = getattr(getattr(getattr(pipe, "transformer", None), "_tiled_diffusion", None), "context", None)
-    ds = None if ctx is None else ctx.__dict__.get("distributed")
+    ds = None if ctx is None else ctx.partition
     return None if ds is None else ds.dist
 
 
@@ -633,9 +610,7 @@ def disable(pipe) -> None:
     """Undo `enable` (the process group itself is left as it is)."""
     tr = _transformer(pipe)
     ctx = tr._tiled_diffusion.context
-    if "distributed" in ctx.__dict__:
-        del ctx.distributed
-        ctx.__class__ = ctx.__class__.__mro__[1]
+    ctx.partition = None
 
 
 def check_world(pipe, world: int, *, width: int, height: int, guidance_scale: float = 0.0,
@@ -643,8 +618,6 @@ def check_world(pipe, world: int, *, width: int, height: int, guidance_scale: fl
     """Refuse, before any work, a canvas with fewer cross_tile tile rows (or multidiffusion tiles, CFG rows
     included) than ranks (per CFG half under CFG-parallel with guidance on). overrides: TiledConfig fields for
     this call (others are ignored)."""
-    from .canvas import TiledConfig, pixel_grid, token_grid
-
     tr = _transformer(pipe)
     st = tr._tiled_diffusion
     names = {f.name for f in dataclasses.fields(TiledConfig)}
@@ -664,35 +637,6 @@ def check_world(pipe, world: int, *, width: int, height: int, guidance_scale: fl
                              f"one); use at most {n} ranks or a smaller --tile")
 
 
-@torch.no_grad()
-def generate(pipe, prompt=None, *, group: Optional[dist.ProcessGroup] = None, prompt_embeds=None,
-             negative_prompt: str = "", guidance_scale: float = 0.0, output_type: str = "pil",
-             timings: Optional[dict] = None, cfg_parallel: bool = False, **kwargs):
-    """`pipeline.generate` over the ranks of `group` (or torchrun's). Rank 0 encodes the prompt (other ranks
-    need no text encoder) and broadcasts the embeddings; the canvas forward runs distributed; every rank ends
-    with the same final latents. Returns the decoded output on rank 0 and None elsewhere (output_type "latent":
-    the latents on every rank). timings: a dict that receives pipeline.generate's timings and this rank's
-    communication counters (`CommStats.as_dict`)."""
-    from . import pipeline as P
-
-    timings = {} if timings is None else timings
-    ds = enable(pipe, group, cfg_parallel=cfg_parallel)
-    d = ds.dist
-    try:
-        with fail_fast(d):
-            check_world(pipe, d.world, guidance_scale=guidance_scale, cfg_parallel=cfg_parallel, **kwargs)
-            if prompt_embeds is None:
-                prompt_embeds = tuple(on_main(lambda: P.encode(pipe, prompt, negative_prompt, guidance_scale), d))
-            lat = P.generate(pipe, prompt_embeds=prompt_embeds, guidance_scale=guidance_scale,
-                             output_type="latent", timings=timings, **kwargs)
-            timings.update(ds.stats.as_dict())
-            if output_type == "latent":
-                return lat
-            return P.decode(pipe, lat, output_type=output_type)  # every rank decodes its share; rank 0 gets it
-    finally:
-        disable(pipe)
-
-
 # ------------------------------------------------------------------------------ collectives for the run
 
 
@@ -702,20 +646,6 @@ def on_main(fn: Callable[[], Sequence[Optional[torch.Tensor]]], d: Optional[Dist
     if d is None:
         return list(fn())
     return broadcast_tensors(fn() if d.is_main else None, d)
-
-
-def reduce_moments(total_sum: torch.Tensor, total_sumsq: torch.Tensor, count: int, d: Dist
-                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """All-reduce a GroupNorm's partial Σx, Σx² ([B, G], any float dtype, summed in fp64) and element count
-    over the ranks. The exact canvas statistics follow: mean = Σx/n, var = Σx²/n − mean² (a mean of per-rank
-    variances would drop the spread of the per-rank means)."""
-    buf = torch.cat([total_sum.double().reshape(-1), total_sumsq.double().reshape(-1),
-                     torch.tensor([float(count)], dtype=torch.float64, device=total_sum.device)]).to(d.device)
-    work = dist.all_reduce(buf, group=d.group, async_op=True)
-    _wait([work], d.timeout, "GroupNorm statistics all-reduce")
-    n = total_sum.numel()
-    return (buf[:n].reshape(total_sum.shape).to(total_sum.device), buf[n:2 * n].reshape(total_sum.shape)
-            .to(total_sum.device), int(round(buf[2 * n].item())))
 
 
 def combine_moments(n: int, mean: torch.Tensor, m2: torch.Tensor, d: Dist) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -728,8 +658,6 @@ def combine_moments(n: int, mean: torch.Tensor, m2: torch.Tensor, d: Dist) -> tu
     parts = [torch.empty_like(mine) for _ in range(d.world)]
     work = dist.all_gather(parts, mine, group=d.group, async_op=True)
     _wait([work], d.timeout, "GroupNorm statistics all-gather")
-    from .vae import merge_moments
-
     k = mean.numel()
     tot_n, tot_mean, tot_m2 = 0, None, None
     for p in parts:
@@ -740,14 +668,6 @@ def combine_moments(n: int, mean: torch.Tensor, m2: torch.Tensor, d: Dist) -> tu
     if tot_mean is None:
         raise RuntimeError("combine_moments: no rank counted any element")
     return tot_n, tot_mean.reshape(shape).to(mean.device), tot_m2.reshape(shape).to(mean.device)
-
-
-def group_norm_stats(total_sum: torch.Tensor, total_sumsq: torch.Tensor, count: int, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, rstd) fp32 from Σx, Σx², n (fp64), the same formula as vae._SharedGroupNorm.finish_recording."""
-    mean = total_sum.double() / count
-    var = (total_sumsq.double() / count - mean ** 2).clamp_min(0)
-    return mean.float(), torch.rsqrt(var + eps).float()
 
 
 def broadcast_tensors(tensors: Optional[Sequence[Optional[torch.Tensor]]], d: Dist, src: int = 0
@@ -881,7 +801,7 @@ def _local_entry(rank: int, world: int, port: int, fn: Callable, args: tuple, ou
 
 
 def run_local(fn: Callable, world: int, args: tuple = (), *, timeout_s: float = 120.0, threads: int = 1,
-              preload: Sequence[str] = ("torch", "tiled_diffusion.distributed")) -> list[dict]:
+              preload: Sequence[str] = ("torch", "tiled_diffusion.parallel.comm")) -> list[dict]:
     """Run fn(rank, world, *args) on `world` local processes with torchrun's environment variables set (so
     `setup()` inside fn initialises the group exactly as under torchrun). One dict per rank: {"ok": result} or
     {"error": "Type: message", "trace": ...}, both with "elapsed" and "ended_at" (time.monotonic(), one clock

@@ -239,13 +239,6 @@ class PixArtControlNet(nn.Module):
         self._control = latent
         self._publish()
 
-    def set_control_image(self, vae, image, height: int, width: int) -> torch.Tensor:
-        """`set_control(control_latent(vae, image, height, width))` for a height × width canvas: what to call
-        before diffusers' own `pipe(..., height=, width=)` on an attached, accelerated pipeline. Returns the latent."""
-        latent = control_latent(vae, image, height, width)
-        self.set_control(latent)
-        return latent
-
     @contextlib.contextmanager
     def applied(self, transformer, latent: torch.Tensor, conditioning_scale: Optional[float] = None) -> Iterator:
         """attach + set_control for the duration of a `with` block; afterwards the previous control and scale are
@@ -486,29 +479,3 @@ def save_diffusers(net: PixArtControlNet, folder: str) -> None:
         json.dump({"_class_name": "PixArtControlNetAdapterModel", "num_layers": net.num_layers}, f)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()},
               os.path.join(folder, WEIGHTS_NAMES[0]))
-
-
-# ---------------------------------------------------------------------- the control image
-
-
-@torch.no_grad()
-def control_latent(vae, image, height: int, width: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The control latent of `image` (a PIL image, a path, or a float tensor [B, 3, H, W] in [-1, 1]) for a
-    height × width canvas: resized to the canvas (Lanczos), VAE-encoded (mean of the latent distribution:
-    deterministic; upstream samples it, which differs by the VAE's tiny posterior std) × scaling factor.
-    Returns [B, C_latent, height / 8, width / 8]."""
-    from .img2img import encode_image, load_image, to_tensor
-
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image(str(image))
-    if not torch.is_tensor(image):
-        from PIL import Image
-
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
-        image = to_tensor(image)
-    elif tuple(image.shape[-2:]) != (height, width):
-        image = torch.nn.functional.interpolate(image.float(), size=(height, width), mode="bicubic",
-                                                align_corners=False).clamp(-1, 1)
-    lat = encode_image(vae, image)
-    return lat.to(dtype) if dtype is not None else lat

@@ -15,7 +15,17 @@ from typing import Optional
 
 import torch
 
-from .sampler import MODES, TiledConfig, check_memory, check_size, estimate_memory
+from ..core.config import MODES, TiledConfig, check_size
+from ..pipeline.sampler import check_memory, estimate_memory
+import diffusers
+import resource
+from .. import pipeline as P
+from ..model.int8 import resolve_mode
+from ..parallel import comm as Dd
+from ..pipeline.loading import LoadError, load_pipeline
+from ..pipeline.api import encode
+from ..pipeline.swaps import quantize_text_encoder
+from .guidance import check_guidance
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -26,8 +36,6 @@ class RequestError(ValueError):
 
 def pipeline_class(path: str):
     """The pipeline class a local diffusers folder names in its model_index.json (PixArt-α or -Σ only)."""
-    import diffusers
-
     try:
         with open(os.path.join(path, "model_index.json")) as f:
             index = json.load(f)
@@ -53,7 +61,7 @@ def _component_config(model: str, component: str) -> dict:
 
 def _transformer_config(model: str):
     if model == "tiny":
-        from .tiny import tiny_transformer
+        from ..tiny import tiny_transformer
 
         return tiny_transformer().config
     return SimpleNamespace(**_component_config(model, "transformer"))
@@ -62,7 +70,7 @@ def _transformer_config(model: str):
 def _vae_config(model: str) -> dict:
     """The VAE's config (the memory estimate builds its shapes on the meta device; nothing is loaded)."""
     if model == "tiny":
-        from .tiny import tiny_vae
+        from ..tiny import tiny_vae
 
         return dict(tiny_vae().config)
     return _component_config(model, "vae")
@@ -76,15 +84,13 @@ def load(model: str, dtype: torch.dtype, int8, components=TEXT_PARTS + DENOISE_P
     """The pipeline on the CPU with only `components` (the others None): 'tiny', or a local folder (int8 on:
     layers quantized as the weights stream in, so no float copy of T5-XXL is ever whole; see loading.py)."""
     if model == "tiny":
-        from .tiny import tiny_pipeline
+        from ..tiny import tiny_pipeline
 
         pipe = tiny_pipeline(device="cpu", dtype=dtype)
         for name in set(TEXT_PARTS + DENOISE_PARTS) - set(components):
             setattr(pipe, name, None)
         return pipe
     pipeline_class(model)
-    from .loading import LoadError, load_pipeline
-
     try:
         return load_pipeline(model, dtype, int8, components)
     except LoadError as e:
@@ -94,8 +100,6 @@ def load(model: str, dtype: torch.dtype, int8, components=TEXT_PARTS + DENOISE_P
 def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings: dict, guidance=None):
     """Stage 1: load the text encoder alone (weight-only int8 when int8 is on), encode once, free it. T5-XXL
     (4.4 GB in int8) and the transformer are then never in memory together: the peak is the larger, not the sum."""
-    from .pipeline import encode, quantize_text_encoder
-
     t0 = time.perf_counter()
     text = load(args.model, dtype, int8, TEXT_PARTS)
     if int8 is not None:
@@ -105,6 +109,7 @@ def encode_prompt(args, device: torch.device, dtype: torch.dtype, int8, timings:
         text.to(device)
     timings["load_text_encoder_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+
     def enc(prompt):
         return encode(text, prompt, guidance_scale=args.guidance_scale)
 
@@ -120,11 +125,11 @@ def _text_encoder_bytes(model: str, dtype: torch.dtype, int8) -> int:
     """Weights of the text encoder as it will be loaded (int8: one byte per weight), from the checkpoint headers
     (nothing is read but the headers) or the tiny model."""
     if model == "tiny":
-        from .tiny import tiny_tokenizer, tiny_text_encoder
+        from ..tiny import tiny_tokenizer, tiny_text_encoder
 
         numel = sum(p.numel() for p in tiny_text_encoder(len(tiny_tokenizer())).parameters())
     else:
-        from .loading import LoadError, checkpoint_files, read_header
+        from ..pipeline.loading import LoadError, checkpoint_files, read_header
 
         try:
             files = checkpoint_files(os.path.join(model, "text_encoder"), "transformers") or {}
@@ -170,8 +175,6 @@ def release_freed_memory() -> None:
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak host RSS of this process (imports included) and, on CUDA, the peak of allocated tensor memory."""
-    import resource
-
     out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
     if device.type == "cuda":
         out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -216,8 +219,6 @@ def setup(args, device: Optional[torch.device] = None) -> Setup:
 
     T5 is int8 (weight-only) unless --int8 none: that is about memory and pays everywhere. The transformer's W8A8
     is about speed: "auto" takes it only where it was measured faster than bf16 (int8.resolve_mode)."""
-    from .int8 import resolve_mode
-
     device = device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.bfloat16)
     requested = None if args.int8 in (None, "none") else args.int8
@@ -234,8 +235,6 @@ def prepare_pipeline(args, cfg: TiledConfig, su: Setup, timings: dict, guidance,
     """Stage 2: load the transformer, VAE and scheduler on the CPU (int8 as the weights stream in), accelerate
     them for `cfg` in the least-memory setting, load the guidance (ControlNet) for it, join the process group `d`
     (distributed runs), move to the device. Returns (pipe, keyword arguments for pipeline.generate)."""
-    from . import pipeline as P
-
     t0 = time.perf_counter()
     pipe = load(args.model, su.dtype, su.int8, DENOISE_PARTS)
     pipe.set_progress_bar_config(disable=True)
@@ -250,7 +249,7 @@ def prepare_pipeline(args, cfg: TiledConfig, su: Setup, timings: dict, guidance,
     except ValueError as e:
         raise RequestError(str(e)) from None
     if d is not None:
-        from . import distributed as Dd
+        from ..parallel import comm as Dd
 
         Dd.enable(pipe, d=d)
         try:  # (generate only: upscale runs on one process)
@@ -291,8 +290,6 @@ def run(args) -> int:
     cfg = validate(args)
     w, h = args.size
     # --- guidance (issue 10): --region, --controlnet, --control-image checked before anything loads ---
-    from .cli_upscale import check_guidance
-
     try:
         guidance = check_guidance(args, w, h)
     except ValueError as e:
@@ -300,8 +297,6 @@ def run(args) -> int:
     # --- end guidance ---
     # Under torchrun (or --nproc, which starts torchrun) every rank runs this: one device per rank, rank 0 alone
     # loads the text encoder and writes files (distributed.py).
-    from . import distributed as Dd
-
     d = Dd.setup(device=args.device) if Dd.launched_by_torchrun() else None
     if d is not None and (getattr(args, "region", None) or getattr(args, "controlnet", None)):
         raise RequestError("--region and --controlnet are not supported over several processes yet; run them on one")
@@ -318,8 +313,6 @@ def run(args) -> int:
     except MemoryError as e:
         raise RequestError(str(e)) from None
     print(f"estimated peak memory {est['total'] / 2**30:.2f} GB ({cfg.mode}, {w}x{h}, {su.dtype})", file=sys.stderr)
-
-    from . import pipeline as P
 
     # Every model is loaded and quantized on the CPU, then moved: the float T5-XXL (9.5 GB in bf16) never has to
     # fit on the GPU, only its int8 form does, and it has left before the transformer arrives.

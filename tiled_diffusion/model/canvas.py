@@ -26,82 +26,36 @@ Layouts: hidden_states [B, C_in, h, w] (latent pixels); encoder_hidden_states [B
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
 import torch
 
-from . import ops
-from .positional import check_mode
+from .. import ops
+from ..core.config import VAE_SCALE_FACTOR, TiledConfig
+from ..core.tiling import TileGrid
 
-MODES = ("cross_tile", "multidiffusion", "global")
-
-# Default tile size per mode, in image pixels. multidiffusion runs each tile as an independent image, so its tiles
-# are the model's native 1024². cross_tile tiles only set the attention window ((2r+1)² tiles): 512 px with radius 1
-# lets every token see a 1536² neighbourhood — more context than the 1024² the model was trained on — at 9·1024 keys
-# per query, so cost stays linear in area (1024-px tiles would be 9·4096 keys, barely cheaper than global at 4096²).
-DEFAULT_TILE_PX = {"cross_tile": 512, "multidiffusion": 1024, "global": 1024}
-
-
-@dataclasses.dataclass
-class TiledConfig:
-    """Knobs of the canvas forward. `tile` is in image pixels (the latent tile is tile / vae_scale_factor)."""
-
-    mode: str = "cross_tile"
-    tile: Optional[int] = None  # None: DEFAULT_TILE_PX[mode]
-    radius: int = 1
-    shift: bool = False
-    overlap: float = 0.5
-    profile: str = "cosine"
-    positional: str = "canvas_stretched"
-    tile_batch_size: Optional[int] = None  # multidiffusion: tiles per forward (None: all at once)
-    head_chunk: Optional[int] = None  # cross_tile: heads per window_attention call (bounds attention memory)
-    fused_step: bool = True  # sampler, multidiffusion + LCMScheduler: blend + LCM step in one op
-
-    @property
-    def tile_px(self) -> int:
-        return DEFAULT_TILE_PX[self.mode] if self.tile is None else self.tile
-
-    def validate(self) -> "TiledConfig":
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        check_mode(self.positional)
-        if self.tile is not None and (not isinstance(self.tile, int) or self.tile <= 0 or self.tile % 16):
-            raise ValueError(f"tile must be a positive multiple of 16 pixels, got {self.tile!r}")
-        if not isinstance(self.radius, int) or self.radius < 0:
-            raise ValueError(f"radius must be an int >= 0, got {self.radius!r}")
-        if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"overlap must be a fraction in [0, 1), got {self.overlap!r}")
-        if self.tile_batch_size is not None and self.tile_batch_size < 1:
-            raise ValueError(f"tile_batch_size must be >= 1 or None, got {self.tile_batch_size!r}")
-        if self.head_chunk is not None and self.head_chunk < 1:
-            raise ValueError(f"head_chunk must be >= 1 or None, got {self.head_chunk!r}")
-        return self
-
-
-@functools.lru_cache(maxsize=32)
-def _grid_for_tokens(lat_h: int, lat_w: int, tile: int, patch: int, shifted: bool):
-    # Cached per canvas: the grid caches its permutations and neighbour tables, so they are built once.
-    from .tiling import TileGrid
-
+def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int,
+               vae_scale_factor: int = VAE_SCALE_FACTOR, cache: Optional[dict] = None) -> TileGrid:
+    """The cross_tile TileGrid of a step (shifted by half a tile on odd steps when cfg.shift). cache: a dict that
+    keeps the grid, with the permutations and neighbour tables it builds, for the next forward (TileContext.cache)."""
+    tile = max(patch, cfg.tile_px // vae_scale_factor)
+    shifted = bool(cfg.shift and step % 2 == 1)
+    key = ("grid", lat_h, lat_w, tile, patch, shifted)
+    if cache is not None and key in cache:
+        return cache[key]
     grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch)
     if shifted:
         grid = TileGrid.for_tokens(lat_h, lat_w, tile, patch=patch,
                                    shift=(grid.tile_tokens_h // 2, grid.tile_tokens_w // 2))
+    if cache is not None:
+        cache[key] = grid
     return grid
 
 
-def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int, vae_scale_factor: int = 8):
-    """The cross_tile TileGrid of a step (shifted by half a tile on odd steps when cfg.shift)."""
-    tile = max(patch, cfg.tile_px // vae_scale_factor)
-    return _grid_for_tokens(lat_h, lat_w, tile, patch, bool(cfg.shift and step % 2 == 1))
-
-
-def pixel_grid(cfg: TiledConfig, lat_h: int, lat_w: int, batch: int, patch: int, vae_scale_factor: int = 8):
+def pixel_grid(cfg: TiledConfig, lat_h: int, lat_w: int, batch: int, patch: int,
+               vae_scale_factor: int = VAE_SCALE_FACTOR) -> TileGrid:
     """The multidiffusion TileGrid: latent tiles with overlap rounded to whole tokens."""
-    from .tiling import TileGrid
-
     tile = max(patch, (cfg.tile_px // vae_scale_factor) // patch * patch)
     t_eff = min(tile, lat_h, lat_w)
     overlap = int(round(cfg.overlap * t_eff / patch)) * patch
@@ -179,7 +133,7 @@ class CanvasForward:
         mode = cfg.mode
         grid = pgrid = None
         if mode == "cross_tile":
-            grid = token_grid(cfg, lat_h, lat_w, patch, ctx.step_for(timestep) if cfg.shift else 0, vsf)
+            grid = token_grid(cfg, lat_h, lat_w, patch, ctx.step_for(timestep) if cfg.shift else 0, vsf, ctx.cache)
             if grid.ny * grid.nx == 1:
                 mode, grid = "global", None
         elif mode == "multidiffusion":
@@ -192,13 +146,12 @@ class CanvasForward:
                 out = self._multidiffusion(hidden_states, pgrid, kw, st)
             else:
                 crop = None
-                # -- distributed (distributed.py; only with a process group enabled): this rank's band of rows --
-                ds = ctx.__dict__.get("distributed") if grid is not None else None
+                # a partition (parallel/, plugged in over a process group) runs this rank's band of tile rows
+                ds = ctx.partition if grid is not None else None
                 if ds is not None:
                     band = ds.band(grid, cfg.radius, B)
                     grid, ctx.offsets, crop = band.grid, band.offsets, band.crop
                     hidden_states = crop(hidden_states)
-                # -- end distributed --
                 ctx.set_grid(grid)
                 ctx.current_extras = {k: _repeat_rows(v, B, k) for k, v in ctx.extras.items()}
                 if crop is not None:
@@ -206,10 +159,10 @@ class CanvasForward:
                 if grid is not None and cfg.positional == "tile_local":
                     kw["added_cond_kwargs"] = _tile_micro_conditions(
                         added_cond_kwargs, (grid.th * vsf, grid.tw * vsf))
-                if ds is not None:  # distributed: this rank's input rows (its CFG half under CFG-parallel)
+                if ds is not None:  # this rank's input rows (its CFG half under CFG-parallel)
                     kw = band.crop_kwargs(kw, B)
                 out = super().forward(hidden_states, return_dict=False, **kw)[0]
-                if ds is not None:  # distributed: every rank returns the whole canvas
+                if ds is not None:  # every rank returns the whole canvas
                     out = ds.gather_band(out)
         finally:
             ctx.clear()
@@ -244,15 +197,13 @@ class CanvasForward:
         tb = cfg.tile_batch_size or B * T
         ctx.canvas_tokens = (x.shape[2] // patch, x.shape[3] // patch)
         ctx.set_grid(None)
-        # -- distributed (distributed.py; only with a process group enabled): this rank's share of the tiles --
-        ds = ctx.__dict__.get("distributed")
+        ds = ctx.partition  # over a process group (parallel/): this rank's share of the tiles
         span = ds.tile_share(B * T) if ds is not None else (0, B * T)
-        # -- end distributed --
         try:
             out = self._run_tiles(tiles, extras, offs, kw, added, tb, B, T, ctx, span)
         finally:
             ctx.clear()
-        if ds is not None:  # distributed: every rank gets every tile's output (one all-gather)
+        if ds is not None:  # every rank gets every tile's output (one all-gather)
             out = ds.gather_tiles(out[span[0]:span[1]], B * T)
         return out
 

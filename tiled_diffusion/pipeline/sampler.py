@@ -17,17 +17,10 @@ from typing import Optional
 
 import torch
 
-from . import ops
-from .canvas import (DEFAULT_TILE_PX, MODES, TiledConfig, micro_condition_size, pixel_grid,  # noqa: F401
-                     token_grid)
-
-
-def check_size(width: int, height: int, multiple: int = 16) -> None:
-    """Canvas sizes must be multiples of 16 px (VAE factor 8 × patch 2) so every token is whole."""
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or v <= 0 or v % multiple:
-            raise ValueError(f"{name}={v!r} must be a positive multiple of {multiple} pixels "
-                             f"(VAE factor 8 x patch 2); e.g. {max(multiple, (int(v) // multiple) * multiple)}")
+from .. import ops
+from ..core.config import VAE_SCALE_FACTOR, TiledConfig, check_size
+from ..model.canvas import pixel_grid
+from ..vae.banded import estimate_vae_bytes
 
 
 def initial_latents(batch: int, channels: int, lat_h: int, lat_w: int, dtype, device, generator) -> torch.Tensor:
@@ -184,7 +177,7 @@ def _fused_blend_step(scheduler, t, steps, eps_tiles, pgrid, profile, latents, g
     """seam_blend of the tile outputs + LCMScheduler.step in one op (`blend_lcm_step`); equals the two in turn."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from . import lcm
+    from ..core import lcm
 
     if scheduler.step_index is None:
         scheduler._init_step_index(t)
@@ -205,7 +198,7 @@ def _fused_blend_step(scheduler, t, steps, eps_tiles, pgrid, profile, latents, g
 def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=torch.bfloat16, batch: int = 1,
                     guidance_scale: float = 0.0, int8: Optional[str] = None, param_count: Optional[int] = None,
                     vae=None, text_encoder_bytes: int = 0, text_encoder_alone: bool = False,
-                    vae_scale_factor: int = 8) -> dict:
+                    vae_scale_factor: int = VAE_SCALE_FACTOR) -> dict:
     """Rough peak-memory estimate (bytes) of one run, before it starts. ±50%: it counts the big live tensors.
 
     text_encoder_bytes: the text encoder's weights, resident through the run (added), or, with
@@ -215,7 +208,7 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
     config: the transformer config (hidden = heads·head_dim, patch, num_layers). Terms: weights; activations of
     one forward (≈ 14 hidden-sized tensors per token: residual, norm, q/k/v/attn-out, 4x MLP in and out);
     attention working set (multidiffusion: SDPA per tile; cross_tile: per chunk of 8 query tiles over their
-    gathered neighbours); the latent canvas; the VAE decode (`vae`: the AutoencoderKL or its config dict, estimated
+    gathered neighbours); the latent canvas and its positional table; the VAE decode (`vae`: the AutoencoderKL or its config dict, estimated
     by vae.estimate_vae_bytes) and the decoded image.
     """
     es = torch.finfo(dtype).bits // 8
@@ -245,12 +238,12 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
         else:
             attn = 0
     act = n_fwd * hidden * es * 14
-    canvas = 6 * batch * 4 * lat_h * lat_w * 4
+    # the canvas positional table, fp32 [canvas tokens, hidden], kept in the acceleration's cache between steps
+    # (tile_local keeps one tile's; the multidiffusion/global paths of diffusers compute their own per forward)
+    canvas = 6 * batch * 4 * lat_h * lat_w * 4 + (n_canvas // batch) * hidden * 4
     if vae is None:  # no VAE given: the SD/PixArt VAE's full-resolution block (128 channels), 512² at a time
         vae_act = 6 * min(512 * 512, height * width) * 128 * 4
     else:  # what vae.decode needs under its own rule (plain if it fits, else banded)
-        from .vae import estimate_vae_bytes
-
         vae_act = estimate_vae_bytes(vae, height, width, dtype=dtype, batch=batch)
     vae = vae_act + batch * height * width * 3 * 4  # + the decoded image (fp32)
     denoise_stage = weights + max(act + attn, vae) + canvas

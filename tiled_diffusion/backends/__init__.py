@@ -1,0 +1,1 @@
+"""Kernel backends: `cpu/` (ISA dispatch and CPU fast paths) and `triton/` (GPU kernels)."""

@@ -1,0 +1,1 @@
+"""The model-independent core: tiling geometry (`tiling`) and the LCM step (`lcm`)."""

@@ -1,0 +1,1 @@
+"""Developer tools: the static GPU report (`inspect`) and image metrics (`metrics`)."""
