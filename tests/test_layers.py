@@ -7,6 +7,7 @@ import modules of its own layer or of lower layers, and no set of modules may im
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import sys
 import pytest
 
 import tiled_diffusion
+from tiled_diffusion import _compat
 
 PKG_DIR = os.path.dirname(tiled_diffusion.__file__)
 
@@ -163,3 +165,17 @@ def test_triton_ops_register_on_first_use():
             "print(before, hasattr(torch.ops.tiled_diffusion, 'seam_blend'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split()[-2:] == ["False", "True"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("old", sorted(_compat.MOVED))
+def test_flat_layout_paths_still_import(old):
+    new = importlib.import_module(f"tiled_diffusion.{_compat.MOVED[old]}")
+    with pytest.warns(DeprecationWarning, match=f"tiled_diffusion.{old} moved"):
+        mod = importlib.import_module(f"tiled_diffusion.{old}") if f"tiled_diffusion.{old}" not in sys.modules \
+            else _reimport(f"tiled_diffusion.{old}")
+    assert mod is new  # one module object: state (caches, registries) is shared
+
+
+def _reimport(name: str):
+    del sys.modules[name]
+    return importlib.import_module(name)

@@ -24,7 +24,9 @@ if _level:
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())
 
-from . import ops  # noqa: E402,F401  (registers the ops)
+from . import _compat, ops  # noqa: E402,F401  (registers the ops)
+
+_compat.install()  # the flat layout's module paths still import (deprecated)
 
 _LAZY = {"accelerate": "pipeline", "restore": "pipeline", "generate": "pipeline"}
 __all__ = ["accelerate", "restore", "generate", "ops"]
