@@ -27,6 +27,12 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, norm_num_gro
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   mid_block_add_attention=False, sample_size=TRAIN_SIZE)
 
+# PixArt-α-style aspect-ratio buckets around the training size, in latent pixels (h, w), even for the 2×2 patches:
+# ~the training area at ratios 1:1 to 1:1.67 (square weighted ×3), plus one larger square (1.56× the area) so the
+# model also sees more tokens than at 128² (what a tile of a larger canvas asks of it).
+BUCKETS = ((16, 16),) * 3 + ((14, 18), (18, 14), (12, 20), (20, 12), (20, 20))
+ARCH_KEYS = ("num_attention_heads", "attention_head_dim", "num_layers", "cross_attention_dim", "patch_size")
+
 SCHEDULER_CONFIG = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
                         num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True,
                         timestep_spacing="leading")
@@ -46,7 +52,7 @@ def with_sigma_channels(tr):
     c_in, c_out = tr.config.out_channels, TRANSFORMER_CONFIG["out_channels"]
     if c_in == c_out:
         return tr
-    new = build_transformer()
+    new = build_transformer(**{k: tr.config[k] for k in ARCH_KEYS})
     sd = tr.state_dict()
     p = tr.config.patch_size
     for name in ("proj_out.weight", "proj_out.bias"):
@@ -97,14 +103,16 @@ def load_pipeline(folder: str = MODEL_DIR):
         raise FileNotFoundError(f"no lab model in {folder!r} (train one: python -m tiled_diffusion.lab.train --out DIR)")
     with open(os.path.join(folder, "vae", "config.json")) as f:
         scaling = json.load(f)["scaling_factor"]
+    with open(os.path.join(folder, "transformer", "config.json")) as f:
+        arch = {k: v for k, v in json.load(f).items() if k in ARCH_KEYS}  # a folder trained with --arch
     tok = tiny_tokenizer()
     te = tiny_text_encoder(len(tok))
     missing, unexpected = te.load_state_dict(_read(folder, "text_encoder", "model.safetensors"), strict=False)
     if unexpected or set(missing) - {"encoder.embed_tokens.weight"}:  # that one is tied to `shared`, not saved
         raise ValueError(f"{folder}: text encoder weights do not match tiny.tiny_text_encoder "
                          f"(missing {missing}, unexpected {unexpected})")
-    tr = build_transformer()
-    tr.load_state_dict(_read(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+    tr = build_transformer(**arch)
+    tr.load_state_dict({k: v.float() for k, v in _read(folder, "transformer", "diffusion_pytorch_model.safetensors").items()})
     vae = build_vae(scaling_factor=scaling)
     vae.load_state_dict(_read(folder, "vae", "diffusion_pytorch_model.safetensors"))
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te.eval(), vae=vae.eval(), transformer=tr.eval(),

@@ -13,6 +13,12 @@ Per (canvas size, mode), over the same seeds (seed s draws family s mod 4 and it
                independent ground-truth set: the noise floor of the estimate.
 - spectrum     `metrics.spectrum_distance` to the ground-truth canvases (mean |Δ log10 power| per radial bin).
 - psnr_global  PSNR against `global` at the same seed (agreement with the untiled model).
+- fidelity     prompt fidelity: share of the samples the family classifier (lab/fidelity.py, trained on
+               ground-truth renders) assigns to the prompted family (canvases: by the mean over 128-px patches).
+- waves, suns, trunks, windows
+               per family, its structure figure (lab/structure.py: wave coherence in the ocean, sun-disc pixels in
+               the sunset, dark trunk pixels in the forest, lit-window pixels in the city) over the family's
+               samples / over its ground-truth canvases (1: as much as the world has; None: family not sampled).
 - time_s       median wall time of one `pipeline.generate` call (encode, denoise, decode).
 
 Layouts: images [B, 3, H, W] in [-1, 1].
@@ -29,8 +35,9 @@ from typing import Optional
 
 import torch
 
-from .. import metrics
-from . import models, world
+from ..tools import metrics
+from . import fidelity as fid
+from . import models, structure, world
 
 CROSS_TILE_PX = models.TRAIN_SIZE // 2  # as PixArt's 512-px tiles for its 1024-px training size
 MULTIDIFFUSION_PX = models.TRAIN_SIZE  # multidiffusion tiles are whole training-size images
@@ -75,7 +82,8 @@ QUICK_MODES = ("global", "cross_tile r1", "cross_tile r0 (independent)", "multid
 def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[int], list[int]]:
     """(seams_y, seams_x) in pixels of the tile grid the mode works on (global: the cross_tile grid, a control)."""
     if m.mode == "multidiffusion":
-        from ..sampler import TiledConfig, pixel_grid
+        from ..core.config import TiledConfig
+        from ..model.canvas import pixel_grid
 
         cfg = TiledConfig(**m.kwargs()).validate()
         g = pixel_grid(cfg, height // 8, width // 8, 1, patch)
@@ -150,6 +158,16 @@ def pipe_call_available() -> bool:
     return bool(log.strip())
 
 
+def accelerated_pipeline(model_dir: Optional[str] = None):
+    """The lab model (the shipped one by default) accelerated as the suite runs it: cross_tile r1 at CROSS_TILE_PX
+    is the config pipe(...) uses; `_generate` overrides it per call for the other modes."""
+    from .. import pipeline as P
+
+    pipe = models.load_pipeline(model_dir or models.MODEL_DIR)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, mode="cross_tile", tile=CROSS_TILE_PX, radius=1)
+    return pipe
+
+
 def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=None, gt_count: int = 16,
         sheet_rows: int = 4, model_dir: Optional[str] = None, log=print) -> list[dict]:
     """Run the suite; write `quality.json` and one contact sheet per scale (`contact_<size>.png`) into out_dir.
@@ -159,13 +177,12 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
     from .. import pipeline as P
 
     os.makedirs(out_dir, exist_ok=True)
-    pipe = models.load_pipeline(model_dir or models.MODEL_DIR)
-    # The accelerated config is what pipe(...) uses; generate overrides it per call for the other modes.
-    P.accelerate(pipe, int8=None, text_encoder_int8=False, mode="cross_tile", tile=CROSS_TILE_PX, radius=1)
+    pipe = accelerated_pipeline(model_dir)
     chosen = [m for m in MODES if modes is None or m.name in modes]
     if pipe_call_available() and (modes is None or PIPE_CALL.name in modes):
         chosen.append(PIPE_CALL)
     fams = list(world.FAMILIES)
+    net = fid.load_classifier()
     rows, details = [], {}
     for scale in scales:
         size = int(round(models.TRAIN_SIZE * math.sqrt(scale)))
@@ -174,6 +191,7 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
         gt = ground_truth(size, gt_count)
         gt2 = ground_truth(size, gt_count, offset=gt_count)
         gt_feats = vae_features(pipe.vae, gt)
+        gt_fams = [k % len(fams) for k in range(gt_count)]
         log(f"quality {size}²: ground truth {time.perf_counter() - t0:.1f} s")
         images: dict[str, torch.Tensor] = {}
         for m in chosen:
@@ -196,9 +214,11 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
             row["spectrum"] = metrics.spectrum_distance(imgs, gt)
             row["psnr_global"] = (statistics.fmean(metrics.psnr(a, b) for a, b in zip(imgs, ref))
                                   if ref is not None and m.name != "global" else None)
+            row.update(prompt_scores(imgs, [s % len(fams) for s in range(seeds)], gt, gt_fams, net))
         rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": "ground truth", "time_s": None,
                      "seam_ratio": seam_score(gt2, ct_seams), "kid": kid_to(vae_features(pipe.vae, gt2), gt_feats),
-                     "spectrum": metrics.spectrum_distance(gt2, gt), "psnr_global": None})
+                     "spectrum": metrics.spectrum_distance(gt2, gt), "psnr_global": None,
+                     **prompt_scores(gt2, gt_fams, gt, gt_fams, net)})
         sheet = os.path.join(out_dir, f"contact_{size}.png")
         truth = torch.stack([world.render(fams[s % len(fams)], GT_SEED0 + 10**5 + s, 0, 0, size, size)
                              for s in range(min(seeds, sheet_rows))])
@@ -212,6 +232,18 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
     with open(os.path.join(out_dir, "quality.json"), "w") as f:
         json.dump(payload, f, indent=2)
     return rows
+
+
+STRUCTURE_COLUMNS = {"ocean": "waves", "sunset": "suns", "forest": "trunks", "city": "windows"}
+
+
+def prompt_scores(images: torch.Tensor, families, truth: torch.Tensor, truth_families, net=None) -> dict:
+    """The fidelity and per-family structure columns of a row (see the module docstring)."""
+    cmp = structure.compare(images, families, truth, truth_families)
+    out = {"fidelity": fid.fidelity(images, families, net)}
+    for name, col in STRUCTURE_COLUMNS.items():
+        out[col] = cmp[name]["ratio"] if name in cmp else None
+    return out
 
 
 def _generate(pipe, m: Mode, caption: str, size: int, steps: int, seed: int) -> torch.Tensor:

@@ -95,7 +95,7 @@ def stage_data(args, cache: str) -> tuple[torch.Tensor, torch.Tensor]:
     if os.path.exists(path):
         d = torch.load(path)
         return d["images"], d["families"]
-    n, size, chunk = args.images, models.TRAIN_SIZE, 256
+    n, size, chunk = args.images, args.data_size, 256
     fams = torch.arange(n) % len(world.FAMILIES)
     parts = []
     t0 = time.perf_counter()
@@ -138,6 +138,10 @@ def stage_vae(args, ckpt: str, images: torch.Tensor):
     path = os.path.join(ckpt, "vae.pt")
     torch.manual_seed(args.seed)
     vae = models.build_vae()
+    if args.vae_from:  # reuse a trained lab VAE (a model folder): the VAE is size-agnostic and the world unchanged
+        vae.load_state_dict(models._read(args.vae_from, "vae", "diffusion_pytorch_model.safetensors"))
+        log(f"vae: loaded from {args.vae_from}")
+        return vae.eval(), []
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     g = torch.Generator().manual_seed(args.seed + 1)
     start, history = 0, []
@@ -219,11 +223,33 @@ def caption_embeddings(texts) -> tuple[torch.Tensor, torch.Tensor]:
     return te(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.attention_mask
 
 
+def bucket_batch(x0_all: torch.Tensor, families: torch.Tensor, batch: int, buckets, g: torch.Generator):
+    """A training batch of latent crops of one aspect-ratio bucket (PixArt-α's multi-aspect training: every batch
+    one shape, the shape drawn per step from `buckets`, (h, w) latent pixels, repeats weighting them): (x0 [B, 4,
+    h, w], family [B]). Each row is an independent random window of a cached latent: the world is stationary, so a
+    latent crop is a crop of the world (the VAE is convolutional; its border effects are those of a canvas's
+    interior, which is what a tiled canvas asks for)."""
+    h, w = buckets[int(torch.randint(0, len(buckets), (1,), generator=g))]
+    n, _, H, W = x0_all.shape
+    idx = torch.randint(0, n, (batch,), generator=g)
+    oy = torch.randint(0, H - h + 1, (batch,), generator=g).tolist()
+    ox = torch.randint(0, W - w + 1, (batch,), generator=g).tolist()
+    x0 = torch.stack([x0_all[i, :, a:a + h, b:b + w] for i, a, b in zip(idx.tolist(), oy, ox)])
+    return x0, families[idx]
+
+
+def _buckets(args, latents: torch.Tensor):
+    H, W = latents.shape[-2:]
+    out = [b for b in models.BUCKETS if b[0] <= H and b[1] <= W] if args.buckets else []
+    return out or [(min(H, models.TRAIN_SIZE // models.VAE_SCALE), min(W, models.TRAIN_SIZE // models.VAE_SCALE))]
+
+
 def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
     path = os.path.join(ckpt, "dit.pt")
     torch.manual_seed(args.seed + 2)
-    tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS)
-    ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS)
+    arch = json.loads(args.arch) if args.arch else {}
+    tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
+    ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema.load_state_dict(tr.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(tr.parameters(), lr=args.dit_lr, weight_decay=0.0)
@@ -236,7 +262,8 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
     ab = models.build_scheduler().alphas_cumprod.float()
     x0_all = latents * scale
-    n = x0_all.shape[0]
+    buckets = _buckets(args, latents)
+    log(f"dit: buckets (latent h, w) {sorted(set(buckets))}")
     empty = len(world.CAPTIONS)
     prog = Progress("dit", args.dit_steps, start)
     tr.train()
@@ -244,13 +271,13 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     for step in range(start + 1, args.dit_steps + 1):
         for pg in opt.param_groups:
             pg["lr"] = _lr(step - 1, args.dit_steps, args.dit_lr, 300)
-        idx = torch.randint(0, n, (args.dit_batch,), generator=g)
-        cap = families[idx].clone()
+        x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g)
+        cap = cap.clone()
         cap[torch.rand(args.dit_batch, generator=g) < 0.1] = empty
         t = torch.randint(0, ab.numel(), (args.dit_batch,), generator=g)
-        noise = torch.randn(x0_all[idx].shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
         a = ab[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0_all[idx] + (1 - a).sqrt() * noise
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = tr(xt, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
                   added_cond_kwargs=no_cond).sample
         loss = F.mse_loss(pred, noise)
@@ -319,9 +346,11 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
         return target.eval(), history
     if start:
         log(f"lcm: resuming at step {start}")
-    embeds, masks = caption_embeddings(list(world.CAPTIONS))
+    embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
+    empty = len(world.CAPTIONS)
     x0_all = latents * scale
-    n = x0_all.shape[0]
+    buckets = _buckets(args, latents)
+    w_cfg = args.lcm_guidance
     no_cond = {"resolution": None, "aspect_ratio": None}
 
     def eps(model, x, t, cap):
@@ -335,15 +364,16 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
     for step in range(start + 1, args.lcm_steps + 1):
         for pg in opt.param_groups:
             pg["lr"] = _lr(step - 1, args.lcm_steps, args.lcm_lr, 100)
-        idx = torch.randint(0, n, (args.dit_batch,), generator=g)
-        cap = families[idx]
+        x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g)
         t1 = grid[torch.randint(0, grid.numel(), (args.dit_batch,), generator=g)]
         t0 = (t1 - k).clamp_min(0)
-        noise = torch.randn(x0_all[idx].shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
         a1 = ab[t1].view(-1, 1, 1, 1)
-        x1 = a1.sqrt() * x0_all[idx] + (1 - a1).sqrt() * noise
+        x1 = a1.sqrt() * x0 + (1 - a1).sqrt() * noise
         with torch.no_grad():
             e = eps(teacher, x1, t1, cap)  # one DDIM step of the teacher, t1 -> t0
+            if w_cfg != 1.0:  # a guided teacher (LCM's w): the student learns the guided ODE, sampled at scale 0
+                e = e + (w_cfg - 1) * (e - eps(teacher, x1, t1, torch.full_like(cap, empty)))
             x0_t = (x1 - (1 - a1).sqrt() * e) / a1.sqrt()
             a0 = ab[t0].view(-1, 1, 1, 1)
             x0_hat = a0.sqrt() * x0_t + (1 - a0).sqrt() * e
@@ -397,6 +427,12 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (checkpoints, cache, and the model in OUT/model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=2048, help="training images rendered from the world")
+    p.add_argument("--data-size", type=int, default=models.TRAIN_SIZE,
+                   help="side of the rendered training images (px); larger than the buckets, crops are drawn")
+    p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=True,
+                   help="multi-aspect (and multi-size) latent crops, lab/models.BUCKETS, that fit --data-size")
+    p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
+    p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
@@ -407,6 +443,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--lcm-steps", type=int, default=2000, help="LCM distillation steps (0: ship the ε-model)")
     p.add_argument("--lcm-lr", type=float, default=2e-4)
+    p.add_argument("--lcm-guidance", type=float, default=1.0,
+                   help="classifier-free guidance of the distillation teacher (1: conditional only)")
     p.add_argument("--lcm-ema", type=float, default=0.95, help="the target network's EMA decay (LCM's 0.95)")
     p.add_argument("--lcm-origin-steps", type=int, default=50, help="the distillation grid (LCMScheduler's "
                    "original_inference_steps): the teacher's DDIM step is 1000 / this")
