@@ -36,12 +36,14 @@ def _to_pil(img: torch.Tensor, cell: int, seams=None, size: int = 0):
 
     arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     tile = Image.fromarray(arr).resize((cell, cell), Image.BILINEAR if img.shape[-1] < cell else Image.LANCZOS)
-    if seams:
-        d, k = ImageDraw.Draw(tile), cell / size
+    if seams:  # red ticks on the cell's borders where the seams run (full lines would hide a fine grid's image)
+        d, k, t = ImageDraw.Draw(tile), cell / size, max(4, cell // 16)
         for y in seams[0]:
-            d.line([(0, y * k), (cell, y * k)], fill=(255, 0, 0), width=1)
+            d.line([(0, y * k), (t, y * k)], fill=(255, 0, 0), width=1)
+            d.line([(cell - 1 - t, y * k), (cell, y * k)], fill=(255, 0, 0), width=1)
         for x in seams[1]:
-            d.line([(x * k, 0), (x * k, cell)], fill=(255, 0, 0), width=1)
+            d.line([(x * k, 0), (x * k, t)], fill=(255, 0, 0), width=1)
+            d.line([(x * k, cell - 1 - t), (x * k, cell)], fill=(255, 0, 0), width=1)
     return tile
 
 
@@ -93,7 +95,7 @@ def plot(path: str, figures: dict) -> None:
     sizes = figures["sizes"]
     panels = (("kid", "KID to ground truth (lower is better)", True), ("fidelity", "prompt fidelity", False),
               ("seam_ratio", "seam ratio at the mode's seams (1 = none)", False),
-              ("structure", "structure: mean |log2(sample / truth)|", False))
+              ("structure", "structure: mean |log2(sample / truth)|, clip 4", False))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title, logy) in zip(axes, panels):
         for name, per in figures["modes"].items():
@@ -107,7 +109,7 @@ def plot(path: str, figures: dict) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [f"{s}²" for s in sizes])
         if logy:
-            ax.set_yscale("symlog", linthresh=0.05)
+            ax.set_yscale("symlog", linthresh=0.1)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -118,7 +120,8 @@ def plot(path: str, figures: dict) -> None:
 
 
 def _structure_distance(row: dict) -> float | None:
-    vals = [row[c] for c in quality.STRUCTURE_COLUMNS.values() if row.get(c) is not None and row[c] > 0]
+    """Mean over families of |log2(ratio)|, each ratio clipped to [1/16, 16] (a missing structure reads 4)."""
+    vals = [min(16.0, max(1 / 16, row[c])) for c in quality.STRUCTURE_COLUMNS.values() if row.get(c) is not None]
     return sum(abs(math.log2(v)) for v in vals) / len(vals) if vals else None
 
 
