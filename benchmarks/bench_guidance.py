@@ -133,7 +133,7 @@ def upscale_rows(src: int = 1024, scale: int = 4, vae_cfg=None, vae_name: str = 
                  dtype=torch.bfloat16, time_one_step: bool = True) -> list[dict]:
     from diffusers import AutoencoderKL
 
-    from tiled_diffusion.pipeline import img2img as I
+    from tiled_diffusion.pipeline import images as I
     from tiled_diffusion import pipeline as P
     from tiled_diffusion.core.config import TiledConfig
     from tiled_diffusion.pipeline.sampler import denoise

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tiled_diffusion.model import controlnet as C
-from tiled_diffusion.pipeline.img2img import control_latent
+from tiled_diffusion.pipeline.images import control_latent
 from tiled_diffusion.tiny import tiny_transformer
 
 N_COPIES = 3

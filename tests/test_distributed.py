@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from tiled_diffusion import pipeline as P
 from tiled_diffusion.parallel import comm as D
 from tiled_diffusion.parallel.vae import RowPartition
 from tiled_diffusion.core.tiling import TileGrid
@@ -245,8 +246,8 @@ def _denoise_worker(rank, world, mode, tile, radius, shift, gs, w, h, cfg_parall
         pipe = _tiny(mode, tile, radius, shift)
         timings = {}
         lat = P.generate_parallel(pipe, PROMPT, width=w, height=h, steps=2, seed=0, guidance_scale=gs,
-                         output_type="latent", progress=False, timings=timings, cfg_parallel=cfg_parallel)
-        assert "distributed" not in pipe.transformer._tiled_diffusion.context.__dict__  # generate disabled it
+                                  output_type="latent", progress=False, timings=timings, cfg_parallel=cfg_parallel)
+        assert pipe.transformer._tiled_diffusion.context.partition is None  # generate_parallel unplugged it
         D.teardown(d)
         return {"latents": lat, "stats": timings}
 

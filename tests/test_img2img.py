@@ -1,4 +1,4 @@
-"""Tiled img2img / upscale (tiled_diffusion.pipeline.img2img): image loading, strength schedule, noising, end to end on
+"""Tiled img2img / upscale (tiled_diffusion.pipeline.images): image loading, strength schedule, noising, end to end on
 the built-in tiny model (CPU, fp32)."""
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from tiled_diffusion import pipeline as P
-from tiled_diffusion.pipeline import img2img as I
+from tiled_diffusion.pipeline import images as I
 
 
 # ------------------------------------------------------------------------------------------ image files

@@ -4,6 +4,7 @@ import torch
 from diffusers import PixArtSigmaPipeline
 
 from tiled_diffusion import pipeline as P
+from tiled_diffusion.pipeline import swaps
 from tiled_diffusion.model.attention import CrossTileAttnProcessor
 from tiled_diffusion.model.positional import CanvasPatchEmbed
 from tiled_diffusion.tiny import tiny_pipeline
@@ -119,7 +120,7 @@ def test_failed_accelerate_leaves_pipe_untouched(pipe, monkeypatch):
         raise RuntimeError("boom")
 
     rows = [(n, c, w, boom if n == "token_order_hook" else a, r) for n, c, w, a, r in P.SWAPS]
-    monkeypatch.setattr(P, "SWAPS", rows)
+    monkeypatch.setattr(swaps, "SWAPS", rows)  # the table accelerate reads
     with pytest.raises(RuntimeError, match="boom"):
         P.accelerate(pipe, int8=None, text_encoder_int8=False)
     assert type(pipe.transformer.pos_embed).__name__ == "PatchEmbed"

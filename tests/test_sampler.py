@@ -225,7 +225,7 @@ def test_shifted_grid_differs(accel):
     a = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0)
     b = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0, shift=True)
     assert not torch.equal(a, b)  # step 1 (odd) runs on a grid moved by half a tile
-    from tiled_diffusion.pipeline.sampler import token_grid
+    from tiled_diffusion.model.canvas import token_grid
 
     cfg = TiledConfig(tile=128, shift=True)
     assert token_grid(cfg, 48, 64, 2, 0).shift == (0, 0)

@@ -15,7 +15,7 @@ MOVED = {  # old submodule of tiled_diffusion -> its new dotted path under tiled
     "attention": "model.attention", "canvas": "model.canvas", "controlnet": "model.controlnet",
     "int8": "model.int8", "positional": "model.positional", "regions": "model.regions",
     "tiling": "core.tiling", "lcm": "core.lcm", "distributed": "parallel.comm",
-    "sampler": "pipeline.sampler", "img2img": "pipeline.img2img", "loading": "pipeline.loading",
+    "sampler": "pipeline.sampler", "img2img": "pipeline.images", "loading": "pipeline.loading",
     "edges": "pipeline.edges", "cli_generate": "cli.generate", "cli_upscale": "cli.upscale",
     "inspect": "tools.inspect", "metrics": "tools.metrics", "cpu": "backends.cpu",
     "triton_kernels": "backends.triton",

@@ -9,7 +9,7 @@ from typing import Optional
 from ..model.controlnet import ControlNetError, PixArtControlNet
 from ..model.regions import RegionalPrompts
 from ..pipeline.edges import soft_edges
-from ..pipeline.img2img import load_image
+from ..pipeline.images import load_image
 
 
 @dataclasses.dataclass

@@ -17,9 +17,9 @@ from . import generate as G
 from .guidance import check_guidance
 from ..model.controlnet import ControlNetError
 from ..model.regions import RegionError
-from ..pipeline import api, img2img as I
+from ..pipeline import api, images as I
 from ..pipeline.edges import soft_edges
-from ..pipeline.img2img import ImageError
+from ..pipeline.images import ImageError
 
 
 # -------------------------------------------------------------------------------------------- upscale

@@ -16,7 +16,7 @@ import torch
 from ..model.int8 import module_bytes
 from ..model.regions import RegionalPrompts
 from ..parallel import comm
-from .img2img import ImageError, control_latent, image_latents, load_image, prepare_image, to_rgb
+from .images import ImageError, control_latent, image_latents, load_image, prepare_image, to_rgb
 from ..core.config import check_size
 from .sampler import check_memory, denoise, estimate_memory
 from .swaps import decode_latents, state

@@ -52,7 +52,7 @@ def soft_edges(image, sigma: float = 1.0, percentile: float = 0.98, gamma: float
     The magnitude is divided by its `percentile` quantile per image (an image with no edges at all stays black),
     clipped to [0, 1] and raised to `gamma` (< 1 brightens faint edges, as HED's soft output does)."""
     if not torch.is_tensor(image):
-        from .img2img import to_tensor
+        from .images import to_tensor
 
         image = (to_tensor(image) + 1) / 2
     if image.dim() != 4 or image.shape[1] not in (1, 3):

@@ -1,6 +1,6 @@
-"""Tiled img2img and upscale: an existing image, encoded, noised to a strength and denoised on the tiled canvas.
-
-Image I/O and the VAE encode used by img2img, upscale and the ControlNet's control image live here (one place).
+"""Images for the pipeline: I/O (any PIL mode to RGB, one-line errors), resizing and padding to whole tokens, the
+VAE encode of an image, the ControlNet's control latent and img2img's noised starting canvas: one place for what
+img2img, upscale and the ControlNet's control image share (the entry points themselves are in api.py).
 """
 from __future__ import annotations
 
