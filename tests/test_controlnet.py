@@ -525,3 +525,62 @@ def test_generate_cli_controlnet_errors_are_one_line(tmp_path, capsys, case):
                *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("tiled-diffusion generate: error:") and "\n" not in err
+
+
+# ------------------------------------------------------- the ControlNet through the CLI with int8 (issue 21)
+
+
+@pytest.fixture(scope="module")
+def cli_controlnet(tmp_path_factory):
+    """A one-copy ControlNet for the tiny model in the diffusers research layout (live after_proj, so it acts) and
+    a checkerboard edge map."""
+    import numpy as np
+    from PIL import Image
+
+    from tiled_diffusion.tiny import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("cli_controlnet")
+    torch.manual_seed(0)
+    net = C.PixArtControlNet.from_transformer(tiny_pipeline().transformer, num_layers=1)
+    with torch.no_grad():
+        for blk in net.controlnet_blocks:
+            blk.after_proj.weight.normal_(0, 0.02)
+    C.save_diffusers(net, str(root / "net"))
+    y, x = np.mgrid[:256, :256]
+    Image.fromarray(((x // 32 + y // 32) % 2 * 255).astype(np.uint8)).convert("RGB").save(root / "edges.png")
+    return root
+
+
+@pytest.mark.xfail(reason="w_scale dtype: fixed by the issue-22 branch", strict=False)
+def test_controlnet_through_the_cli_with_int8_on_every_isa(cli_controlnet):
+    """`generate --controlnet DIR --control-image edges.png` with W8A8 layers (the ControlNet's copies converted
+    like the transformer's) on every CPU ISA this machine has, each a subprocess with TD_CPU_ISA set (all at once:
+    they are mostly imports). Every run writes its PNG; the int8 kernels compute the same integers on every ISA,
+    so the images agree to a rounding level."""
+    import signal
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from tiled_diffusion.backends.cpu import isa
+
+    isas = [name for name in isa.ISAS if isa.usable(name)[0]]
+    procs = {}
+    for name in isas:
+        argv = [sys.executable, "-m", "tiled_diffusion", "generate", "--model", "tiny", "--prompt", "a cat",
+                "--size", "256x256", "--steps", "1", "--int8", "w8a8", "--controlnet", str(cli_controlnet / "net"),
+                "--control-image", str(cli_controlnet / "edges.png"), "--out", str(cli_controlnet / f"{name}.png")]
+        env = {**os.environ, "TD_CPU_ISA": name, "OMP_NUM_THREADS": "1"}
+        procs[name] = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
+    sigill = [n for n, p in procs.items() if p.returncode == -signal.SIGILL]
+    failed = {n: outs[n].strip().splitlines()[-1:] for n, p in procs.items() if p.returncode != 0 and n not in sigill}
+    assert not failed, failed
+    if sigill:  # seen on this project's CI VM for AMX (also in tests/test_int8_gemm_amx.py): not this test's subject
+        pytest.xfail(f"{sigill}: SIGILL in the native kernels (the machine traps these instructions)")
+    images = {n: np.asarray(Image.open(cli_controlnet / f"{n}.png")).astype(np.int16) for n in isas}
+    for n, im in images.items():
+        assert im.shape == (256, 256, 3) and im.std() > 1, n
+        assert np.abs(im - images[isas[0]]).max() <= 2, (n, isas[0])

@@ -132,6 +132,7 @@ def test_resolve_mode_auto_with_refused_amx_or_forced_path(monkeypatch):
 
 def test_resolve_mode_other_devices_and_errors():
     assert int8.resolve_mode("auto", "meta")[0] is None
-    assert int8.resolve_mode("auto", "cuda")[0] == "w8a8"
+    mode, reason = int8.resolve_mode("auto", "cuda")  # issue 21: no GPU measurement yet -> bf16, and it says so
+    assert mode is None and "measured" in reason and "w8a8" in reason
     with pytest.raises(ValueError, match="auto"):
         int8.resolve_mode("w4a4", "cpu")

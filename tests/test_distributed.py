@@ -352,3 +352,103 @@ def test_parallel_vae_decode_equals_one_process(world, h, tile):
     # combined in another order): measured 1e-6 relative RMS, the same as one process's banded decode vs plain
     assert rms(got, banded) <= 1e-5, rms(got, banded)
     assert rms(got, plain) <= 1e-5, rms(got, plain)
+
+
+# ------------------------------------------------------------------------- CUDA / NCCL (issue 21)
+
+
+@pytest.mark.cuda
+def test_send_recv_stages_host_tensors_through_the_group_device(monkeypatch):
+    """Issue 21 defect 3 (needs a CUDA device: with gloo the group's device is the CPU itself): a VAE store on the
+    CPU under NCCL hands host tensors to send_recv; what reaches the P2P ops must be on the group's device, and
+    the received rows must land in the caller's host buffer. A loopback stands in for the peer."""
+    import datetime
+
+    posted = []
+
+    class FakeOp:
+        def __init__(self, op, tensor, peer, group):
+            posted.append((op, tensor))
+
+    class FakeWork:
+        def wait(self, timeout=None):
+            return True
+
+    def fake_batch(ops):
+        sends = [t for op, t in posted if op is D.dist.isend]
+        recvs = [t for op, t in posted if op is D.dist.irecv]
+        for s, r in zip(sends, recvs):
+            r.copy_(s)
+        return [FakeWork()]
+
+    monkeypatch.setattr(D.dist, "P2POp", FakeOp)
+    monkeypatch.setattr(D.dist, "batch_isend_irecv", fake_batch)
+    d = D.Dist(group=None, rank=0, world=2, device=torch.device("cuda", torch.cuda.current_device()),
+               timeout=datetime.timedelta(seconds=5))
+    snd = torch.randn(3, 7, 5).to(memory_format=torch.contiguous_format)
+    rcv = torch.full((3, 7, 5), float("nan"))
+    assert D.send_recv([(1, snd, rcv)], d, "test exchange") == snd.numel() * 4
+    assert posted and all(t.device == d.device for _, t in posted)
+    assert rcv.device.type == "cpu" and torch.equal(rcv, snd)
+
+
+@pytest.fixture
+def nccl_world1():
+    """A single-process NCCL group (world 1) on the current GPU: the NCCL code paths without a second GPU."""
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=dev)
+    try:
+        yield D.setup(group=dist.group.WORLD, device=str(dev), timeout_s=60)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("store", ["cuda", "cpu"])
+def test_nccl_world1_parallel_decode(nccl_world1, store):
+    """The parallel decode's collectives (moments all-gather, rows gather) over NCCL, store on the GPU or CPU."""
+    from tiled_diffusion.vae import banded as V
+
+    vae, z = _small_vae().cuda(), _vae_latents(11, 13).cuda()
+    with torch.no_grad():
+        want = V.banded_decode(vae, z, tile=3)
+        got = V.banded_decode(vae, z, tile=3, dist=nccl_world1, store=torch.device(store))
+    assert got is not None and got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_nccl_world1_halo_attention(nccl_world1):
+    """halo_window_attention over an NCCL group of one rank: every row is this rank's; equals window_attention."""
+    from tiled_diffusion.model.attention import window_attention
+
+    ny, nx, H, Dh = 3, 4, 2, 16
+    grid = TileGrid.for_tokens(ny * 4, nx * 10, (4, 10), patch=2)  # tiles of 2x5 tokens: L = 10
+    q, k, v = (torch.randn(ny * nx, H, 10, Dh, device="cuda") for _ in range(3))
+    lay = D.HaloLayout(grid, D.split_rows(ny, 1), 0, 1)
+    out = D.halo_window_attention(q, k, v, lay, nccl_world1)
+    want = window_attention(q, k, v, grid.neighbours(1).to(q.device))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nccl_waits_are_stream_waits_and_gloo_keeps_the_timeout():
+    """Issue 21 defect 5: on NCCL `Work.wait(timeout)` blocks the host until the compute stream drains; NCCL works
+    are waited for with `wait()` (the current stream waits; NCCL's watchdog enforces the group timeout), every
+    other backend keeps `wait(timeout)`. Which applies: `_nccl(d)` (a CPU/gloo rank: never)."""
+    import datetime
+
+    calls = []
+
+    class Work:
+        def wait(self, *args):
+            calls.append(args)
+            return True
+
+    td = datetime.timedelta(seconds=7)
+    D._wait([Work()], td, "test", on_stream=True)
+    D._wait([Work()], td, "test")
+    assert calls == [(), (td,)]
+    d = D.Dist(group=None, rank=0, world=2, device=torch.device("cpu"), timeout=td)
+    assert D._nccl(d) is False

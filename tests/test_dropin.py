@@ -189,3 +189,20 @@ def test_top_level_api_and_cheap_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert out.stderr == ""
+
+
+@pytest.mark.parametrize("gs", [0.0, 3.0], ids=["nocfg", "cfg"])
+def test_pipe_call_with_shift_follows_the_steps_without_reading_timesteps(pipe, gs, monkeypatch):
+    """Issue 21: under `shift`, pipe(...) counts its steps from where each timestep sits in scheduler.timesteps
+    (diffusers passes views of it), not from its value (a device sync per forward on CUDA). Same latents as
+    generate (which sets the step), two runs in a row (the second starts at step 0 again), and after each run's
+    first forward no timestep value is read."""
+    P.accelerate(pipe, mode="cross_tile", tile=128, int8=None, text_encoder_int8=False, shift=True)
+    want = ours(pipe, steps=3, guidance_scale=gs)
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_float(t))
+    for _ in range(2):
+        reads.clear()
+        assert torch.equal(call(pipe, steps=3, guidance_scale=gs), want)
+        assert len(reads) <= 1, reads  # the first forward's value only (diffusers itself reads none here)

@@ -58,6 +58,67 @@ def test_w8a16_is_dequantized_linear():
     assert sqnr_db(lin(x), q(x)) > 35  # weight-only int8 per channel keeps ~40 dB on Gaussian weights
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_w8a16_fp16_large_outputs_do_not_overflow(bias):
+    """Issue 21 defect 2: outputs of a few hundred are 1/scale ~ 10^3 times larger as raw int8 products, past
+    fp16's 65504. Bound: the fp16 dequantized weight is off by <= 2^-11 relative per element (sum <= 2^-11·|x|·|w|),
+    the output rounding <= 2^-11·|y|; fp32 accumulation (K·2^-24 relative) is far below both. 1.5x margin."""
+    torch.manual_seed(4)
+    lin = nn.Linear(517, 67, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    q = Int8Linear.from_linear(lin.half(), "w8a16")  # an fp16 model's layer (an fp32 one computes in fp32)
+    w = q.dequantized_weight(torch.float64)
+    x = (3 * torch.randn(9, 517) + 20 * torch.sign(w[:9])).half()  # rows aligned with a weight row: big outputs
+    ref = x.double() @ w.T + (lin.bias.detach().double() if bias else 0)
+    raw = (x.double() @ q.weight.double().T).abs().max().item()
+    assert raw > 65504 and ref.abs().max() > 100  # the case the old path overflowed on, with a representable y
+    out = q(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    bound = 2.0 ** -11 * (x.double().abs() @ w.abs().T + ref.abs())
+    assert ((out.double() - ref).abs() <= 1.5 * bound + 1e-6).all()
+
+
+def test_w8a16_keeps_transformers_fp32_layers_in_fp32():
+    """Issue 21 defect 2, T5's half: transformers keeps `wo` in fp32 under fp16 (its outputs overflow fp16) and
+    casts wo's input to wo.weight.dtype only when that is not int8; the int8 wo must compute in fp32 itself. A tiny
+    T5 in fp16 with `wo` fp32 and scaled so its output exceeds fp16's range: the int8 model must equal the float
+    model built from the same dequantized weights (same roundings: identical up to fp32 summation order)."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=97, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2,
+                   feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    torch.manual_seed(5)
+    model = T5EncoderModel(cfg).eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith("DenseReluDense.wo"):
+                m.weight.mul_(3e4)  # wo outputs ~1e5-1e6: only fp32 holds them
+    model.half()
+    for name, m in model.named_modules():  # what from_pretrained(dtype=fp16) does with _keep_in_fp32_modules
+        if name.endswith("DenseReluDense.wo"):
+            m.float()
+    ids = torch.randint(0, 97, (2, 11))
+    quantize_model(model, mode="w8a16")
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, Int8Linear)
+    ref = T5EncoderModel(cfg).eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "weight_scale" not in k}, strict=False)
+    ref.half()
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            keep = name.endswith("DenseReluDense.wo")
+            ref.get_submodule(name).to(torch.float32 if keep else torch.float16).weight.data.copy_(
+                m.dequantized_weight(torch.float32 if keep else torch.float16))
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+        expected = ref(input_ids=ids).last_hidden_state
+    assert torch.isfinite(out).all() and torch.isfinite(expected).all()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-3, atol=2e-3)
+    assert wo.float_dtype_probe.dtype == torch.float32
+    # .half() moves the probe like a float weight: then the layer computes in fp16 like an fp16 nn.Linear
+    assert wo.half().float_dtype_probe.dtype == torch.float16
+
 def test_leading_dims_and_feature_check():
     q = Int8Linear.from_linear(nn.Linear(16, 8), "w8a8")
     assert q(torch.randn(2, 3, 16)).shape == (2, 3, 8)

@@ -92,11 +92,13 @@ def test_window_attention_split_launches_match_reference(monkeypatch):
 
     monkeypatch.setattr(launch, "MAX_GRID", (2**31 - 1, 5, 5))
     assert len(launch.window_attention_launches(4, 3)) == 3
+    from triton_device import on_triton_device  # compiled on CUDA tensors where a GPU is, else interpreted
+
     q, k, v = (torch.randn(4, 3, 19, 24) for _ in range(3))
     nb = torch.tensor([[0, 1], [1, 2], [2, 3], [3, -1]], dtype=torch.int32)
     out = torch.full_like(q, math.nan)
     lse = torch.full((4, 3, 19), math.nan)
-    wa.window_attention_triton(q, k, v, nb, out=out, lse=lse)
+    out, lse = on_triton_device(wa.window_attention_triton)(q, k, v, nb, out=out, lse=lse)
     ref_out, ref_lse = reference.window_attention(q.double(), k.double(), v.double(), nb)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=0)
@@ -197,16 +199,21 @@ def test_every_launcher_enters_the_guard(op, monkeypatch):
         seen.append(t)
         return contextlib.nullcontext()
 
+    from triton_device import TRITON_DEVICE  # compiled on CUDA tensors where a GPU is, else interpreted
+
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a, **k).to(TRITON_DEVICE))
     mod = wa if op == "window_attention" else sb
     monkeypatch.setattr(mod, "device_guard", recorder)
     if op == "window_attention":
         q = torch.randn(2, 1, 5, 16)
-        mod.window_attention_triton(q, q, q, torch.tensor([[0, 1], [1, 0]], dtype=torch.int32))
+        nb = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32, device=TRITON_DEVICE)
+        mod.window_attention_triton(q, q, q, nb)
     else:
         g = TileGrid(12, 14, tile=8, overlap=2, batch=1, patch=1)
         tiles = torch.randn(g.num_tiles, 2, g.th, g.tw)
-        oy, ox = g.origins()
-        w = g.blend_weights("cosine")
+        oy, ox = g.origins(TRITON_DEVICE)
+        w = g.blend_weights("cosine", device=TRITON_DEVICE)
         if op == "seam_blend":
             mod.seam_blend_triton(tiles, oy, ox, w, 1, 12, 14)
         else:

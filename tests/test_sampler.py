@@ -450,3 +450,22 @@ def test_memory_estimate_text_encoder_resident_or_alone():
     assert resident["total"] == base["total"] + big and alone["total"] == big and small["total"] == base["total"]
     with pytest.raises(MemoryError, match="text encoder's weights dominate"):
         check_memory(alone, big / 2**30 / 2, cfg)
+
+
+def test_memory_estimate_counts_the_positional_table_and_denoise_frees_it():
+    """Issue 21 risk: the cached fp32 canvas positional table (tokens x hidden x 4 bytes: 4.8 GB at 16384² for
+    PixArt-XL) is counted in the estimate, and released when the loop ends (before the VAE decode)."""
+    from tiled_diffusion.model import positional
+    from tiled_diffusion.tiny import tiny_transformer
+
+    config = tiny_transformer().config
+    hidden = config.num_attention_heads * config.attention_head_dim
+    for positional_mode, tokens in (("canvas_stretched", (1024 // 16) ** 2), ("tile_local", (512 // 16) ** 2)):
+        cfg = TiledConfig(mode="cross_tile", tile=512, positional=positional_mode).validate()
+        est = estimate_memory(config, height=1024, width=1024, cfg=cfg)
+        assert est["positional"] == tokens * hidden * 4, positional_mode
+    cache = {"grid": "kept"}  # an acceleration's TileContext.cache: only the positional tables are released
+    positional._grid_embed("canvas_stretched", 8, 4, 4, 4, 1.0, "cpu", cache)
+    assert len(cache) == 2
+    positional.release_tables(cache)
+    assert cache == {"grid": "kept"}

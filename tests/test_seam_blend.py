@@ -12,9 +12,13 @@ from tiled_diffusion import reference
 from tiled_diffusion.core.lcm import lcm_coefficients
 from tiled_diffusion.core.lcm import step_args
 from tiled_diffusion.core.tiling import TileGrid
-from tiled_diffusion.backends.triton.seam_blend import blend_lcm_step_triton
+from tiled_diffusion.backends.triton import seam_blend as _sb
 from tiled_diffusion.backends.triton.seam_blend import coverage_tables
-from tiled_diffusion.backends.triton.seam_blend import seam_blend_triton
+from triton_device import on_triton_device
+
+# the launchers on CUDA tensors where a GPU is (compiled kernels), else on CPU tensors under the interpreter
+seam_blend_triton = on_triton_device(_sb.seam_blend_triton)
+blend_lcm_step_triton = on_triton_device(_sb.blend_lcm_step_triton)
 
 ops.register_triton_ops()  # the opcheck tests call torch.ops.tiled_diffusion.* directly
 

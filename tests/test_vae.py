@@ -200,6 +200,58 @@ def test_banded_decode_cuda_with_cpu_store():
     assert out.device.type == "cuda" and _rms(out, full) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_var_mean_moments_match_fp64(dtype):
+    """The moments path of every non-CPU device (CUDA), run here on a channels-last band slice of odd size against
+    fp64: fp32 Welford over <= 4·7·19 values per group is exact to ~1e-6 relative (the input is taken as rounded)."""
+    torch.manual_seed(3)
+    canvas = _cl((3 + 2 * torch.randn(2, 24, 31, 19)).to(dtype))
+    band = canvas[:, :, 5:12]  # not contiguous in any format: a band of a channels-last canvas
+    mean, m2 = V.var_mean_moments(band, 6)
+    x = band.double().reshape(2, 6, -1)
+    ref_mean = x.mean(-1)
+    ref_m2 = (x - ref_mean[..., None]).square().sum(-1)
+    assert mean.dtype == m2.dtype == torch.float64 and mean.shape == (2, 6)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m2, ref_m2, rtol=1e-5, atol=0)
+    cpu_mean, cpu_m2, n = V.band_moments(band, 6)  # the CPU's group-norm path agrees
+    assert n == 4 * 7 * 19
+    torch.testing.assert_close(cpu_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpu_m2, m2, rtol=1e-5, atol=0)
+
+
+def test_cuda_free_bytes_count_the_caching_allocators_unused_blocks(monkeypatch):
+    """Issue 21 risk: after a denoise loop torch's caching allocator holds reserved-but-unused blocks that the
+    driver reports as used; the memory rule must count them as free (this process reuses them)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 20 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 << 30)
+    assert V._free_bytes(torch.device("cuda", 0)) == (3 + 14) << 30
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("store", ["cuda", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("what", ["decode", "encode"])
+def test_banded_half_precision_cuda(what, dtype, store):
+    """Issue 21 defect 1 (CUDA only: the CPU's group norm accepts channels-last mixed dtypes): banded decode and
+    encode in bf16/fp16 on CUDA, store on the GPU or the CPU, within 2x the plain half-precision error vs fp32."""
+    ref_vae = _vae(attention=True).cuda()
+    vae = _vae(attention=True, dtype=dtype).cuda()
+    with torch.no_grad():
+        if what == "decode":
+            z = _latents(h=21, w=27).cuda()
+            ref = ref_vae.decode(z).sample
+            plain = _rms(vae.decode(z.to(dtype)).sample, ref)
+            out = banded_decode(vae, z.to(dtype), tile=5, store=torch.device(store))
+        else:
+            x = _images().cuda()
+            ref = ref_vae.encode(x).latent_dist.mean
+            plain = _rms(vae.encode(x.to(dtype)).latent_dist.mean, ref)
+            out = banded_encode_moments(vae, x.to(dtype), tile=5, store=torch.device(store))[:, :4]
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
+    assert _rms(out, ref) <= 2 * plain + 1e-3, (_rms(out, ref), plain)
+
+
 # --- the approximate overlap-tiled decode: errors that must shrink do
 
 def test_overlap_one_tile_equals_decode():

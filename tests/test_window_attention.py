@@ -12,8 +12,13 @@ import torch.nn.functional as F
 from tiled_diffusion import ops
 from tiled_diffusion import reference
 from tiled_diffusion.core.tiling import TileGrid
-from tiled_diffusion.backends.triton.window_attention import (AOT_CONFIGS, split_head_dim, supports_head_dim,
-                                                              window_attention_triton)
+from tiled_diffusion.backends.triton.window_attention import AOT_CONFIGS
+from tiled_diffusion.backends.triton.window_attention import split_head_dim
+from tiled_diffusion.backends.triton.window_attention import supports_head_dim
+from tiled_diffusion.backends.triton.window_attention import window_attention_triton as _window_attention_triton
+from triton_device import on_triton_device
+
+window_attention_triton = on_triton_device(_window_attention_triton)  # CUDA tensors on a GPU, else interpreted
 
 ops.register_triton_ops()  # the opcheck tests call torch.ops.tiled_diffusion.* directly
 
@@ -278,3 +283,17 @@ def test_neighbour_check_is_cached_but_sees_in_place_changes():
     nb[0, 0] = 7  # bumps the tensor's version: checked again
     with pytest.raises(ValueError, match="neighbours must hold tile indices"):
         ops.window_attention(q, q, q, nb)
+
+
+def test_pinned_config_for_reproducible_gpu_runs(monkeypatch):
+    """Issue 21 risk: autotuning by timing can pick another BLOCK_N (another summation order) per run; the env
+    var pins one config (no tuning), and a bad value is one clear error."""
+    from tiled_diffusion.backends.triton import window_attention as wa
+
+    monkeypatch.delenv(wa.PIN_ENV, raising=False)
+    assert wa.pinned_config() is None
+    monkeypatch.setenv(wa.PIN_ENV, "1")
+    assert wa.pinned_config() == wa.TUNE_CONFIGS[1]
+    monkeypatch.setenv(wa.PIN_ENV, "9")
+    with pytest.raises(ValueError, match="index 0..2"):
+        wa.pinned_config()

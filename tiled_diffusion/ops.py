@@ -236,7 +236,7 @@ def _(q, k, v, neighbours, bias=None, scale=None):
     return q.new_empty(q.shape), q.new_empty((T, H, L), dtype=torch.float32)
 
 
-_CHECKED_NEIGHBOURS: dict = {}  # id -> (weakref to the tensor, (version, T)) of tables already checked
+_CHECKED_NEIGHBOURS: dict = {}  # id -> (weakref, (version, key)) of tensors already checked (tables, origins)
 
 
 def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_indices: bool = True) -> None:
@@ -262,14 +262,39 @@ def check_window_attention(q, k, v, neighbours, bias=None, scale=None, *, check_
     if check_indices and neighbours.numel() and _has_data(neighbours):
         # The same neighbour table serves every layer and step: check each version once, not once per call (on
         # CUDA the check is a device sync).
-        seen = _CHECKED_NEIGHBOURS.get(id(neighbours))
-        if seen is None or seen[0]() is not neighbours or seen[1] != (neighbours._version, T):
-            lo, hi = int(neighbours.min()), int(neighbours.max())
-            _check(lo >= -1 and hi < T, f"{op}: neighbours must hold tile indices in [0, T={T}) or -1 for an "
-                   f"empty slot, got values in [{lo}, {hi}]")
-            if len(_CHECKED_NEIGHBOURS) > 64:
-                _CHECKED_NEIGHBOURS.clear()
-            _CHECKED_NEIGHBOURS[id(neighbours)] = (weakref.ref(neighbours), (neighbours._version, T))
+        if not _checked_before(neighbours, T):
+            _check_neighbour_values(op, neighbours, T)
+            _remember_checked(neighbours, T)
+
+
+def _checked_before(t: torch.Tensor, key) -> bool:
+    seen = _CHECKED_NEIGHBOURS.get(id(t))
+    return seen is not None and seen[0]() is t and seen[1] == (t._version, key)
+
+
+def _remember_checked(t: torch.Tensor, key) -> None:
+    if len(_CHECKED_NEIGHBOURS) > 64:
+        _CHECKED_NEIGHBOURS.clear()
+    _CHECKED_NEIGHBOURS[id(t)] = (weakref.ref(t), (t._version, key))
+
+
+def _check_neighbour_values(op: str, neighbours: torch.Tensor, T: int) -> None:
+    lo, hi = int(neighbours.min()), int(neighbours.max())
+    _check(lo >= -1 and hi < T, f"{op}: neighbours must hold tile indices in [0, T={T}) or -1 for an "
+           f"empty slot, got values in [{lo}, {hi}]")
+
+
+def neighbours_to(table: torch.Tensor, T: int, device) -> torch.Tensor:
+    """A neighbour table built on the host -> int32 contiguous on `device`, its values checked on the host (free)
+    and the device copy remembered as checked: window_attention then reads no value of it (on CUDA the min/max
+    check is a device sync, and a new table comes every step under `shift`)."""
+    _check(table.device.type == "cpu", f"neighbours_to: the table must be built on the CPU, got {table.device}")
+    table = table.to(torch.int32).contiguous()
+    if table.numel():
+        _check_neighbour_values("neighbours_to", table, T)
+    out = table.to(device)
+    _remember_checked(out, T)
+    return out
 
 
 @_triton_op("tiled_diffusion::window_attention", mutates_args=(),
@@ -348,12 +373,15 @@ def check_seam_blend(op, tiles, origins_y, origins_x, weights, batch, height, wi
            f"{op}: weights must be float32 [th={th}, tw={tw}], got {weights.dtype} {tuple(weights.shape)}")
     for name, o, t, size, dim in (("origins_y", origins_y, th, height, "height"),
                                   ("origins_x", origins_x, tw, width, "width")):
-        if not _has_data(o):
+        # read once per origins tensor (and version): a grid's cached origins on CUDA cost one sync, not one
+        # per forward
+        if not _has_data(o) or _checked_before(o, ("origins", t, size)):
             continue
         v = o.tolist()
         _check(all(a <= b for a, b in zip(v, v[1:])), f"{op}: {name} must be sorted, got {v}")
         _check(v[0] >= 0 and v[-1] + t <= size,
                f"{op}: {name} {v} places tiles of size {t} outside the canvas {dim} {size}")
+        _remember_checked(o, ("origins", t, size))
 
 
 @_triton_op("tiled_diffusion::seam_blend", mutates_args=(), schema=_SCHEMAS["seam_blend"])

@@ -5,6 +5,8 @@ that calls the fused op instead of `scheduler.step` must advance the scheduler i
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -25,8 +27,9 @@ def lcm_coefficients(scheduler, step_index: int) -> dict:
         raise ValueError("lcm_coefficients: call scheduler.set_timesteps(...) first")
     if not 0 <= step_index < len(timesteps):
         raise ValueError(f"lcm_coefficients: step_index {step_index} outside [0, {len(timesteps)})")
-    t = int(timesteps[step_index])
-    prev_t = int(timesteps[step_index + 1]) if step_index + 1 < len(timesteps) else t
+    host = _host_values(timesteps)
+    t = host[step_index]
+    prev_t = host[step_index + 1] if step_index + 1 < len(host) else t
     ac = scheduler.alphas_cumprod  # fp32, as the scheduler computes with it
     a_t = ac[t]
     a_prev = ac[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
@@ -41,6 +44,23 @@ def lcm_coefficients(scheduler, step_index: int) -> dict:
         "sqrt_beta_prev": float((1 - torch.as_tensor(a_prev)).sqrt()),
         "last": step_index == scheduler.num_inference_steps - 1,
     }
+
+
+_HOST_TIMESTEPS: dict = {}  # id -> (weakref, version, list of ints)
+
+
+def _host_values(timesteps: torch.Tensor) -> list:
+    """The schedule as Python ints, read from the device once per timesteps tensor (diffusers keeps it on the
+    pipeline's device): one sync per run instead of two per step."""
+    if timesteps.device.type == "cpu":
+        return [int(t) for t in timesteps.tolist()]
+    hit = _HOST_TIMESTEPS.get(id(timesteps))
+    if hit is None or hit[0]() is not timesteps or hit[1] != timesteps._version:
+        if len(_HOST_TIMESTEPS) > 16:
+            _HOST_TIMESTEPS.clear()
+        hit = (weakref.ref(timesteps), timesteps._version, [int(t) for t in timesteps.tolist()])
+        _HOST_TIMESTEPS[id(timesteps)] = hit
+    return hit[2]
 
 
 STEP_ARGS = ("sqrt_alpha_t", "sqrt_beta_t", "c_skip", "c_out", "sqrt_alpha_prev", "sqrt_beta_prev")

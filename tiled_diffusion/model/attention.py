@@ -44,6 +44,7 @@ class TileContext:
         self.current_extras: dict = {}
         self.step: Optional[int] = None
         self._last_t: Optional[float] = None
+        self._last_view: Optional[tuple] = None  # (last timestep tensor, (storage address, version, offset))
         self._counted_step = 0
         self._nb_cache: dict = {}
         self.partition = None
@@ -90,12 +91,29 @@ class TileContext:
         same step (diffusers' pipelines run one forward per step, CFG halves batched). Only `shift` reads it."""
         if self.step is not None:
             return self.step
+        view = None
+        if torch.is_tensor(timestep):
+            # diffusers' loops pass views of scheduler.timesteps (t = timesteps[i], then t[None] / expand): their
+            # place in that tensor orders them like their values (a schedule decreases), read on the host — a
+            # CUDA timestep's value would be a device sync per forward. Valid only while that storage is the last
+            # forward's (kept alive by the reference held below, so its address is not reused) and unwritten
+            # (same version); anything else reads the value.
+            view = (timestep.untyped_storage().data_ptr(), timestep._version, timestep.storage_offset())
+            last = self._last_view
+            if last is not None and view[:2] == last[1][:2]:
+                if view[2] > last[1][2]:
+                    self._counted_step += 1
+                elif view[2] < last[1][2]:
+                    self._counted_step = 0
+                self._last_view, self._last_t = (timestep, view), None  # value unknown: a value read restarts
+                return self._counted_step
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         if self._last_t is None or t > self._last_t:
             self._counted_step = 0
         elif t < self._last_t:
             self._counted_step += 1
         self._last_t = t
+        self._last_view = (timestep, view) if view is not None else None
         return self._counted_step
 
     # Token order: [B, N, C] raster <-> [B, N, C] tile-major (tiles contiguous, each tile raster inside). The
@@ -111,13 +129,17 @@ class TileContext:
         key = (batch, str(device), self.radius)
         nb = self._nb_cache.get(key)
         if nb is None:
-            base = self.grid.neighbours(self.radius, device).to(device=device, dtype=torch.int32)
+            # built and checked on the host, then copied: no device sync for a new table (every step under shift)
+            base = self.grid.neighbours(self.radius).to(dtype=torch.int32)
             T = self.grid.ny * self.grid.nx
             if base.shape[0] != T:
                 raise ValueError(f"TileGrid.neighbours gave {base.shape[0]} rows for a {self.grid.ny}x"
                                  f"{self.grid.nx} grid of batch 1")
             parts = [torch.where(base >= 0, base + b * T, base) for b in range(batch)]
-            nb = torch.cat(parts).contiguous()
+            if torch.compiler.is_compiling():  # traced as graph ops (a host check would break the graph); the
+                nb = torch.cat(parts).to(device)  # op checks the real table once when the graph first runs
+            else:
+                nb = ops.neighbours_to(torch.cat(parts), batch * T, device)
             self._nb_cache[key] = nb
         return nb
 

@@ -77,8 +77,10 @@ def resolve_mode(requested: Optional[str], device) -> tuple[Optional[str], str]:
         pays, why = AUTO_W8A8_CPU.get(name, (False, f"unknown CPU int8 path {name!r}"))
         mode, reason = ("w8a8" if pays else None), f"CPU int8 path {name}: {why}"
     elif dev.type == "cuda":
-        mode, reason = "w8a8", ("CUDA: int8 tensor-core kernel (mma.sync, 2x the bf16 MMA rate); projected, not "
-                                "measured on a GPU in this project")
+        # Only measured wins turn W8A8 on (as for CPUs). On H100 cuBLAS bf16 runs wgmma near peak while the int8
+        # kernel is mma.sync plus a separate per-token quantize pass: its 2x MMA rate is not a measured win.
+        mode, reason = None, ("CUDA: bf16 (cuBLAS) until the int8 GEMM (mma.sync + a quantize pass) is measured "
+                              "faster on a GPU (benchmarks/gpu_check.sh); pass int8='w8a8' to use it")
     else:
         mode, reason = None, f"no int8 kernels for device type {dev.type!r}: the reference is slower than bf16"
     log.info("int8='auto' on %s -> %s (%s)", dev, mode, reason)
@@ -105,6 +107,11 @@ class Int8Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.register_buffer("bias", None)
+        # w8a16 only: an empty tensor of the float dtype this layer computes in when that is fp32 while its input is
+        # not — a layer whose float weight was fp32 in a half-precision model (transformers' `_keep_in_fp32_modules`,
+        # T5's `wo`: its activations overflow fp16, and T5's own cast to `wo.weight.dtype` skips int8 weights).
+        # A buffer so that `.to(dtype)` / `.half()` move it as they would move the float weight. None: input dtype.
+        self.register_buffer("float_dtype_probe", None, persistent=False)
         self._packed: Optional[torch.Tensor] = None  # CPU VNNI layout, made once per weight version
         self._packed_key: Optional[tuple] = None
         self._pack_only = False  # True: self.weight is None and _packed is the only copy (CPU, w8a8)
@@ -118,6 +125,8 @@ class Int8Linear(nn.Module):
         q.weight, q.weight_scale = quantize_weight(linear.weight)
         if linear.bias is not None:
             q.bias = linear.bias.detach().clone()
+        if mode == "w8a16" and linear.weight.dtype == torch.float32:
+            q.float_dtype_probe = torch.empty(0, dtype=torch.float32, device=linear.weight.device)
         q.packed_weight()  # pack now, not in the first forward
         return q
 
@@ -175,8 +184,18 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear: input has {x.shape[-1]} features, layer expects {self.in_features}")
         if self.mode == "w8a16":
-            # int8 values are exact in bf16/fp16/fp32, so the weight is only widened (one 2-byte pass, no fp32
-            # copy) and the per-channel scale goes on the [M, N] output, which is small for a text encoder.
+            probe = self.float_dtype_probe
+            if probe is not None and probe.dtype == torch.float32:  # a kept-fp32 layer: fp32 in, fp32 out
+                x = x.float()
+            if x.dtype == torch.float16:
+                # fp16 tops out at 65504: a product with the raw int8 weights (±127) is 1/scale (~10^2..10^3) times
+                # the true output and overflows where the output itself fits, so the scale goes on the weight
+                # first (in fp32, then one rounding to fp16: no subnormal fp16 scales).
+                w = torch.mul(self.weight, self.weight_scale[:, None]).to(x.dtype)
+                return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            # bf16/fp32 have fp32's range, and int8 values are exact in them: the weight is only widened (one
+            # 2-byte pass, no fp32 copy) and the per-channel scale goes on the [M, N] output, small for a text
+            # encoder.
             out = nn.functional.linear(x, self.weight.to(x.dtype)).mul_(self.weight_scale.to(x.dtype))
             return out if self.bias is None else out.add_(self.bias.to(x.dtype))
         lead = x.shape[:-1]

@@ -161,10 +161,14 @@ def fail_fast(d: Dist):
         raise
 
 
-def _wait(works, d_timeout: datetime.timedelta, what: str) -> None:
+def _wait(works, d_timeout: datetime.timedelta, what: str, on_stream: bool = False) -> None:
+    """Wait for works within the timeout. on_stream (NCCL works, CUDA tensors): make the current CUDA stream wait
+    on them instead — NCCL's Work.wait(timeout) blocks the host, spinning until the compute stream has drained,
+    which serialises kernel launch with compute at every halo; the group's timeout still holds there, enforced by
+    NCCL's watchdog (the timeout given to init_process_group / new_group), which aborts the communicator."""
     for w in works:
         try:
-            ok = w.wait(d_timeout)
+            ok = w.wait() if on_stream else w.wait(d_timeout)
         except RuntimeError as e:  # a peer died or aborted: one clear line, the cause chained
             raise RuntimeError(f"distributed: {what} failed (a peer rank exited or timed out): {e}") from e
         if ok is False:
@@ -339,13 +343,26 @@ class HaloLayout:
 def send_recv(pairs: Sequence[tuple[int, torch.Tensor, torch.Tensor]], d: Dist, what: str) -> int:
     """Blocking point-to-point exchange: for each (peer group rank, tensor to send, contiguous buffer to receive
     into), both posted in one batch and waited for within the group's timeout. Returns the bytes sent."""
-    ops = []
+    ops, staged = [], []
     for peer, snd, rcv in pairs:
         g = _global_rank(d, peer)
-        ops += [dist.P2POp(dist.isend, snd, g, d.group), dist.P2POp(dist.irecv, rcv, g, d.group)]
+        # Tensors not on the group's device (a VAE store kept on the CPU under NCCL) go through a copy there: NCCL
+        # sends only CUDA memory, gloo only host memory.
+        snd = snd.to(d.device)
+        buf = rcv if rcv.device == d.device else torch.empty_like(rcv, device=d.device)
+        staged.append((rcv, buf))
+        ops += [dist.P2POp(dist.isend, snd, g, d.group), dist.P2POp(dist.irecv, buf, g, d.group)]
     if ops:
-        _wait(dist.batch_isend_irecv(ops), d.timeout, what)
+        _wait(dist.batch_isend_irecv(ops), d.timeout, what, on_stream=_nccl(d))
+    for rcv, buf in staged:
+        if buf is not rcv:
+            rcv.copy_(buf)
     return sum(snd.numel() * snd.element_size() for _, snd, _ in pairs)
+
+
+def _nccl(d: Dist) -> bool:
+    """Whether d's works are NCCL's (stream-ordered): only those are waited for on the stream (`_wait`)."""
+    return d.device.type == "cuda" and dist.is_initialized() and dist.get_backend(d.group) == "nccl"
 
 
 def _global_rank(d: Dist, group_rank: int) -> int:
@@ -357,8 +374,8 @@ def _global_rank(d: Dist, group_rank: int) -> int:
 def _timed_wait(layout: HaloLayout, works, d: Dist) -> None:
     if not works:
         return
-    t0 = time.perf_counter()
-    _wait(works, d.timeout, "halo exchange")
+    t0 = time.perf_counter()  # on CUDA the wait is the stream's: this counts host time only, not the transfer
+    _wait(works, d.timeout, "halo exchange", on_stream=_nccl(d))
     layout.wait_s += time.perf_counter() - t0
 
 
@@ -427,6 +444,10 @@ class Band:
         self.offsets = torch.tensor([[top - Ht if top + n_tok > Ht else top, 0]], dtype=torch.long)
         self.rows = latent_rows(rank)
         self.all_rows = [latent_rows(r) for r in range(len(bands))]
+        cat = torch.cat(self.all_rows)
+        # decided here on the host (gather used to compare a device copy with .cpu(): a sync every forward)
+        self._rows_in_order = torch.equal(cat, torch.arange(cat.numel()))
+        self._cat_rows: dict = {}  # device -> the concatenated rows there
         self.layout, self.d, self.row_span, self.mirror = layout, d, row_span, mirror
 
     def crop(self, x: torch.Tensor) -> torch.Tensor:
@@ -464,9 +485,13 @@ class Band:
         cat = gather_rows(out, spans, d, dim=2)
         stats.gather_s += time.perf_counter() - t0
         stats.gather_bytes += out.numel() * out.element_size() * (d.world - 1)
-        rows = torch.cat(self.all_rows).to(cat.device)
-        full = cat if torch.equal(rows.cpu(), torch.arange(rows.numel())) else \
-            torch.empty_like(cat).index_copy_(2, rows, cat)
+        if self._rows_in_order:
+            full = cat
+        else:
+            rows = self._cat_rows.get(cat.device)
+            if rows is None:
+                rows = self._cat_rows[cat.device] = torch.cat(self.all_rows).to(cat.device)
+            full = torch.empty_like(cat).index_copy_(2, rows, cat)
         if self.mirror is None:
             return full
         half = full.shape[0]

@@ -21,6 +21,7 @@ from .. import ops
 from ..core.config import VAE_SCALE_FACTOR, TiledConfig, check_size
 from ..model.canvas import pixel_grid
 from ..vae.banded import estimate_vae_bytes
+from ..model.positional import release_tables as release_positional_tables
 
 
 def initial_latents(batch: int, channels: int, lat_h: int, lat_w: int, dtype, device, generator) -> torch.Tensor:
@@ -144,6 +145,8 @@ def denoise(transformer, scheduler, prompt_embeds, prompt_mask, *, height: int, 
                     callback(i, t, latents)
         finally:
             ctx.step = None
+            # the canvas's positional table is only needed by the loop: give its bytes to the VAE decode
+            release_positional_tables(ctx.cache)
     return latents
 
 
@@ -238,18 +241,21 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
         else:
             attn = 0
     act = n_fwd * hidden * es * 14
-    # the canvas positional table, fp32 [canvas tokens, hidden], kept in the acceleration's cache between steps
-    # (tile_local keeps one tile's; the multidiffusion/global paths of diffusers compute their own per forward)
-    canvas = 6 * batch * 4 * lat_h * lat_w * 4 + (n_canvas // batch) * hidden * 4
+    canvas = 6 * batch * 4 * lat_h * lat_w * 4
+    # the fp32 sincos table of the canvas's token grid (tile_local: of one tile), cached in the acceleration's
+    # TileContext.cache and held through the loop (4.8 GB at 16384² for PixArt-XL); `denoise` releases it when the loop ends
+    pos_tokens = L_tile if cfg.positional == "tile_local" else (lat_h // patch) * (lat_w // patch)
+    positional = pos_tokens * hidden * 4
     if vae is None:  # no VAE given: the SD/PixArt VAE's full-resolution block (128 channels), 512² at a time
         vae_act = 6 * min(512 * 512, height * width) * 128 * 4
     else:  # what vae.decode needs under its own rule (plain if it fits, else banded)
         vae_act = estimate_vae_bytes(vae, height, width, dtype=dtype, batch=batch)
     vae = vae_act + batch * height * width * 3 * 4  # + the decoded image (fp32)
-    denoise_stage = weights + max(act + attn, vae) + canvas
+    denoise_stage = weights + max(act + attn + positional, vae) + canvas
     total = max(denoise_stage, text_encoder_bytes) if text_encoder_alone else denoise_stage + text_encoder_bytes
     return {"total": total, "weights": weights, "activations": act, "attention": attn, "canvas": canvas,
-            "vae_decode": vae, "text_encoder": text_encoder_bytes, "tokens_per_forward": n_fwd}
+            "vae_decode": vae, "text_encoder": text_encoder_bytes, "tokens_per_forward": n_fwd,
+            "positional": positional}
 
 
 def check_memory(estimate: dict, limit_gb: Optional[float], cfg: TiledConfig) -> None:

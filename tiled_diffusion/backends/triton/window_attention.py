@@ -185,6 +185,23 @@ _window_attention_fwd_tuned = triton.autotune(
 )(_window_attention_fwd)
 
 
+# Autotuning picks a config by timing, per process and GPU; BLOCK_N sets the online softmax's summation order, so two
+# runs that pick differently differ in the last bits (and so may the pixels). TD_WINDOW_ATTENTION_CONFIG=<index
+# into TUNE_CONFIGS> pins one config for bitwise-reproducible GPU runs (no tuning).
+PIN_ENV = "TD_WINDOW_ATTENTION_CONFIG"
+
+
+def pinned_config() -> dict | None:
+    """The config TD_WINDOW_ATTENTION_CONFIG pins, or None (autotune)."""
+    v = os.environ.get(PIN_ENV, "").strip()
+    if not v:
+        return None
+    if not v.isdigit() or int(v) >= len(TUNE_CONFIGS):
+        raise ValueError(f"{PIN_ENV} must be an index 0..{len(TUNE_CONFIGS) - 1} into TUNE_CONFIGS "
+                         f"({', '.join(str(c) for c in TUNE_CONFIGS)}), got {v!r}")
+    return TUNE_CONFIGS[int(v)]
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -216,8 +233,8 @@ def window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n
     # the arithmetic matches a bf16 MMA with fp32 accumulation. Compiled kernels never take this branch.
     upcast = _interpreting() and q.dtype == torch.bfloat16
     meta = dict(HEAD_D=D, DA=da, DB=db, HAS_BIAS=has_bias, FP32_DOT=q.dtype == torch.float32, UPCAST=upcast)
-    if config is None and _interpreting():
-        config = INTERPRET_CONFIG
+    if config is None:
+        config = INTERPRET_CONFIG if _interpreting() else pinned_config()
     with device_guard(q):
         for th0, pairs in window_attention_launches(T, H):
             if config is not None:
