@@ -12,7 +12,7 @@ Rows per shape (M tokens, K in, N out):
   torch W8A8 composed  per-token quantize with torch ops + _int_mm + dequantize/bias with torch ops -> bf16
   torch dynamic int8   torch.ao.quantization.quantize_dynamic Linear (fp32 in/out, fbgemm)
   bnb int8 matmul      bitsandbytes.functional.int8_linear_matmul -> int32, no epilogue
-GOP/s counts 2·M·N·K for every row (the useful multiply-adds). "%peak" is against the register-only peak of the
+GOP/s counts 2·M·N·K for every row (the useful multiply-adds). `pct_of_peak` is against the register-only peak of the
 row's own ISA measured in the same run by the private op isa_peak_gops: int8 rows (ours, _int_mm, bnb, composed,
 dynamic) against the int8 peak of the ISA (ours: the path in use; torch: the best the CPU has, amx or avx512),
 bf16 Linear against the bf16 peak (tdpbf16ps / vdpbf16ps), fp32 rows have none. Column `isa` says which.
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import environment, measure, print_table  # noqa: E402
+import harness  # noqa: E402
+from harness import environment, print_table  # noqa: E402
 
 from tiled_diffusion import ops  # noqa: E402
-from tiled_diffusion.backends.cpu import int8_linear  # noqa: E402
 from tiled_diffusion.backends.cpu import isa as cpu_isa  # noqa: E402
 from tiled_diffusion.model.int8 import Int8Linear  # noqa: E402
 
@@ -47,18 +47,42 @@ SHAPES_QUICK = [(64, 96, 80)]
 _PEAK_PROBES = {"avx512": 12, "avx512_bf16": 12, "amx": 64, "amx_bf16": 64}
 
 
-def isa_peaks(seconds: float = 0.25) -> dict:
-    """Register-only peaks (GOP/s, best of 3) of every probe this CPU can run: {name: GOP/s}."""
-    out = {}
+def _probe_names() -> list[str]:
+    """The peak probes this CPU can run. A forced TD_CPU_ISA below amx also keeps the probes off the tile unit (the
+    way to benchmark on a host whose AMX is advertised but faults)."""
+    forced = os.environ.get("TD_CPU_ISA")
+    out = []
     spin = torch.ops.tiled_diffusion_C.isa_peak_gops
-    for name, cycles in _PEAK_PROBES.items():
+    for name in _PEAK_PROBES:
+        if forced and forced != "amx" and name.startswith("amx"):
+            continue
         try:
             spin(name, 1)
         except RuntimeError:
             continue  # not on this CPU (the reason: cpu_isa.report())
-        iters = max(100, int(seconds * 3e9 / cycles))
-        out[name] = max(spin(name, iters) for _ in range(3))
+        out.append(name)
     return out
+
+
+def isa_peaks(seconds: float = 0.25) -> dict:
+    """Register-only peaks (GOP/s, best of 3) of every probe this CPU can run: {name: GOP/s}."""
+    spin = torch.ops.tiled_diffusion_C.isa_peak_gops
+    return {name: max(spin(name, max(100, int(seconds * 3e9 / _PEAK_PROBES[name]))) for _ in range(3))
+            for name in _probe_names()}
+
+
+def _peak_fns(seconds: float, readings: dict) -> dict:
+    """Peak probes as round-robin entries: each call appends its GOP/s reading to readings[name]."""
+    spin = torch.ops.tiled_diffusion_C.isa_peak_gops
+
+    def probe(name, iters):
+        return lambda: readings[name].append(spin(name, iters))
+
+    fns = {}
+    for name in _probe_names():
+        readings[name] = []
+        fns[f"peak {name}"] = probe(name, max(100, int(seconds * 3e9 / _PEAK_PROBES[name])))
+    return fns
 
 
 def _row_isa(name: str, ours: str, peaks: dict) -> str:
@@ -103,7 +127,7 @@ def _impls(M, K, N):
         "ours gemm plain w": lambda: ops.int8_gemm(a_i8, a_scale, w_i8, w_scale, bias_b, torch.bfloat16),
         "ours quant+gemm": lambda: ops.int8_gemm_packed(*ops.quantize_per_token(x), w_packed, w_scale, bias_b,
                                                         torch.bfloat16),
-        "ours w8a8_linear": lambda: int8_linear.w8a8_linear(x, w_packed, w_scale, bias_b),
+        "ours w8a8_linear": lambda: ops.w8a8_linear(x, w_packed, w_scale, bias_b),
         "ours Int8Linear": lambda: qlin(x),
         "torch fp32 Linear": lambda: F.linear(xf, wf, bias),
         "torch bf16 Linear": lambda: F.linear(xb, wb, bb),
@@ -135,40 +159,67 @@ def _impls(M, K, N):
     return impls, notes
 
 
-def suite(quick: bool) -> list[dict]:
+CASE_KEYS = ("m", "k", "n_out", "impl")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--shape", action="append", default=None, metavar="M,K,N",
+                   help="a GEMM shape: M tokens, K in, N out (repeatable; default: PixArt/T5 shapes, quick 64,96,80)")
+    p.add_argument("--impl", action="append", default=None,
+                   help="only the rows whose impl name contains this (repeatable), e.g. --impl ours --impl bf16")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        m, k, n = (int(v) for v in text.split(","))
+        assert m > 0 and k > 0 and n > 0
+    except (ValueError, AssertionError):
+        raise SystemExit(f"bench gemm: --shape must be M,K,N (three positive integers), got {text!r}") from None
+    return m, k, n
+
+
+def suite(quick: bool, args=None) -> list[dict]:
+    shapes = [_shape(s) for s in args.shape] if getattr(args, "shape", None) else (
+        SHAPES_QUICK if quick else SHAPES_FULL)
+    only = getattr(args, "impl", None)
+    warmup = args.warmup if getattr(args, "warmup", None) is not None else 1
     rows = []
-    peaks = isa_peaks(0.02 if quick else 0.25)
     ours = ops.cpu_isa()
-    for M, K, N in SHAPES_QUICK if quick else SHAPES_FULL:
+    probes = {}
+    for M, K, N in shapes:
         impls, notes = _impls(M, K, N)
+        if only:  # the two baselines stay: the x_int_mm / x_bf16 ratios need them
+            impls = {k: v for k, v in impls.items() if any(s in k for s in only) or k in ("torch _int_mm",
+                                                                                           "torch bf16 Linear")}
         ops_count = 2 * M * N * K
         big = ops_count > 1e11
-        # Round robin (every impl once per round, median over rounds): on a shared machine a burst of someone
-        # else's work then hits all rows alike instead of whichever row happened to run during it.
-        samples = {name: [] for name in impls}
-        for fn in impls.values():
-            measure(fn, warmup=0, iters=1)
-        for _ in range(3 if big else 7):
-            for name, fn in impls.items():
-                samples[name].append(measure(fn, warmup=0, iters=1)["median_s"])
-        times = {name: statistics.median(v) for name, v in samples.items()}
-        if not quick:  # re-measured beside every shape: on a shared machine the best one is the idle one
-            peaks = {k: max(v, isa_peaks(0.25).get(k, 0.0)) for k, v in peaks.items()}
+        iters = args.iters if getattr(args, "iters", None) is not None else (3 if big else 7)
+        # Round robin (every impl once per round, median over rounds), the peak probes in the same round robin:
+        # on a shared machine a burst of someone else's work then hits the rows and their peak alike.
+        readings: dict = {}
+        fns = {**impls, **_peak_fns(0.02 if quick else 0.1, readings)}
+        ms = harness.interleaved(fns, warmup=warmup, rounds=iters)
+        peaks = {name: statistics.median(v) for name, v in readings.items()}
+        probe_why = []
+        for name in readings:
+            probe = probes.setdefault(name, harness.Probe(f"peak {name}"))
+            probe_why += probe.check(ms[f"peak {name}"])
+        times = {name: ms[name]["median_s"] for name in impls}
         for name, t in times.items():
             gops = ops_count / t / 1e9
             isa = _row_isa(name, ours, peaks)
-            rows.append({
-                "shape": f"{M}x{K}x{N}", "impl": name, "isa": isa, "ms": t * 1e3, "GOP/s": gops,
-                "%peak": 100 * gops / peaks[isa] if isa in peaks else float("nan"),
-                "x _int_mm": times["torch _int_mm"] / t, "x bf16": times["torch bf16 Linear"] / t,
-            })
+            row = {"m": M, "k": K, "n_out": N, "impl": name, "isa": isa, **harness.timing(ms[name]),
+                   "gop_per_s": gops, "pct_of_peak": 100 * gops / peaks[isa] if isa in peaks else None,
+                   "peak_gop_per_s": peaks.get(isa),
+                   "x_int_mm": times["torch _int_mm"] / t, "x_bf16": times["torch bf16 Linear"] / t}
+            rows.append(harness.mark_noisy(row, ms[name], probe_why if isa in peaks else ()))
         for name, note in notes.items():
-            rows.append({"shape": f"{M}x{K}x{N}", "impl": name, "note": note})
-    for r in rows:
-        r["cpu isa"] = cpu_isa.describe()
-        for name, v in peaks.items():
-            r[f"peak {name}"] = v
+            rows.append({"m": M, "k": K, "n_out": N, "impl": name, "note": note})
     return rows
+
+
+COLUMNS = ["m", "k", "n_out", "impl", "isa", "n", "median", "p20", "p80", "gop_per_s", "pct_of_peak", "x_int_mm",
+           "x_bf16", "noisy", "note"]
 
 
 def denoise_rows(size: int = 1024, rounds: int = 2, steps: int = 4, tile: int = 512, layers: int = 2) -> list[dict]:
@@ -208,25 +259,22 @@ def test_int8_gemm_packed_tiny(benchmark):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--shapes", help="M,K,N;M,K,N... instead of the default list")
+    add_arguments(p)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
     p.add_argument("--denoise", type=int, metavar="SIZE", help="instead: end-to-end cross_tile denoise at SIZE² px, "
                    "int8=w8a8 vs None alternated (denoise_rows)")
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     env = environment()
-    print(env)
+    print(harness.describe(env))
     if args.denoise:
         rows = denoise_rows(args.denoise, args.rounds)
         print_table(f"denoise w8a8 vs bf16 (CPU, {cpu_isa.describe()})", rows,
                     ["size", "int8", "s (median)", "runs", "x bf16"])
         return
-    if args.shapes:
-        SHAPES_FULL[:] = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
-    rows = suite(args.quick)
-    print_table(f"int8 GEMM (CPU, {cpu_isa.describe()}, load {env['load_avg']:.2f} -> {os.getloadavg()[0]:.2f})",
-                rows, ["shape", "impl", "isa", "ms", "GOP/s", "%peak", "x _int_mm", "x bf16", "note"])
-    print("register-only peaks (GOP/s): " + ", ".join(f"{k[5:]} {v:.0f}" for k, v in rows[0].items()
-                                                      if k.startswith("peak ")))
+    rows = suite(args.quick, args)
+    print_table(f"int8 GEMM (CPU, {cpu_isa.describe()}; times in ms)", rows, COLUMNS)
 
 
 if __name__ == "__main__":

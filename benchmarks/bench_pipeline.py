@@ -22,6 +22,7 @@ import time
 
 import torch
 
+import harness  # noqa: E402
 from harness import measure
 
 PROMPT_LEN, TEXT_DIM = 120, 4096
@@ -259,22 +260,41 @@ def seam_rows(size: int = 1024, tile: int = 256, steps: int = 2) -> list[dict]:
     return rows
 
 
-def quick_rows() -> list[dict]:
+def quick_rows(sizes=(256,), steps: int = 4, modes=("global", "multidiffusion", "cross_tile"), tile: int = 128,
+               warmup: int = 1, iters: int = 3) -> list[dict]:
     from tiled_diffusion import pipeline as P
     from tiled_diffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
-    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=128)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=tile)
     rows = []
-    for mode in ("global", "multidiffusion", "cross_tile"):
-        r = measure(lambda: P.generate(pipe, "a cat", width=256, height=256, steps=4, seed=0, output_type="latent",
-                                       progress=False, mode=mode), warmup=1, iters=3)
-        rows.append({"size": "256²", "model": "tiny", "mode": mode, "tile_px": 128, "time_4steps_s": r["median_s"]})
+    for size in sizes:
+        for mode in modes:
+            r = measure(lambda: P.generate(pipe, "a cat", width=size, height=size, steps=steps, seed=0,
+                                           output_type="latent", progress=False, mode=mode), warmup=warmup,
+                        iters=iters)
+            rows.append(harness.mark_noisy({"size": size, "model": "tiny", "mode": mode, "tile_px": tile,
+                                            "steps": steps, **harness.timing(r)}, r))
     P.restore(pipe)
     return rows
 
 
-def suite(quick: bool) -> list[dict]:
+def add_arguments(p) -> None:
+    p.add_argument("--size", type=int, action="append", default=None, metavar="PX",
+                   help="instead of the suite: the tiny model's generate at SIZE² px (repeatable), every mode")
+    p.add_argument("--steps", type=int, default=4, help="with --size: LCM steps")
+    p.add_argument("--mode", choices=["global", "multidiffusion", "cross_tile"], action="append", default=None,
+                   help="with --size: only these modes (repeatable)")
+    p.add_argument("--tile", type=int, default=128, help="with --size: tile in pixels")
+
+
+def suite(quick: bool, args=None) -> list[dict]:
+    if getattr(args, "size", None):
+        for s in args.size:
+            if s <= 0 or s % 16:
+                raise SystemExit(f"bench pipeline: --size must be a positive multiple of 16, got {s}")
+        return quick_rows(args.size, args.steps, args.mode or ("global", "multidiffusion", "cross_tile"), args.tile,
+                          1 if args.warmup is None else args.warmup, 3 if args.iters is None else args.iters)
     if quick:
         from tiled_diffusion.tiny import tiny_pipeline
 

@@ -81,6 +81,48 @@ def test_check_flags_problems():
     assert any("spills" in p for p in spill.problems), spill.problems
 
 
+ELF_INFO = """
+.nv.info._Z3fooPf
+	<0x1>
+	Attribute:	EIATTR_CUDA_API_VERSION
+	Format:	EIFMT_SVAL
+	Value:	0x80
+	<0x2>
+	Attribute:	EIATTR_MAX_THREADS
+	Format:	EIFMT_SVAL
+	Value:	0x100 0x1 0x1
+.nv.info._Z3barPf
+	<0x1>
+	Attribute:	EIATTR_CUDA_API_VERSION
+	Value:	0x80
+"""
+
+
+def test_parse_max_threads():
+    assert td_inspect.parse_max_threads(ELF_INFO) == {"_Z3fooPf": 256}  # bar has no __launch_bounds__
+
+
+@pytest.mark.parametrize("cc, regs, smem, threads, blocks, limiter", [
+    (80, 128, 65536, 256, 2, "registers"),    # int8_gemm_kernel: __launch_bounds__(256, 2) -> 25%
+    (80, 24, 1024, 256, 8, "threads"),        # 64 warps / 8 (registers would allow 10)
+    (80, 40, 100 * 1024, 128, 1, "shared memory"),
+    (90, 40, 100 * 1024, 128, 2, "shared memory"),  # sm_90's 228 KiB fits two
+    (80, 255, 0, 128, 2, "registers"),        # 255 -> 8192 regs/warp: 2 warps per sub-partition -> 8 warps
+    (90, 16, 0, 32, 32, "blocks"),
+])
+def test_occupancy(cc, regs, smem, threads, blocks, limiter):
+    occ = td_inspect.occupancy(cc, regs, smem, threads)
+    assert (occ["blocks_per_sm"], occ["limiter"]) == (blocks, limiter)
+    assert occ["occupancy"] == pytest.approx(blocks * (threads // 32) / 64)
+
+
+def test_register_cap_warns_without_failing():
+    r = td_inspect.Record("triton", "window_attention", "sm_80", registers=255, shared=0, stack=0, local=0,
+                          threads=128).check()
+    assert r.problems == [] and any("255-register cap" in w for w in r.warnings)
+    assert r.warps == 4 and r.occupancy is not None
+
+
 def test_demangle_short_names():
     names = td_inspect._demangle(["_ZN12_GLOBAL__N_116int8_gemm_kernelILb1EfEEvPKaPKfS2_S4_S4_PT0_iii"])
     assert list(names.values())[0] == "int8_gemm_kernel<true, float>"

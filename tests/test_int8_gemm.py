@@ -150,14 +150,12 @@ W8A8_SHAPES = [(1, 3, 5), (17, 1153, 129), (70, 67, 33), (0, 67, 129)]
 @pytest.mark.parametrize("M,K,N", W8A8_SHAPES, ids=[f"M{m}K{k}N{n}" for m, k, n in W8A8_SHAPES])
 def test_w8a8_linear_fused_equals_quantize_then_gemm(isa, M, K, N, dtype):
     """The fused op (quantization inside the A packing on avx512/amx) is bit-identical to the two-op path."""
-    from tiled_diffusion.backends.cpu import int8_linear
-
     x = (torch.randn(M, K) * torch.rand(M, 1) * 5).to(dtype)
     if M > 1:
         x[1] = 0  # scale 0 row: zeros, no NaN
     w, w_scale, bias = rand_i8(N, K), torch.rand(N) * 1e-2, torch.randn(N).bfloat16()
     packed = ops.pack_int8_weight(w)
-    out = int8_linear.w8a8_linear(x, packed, w_scale, bias)
+    out = ops.w8a8_linear(x, packed, w_scale, bias)
     ref = ops.int8_gemm_packed(*ops.quantize_per_token(x), packed, w_scale, bias, dtype)
     assert out.dtype == dtype and out.shape == (M, N)
     assert torch.equal(out, ref)
@@ -165,9 +163,7 @@ def test_w8a8_linear_fused_equals_quantize_then_gemm(isa, M, K, N, dtype):
 
 
 def test_w8a8_linear_opcheck():
-    from tiled_diffusion.backends.cpu import int8_linear  # noqa: F401  (registers the fake)
-
-    w = rand_i8(9, 7)
+    w = rand_i8(9, 7)  # the private native op's fake is registered by ops.py
     torch.library.opcheck(torch.ops.tiled_diffusion_C.w8a8_linear.default,
                           (torch.randn(5, 7), ops.pack_int8_weight(w), torch.rand(9), torch.randn(9)))
 

@@ -115,15 +115,13 @@ def test_amx_exact_accumulation(amx, M, K, N):
 @pytest.mark.parametrize("M,K,N", SHAPES[:3], ids=[f"M{m}K{k}N{n}" for m, k, n in SHAPES[:3]])
 def test_amx_equals_reference_path(amx, monkeypatch, M, K, N, out_dtype, with_bias):
     """Bit-identical to the reference ISA path (same epilogue formula), packed and fused-quantization ops."""
-    from tiled_diffusion.backends.cpu import int8_linear
-
     x = torch.randn(M, K).to(out_dtype)
     w, w_scale = rand_i8(N, K), torch.rand(N) * 1e-2
     bias = torch.randn(N) if with_bias else None
     packed = ops.pack_int8_weight(w)
     a, a_scale = ops.quantize_per_token(x)
     got = (ops.int8_gemm_packed(a, a_scale, packed, w_scale, bias, out_dtype),
-           int8_linear.w8a8_linear(x, packed, w_scale, bias))
+           ops.w8a8_linear(x, packed, w_scale, bias))
     monkeypatch.setenv("TD_CPU_ISA", "ref")
     want = ops.int8_gemm_packed(a, a_scale, packed, w_scale, bias, out_dtype)
     assert torch.equal(got[0], want) and torch.equal(got[1], want)

@@ -117,6 +117,10 @@ def _opcheck_cases():
         cases[f"pack_int8_weight-{layout}"] = ("pack_int8_weight", (w,))
         cases[f"int8_gemm_packed-{layout}"] = ("int8_gemm_packed", (a, torch.rand(7), ops.pack_int8_weight(w),
                                                                     torch.rand(5), None, torch.float32))
+        xf = torch.randn(7, 40, dtype=torch.bfloat16)
+        cases[f"w8a8_linear-{layout}"] = ("w8a8_linear", (_strided(xf, (1, 0)) if s else xf,
+                                                          ops.pack_int8_weight(w), torch.rand(5) + 0.01,
+                                                          torch.randn(5, dtype=torch.bfloat16)))
         for op in ("window_attention", "window_attention_opaque"):
             cases[f"{op}-{layout}"] = (op, _window_args(s, with_bias=False))
             cases[f"{op}-{layout}-bias"] = (op, _window_args(s, with_bias=True))

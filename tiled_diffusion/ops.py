@@ -5,13 +5,19 @@ Dispatch: CPU -> C++ (`_C`) or the package's CPU path, CUDA -> C++/CUDA or Trito
 the pure-PyTorch reference (reference.py). `TILED_DIFFUSION_LOG=debug` logs which path ran and why (once
 per op, device and reason).
 
+A/B against the reference: `TD_IMPL=reference` routes every op to its pure-PyTorch twin in reference.py (on
+every device), `TD_IMPL=window_attention=reference,seam_blend=reference` only the ops named (read at every call;
+the choice is logged like the others, `TILED_DIFFUSION_LOG=debug`). Ops: IMPL_OPS.
+
 Tensor layouts are given in each schema's docstring in reference.py. Every op returns contiguous tensors,
 whatever its inputs' strides (the attention processor passes strided views on the CPU), and every fake says so:
 a fake whose strides differ from the real op's breaks torch.compile ("expected ... stride").
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import weakref
 from typing import Callable, Optional
 
@@ -51,9 +57,15 @@ _SCHEMAS = {
 for _name, _schema in _SCHEMAS.items():
     LIB.define(f"{_name}_opaque{_schema}")
 
+# The fused CPU W8A8 linear: public here, dispatching to the native `tiled_diffusion_C::w8a8_linear` (CPU, the
+# CPU packed weight layout) so profiler traces and compiled graphs show tiled_diffusion::w8a8_linear.
+LIB.define("w8a8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias) -> Tensor")
+
 TRITON_OPS = tuple(_SCHEMAS)
-OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", *TRITON_OPS,
+OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", "w8a8_linear", *TRITON_OPS,
        *(f"{n}_opaque" for n in TRITON_OPS))
+# The ops TD_IMPL can route to their reference twin (pack_int8_weight is a layout, not a computation).
+IMPL_OPS = ("quantize_per_token", "int8_gemm", "int8_gemm_packed", "w8a8_linear", *TRITON_OPS)
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -80,6 +92,33 @@ def register_triton_ops() -> None:
     while _PENDING_TRITON_OPS:
         name, kwargs, fn = _PENDING_TRITON_OPS.pop(0)
         torch.library.triton_op(name, **kwargs)(fn)
+        short = name.split("::")[1]
+        getattr(torch.ops.tiled_diffusion, short).__doc__ = globals()[short].__doc__ + "\n\n" + _PATHS
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_impl(spec: str) -> frozenset:
+    """The ops TD_IMPL routes to the reference: 'reference' (all) or 'op=reference,op=reference'."""
+    spec = spec.strip()
+    if spec in ("", "default", "fast"):
+        return frozenset()
+    if spec == "reference":
+        return frozenset(IMPL_OPS)
+    out = set()
+    for part in spec.split(","):
+        name, _, impl = part.strip().partition("=")
+        if name not in IMPL_OPS or impl not in ("reference", "default"):
+            raise ValueError(f"TD_IMPL={spec!r}: expected 'reference' or 'op=reference,...' with op one of "
+                             f"{', '.join(IMPL_OPS)}; got {part.strip()!r}")
+        if impl == "reference":
+            out.add(name)
+    return frozenset(out)
+
+
+def use_reference(op: str) -> bool:
+    """Whether TD_IMPL routes `op` to its reference twin (read at every call: an env lookup, cheap)."""
+    spec = os.environ.get("TD_IMPL")
+    return bool(spec) and op in _parse_impl(spec)
 
 
 
@@ -184,6 +223,9 @@ def cpu_isa() -> str:
 
 def _quantize_per_token_impl(x):
     check_quantize_per_token(x)
+    if use_reference("quantize_per_token"):
+        choose("quantize_per_token", x.device, "reference", "TD_IMPL")
+        return reference.quantize_per_token(x)
     if x.device.type in ("cpu", "cuda"):
         choose("quantize_per_token", x.device, isa.int8_path(x.device), "native kernel")
         return _native_for("quantize_per_token", x.device)(x.contiguous())
@@ -193,6 +235,9 @@ def _quantize_per_token_impl(x):
 
 def _int8_gemm_impl(a, a_scale, w, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+    if use_reference("int8_gemm"):
+        choose("int8_gemm", a.device, "reference", "TD_IMPL")
+        return reference.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
     if a.device.type in ("cpu", "cuda"):
         choose("int8_gemm", a.device, isa.int8_path(a.device), "native kernel")
         return _native_for("int8_gemm", a.device)(a.contiguous(), a_scale.contiguous(), w.contiguous(),
@@ -214,6 +259,10 @@ def _pack_int8_weight_impl(w):
 
 def _int8_gemm_packed_impl(a, a_scale, w_packed, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w_packed, w_scale, bias, out_dtype, packed=True)
+    if use_reference("int8_gemm_packed"):
+        choose("int8_gemm_packed", a.device, "reference", "TD_IMPL")
+        return reference.int8_gemm(a, a_scale, _plain_weight(w_packed, w_scale.shape[0], a.shape[1]), w_scale, bias,
+                                   out_dtype)
     if a.device.type == "cpu":
         choose("int8_gemm_packed", a.device, isa.int8_path(a.device), "CPU packed layout")
         return _native_for("int8_gemm_packed", a.device)(a.contiguous(), a_scale.contiguous(), w_packed, w_scale.contiguous(),
@@ -221,7 +270,54 @@ def _int8_gemm_packed_impl(a, a_scale, w_packed, w_scale, bias, out_dtype):
     return _int8_gemm_impl(a, a_scale, w_packed, w_scale, bias, out_dtype)  # packed == plain off the CPU
 
 
+def _plain_weight(w_packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The int8 [N, K] weight of a packed one (the CPU layout unpacked; the same tensor elsewhere)."""
+    return unpack_int8_weight_cpu(w_packed, n, k) if w_packed.device.type == "cpu" else w_packed
+
+
+def check_w8a8_linear(x, w_packed, w_scale, bias) -> None:
+    op = "w8a8_linear"
+    _check_same_device(x=x, w_packed=w_packed, w_scale=w_scale, bias=bias)
+    _check(x.dim() == 2, f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _check(x.dtype in _FLOATS, f"{op}: x must be float32/bfloat16/float16, got {x.dtype}")
+    _check(w_packed.dtype == torch.int8, f"{op}: w_packed must be int8 (from pack_int8_weight), got {w_packed.dtype}")
+    _check(w_scale.dtype == torch.float32 and w_scale.dim() == 1,
+           f"{op}: w_scale must be float32 [N], got {w_scale.dtype} {tuple(w_scale.shape)}")
+    n, k = w_scale.shape[0], x.shape[1]
+    if x.device.type == "cpu":
+        _check(w_packed.dim() == 1 and w_packed.numel() == packed_numel_cpu(n, k),
+               f"{op}: w_packed must be the CPU packed weight of N={n}, K={k} ({packed_numel_cpu(n, k)} bytes, "
+               f"from pack_int8_weight), got {tuple(w_packed.shape)}")
+    else:
+        _check(w_packed.shape == (n, k), f"{op}: w_packed must be [N={n}, K={k}], got {tuple(w_packed.shape)}")
+    if bias is not None:
+        _check(bias.shape == (n,), f"{op}: bias must be [N={n}], got {tuple(bias.shape)}")
+
+
+def _w8a8_linear_impl(x, w_packed, w_scale, bias):
+    check_w8a8_linear(x, w_packed, w_scale, bias)
+    if use_reference("w8a8_linear"):
+        choose("w8a8_linear", x.device, "reference", "TD_IMPL")
+        a, a_scale = reference.quantize_per_token(x)
+        return reference.int8_gemm(a, a_scale, _plain_weight(w_packed, w_scale.shape[0], x.shape[1]), w_scale, bias,
+                                   x.dtype)
+    if x.device.type == "cpu" and native_has("w8a8_linear", "cpu"):
+        choose("w8a8_linear", x.device, isa.int8_path(x.device), "per-token quantization fused into the A packing")
+        return native_op("w8a8_linear")(x.contiguous(), w_packed, w_scale.contiguous(),
+                                        None if bias is None else bias.contiguous())
+    # the two ops it fuses (bit-identical on the CPU; the plain GEMM off it)
+    choose("w8a8_linear", x.device, "quantize_per_token + int8_gemm_packed", "no fused kernel for this device")
+    return torch.ops.tiled_diffusion.int8_gemm_packed(*torch.ops.tiled_diffusion.quantize_per_token(x), w_packed,
+                                                      w_scale, bias, x.dtype)
+
+
+@torch.library.register_fake("tiled_diffusion::w8a8_linear")
+def _(x, w_packed, w_scale, bias):
+    return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+
 for _name, _fn in (("quantize_per_token", _quantize_per_token_impl), ("int8_gemm", _int8_gemm_impl),
+                   ("w8a8_linear", _w8a8_linear_impl),
                    ("pack_int8_weight", _pack_int8_weight_impl), ("int8_gemm_packed", _int8_gemm_packed_impl)):
     torch.library.impl(LIB, _name, "CompositeExplicitAutograd")(_fn)
 
@@ -302,6 +398,10 @@ def neighbours_to(table: torch.Tensor, T: int, device) -> torch.Tensor:
 def _window_attention_op(q, k, v, neighbours, bias=None, scale=None):
     check_window_attention(q, k, v, neighbours, bias, scale)
     dev = q.device
+    if use_reference("window_attention"):
+        choose("window_attention", dev, "reference", "TD_IMPL")
+        out, lse = reference.window_attention(q, k, v, neighbours, bias, scale)
+        return out.contiguous(), lse.contiguous()
     if dev.type == "cuda":
         why = _triton_window_attention_unavailable(q.shape[-1])
         if why is None:
@@ -388,6 +488,9 @@ def check_seam_blend(op, tiles, origins_y, origins_x, weights, batch, height, wi
 def _seam_blend_op(tiles, origins_y, origins_x, weights, batch, height, width):
     check_seam_blend("seam_blend", tiles, origins_y, origins_x, weights, batch, height, width)
     dev = tiles.device
+    if use_reference("seam_blend"):
+        choose("seam_blend", dev, "reference", "TD_IMPL")
+        return reference.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
     if dev.type == "cuda":
         from .backends.triton.seam_blend import seam_blend_triton
 
@@ -426,6 +529,10 @@ def _blend_lcm_step_op(tiles, origins_y, origins_x, weights, sample, noise, sqrt
     args = (tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
             sqrt_alpha_prev, sqrt_beta_prev)
     dev = tiles.device
+    if use_reference(op):
+        choose(op, dev, "reference", "TD_IMPL")
+        prev, den = reference.blend_lcm_step(*args)
+        return prev.contiguous(), den.contiguous()
     if dev.type == "cuda":
         from .backends.triton.seam_blend import blend_lcm_step_triton
 
@@ -456,23 +563,56 @@ torch.library.impl(LIB, "blend_lcm_step_opaque", "CompositeExplicitAutograd")(_b
 # ------------------------------------------------------------------------------------ Python wrappers
 
 
+_PATHS = ("Paths: CPU -> C++ kernels (amx / avx512 VNNI / avx2 / ref, `TD_CPU_ISA` forces one), CUDA -> C++/CUDA, "
+          "other devices and `TD_IMPL=reference` -> reference.py.")
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization: x [M, K] fp32/bf16/fp16 -> (x_i8 [M, K] int8, scale [M] fp32) with
+    x ≈ x_i8 · scale[:, None], scale = absmax / 127, round half to even, clamped to ±127. All-zero/tiny rows get
+    scale 0; a NaN row scale NaN, an inf row scale inf (zeros in x_i8), identically on every path. Any strides."""
     return torch.ops.tiled_diffusion.quantize_per_token(x)
 
 
 def int8_gemm(a, a_scale, w, w_scale, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """out [M, N] = (a @ wᵀ, exact int32 accumulation) · a_scale[:, None] · w_scale[None, :] + bias, cast to
+    out_dtype (fp32/bf16/fp16). a int8 [M, K], a_scale fp32 [M], w int8 [N, K] (row-major Linear weight), w_scale
+    fp32 [N], bias float [N] or None. Exact in integers; the epilogue in fp32. On the CPU the weight is packed per
+    call: for a weight used many times, pack it once (pack_int8_weight) and call int8_gemm_packed."""
     return torch.ops.tiled_diffusion.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
 
 
 def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """The int8 weight [N, K] in the layout the GEMM kernels read: on the CPU a 1-D int8 tensor of
+    packed_numel_cpu(N, K) bytes (VNNI blocks + column sums; unpack_int8_weight_cpu inverts it exactly), elsewhere a
+    contiguous copy. Pack once per weight; pass the result to int8_gemm_packed / w8a8_linear."""
     return torch.ops.tiled_diffusion.pack_int8_weight(w)
 
 
 def int8_gemm_packed(a, a_scale, w_packed, w_scale, bias=None, out_dtype=torch.float32) -> torch.Tensor:
+    """int8_gemm against a weight from pack_int8_weight: a int8 [M, K], a_scale fp32 [M], w_packed (the packed
+    [N, K] weight; N = w_scale's length, K = a's columns), w_scale fp32 [N], bias [N] or None -> out [M, N]
+    out_dtype, the same result bit for bit without re-packing. Fast path: CPU, the packed layout made on the CPU."""
     return torch.ops.tiled_diffusion.int8_gemm_packed(a, a_scale, w_packed, w_scale, bias, out_dtype)
 
 
+def w8a8_linear(x, w_packed, w_scale, bias=None) -> torch.Tensor:
+    """W8A8 Linear in one call: x [M, K] fp32/bf16/fp16 -> [M, N] in x's dtype, equal bit for bit to
+    int8_gemm_packed(*quantize_per_token(x), w_packed, w_scale, bias, x.dtype). w_packed from pack_int8_weight,
+    w_scale fp32 [N], bias [N] or None. Fast path: CPU with the native kernel (quantization fused into the A
+    packing on avx512/amx: no int8 copy of x); elsewhere the two ops. What Int8Linear(mode="w8a8") runs."""
+    return torch.ops.tiled_diffusion.w8a8_linear(x, w_packed, w_scale, bias)
+
+
 def window_attention(q, k, v, neighbours, bias=None, scale=None):
+    """Cross-tile attention: each query tile attends to the keys of the tiles in its neighbour row.
+
+    q, k, v [T, H, L, D] fp32/bf16/fp16, one dtype (T tiles with the batch folded in, L tokens per tile; any
+    strides); neighbours int32/int64 [T, NB], key-tile indices in [0, T) or -1 for an empty slot (e.g.
+    TileGrid.neighbours(radius)); bias fp32 [T, NB] additive log-weight per neighbour or None; scale default
+    1/sqrt(D). Returns (out [T, H, L, D] in q's dtype, lse [T, H, L] fp32: log of the softmax denominator), both
+    contiguous; a query with no valid key gets out 0 and lse -inf. Fast paths: CUDA Triton kernel for
+    16 <= D <= 256 (tail waste <= D/8); CPU fused flash attention over gathered neighbours; else the reference."""
     register_triton_ops()
     return torch.ops.tiled_diffusion.window_attention(q, k, v, neighbours, bias, scale)
 
@@ -480,9 +620,10 @@ def window_attention(q, k, v, neighbours, bias=None, scale=None):
 merge_attention = reference.merge_attention  # a few elementwise ops: torch is already optimal here
 
 
-# The fused CPU W8A8 linear (quantize + GEMM + dequantize in one call, cpu/int8_linear.py) is a private op of the
-# native library, CPU-only (its weight is the CPU packed layout); its fake lives here with the others. Reference:
-# int8_gemm_packed(*quantize_per_token(x), w_packed, w_scale, bias, x.dtype), bit-identical (tests/test_int8_gemm.py).
+# The native kernel behind tiled_diffusion::w8a8_linear (quantize + GEMM + dequantize in one call) is a private op
+# of the native library, CPU-only (its weight is the CPU packed layout); its fake lives here with the others.
+# Reference: int8_gemm_packed(*quantize_per_token(x), w_packed, w_scale, bias, x.dtype), bit-identical
+# (tests/test_int8_gemm.py).
 if native_has("w8a8_linear", "cpu"):
     @torch.library.register_fake("tiled_diffusion_C::w8a8_linear")
     def _(x, w_packed, w_scale, bias):
@@ -490,13 +631,32 @@ if native_has("w8a8_linear", "cpu"):
 
 
 def seam_blend(tiles, origins_y, origins_x, weights, batch, height, width):
+    """Weighted average of overlapping tiles on a canvas: tiles [N, C, th, tw] fp32/bf16/fp16 with
+    N = batch·ny·nx ordered (b, iy, ix); origins_y int32 [ny] / origins_x int32 [nx] sorted top-left corners on the
+    canvas; weights fp32 [th, tw] (TileGrid.blend_weights). canvas [batch, C, height, width] (tiles' dtype) =
+    Σ w·tile / Σ w over the tiles covering a pixel, 0 where none does. Accumulates in fp32. Fast paths: CUDA
+    Triton, CPU slicing adds with pre-normalised weights."""
     register_triton_ops()
     return torch.ops.tiled_diffusion.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width)
 
 
 def blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out,
                    sqrt_alpha_prev, sqrt_beta_prev):
+    """seam_blend of tile ε-predictions onto sample's canvas [B, C, H, W], then one LCM scheduler step there, in
+    one pass: returns (prev_sample, denoised), contiguous, in sample's dtype. denoised = c_skip·sample +
+    c_out·(sample − sqrt_beta_t·ε)/sqrt_alpha_t; prev_sample = sqrt_alpha_prev·denoised + sqrt_beta_prev·noise
+    (noise None: prev_sample = denoised). tiles/origins/weights as in seam_blend; noise like sample or None;
+    sqrt_alpha_t != 0. Fast paths: CUDA Triton, CPU with the step folded into the blend weights."""
     register_triton_ops()
     return torch.ops.tiled_diffusion.blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise,
                                                     sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev,
                                                     sqrt_beta_prev)
+
+
+# The same documentation on torch.ops.tiled_diffusion.<name> (help() on the op packet; the Triton-backed ops get
+# theirs when they register).
+for _name in ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", "w8a8_linear"):
+    try:
+        getattr(torch.ops.tiled_diffusion, _name).__doc__ = globals()[_name].__doc__ + "\n\n" + _PATHS
+    except (AttributeError, TypeError):  # pragma: no cover - an OpOverloadPacket without a settable __doc__
+        pass

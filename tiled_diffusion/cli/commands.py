@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect as pyinspect
 import os
 import sys
 
@@ -34,25 +36,87 @@ def _benchmarks_dir() -> str:
     return path
 
 
-def bench(args: argparse.Namespace) -> int:
-    import importlib
+def _suite_module(name: str):
+    bdir = _benchmarks_dir()
+    if bdir not in sys.path:
+        sys.path.insert(0, bdir)
+    return importlib.import_module(SUITES[name])
 
+
+def _run_suite(module, args: argparse.Namespace) -> list:
+    if "args" in pyinspect.signature(module.suite).parameters:
+        return module.suite(quick=args.quick, args=args)
+    return module.suite(quick=args.quick)  # a suite without flags of its own: --warmup/--iters do not reach it
+
+
+def bench(args: argparse.Namespace) -> int:
+    if args.compare:  # `bench compare A.json B.json`
+        return bench_compare(args)
     sys.path.insert(0, _benchmarks_dir())
     import harness
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = list(SUITES) if args.suite == "all" else [args.suite]
     env = harness.environment()
-    print("  ".join(f"{k}={v}" for k, v in env.items()))
+    print(harness.describe(env))
     results = {}
+    profiler = _start_trace(args.trace)
     for name in names:
-        module = importlib.import_module(SUITES[name])
-        rows = module.suite(quick=args.quick)
-        harness.print_table(f"{name} ({'quick' if args.quick else 'full'})", rows)
-        results[name] = rows
+        module = _suite_module(name)
+        rows = _run_suite(module, args)
+        harness.print_table(f"{name} ({'quick' if args.quick else 'full'})", rows, getattr(module, "COLUMNS", None))
+        results[name] = harness.normalize_rows(rows, name, getattr(module, "CASE_KEYS", None))
+    _stop_trace(profiler, args.trace)
     if args.json:
-        harness.write_json(args.json, results)
+        harness.write_json(args.json, results, env)
         print(f"wrote {args.json}")
+    if args.plot:
+        harness.plot_rows(results, args.plot, harness.describe(env))
+        print(f"wrote {args.plot}")
     return 0
+
+
+def bench_compare(args: argparse.Namespace) -> int:
+    sys.path.insert(0, _benchmarks_dir())
+    import harness
+
+    if args.compare[0] != "compare" or len(args.compare) != 3:
+        print("tiled-diffusion bench compare: error: give two files: bench compare A.json B.json", file=sys.stderr)
+        return 2
+    return harness.compare_main(*args.compare[1:], fail_above=args.fail_above, floor=args.noise_floor / 100,
+                                stat=args.stat)
+
+
+def _start_trace(path):
+    """A torch.profiler session for --trace (None without it). torch is imported here, as everywhere in this module,
+    only when a command needs it: `tiled-diffusion --help` and argument errors stay instant."""
+    if not path:
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    prof = profile(activities=activities, record_shapes=False)
+    prof.__enter__()
+    return prof
+
+
+def _stop_trace(prof, path, top: int = 15) -> None:
+    """Write the Chrome trace (chrome://tracing, ui.perfetto.dev) and print the top ops by self time."""
+    if prof is None:
+        return
+    prof.__exit__(None, None, None)
+    prof.export_chrome_trace(path)
+    import torch
+
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
+    print(f"wrote trace {path} (open in ui.perfetto.dev or chrome://tracing)")
 
 
 def inspect_cmd(args: argparse.Namespace) -> int:
@@ -70,7 +134,10 @@ def generate(args: argparse.Namespace) -> int:
     from .generate import RequestError, run
 
     try:
-        return run(args)
+        prof = _start_trace(getattr(args, "trace", None))
+        rc = run(args)
+        _stop_trace(prof, args.trace)
+        return rc
     except RequestError as e:  # a bad request: one clear line, no traceback
         print(f"tiled-diffusion generate: error: {e}", file=sys.stderr)
         return 2
@@ -80,6 +147,23 @@ def upscale(args: argparse.Namespace) -> int:
     from .upscale import main
 
     return main(args)
+
+
+class _DeprecatedProfile(argparse.Action):
+    """`--profile` (the blend-weight profile) before it became `--blend-profile`: still works, with a warning,
+    for one release (a researcher's --profile is a profiler: see --trace)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("tiled-diffusion: warning: --profile is now --blend-profile (the blend weights); the old spelling "
+              "goes in the next release. To profile, use --trace OUT.json", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_blend_profile(p: argparse.ArgumentParser) -> None:
+    choices = ["uniform", "linear", "cosine", "gaussian"]
+    p.add_argument("--blend-profile", dest="profile", choices=choices, default="cosine",
+                   help="multidiffusion/seam blend weights across a tile")
+    p.add_argument("--profile", dest="profile", choices=choices, action=_DeprecatedProfile, help=argparse.SUPPRESS)
 
 
 def add_guidance_arguments(p: argparse.ArgumentParser, regions: bool = True) -> None:
@@ -108,7 +192,7 @@ def add_upscale_arguments(u: argparse.ArgumentParser) -> None:
     u.add_argument("--tile", type=int, default=None, help="tile size in pixels (default per mode)")
     u.add_argument("--radius", type=int, default=1)
     u.add_argument("--overlap", type=float, default=0.5)
-    u.add_argument("--profile", choices=["uniform", "linear", "cosine", "gaussian"], default="cosine")
+    add_blend_profile(u)  # --blend-profile (and the old --profile, with a warning)
     u.add_argument("--int8", choices=["auto", "w8a8", "none"], default="auto")
     u.add_argument("--guidance-scale", type=float, default=0.0)
     u.add_argument("--seed", type=int, default=0)
@@ -119,7 +203,49 @@ def add_upscale_arguments(u: argparse.ArgumentParser) -> None:
     u.add_argument("--json", default=None, help="write per-stage timings and peak memory here")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_bench_arguments(b: argparse.ArgumentParser, suite: str | None) -> None:
+    """`bench`'s flags: the common ones, then those of `suite` (its module's add_arguments) when one is named."""
+    b.add_argument("compare", nargs="*", default=None, metavar="compare A.json B.json",
+                   help="compare two --json files row by row (ratio, interval, verdict)")
+    b.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    b.add_argument("--quick", action="store_true", help="tiny sizes (what CI runs)")
+    b.add_argument("--json", default=None, help="also write the rows and environment to this file "
+                                                "(schema: benchmarks/SCHEMA.md)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed runs before the timed ones (suite default)")
+    b.add_argument("--iters", type=int, default=None, help="timed runs (rounds of the round robin; suite default)")
+    b.add_argument("--trace", default=None, metavar="OUT.json",
+                   help="record a torch.profiler Chrome trace of the run and print the top ops")
+    b.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="plot time and %% of peak/copy against the case size (needs matplotlib)")
+    b.add_argument("--fail-above", type=float, default=None, metavar="PCT",
+                   help="compare: exit 1 when a row is slower beyond noise by more than PCT %%")
+    b.add_argument("--noise-floor", type=float, default=5.0, metavar="PCT",
+                   help="compare: ratios within this %% are 'same' whatever the spreads (default 5)")
+    b.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="compare: the statistic compared (min: steadier on a shared machine)")
+    if suite in SUITES:
+        try:
+            module = _suite_module(suite)
+        except SystemExit:
+            return
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(b.add_argument_group(f"suite {suite}"))
+
+
+def _suite_in(argv: list[str]) -> str | None:
+    """The --suite value in a bench command line (read before parsing, so the suite's flags can be added)."""
+    for i, a in enumerate(argv):
+        if a == "--suite" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--suite="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    suite = _suite_in(argv or [])
+
     p = argparse.ArgumentParser(prog="tiled-diffusion", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -134,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile size in pixels (default: 512 for cross_tile, 1024 for multidiffusion)")
     g.add_argument("--radius", type=int, default=1, help="cross_tile: neighbour radius in tiles")
     g.add_argument("--overlap", type=float, default=0.5, help="multidiffusion: overlap as a fraction of the tile")
-    g.add_argument("--profile", choices=["uniform", "linear", "cosine", "gaussian"], default="cosine")
+    add_blend_profile(g)  # --blend-profile (and the old --profile, with a warning)
     g.add_argument("--shift", action="store_true", help="cross_tile: move the tile grid by half a tile every other step")
     g.add_argument("--positional", choices=["canvas_stretched", "canvas_native", "tile_local"],
                    default="canvas_stretched", help="positions the tiles' tokens carry (see positional.py)")
@@ -154,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on N local processes (torchrun; one device each); under torchrun, leave it out")
     g.add_argument("--out", default="image.png")
     g.add_argument("--json", default=None, help="write per-stage timings here")
+    g.add_argument("--trace", default=None, metavar="OUT.json",
+                   help="record a torch.profiler Chrome trace (tiled_diffusion.<phase> ranges) and print the top ops")
     add_guidance_arguments(g)  # --controlnet, --control-image, --control-scale, --region
     g.set_defaults(func=generate)
 
@@ -162,10 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_upscale_arguments(u)
     u.set_defaults(func=upscale)
 
-    b = sub.add_parser("bench", help="run a benchmark suite and print a table")
-    b.add_argument("--suite", choices=[*SUITES, "all"], default="all")
-    b.add_argument("--quick", action="store_true", help="tiny sizes (what CI runs)")
-    b.add_argument("--json", default=None, help="also write the rows and environment to this file")
+    b = sub.add_parser("bench", help="run a benchmark suite and print a table; `bench compare A.json B.json`",
+                       description="Run a benchmark suite (`bench --suite NAME --help` lists its own flags) or "
+                                   "compare two --json files: `bench compare A.json B.json [--fail-above PCT]`.")
+    add_bench_arguments(b, suite)
     b.set_defaults(func=bench)
 
     i = sub.add_parser("inspect", help="static GPU report: compile every kernel for sm_80/sm_90, list resources")
@@ -177,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     args.argv = argv  # --nproc re-runs the same command under torchrun
     return args.func(args)
 

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..backends.cpu import int8_linear as cpu_int8_linear
 
 MODES = ("w8a8", "w8a16")
 
@@ -174,6 +173,10 @@ class Int8Linear(nn.Module):
             return self._packed
         if self.mode != "w8a8" or self.weight.device.type != "cpu":
             return None
+        if self._packed is not None and torch.compiler.is_compiling():
+            # data_ptr() is a graph break ("Data pointer comparison"): a compiled graph uses the packed copy made by
+            # the last eager call (a weight changed in place after compiling needs an eager call or a recompile)
+            return self._packed
         key = (self.weight.data_ptr(), self.weight._version)
         if self._packed is None or self._packed_key != key:
             self._packed = ops.pack_int8_weight(self.weight)
@@ -201,14 +204,10 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         packed = self.packed_weight()
-        if packed is not None and cpu_int8_linear.available():  # quantization fused into the kernel (bit-identical)
-            out = cpu_int8_linear.w8a8_linear(x2, packed, self.weight_scale, self.bias)
-            return out.reshape(*lead, self.out_features)
-        x_i8, x_scale = ops.quantize_per_token(x2)
-        if packed is not None:
-            out = ops.int8_gemm_packed(x_i8, x_scale, packed, self.weight_scale, self.bias, x.dtype)
+        if packed is not None:  # CPU: quantization fused into the kernel where it exists (bit-identical)
+            out = ops.w8a8_linear(x2, packed, self.weight_scale, self.bias)
         else:
-            out = ops.int8_gemm(x_i8, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+            out = ops.int8_gemm(*ops.quantize_per_token(x2), self.weight, self.weight_scale, self.bias, x.dtype)
         return out.reshape(*lead, self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -62,6 +62,7 @@ from ..core.tiling import TileGrid
 from ..model.attention import window_attention
 from ..model.canvas import pixel_grid, token_grid
 from ..vae.banded import merge_moments
+from ..core.profiling import phase
 
 log = logging.getLogger("tiled_diffusion.parallel.comm")
 
@@ -375,7 +376,8 @@ def _timed_wait(layout: HaloLayout, works, d: Dist) -> None:
     if not works:
         return
     t0 = time.perf_counter()  # on CUDA the wait is the stream's: this counts host time only, not the transfer
-    _wait(works, d.timeout, "halo exchange", on_stream=_nccl(d))
+    with phase("halo_exchange"):
+        _wait(works, d.timeout, "halo exchange", on_stream=_nccl(d))
     layout.wait_s += time.perf_counter() - t0
 
 

@@ -16,6 +16,7 @@ import torch
 from ..model.int8 import module_bytes
 from ..model.regions import RegionalPrompts
 from ..parallel import comm
+from ..core.profiling import phase
 from .images import ImageError, control_latent, image_latents, load_image, prepare_image, to_rgb
 from ..core.config import check_size
 from .sampler import check_memory, denoise, estimate_memory
@@ -26,9 +27,10 @@ from .swaps import decode_latents, state
 def encode(pipe, prompt, negative_prompt: str = "", guidance_scale: float = 0.0, max_sequence_length: int = 120):
     """T5-encode once: returns (embeds, mask), CFG-stacked (uncond first) when guidance_scale > 1."""
     cfg_on = guidance_scale > 1.0
-    pe, pm, ne, nm = pipe.encode_prompt(prompt, cfg_on, negative_prompt=negative_prompt,
-                                        device=pipe._execution_device, clean_caption=False,
-                                        max_sequence_length=max_sequence_length)
+    with phase("encode_prompt"):
+        pe, pm, ne, nm = pipe.encode_prompt(prompt, cfg_on, negative_prompt=negative_prompt,
+                                            device=pipe._execution_device, clean_caption=False,
+                                            max_sequence_length=max_sequence_length)
     if cfg_on:
         return torch.cat([ne, pe]), torch.cat([nm, pm])
     return pe, pm

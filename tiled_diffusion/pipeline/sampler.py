@@ -22,6 +22,7 @@ from ..core.config import VAE_SCALE_FACTOR, TiledConfig, check_size
 from ..model.canvas import pixel_grid
 from ..vae.banded import estimate_vae_bytes
 from ..model.positional import release_tables as release_positional_tables
+from ..core.profiling import phase
 
 
 def initial_latents(batch: int, channels: int, lat_h: int, lat_w: int, dtype, device, generator) -> torch.Tensor:
@@ -76,10 +77,11 @@ def _predict(transformer, x, t, embeds, mask, guidance_scale, added_cond, tiles_
     ts = (ts[None] if ts.dim() == 0 else ts).to(inp.device).expand(inp.shape[0])
     kw = dict(encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=ts, added_cond_kwargs=added_cond,
               cross_attention_kwargs=None, attention_mask=None)
-    if tiles_of is None:
-        out = transformer(inp, return_dict=False, **kw)[0]
-    else:
-        out = transformer.multidiffusion_tiles(inp, tiles_of, kw, _state(transformer))
+    with phase("transformer"):
+        if tiles_of is None:
+            out = transformer(inp, return_dict=False, **kw)[0]
+        else:
+            out = transformer.multidiffusion_tiles(inp, tiles_of, kw, _state(transformer))
     if cfg_on:  # tile outputs are row-major too: the uncond rows' tiles come first
         u, c = out.chunk(2)
         out = u + guidance_scale * (c - u)
@@ -131,16 +133,17 @@ def denoise(transformer, scheduler, prompt_embeds, prompt_mask, *, height: int, 
         try:
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=f"{cfg.mode} {width}x{height}")):
                 ctx.step = i
-                x = scheduler.scale_model_input(latents, t)
-                if pgrid is None:
-                    eps = _predict(transformer, x, t, prompt_embeds, prompt_mask, guidance_scale, added)
-                    out = scheduler.step(eps, t, latents, generator=generator, return_dict=False)
-                    latents = out[1] if len(timesteps) == 1 else out[0]
-                else:
-                    eps_tiles = _predict(transformer, x, t, prompt_embeds, prompt_mask, guidance_scale, added,
-                                         tiles_of=pgrid)
-                    latents = _fused_blend_step(scheduler, t, len(timesteps), eps_tiles, pgrid, cfg.profile,
-                                                latents, generator)
+                with phase("step"):
+                    x = scheduler.scale_model_input(latents, t)
+                    if pgrid is None:
+                        eps = _predict(transformer, x, t, prompt_embeds, prompt_mask, guidance_scale, added)
+                        out = scheduler.step(eps, t, latents, generator=generator, return_dict=False)
+                        latents = out[1] if len(timesteps) == 1 else out[0]
+                    else:
+                        eps_tiles = _predict(transformer, x, t, prompt_embeds, prompt_mask, guidance_scale, added,
+                                             tiles_of=pgrid)
+                        latents = _fused_blend_step(scheduler, t, len(timesteps), eps_tiles, pgrid, cfg.profile,
+                                                    latents, generator)
                 if callback is not None:
                     callback(i, t, latents)
         finally:

@@ -31,6 +31,7 @@ from ..model.canvas import canvas_class
 from ..model.positional import CanvasPatchEmbed
 from .. import vae as vae_mod
 from ..parallel import vae as parallel_vae
+from ..core.profiling import phase
 
 log = logging.getLogger("tiled_diffusion")
 
@@ -210,9 +211,10 @@ def decode_latents(vae, z: torch.Tensor, max_memory_gb: Optional[float] = None, 
     [-1, 1]: `vae.decode` (vae.py) — the plain decode when it fits the free memory, else banded with exact
     canvas-wide GroupNorm statistics; over the ranks of `dist` (a parallel.comm.Dist) in parallel, the image on rank
     0 and None elsewhere. The one decode every path of the package uses."""
-    if dist is not None:
-        return parallel_vae.decode(vae, z.to(vae.dtype), dist, max_memory_gb=max_memory_gb)
-    return vae_mod.decode(vae, z.to(vae.dtype), max_memory_gb=max_memory_gb)
+    with phase("vae_decode"):
+        if dist is not None:
+            return parallel_vae.decode(vae, z.to(vae.dtype), dist, max_memory_gb=max_memory_gb)
+        return vae_mod.decode(vae, z.to(vae.dtype), max_memory_gb=max_memory_gb)
 
 
 def _apply_vae_decode(vae, st: AccelerateState):

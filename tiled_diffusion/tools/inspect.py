@@ -8,8 +8,12 @@
   of time with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`; its cubin goes through
   the same cuobjdump queries.
 
-Each record: kind, name, arch, registers, shared (bytes per block, static + dynamic), stack (frame bytes:
-register spills land here), local, tensor_core (SASS tensor-core mnemonics found: IMMA/HMMA/*GMMA), expects_tensor_core, problems.
+Each record: kind, name, arch, registers (per thread), shared (bytes per block, static + dynamic), stack (frame
+bytes: register spills land here), local, tensor_core (SASS tensor-core mnemonics found: IMMA/HMMA/*GMMA),
+expects_tensor_core, threads (per block: CUDA kernels' __launch_bounds__ from the cubin's EIATTR_MAX_THREADS, Triton
+32·num_warps), warps, blocks_per_sm / occupancy (resident warps / max warps per SM, from registers, shared memory
+and threads with the arch's limits: OCCUPANCY_LIMITS) and its limiter, warnings (e.g. at the 255-register cap:
+no headroom, the next change spills), problems. The JSON also carries the tools' versions.
 `--check` exits 1 when any record has a problem: spills (stack frame or local memory > 0), missing
 tensor-core instructions where expected, shared memory above the per-block limit, or a kernel that failed to compile;
 and when `_C` has no CUDA kernels on a machine whose build should have compiled them (nvcc found, torch a CUDA
@@ -43,6 +47,33 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _TC_RE = re.compile(r"\b([HIQ]?GMMA|IMMA|HMMA)(\.[A-Z0-9_.]+)?")
 # CUDA kernels (by name substring) that must use tensor cores.
 CUDA_EXPECTS_TC = ("int8_gemm_kernel",)
+# Per-SM limits (CUDA occupancy calculator / programming guide, compute capabilities 8.0 and 9.0): registers per SM,
+# max registers per thread, max resident warps, max resident blocks, shared memory per SM usable by blocks (bytes),
+# shared memory the runtime reserves per block, register allocation unit (registers per warp, rounded up to it).
+OCCUPANCY_LIMITS = {
+    80: {"regs": 65536, "max_regs": 255, "warps": 64, "blocks": 32, "smem": 164 * 1024, "smem_reserved": 1024,
+         "reg_unit": 256},
+    90: {"regs": 65536, "max_regs": 255, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024,
+         "reg_unit": 256},
+}
+
+
+def occupancy(cc: int, registers: Optional[int], shared: Optional[int], threads: Optional[int]) -> dict:
+    """Blocks and warps resident per SM for a kernel: {blocks_per_sm, occupancy (0..1), limiter}; {} when the
+    threads per block or registers are unknown. Registers are allocated per warp in units of reg_unit; the
+    register file is split over 4 SM sub-partitions, so warps fit per sub-partition."""
+    lim = OCCUPANCY_LIMITS.get(cc)
+    if lim is None or not threads or registers is None:
+        return {}
+    warps = -(-threads // 32)
+    per_warp = -(-max(registers, 1) * 32 // lim["reg_unit"]) * lim["reg_unit"]
+    warps_by_regs = (lim["regs"] // 4 // per_warp) * 4
+    by = {"registers": warps_by_regs // warps, "threads": lim["warps"] // warps, "blocks": lim["blocks"]}
+    if shared:
+        by["shared memory"] = lim["smem"] // (shared + lim["smem_reserved"])
+    limiter = min(by, key=lambda k: by[k])
+    blocks = by[limiter]
+    return {"blocks_per_sm": blocks, "occupancy": blocks * warps / lim["warps"], "limiter": limiter}
 
 
 @dataclasses.dataclass
@@ -56,10 +87,24 @@ class Record:
     local: Optional[int] = None  # local memory bytes (cuobjdump LOCAL)
     tensor_core: list = dataclasses.field(default_factory=list)
     expects_tensor_core: bool = False
+    threads: Optional[int] = None  # per block
+    warps: Optional[int] = None  # per block
+    blocks_per_sm: Optional[int] = None
+    occupancy: Optional[float] = None  # resident warps / max warps per SM, 0..1
+    limiter: Optional[str] = None  # what bounds blocks_per_sm: registers / shared memory / threads / blocks
+    warnings: list = dataclasses.field(default_factory=list)
     problems: list = dataclasses.field(default_factory=list)
 
     def check(self) -> "Record":
         cc = int(self.arch.split("_")[1])
+        if self.threads:
+            self.warps = -(-self.threads // 32)
+            occ = occupancy(cc, self.registers, self.shared, self.threads)
+            self.blocks_per_sm, self.occupancy, self.limiter = (occ.get("blocks_per_sm"), occ.get("occupancy"),
+                                                                occ.get("limiter"))
+        cap = OCCUPANCY_LIMITS.get(cc, {}).get("max_regs", 255)
+        if self.registers is not None and self.registers >= cap:
+            self.warnings.append(f"at the {cap}-register cap of {self.arch}: no headroom, the next change spills")
         # ptxas puts register spills in the stack frame: cuobjdump shows them as STACK, with LOCAL still 0
         # (checked against ptxas -v: "8 bytes stack frame, 4 bytes spill stores" -> STACK:8 LOCAL:0).
         # None of our kernels has local arrays or calls, so any stack frame is treated as spilling.
@@ -176,6 +221,45 @@ def parse_res_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
     return res
 
 
+def parse_max_threads(text: str) -> dict[str, int]:
+    """`cuobjdump -elf` of one arch -> {mangled function: threads per block} from EIATTR_MAX_THREADS (the kernel's
+    __launch_bounds__; absent for kernels without one)."""
+    out: dict[str, int] = {}
+    func, attr = None, None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith(".nv.info.") and " " not in s:
+            func, attr = s[len(".nv.info."):], None
+        elif s.startswith("Attribute:"):
+            attr = s.split(":", 1)[1].strip()
+        elif func and attr == "EIATTR_MAX_THREADS" and s.startswith("Value:"):
+            dims = [int(v, 16) for v in s.split(":", 1)[1].split()]
+            out[func] = 1
+            for d in dims:
+                out[func] *= d
+            attr = None
+    return out
+
+
+def tool_versions() -> dict:
+    """Versions of what produced the report (the JSON's `tools`)."""
+    out: dict = {}
+    for name, find in (("cuobjdump", find_cuobjdump), ("nvcc", find_nvcc)):
+        tool = find()
+        try:
+            text = _run([tool, "--version"]) if tool else ""
+        except (OSError, RuntimeError):  # a tool that is found but does not run: its version is unknown
+            text = ""
+        m = re.search(r"V([0-9][0-9.]*)", text)
+        out[name] = m.group(1) if m else None
+    for mod in ("triton", "torch"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
 def parse_sass_tc(text: str) -> dict[str, dict[str, list[str]]]:
     """`cuobjdump -sass` -> {arch: {mangled function: sorted tensor-core mnemonics}} (functions without: [])."""
     res: dict[str, dict[str, set]] = {}
@@ -241,6 +325,7 @@ def cuda_records(lib: Optional[str] = None, archs: Iterable[int] = ARCHS) -> lis
         if not funcs:
             continue
         tc = parse_sass_tc(_run([tool, "-sass", "-arch", arch, lib])).get(arch, {})
+        threads = parse_max_threads(_run([tool, "-elf", "-arch", arch, lib]))
         names = _demangle(funcs)
         for mangled, u in sorted(funcs.items(), key=lambda kv: names[kv[0]]):
             extra = next((v for k, v in dyn.items() if k in mangled), 0)
@@ -248,7 +333,7 @@ def cuda_records(lib: Optional[str] = None, archs: Iterable[int] = ARCHS) -> lis
                 kind="cuda", name=names[mangled], arch=arch, registers=u.get("REG"),
                 shared=u.get("SHARED", 0) + extra, stack=u.get("STACK"), local=u.get("LOCAL"),
                 tensor_core=tc.get(mangled, []),
-                expects_tensor_core=any(k in mangled for k in CUDA_EXPECTS_TC),
+                expects_tensor_core=any(k in mangled for k in CUDA_EXPECTS_TC), threads=threads.get(mangled),
             ).check())
     return records
 
@@ -296,7 +381,8 @@ def triton_records(configs: Optional[list[dict]] = None, archs: Iterable[int] = 
             for cc in archs:
                 arch = f"sm_{cc}"
                 rec = Record(kind="triton", name=cfg["name"], arch=arch,
-                             expects_tensor_core=bool(cfg.get("expects_mma", False)))
+                             expects_tensor_core=bool(cfg.get("expects_mma", False)),
+                             threads=32 * cfg.get("num_warps", 4))
                 try:
                     ck = compile_triton(cfg, cc)
                 except Exception as e:  # report every kernel, not just the first failure
@@ -363,13 +449,18 @@ def _fmt(v) -> str:
 
 
 def print_table(records: list[Record], notes: list[str]) -> None:
-    cols = ["kind", "kernel", "arch", "regs", "smem", "stack", "local", "tensor core", "status"]
+    cols = ["kind", "kernel", "arch", "regs/thread", "smem B/block", "stack B", "local B", "threads/block", "warps",
+            "blocks/SM", "occupancy %/SM (limit)", "tensor core", "status"]
     rows = []
     for r in records:
         tc = ",".join(sorted({t.split(".")[0] for t in r.tensor_core})) or "-"
+        occ = "-" if r.occupancy is None else f"{100 * r.occupancy:.0f} ({r.limiter})"
+        status = "; ".join(r.problems) or "ok"
+        if r.warnings:
+            status += " | warning: " + "; ".join(r.warnings)
         rows.append([r.kind, r.name, r.arch, _fmt(r.registers), _fmt(r.shared), _fmt(r.stack), _fmt(r.local),
-                     tc + (" (expected)" if r.expects_tensor_core else ""),
-                     "; ".join(r.problems) or "ok"])
+                     _fmt(r.threads), _fmt(r.warps), _fmt(r.blocks_per_sm), occ,
+                     tc + (" (expected)" if r.expects_tensor_core else ""), status])
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("  ".join("-" * w for w in widths))
@@ -395,8 +486,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     cpu = isa.describe()  # the CPU int8 path this machine takes, beside the GPU report
     if args.json:
-        print(json.dumps({"records": [dataclasses.asdict(r) for r in records], "notes": notes, "cpu_isa": cpu},
-                         indent=1))
+        units = {"registers": "per thread", "shared": "bytes per block", "stack": "bytes per thread",
+                 "local": "bytes per thread", "threads": "per block", "warps": "per block",
+                 "occupancy": "resident warps / max warps per SM (0..1)"}
+        print(json.dumps({"records": [dataclasses.asdict(r) for r in records], "notes": notes, "cpu_isa": cpu,
+                          "units": units, "tools": tool_versions()}, indent=1))
     else:
         print_table(records, notes)
         print(f"CPU int8 path: {cpu}")
