@@ -122,7 +122,7 @@ def _configs(size: int):
     rows = []
     if size <= 2048:
         rows += [("global", size, {}), ("multidiffusion", 1024, {})]
-    rows += [("cross_tile", 512, {}), ("cross_tile", 256, {})]
+    rows += [("cross_tile", 512, {"window": None}), ("cross_tile", 256, {"window": None}), ("cross_tile", 512, {})]
     return rows
 
 
@@ -213,8 +213,10 @@ def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=No
     embeds = embeds.to(pipe.transformer.dtype)
     mask = torch.ones(1, PROMPT_LEN, dtype=torch.long)
     full = size <= 1024
-    configs = [("un-accelerated", None), ("cross_tile", dict(mode="cross_tile", tile=512)),
-               ("cross_tile 256px", dict(mode="cross_tile", tile=256)),
+    configs = [("un-accelerated", None), ("cross_tile (default)", dict(mode="cross_tile")),
+               ("cross_tile GNA stride 1/8", dict(mode="cross_tile", stride=0.125)),
+               ("cross_tile blocked 512px r1", dict(mode="cross_tile", tile=512, window=None)),
+               ("cross_tile blocked 256px r1", dict(mode="cross_tile", tile=256, window=None)),
                ("multidiffusion", dict(mode="multidiffusion", tile=1024, overlap=0.5))]
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
     for _ in range(rounds):
@@ -232,6 +234,7 @@ def dropin_rows(size: int = 2048, layers: int = 2, dtype=torch.bfloat16, pipe=No
                      "rounds": rounds,
                      "time_4steps_s": 4 * med[name], "x_multidiffusion": med[name] / med["multidiffusion"],
                      "x_unaccelerated": med[name] / med["un-accelerated"],
+                     "x_blocked_512": med[name] / med["cross_tile blocked 512px r1"],
                      "load_avg": round(os.getloadavg()[0], 2)})
     return rows
 
@@ -249,8 +252,8 @@ def seam_rows(size: int = 1024, tile: int = 256, steps: int = 2) -> list[dict]:
     seams = list(range(tile, size, tile))
     rows = []
     for mode, kw in (("global", {}), ("multidiffusion", {"overlap": 0.5}), ("multidiffusion", {"overlap": 0.25}),
-                     ("cross_tile", {"radius": 1}), ("cross_tile", {"radius": 0}),
-                     ("cross_tile", {"radius": 0, "shift": True})):
+                     ("cross_tile", {"radius": 1, "window": None}), ("cross_tile", {"radius": 0, "window": None}),
+                     ("cross_tile", {"radius": 0, "shift": True, "window": None}), ("cross_tile", {})):
         img = P.generate(pipe, "a photo of a mountain lake at sunset", width=size, height=size, steps=steps,
                          seed=0, output_type="pt_raw", progress=False, mode=mode, **kw)
         desc = ", ".join(f"{k}={v}" for k, v in kw.items())

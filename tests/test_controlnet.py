@@ -366,7 +366,7 @@ def test_cross_tile_covering_radius_equals_upstream_forward(tr):
     control = control_for(lat)
     net = randomize(C.PixArtControlNet.from_transformer(tr, N_COPIES), std=0.1)
     ref = upstream_reference(tr, net, lat, text, mask, t, control)
-    P = accelerated(tr, mode="cross_tile", tile=64, radius=3)
+    P = accelerated(tr, mode="cross_tile", tile=64, radius=3, window=None)  # tile-blocked windows
     try:
         with net.applied(tr, control):
             out = run(tr, lat, text, mask, t)
@@ -394,10 +394,21 @@ def _effect_of_corner_change(tr, **accel):
 
 
 @torch.no_grad()
+def test_token_centred_control_reaches_only_the_window(tr):
+    """Token-centred windows (the default), 4-token windows (0.5 x the 8-token training field), num_layers blocks
+    of the transformer and the copies: a control change in the top-left 4x4 latent pixels (2x2 tokens) reaches at
+    most 2 tokens (the window's half-width) further per attention layer on the way, and nothing beyond."""
+    d = _effect_of_corner_change(tr, mode="cross_tile", window=0.5)
+    reach = 2 + 2 * tr.config.num_layers  # tokens: the changed 2x2 block + 2 per layer
+    assert d[:4, :4].max() > 1e-3
+    assert d[2 * reach:].max() == 0 and d[:, 2 * reach:].max() == 0
+
+
+@torch.no_grad()
 def test_cross_tile_control_stays_in_its_tile(tr):
     """radius 0: tiles do not see each other, so a control change in tile (0, 0) (latent 16x16) changes that
     tile only. Raster-ordered control tokens would land in other tiles."""
-    d = _effect_of_corner_change(tr, mode="cross_tile", tile=128, radius=0)
+    d = _effect_of_corner_change(tr, mode="cross_tile", tile=128, radius=0, window=None)
     assert d[:16, :16].max() > 1e-3
     assert d[16:].max() == 0 and d[:, 16:].max() == 0
 

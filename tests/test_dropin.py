@@ -82,20 +82,32 @@ def test_pipe_call_is_tiled(pipe):
     P.accelerate(pipe, mode="global", int8=None, text_encoder_int8=False)
     g = call(pipe)
     P.restore(pipe)
-    P.accelerate(pipe, mode="cross_tile", tile=128, radius=0, int8=None, text_encoder_int8=False)
+    P.accelerate(pipe, mode="cross_tile", tile=128, radius=0, window=None, int8=None, text_encoder_int8=False)
     r0 = call(pipe)
     P.restore(pipe)
-    P.accelerate(pipe, mode="cross_tile", tile=128, radius=3, int8=None, text_encoder_int8=False)
+    P.accelerate(pipe, mode="cross_tile", tile=128, radius=3, window=None, int8=None, text_encoder_int8=False)
     r3 = call(pipe)
+    P.restore(pipe)
+    # token-centred windows: a small one differs from global, one covering the canvas equals it
+    P.accelerate(pipe, mode="cross_tile", window=0.25, int8=None, text_encoder_int8=False)
+    w_small = call(pipe)
+    P.restore(pipe)
+    P.accelerate(pipe, mode="cross_tile", window=100.0, int8=None, text_encoder_int8=False)
+    w_all = call(pipe)
     assert rel_err(r0, g) > 1e-3
     assert rel_err(r3, g) < 1e-4
+    assert rel_err(w_small, g) > 1e-3
+    assert rel_err(w_all, g) < 1e-4
 
 
 @pytest.mark.parametrize("mode", ["global", "cross_tile", "multidiffusion"])
 def test_one_tile_pipe_call_equals_plain_pipeline(pipe, mode):
     before = call(pipe, w=256, h=256, use_resolution_binning=False)
     img_before = call(pipe, w=256, h=256, use_resolution_binning=False, output_type="pt")
-    P.accelerate(pipe, mode=mode, int8=None, text_encoder_int8=False)  # default tiles cover a 256² canvas
+    # default tiles cover a 256² canvas; cross_tile's token-centred window is 1x the tiny model's 128-px training
+    # size by default, so give it 2x: a window covering the canvas is global attention
+    extra = {"window": 2.0} if mode == "cross_tile" else {}
+    P.accelerate(pipe, mode=mode, int8=None, text_encoder_int8=False, **extra)
     assert torch.equal(call(pipe, w=256, h=256), before)
     # The accelerated decode (vae.decode) runs the same convolutions channels-last (faster on CPU), which orders
     # the fp32 sums differently: ~1e-7 relative, far below one 8-bit level (4e-3).
@@ -197,7 +209,7 @@ def test_pipe_call_with_shift_follows_the_steps_without_reading_timesteps(pipe, 
     (diffusers passes views of it), not from its value (a device sync per forward on CUDA). Same latents as
     generate (which sets the step), two runs in a row (the second starts at step 0 again), and after each run's
     first forward no timestep value is read."""
-    P.accelerate(pipe, mode="cross_tile", tile=128, int8=None, text_encoder_int8=False, shift=True)
+    P.accelerate(pipe, mode="cross_tile", tile=128, int8=None, text_encoder_int8=False, shift=True, window=None)
     want = ours(pipe, steps=3, guidance_scale=gs)
     reads = []
     real_float = torch.Tensor.__float__

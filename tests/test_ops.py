@@ -129,6 +129,12 @@ def _opcheck_cases():
         for op in ("blend_lcm_step", "blend_lcm_step_opaque"):
             cases[f"{op}-{layout}-noise"] = (op, _lcm_args(s, with_noise=True))
             cases[f"{op}-{layout}-last"] = (op, _lcm_args(s, with_noise=False))
+        qkv = [torch.randn(2, 2, 7, 5, 8) for _ in range(3)]
+        if s:
+            qkv[0] = _strided(qkv[0], (0, 1, 3, 2, 4))
+        cases[f"neighborhood_attention-{layout}"] = ("neighborhood_attention", (*qkv, [3, 4], [1, 2], False, [0, 0], None))
+        cases[f"neighborhood_attention-{layout}-clip"] = ("neighborhood_attention", (*qkv, [4, 4], [2, 2], True,
+                                                                                     [-1, 0], 0.3))
     return cases
 
 

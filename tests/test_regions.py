@@ -200,7 +200,7 @@ def test_cross_tile_region_tokens_follow_the_tile_order(tr):
     emb2 = emb.clone()
     emb2[1] += torch.randn_like(emb2[1])
     lat = latent()
-    P = _accelerated(tr, mode="cross_tile", tile=64, radius=0)
+    P = _accelerated(tr, mode="cross_tile", tile=64, radius=0, window=None)  # tile-blocked windows
     try:
         with rp.applied(tr, "cross_tile"):
             a = run(tr, lat, emb.reshape(1, -1, emb.shape[-1]), mask.reshape(1, -1))

@@ -47,7 +47,7 @@ def rel_err(a, b):
 def assert_one_tile_matches_diffusers(pipe, mode):
     """A canvas that is one tile: global is bitwise the plain pipeline, the tiled modes within 1e-4."""
     ref = plain_latents(pipe, 256, 256)
-    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256, window=None)  # one 256-px tile
     try:
         out = tiled(pipe, 256, 256, mode=mode)
     finally:
@@ -65,7 +65,7 @@ def test_one_tile_matches_diffusers(pipe, mode):
 
 def test_one_tile_with_cfg_matches_diffusers(pipe):
     ref = plain_latents(pipe, 256, 256, guidance_scale=3.0)
-    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, tile=256, window=None)  # one 256-px tile
     try:
         out = P.generate(pipe, PROMPT, width=256, height=256, steps=2, seed=0, guidance_scale=3.0,
                          output_type="latent", progress=False, mode="cross_tile")
@@ -92,14 +92,22 @@ def test_one_tile_image_matches_diffusers(pipe):
 def test_cross_tile_full_radius_equals_global(accel, size):
     w, h = size
     g = tiled(accel, w, h, mode="global")
-    c = tiled(accel, w, h, mode="cross_tile", tile=128, radius=3)  # ≤ 4x3 tiles: radius 3 covers the canvas
+    c = tiled(accel, w, h, mode="cross_tile", tile=128, radius=3, window=None)  # ≤ 4x3 tiles: r3 covers them
     assert rel_err(c, g) < 1e-4
 
 
 def test_cross_tile_small_radius_differs_from_global(accel):
     g = tiled(accel, 512, 384, mode="global")
-    c = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=1)
+    c = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=1, window=None)
     assert rel_err(c, g) > 1e-3
+    c = tiled(accel, 512, 384, mode="cross_tile", window=1.0)  # token-centred, 128-px windows
+    assert rel_err(c, g) > 1e-3
+
+
+def test_cross_tile_window_covering_the_canvas_equals_global(accel):
+    g = tiled(accel, 512, 384, mode="global")
+    c = tiled(accel, 512, 384, mode="cross_tile", window=4.0)  # 4 x the 128-px training size covers 512x384
+    assert rel_err(c, g) < 1e-4
 
 
 @pytest.mark.parametrize("tile_batch_size", [1, 2, 5])
@@ -217,19 +225,24 @@ def test_scheduler_state_consistent_after_fused_steps(accel):
 @pytest.mark.parametrize("positional", ["canvas_native", "tile_local"])
 @pytest.mark.parametrize("mode", ["cross_tile", "multidiffusion"])
 def test_positional_modes_run(accel, positional, mode):
-    out = tiled(accel, 384, 256, mode=mode, tile=128, positional=positional, shift=True)
+    # shift moves the grid of tile-blocked windows; tile_local lays its embedding over a fixed grid (no shift)
+    out = tiled(accel, 384, 256, mode=mode, tile=128, positional=positional, window=None,
+                shift=positional != "tile_local")
     assert torch.isfinite(out).all()
 
 
 def test_shifted_grid_differs(accel):
-    a = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0)
-    b = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0, shift=True)
+    a = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0, window=None)
+    b = tiled(accel, 512, 384, mode="cross_tile", tile=128, radius=0, window=None, shift=True)
     assert not torch.equal(a, b)  # step 1 (odd) runs on a grid moved by half a tile
-    from tiled_diffusion.model.canvas import token_grid
+    from tiled_diffusion.model.canvas import neighborhood
 
-    cfg = TiledConfig(tile=128, shift=True)
-    assert token_grid(cfg, 48, 64, 2, 0).shift == (0, 0)
-    assert token_grid(cfg, 48, 64, 2, 1).shift == (4, 4)
+    cfg = TiledConfig(tile=128, shift=True, window=None, radius=0)
+    # 8-token tiles; odd steps: the tile groups start half a tile before the canvas (partial tiles, no wrap)
+    assert neighborhood(cfg, 48, 64, 2, 0, 16).offset == (0, 0)
+    assert neighborhood(cfg, 48, 64, 2, 1, 16) == neighborhood(cfg, 48, 64, 2, 3, 16)
+    assert neighborhood(cfg, 48, 64, 2, 1, 16).offset == (-4, -4)
+    assert neighborhood(cfg, 48, 64, 2, 1, 16).window == (8, 8) and neighborhood(cfg, 48, 64, 2, 1, 16).clip
 
 
 def test_canvas_stretched_crop_is_the_canvas_embedding():
@@ -368,7 +381,7 @@ def test_cross_tile_full_radius_equals_global_with_micro_conditions(micro):
     P.accelerate(micro, int8=None, text_encoder_int8=False, tile=128)
     try:
         g = tiled(micro, 384, 256, mode="global")
-        c = tiled(micro, 384, 256, mode="cross_tile", radius=2)
+        c = tiled(micro, 384, 256, mode="cross_tile", radius=2, window=None)
     finally:
         P.restore(micro)
     assert rel_err(c, g) < 1e-4
@@ -387,7 +400,8 @@ def test_micro_condition_size_per_mode(micro, mode, positional, expected):
     handle = micro.transformer.adaln_single.register_forward_pre_hook(spy, with_kwargs=True)
     try:
         P.generate(micro, PROMPT, width=384, height=256, steps=2, seed=0, guidance_scale=2.0, output_type="latent",
-                   progress=False, mode=mode, positional=positional, shift=True, tile_batch_size=2)
+                   progress=False, mode=mode, positional=positional, tile_batch_size=2, window=None,
+                   shift=positional != "tile_local")
     finally:
         handle.remove()
         P.restore(micro)
@@ -461,7 +475,7 @@ def test_memory_estimate_counts_the_positional_table_and_denoise_frees_it():
     config = tiny_transformer().config
     hidden = config.num_attention_heads * config.attention_head_dim
     for positional_mode, tokens in (("canvas_stretched", (1024 // 16) ** 2), ("tile_local", (512 // 16) ** 2)):
-        cfg = TiledConfig(mode="cross_tile", tile=512, positional=positional_mode).validate()
+        cfg = TiledConfig(mode="cross_tile", tile=512, positional=positional_mode, window=None).validate()
         est = estimate_memory(config, height=1024, width=1024, cfg=cfg)
         assert est["positional"] == tokens * hidden * 4, positional_mode
     cache = {"grid": "kept"}  # an acceleration's TileContext.cache: only the positional tables are released

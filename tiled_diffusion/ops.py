@@ -62,10 +62,16 @@ for _name, _schema in _SCHEMAS.items():
 LIB.define("w8a8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias) -> Tensor")
 
 TRITON_OPS = tuple(_SCHEMAS)
+# Token-centred windows on the canvas: query (y, x) attends the keys in a window centred on it (or on its stride
+# group), shifted inward at the border (or cut, with clip). The tile-blocked `window_attention` is its special case
+# stride = tile, window = (2r+1)·tile, clip (tests/test_neighborhood_attention.py); window_attention stays as the op
+# over an explicit tile graph that the multi-process halo exchange assembles.
+LIB.define("neighborhood_attention(Tensor q, Tensor k, Tensor v, int[2] window, int[2] stride=[1, 1], "
+           "bool clip=False, int[2] offset=[0, 0], float? scale=None) -> (Tensor, Tensor)")
 OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", "w8a8_linear", *TRITON_OPS,
-       *(f"{n}_opaque" for n in TRITON_OPS))
+       *(f"{n}_opaque" for n in TRITON_OPS), "neighborhood_attention")
 # The ops TD_IMPL can route to their reference twin (pack_int8_weight is a layout, not a computation).
-IMPL_OPS = ("quantize_per_token", "int8_gemm", "int8_gemm_packed", "w8a8_linear", *TRITON_OPS)
+IMPL_OPS = ("quantize_per_token", "int8_gemm", "int8_gemm_packed", "w8a8_linear", *TRITON_OPS, "neighborhood_attention")
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -442,6 +448,62 @@ def _triton_window_attention_unavailable(head_dim: int) -> Optional[str]:
 torch.library.impl(LIB, "window_attention_opaque", "CompositeExplicitAutograd")(_window_attention_opaque_impl)
 
 
+# ----------------------------------------------------------------------------------- neighborhood attention
+
+
+@torch.library.register_fake("tiled_diffusion::neighborhood_attention")
+def _(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None):
+    B, H, Ht, Wt, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Ht, Wt), dtype=torch.float32)
+
+
+def check_neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None) -> None:
+    """Shapes, dtypes, devices, 1 <= stride <= window per axis (GNA: a group must lie inside its window) and
+    -stride < offset <= 0."""
+    op = "neighborhood_attention"
+    _check_same_device(q=q, k=k, v=v)
+    _check(q.dim() == 5, f"{op}: q must be 5-D [B, H, Ht, Wt, D], got shape {tuple(q.shape)}")
+    _check(q.dtype in _FLOATS, f"{op}: q must be float32/bfloat16/float16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        _check(t.shape == q.shape, f"{op}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        _check(t.dtype == q.dtype, f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    _check(len(window) == 2 and len(stride) == 2 and len(offset) == 2, f"{op}: window, stride and offset must "
+           f"be pairs (h, w), got {tuple(window)}, {tuple(stride)}, {tuple(offset)}")
+    for a in range(2):
+        _check(1 <= stride[a] <= window[a], f"{op}: need 1 <= stride <= window per axis, got window "
+               f"{tuple(window)}, stride {tuple(stride)}")
+        _check(-stride[a] < offset[a] <= 0, f"{op}: need -stride < offset <= 0 per axis, got offset "
+               f"{tuple(offset)}, stride {tuple(stride)}")
+    _check(scale is None or 0 < scale < float("inf"), f"{op}: scale must be a finite number > 0, got {scale}")
+
+
+def _neighborhood_attention_impl(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None):
+    check_neighborhood_attention(q, k, v, window, stride, clip, offset, scale)
+    from .backends.cpu.neighborhood_attention import neighborhood_attention_cpu
+
+    dev = q.device
+    if use_reference("neighborhood_attention"):
+        choose("neighborhood_attention", dev, "reference", "TD_IMPL")
+        out, lse = reference.neighborhood_attention(q, k, v, window, stride, clip, offset, scale)
+        return out.contiguous(), lse.contiguous()
+    if dev.type == "cuda":
+        why = _triton_window_attention_unavailable(q.shape[-1])
+        if why is None:
+            from .backends.triton.neighborhood_attention import neighborhood_attention_triton
+
+            choose("neighborhood_attention", dev, "Triton", "triton importable and head dim supported")
+            return neighborhood_attention_triton(q, k, v, window, stride, clip, offset, scale)
+        choose("neighborhood_attention", dev, "blocked SDPA", why)
+    elif dev.type == "cpu":
+        choose("neighborhood_attention", dev, "CPU path", "query blocks grouped by mask, fused CPU flash")
+    else:
+        choose("neighborhood_attention", dev, "blocked SDPA", f"no kernel for device type {dev.type}")
+    return neighborhood_attention_cpu(q, k, v, window, stride, clip, offset, scale)
+
+
+torch.library.impl(LIB, "neighborhood_attention", "CompositeExplicitAutograd")(_neighborhood_attention_impl)
+
+
 # ---------------------------------------------------------------------------------------- seam blend
 
 
@@ -615,6 +677,18 @@ def window_attention(q, k, v, neighbours, bias=None, scale=None):
     16 <= D <= 256 (tail waste <= D/8); CPU fused flash attention over gathered neighbours; else the reference."""
     register_triton_ops()
     return torch.ops.tiled_diffusion.window_attention(q, k, v, neighbours, bias, scale)
+
+
+def neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None):
+    """Token-centred (neighbourhood) attention on a token canvas: q, k, v [B, H, Ht, Wt, D] fp32/bf16/fp16 (any
+    strides). Query (y, x) attends the keys in a window (wh, ww) centred on it — or, with stride (sh, sw), on its
+    stride group's centre — shifted inward so it stays inside the canvas (clip=True: cut at the border instead;
+    offset: the stride groups' origin, for the half-tile-shifted blocked grid). Tile-blocked windows are the case
+    stride = tile, window = (2r+1)·tile, clip. Returns (out [B, H, Ht, Wt, D] in q's dtype, lse [B, H, Ht, Wt]
+    fp32), contiguous. Fast paths: CUDA Triton (key bands per query block, masks from coordinates); CPU query
+    blocks grouped by their translation-invariant mask through the fused flash kernel."""
+    return torch.ops.tiled_diffusion.neighborhood_attention(q, k, v, list(window), list(stride), clip, list(offset),
+                                                            scale)
 
 
 merge_attention = reference.merge_attention  # a few elementwise ops: torch is already optimal here

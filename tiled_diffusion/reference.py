@@ -94,6 +94,64 @@ def window_attention(
     return out.to(q.dtype), lse.float()
 
 
+def neighborhood_bounds(n: int, window: int, stride: int = 1, clip: bool = False,
+                        offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key range [start, end) per query index along one canvas axis of n tokens: int64 [n], [n].
+
+    The window of `window` tokens is centred on the query's stride group: groups start at `offset` (in
+    (-stride, 0]; a negative offset makes the first group partial, e.g. the half-tile shift of the tile-blocked
+    mode), group g = (i - offset) // stride holds the tokens [offset + g·stride, offset + g·stride + stride), its
+    centre token is c = offset + g·stride + stride // 2 (stride 1: c = i), and the
+    window starts window // 2 tokens before c — so an even window (or an even stride) puts the extra token on the
+    left/top side: window // 2 keys before c, (window - 1) // 2 after (NATTEN's convention). At the canvas border:
+    clip=False (NATTEN): the window is shifted inward so it keeps `window` keys (a window ≥ n is the whole axis);
+    clip=True: the window is cut at the border (fewer keys; stride = tile, window = (2r+1)·tile is then exactly
+    the tile-blocked window of `window_attention`). A partial last group keeps the same centre formula.
+    """
+    i = torch.arange(n)
+    start = offset + ((i - offset) // stride) * stride + stride // 2 - window // 2
+    if clip:
+        return start.clamp(min=0, max=n), (start + window).clamp(min=0, max=n)
+    w = min(window, n)
+    start = start.clamp(min=0, max=n - w)
+    return start, start + w
+
+
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: list[int],
+    stride: list[int] = (1, 1),
+    clip: bool = False,
+    offset: list[int] = (0, 0),
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D neighbourhood attention on the token canvas (NATTEN; GNA with a stride).
+
+    q, k, v: [B, H, Ht, Wt, D] (B canvases, batch rows never mix). Query (y, x) attends the keys (y', x') with
+    y' in neighborhood_bounds(Ht, window[0], stride[0], clip, offset[0])[y] and likewise along x. Returns out
+    [B, H, Ht, Wt, D] (q's dtype) and lse [B, H, Ht, Wt] fp32 (natural log of the softmax denominator, scaled
+    logits). A query whose window is empty (only possible with clip) gets out = 0 and lse = -inf.
+    """
+    B, H, Ht, Wt, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    masks = []
+    for n, w, s, o in ((Ht, window[0], stride[0], offset[0]), (Wt, window[1], stride[1], offset[1])):
+        lo, hi = neighborhood_bounds(n, w, s, clip, o)
+        j = torch.arange(n)
+        masks.append((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]))  # [query, key] along the axis
+    my, mx = masks
+    allowed = (my[:, None, :, None] & mx[None, :, None, :]).reshape(Ht * Wt, Ht * Wt).to(q.device)
+    qf, kf, vf = (t.double().reshape(B, H, Ht * Wt, D) for t in (q, k, v))
+    logits = (qf @ kf.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = p @ vf
+    return out.reshape(B, H, Ht, Wt, D).to(q.dtype), lse.reshape(B, H, Ht, Wt).float()
+
+
 def merge_attention(
     out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -261,7 +261,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--radius", type=int, default=1, help="cross_tile: neighbour radius in tiles")
     g.add_argument("--overlap", type=float, default=0.5, help="multidiffusion: overlap as a fraction of the tile")
     add_blend_profile(g)  # --blend-profile (and the old --profile, with a warning)
-    g.add_argument("--shift", action="store_true", help="cross_tile: move the tile grid by half a tile every other step")
+    g.add_argument("--window", type=float, default=None,
+                   help="cross_tile: each token's attention window, centred on it, in multiples of the model's "
+                        "training size (default: core.config.DEFAULT_WINDOW); 0: tile-blocked windows (--tile, --radius)")
+    g.add_argument("--stride", type=float, default=None,
+                   help="cross_tile: side of the token groups sharing one window, in multiples of the training "
+                        "size (default: core.config.DEFAULT_STRIDE)")
+    g.add_argument("--shift", action="store_true",
+                   help="cross_tile with --window 0: move the tile grid by half a tile every other step (partial "
+                        "tiles at the border, no wrap)")
     g.add_argument("--positional", choices=["canvas_stretched", "canvas_native", "tile_local"],
                    default="canvas_stretched", help="positions the tiles' tokens carry (see positional.py)")
     g.add_argument("--tile-batch-size", type=int, default=None,

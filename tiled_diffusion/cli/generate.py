@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..core.config import MODES, TiledConfig, check_size
+from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, MODES, TiledConfig, check_size
 from ..pipeline.sampler import check_memory, estimate_memory
 import diffusers
 import resource
@@ -181,6 +181,13 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
+def _default_window(args) -> Optional[float]:
+    """cross_tile's window when --window is not given: token-centred (DEFAULT_WINDOW) on one process; tile-blocked
+    (None) under torchrun / --nproc, whose halo exchange carries tile-blocked windows only for now (issue 18)."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return None if max(ranks, getattr(args, "nproc", None) or 1) > 1 else DEFAULT_WINDOW
+
+
 def validate(args) -> TiledConfig:
     """Check the request before loading anything; returns the sampler config."""
     w, h = args.size
@@ -193,8 +200,12 @@ def validate(args) -> TiledConfig:
     if args.steps < 1:
         raise RequestError(f"--steps must be >= 1, got {args.steps}")
     try:
+        window = getattr(args, "window", None)
+        stride = getattr(args, "stride", None)
         return TiledConfig(mode=args.mode, tile=args.tile, radius=args.radius, overlap=args.overlap,
                            profile=args.profile, shift=getattr(args, "shift", False),
+                           window=_default_window(args) if window is None else (None if window == 0 else window),
+                           stride=DEFAULT_STRIDE if stride is None else stride,
                            positional=getattr(args, "positional", "canvas_stretched"),
                            tile_batch_size=getattr(args, "tile_batch_size", None),
                            head_chunk=getattr(args, "head_chunk", None)).validate()
@@ -241,7 +252,8 @@ def prepare_pipeline(args, cfg: TiledConfig, su: Setup, timings: dict, guidance,
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, shift=cfg.shift, overlap=cfg.overlap,
+    P.accelerate(pipe, mode=cfg.mode, tile=cfg.tile, radius=cfg.radius, shift=cfg.shift, window=cfg.window,
+                 stride=cfg.stride, overlap=cfg.overlap,
                  profile=cfg.profile, positional=cfg.positional, tile_batch_size=cfg.tile_batch_size,
                  head_chunk=cfg.head_chunk, int8=su.int8, text_encoder_int8=False, keep_original_weights=False)
     try:  # guidance (issue 10): the ControlNet loads for this transformer

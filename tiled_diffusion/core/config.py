@@ -3,6 +3,7 @@ positional modes, and the geometry every canvas obeys (the VAE factor 8 × PixAr
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 VAE_SCALE_FACTOR = 8  # image pixels per latent pixel (PixArt's and SD's VAE)
@@ -34,6 +35,12 @@ MODES = ("cross_tile", "multidiffusion", "global")
 # per query, so cost stays linear in area (1024-px tiles would be 9·4096 keys, barely cheaper than global at 4096²).
 DEFAULT_TILE_PX = {"cross_tile": 512, "multidiffusion": 1024, "global": 1024}
 
+# cross_tile's token-centred window and stride, as multiples of the model's training field (sample_size latent px,
+# so 1024-px PixArt and the lab model get the same geometry); chosen from the lab's numbers (benchmarks/NOTES.md,
+# token-centred windows).
+DEFAULT_WINDOW = 1.0
+DEFAULT_STRIDE = 0.0
+
 
 @dataclasses.dataclass
 class TiledConfig:
@@ -43,6 +50,10 @@ class TiledConfig:
     tile: Optional[int] = None  # None: DEFAULT_TILE_PX[mode]
     radius: int = 1
     shift: bool = False
+    # cross_tile: side of each token's attention window, in multiples of the training field (None: tile-blocked
+    # windows of (2·radius+1) tiles), and the side of the query groups sharing one window (GNA; 0: one token)
+    window: Optional[float] = DEFAULT_WINDOW
+    stride: float = DEFAULT_STRIDE
     overlap: float = 0.5
     profile: str = "cosine"
     positional: str = "canvas_stretched"
@@ -62,6 +73,18 @@ class TiledConfig:
             raise ValueError(f"tile must be a positive multiple of {TOKEN_MULTIPLE} pixels, got {self.tile!r}")
         if not isinstance(self.radius, int) or self.radius < 0:
             raise ValueError(f"radius must be an int >= 0, got {self.radius!r}")
+        if self.window is not None and not (isinstance(self.window, (int, float)) and self.window > 0):
+            raise ValueError(f"window must be a number > 0 (multiples of the training field) or None, "
+                             f"got {self.window!r}")
+        if not isinstance(self.stride, (int, float)) or not 0 <= self.stride <= (self.window or math.inf):
+            raise ValueError(f"stride must be a number in [0, window] (multiples of the training field), "
+                             f"got {self.stride!r}")
+        if self.mode == "cross_tile" and self.window is not None and self.shift:
+            raise ValueError("shift moves the tile grid of tile-blocked windows (window=None); token-centred "
+                             "windows have no grid to move")
+        if self.positional == "tile_local" and self.mode == "cross_tile" and (self.window is not None or self.shift):
+            raise ValueError("positional='tile_local' in cross_tile needs tile-blocked windows without shift "
+                             "(window=None, shift=False): it lays a tile's embedding over a fixed tile grid")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be a fraction in [0, 1), got {self.overlap!r}")
         if self.tile_batch_size is not None and self.tile_batch_size < 1:

@@ -53,7 +53,10 @@ class Mode:
 
     def kwargs(self) -> dict:
         tile = MULTIDIFFUSION_PX if self.mode == "multidiffusion" else CROSS_TILE_PX
-        return {"mode": self.mode, "tile": tile, **dict(self.overrides)}
+        kw = {"mode": self.mode, "tile": tile, **dict(self.overrides)}
+        if self.mode == "cross_tile":  # rows named by radius are the tile-blocked windows (issue 18: window=None)
+            kw.setdefault("window", None)
+        return kw
 
 
 MODES = (
@@ -69,6 +72,13 @@ MODES = (
     Mode("cross_tile r1 train-size tiles", "cross_tile", (("radius", 1), ("tile", models.TRAIN_SIZE))),
     Mode("cross_tile r1 shift train-size tiles", "cross_tile", (("radius", 1), ("shift", True),
                                                                 ("tile", models.TRAIN_SIZE))),
+    # token-centred windows (issue 18), window and stride in multiples of the training size (8 tokens here)
+    Mode("window 0.5x stride 1", "cross_tile", (("window", 0.5), ("stride", 0.0))),
+    Mode("window 0.75x stride 1", "cross_tile", (("window", 0.75), ("stride", 0.0))),
+    Mode("window 1x stride 1", "cross_tile", (("window", 1.0), ("stride", 0.0))),
+    Mode("window 1.5x stride 1", "cross_tile", (("window", 1.5), ("stride", 0.0))),
+    Mode("window 0.75x stride 1/4 (GNA)", "cross_tile", (("window", 0.75), ("stride", 0.25))),
+    Mode("window 1x stride 1/4 (GNA)", "cross_tile", (("window", 1.0), ("stride", 0.25))),
 )
 # diffusers' own call, tiled by accelerate (canvas.py); the suite accelerates with cross_tile r1 at CROSS_TILE_PX,
 # so this row must equal "cross_tile r1" (tests/test_dropin.py asserts that for generate vs pipe(...)).
@@ -91,6 +101,8 @@ def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[i
         return edges(g.origins_y, g.th, height), edges(g.origins_x, g.tw, width)
     kw = m.kwargs() if m.mode == "cross_tile" else {"tile": CROSS_TILE_PX}
     t = kw["tile"]
+    if kw.get("window") is not None:  # token-centred: the stride groups' edges, or (stride 1) the control grid
+        t = max(1, round(kw.get("stride", 0) * models.TRAIN_SIZE / 16)) * 16 if kw.get("stride") else CROSS_TILE_PX
     ys, xs = metrics.grid_seams(t, height), metrics.grid_seams(t, width)
     if kw.get("shift"):  # odd steps run on the grid shifted by half a tile
         ys = sorted(set(ys) | set(metrics.grid_seams(t, height, t // 2)))
@@ -164,7 +176,8 @@ def accelerated_pipeline(model_dir: Optional[str] = None):
     from .. import pipeline as P
 
     pipe = models.load_pipeline(model_dir or models.MODEL_DIR)
-    P.accelerate(pipe, int8=None, text_encoder_int8=False, mode="cross_tile", tile=CROSS_TILE_PX, radius=1)
+    P.accelerate(pipe, int8=None, text_encoder_int8=False, mode="cross_tile", tile=CROSS_TILE_PX, radius=1,
+                 window=None)
     return pipe
 
 

@@ -24,7 +24,9 @@ class TileContext:
     config: the TiledConfig in force (accelerate's, or a per-call override set by `using`).
     canvas_tokens: (Ht, Wt) canvas size in tokens, or None (untouched diffusers behaviour).
     offsets: int64 [n, 2] token offsets (top, left) of each input tile on the canvas (multidiffusion), or None.
-    grid: token-level TileGrid (cross_tile) or None. radius / positional / head_chunk: read from `config`.
+    grid: token-level TileGrid (cross_tile, tile-blocked windows) or None. neighborhood: canvas.Neighborhood
+    (cross_tile's token-centred or shifted windows: attn1 is `neighborhood_attention` on raster tokens) or None.
+    radius / positional / head_chunk: read from `config`.
     extras: name -> canvas-shaped latent [B, C, h, w] that a caller attaches (e.g. a ControlNet's control latent);
     the canvas forward crops each exactly like the hidden states and exposes the crop of the running inner
     forward as `current_extras[name]`.
@@ -40,6 +42,7 @@ class TileContext:
         self.canvas_tokens: Optional[tuple[int, int]] = None
         self.offsets: Optional[torch.Tensor] = None
         self.grid = None
+        self.neighborhood = None
         self.extras: dict = {}
         self.current_extras: dict = {}
         self.step: Optional[int] = None
@@ -79,6 +82,7 @@ class TileContext:
         self.canvas_tokens, self.offsets, self.grid, self.current_extras = None, None, None, {}
         if self.partition is not None:
             self.partition.current = None
+        self.neighborhood = None
 
     def set_grid(self, grid) -> None:
         if grid is not self.grid:
@@ -153,6 +157,18 @@ class TileContext:
         return window_attention(q, k, v, self.neighbours(q.shape[0] // T, q.device), self.head_chunk)
 
 
+    def attend_neighborhood(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Token-centred windowed self-attention on the canvas: q, k, v [B, H, Ht, Wt, D] (any strides) -> out
+        [B, H, Ht, Wt, D], over chunks of `head_chunk` heads."""
+        hood = self.neighborhood
+        H = q.shape[1]
+        step = H if not self.head_chunk else max(1, min(H, self.head_chunk))
+        outs = [ops.neighborhood_attention(q[:, h0:h0 + step], k[:, h0:h0 + step], v[:, h0:h0 + step],
+                                           hood.window, hood.stride, hood.clip, hood.offset)[0]
+                for h0 in range(0, H, step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 def window_attention(q, k, v, neighbours, head_chunk: Optional[int] = None) -> torch.Tensor:
     """ops.window_attention (out only), over chunks of heads to bound memory: q, k, v [T, H, L, D],
     neighbours int32 [T, NB]."""
@@ -178,9 +194,12 @@ class CrossTileAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         ctx = self.context
-        if (ctx.grid is None or encoder_hidden_states is not None or attention_mask is not None
-                or hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None):
+        if ((ctx.grid is None and ctx.neighborhood is None) or encoder_hidden_states is not None
+                or attention_mask is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None
+                or attn.group_norm is not None):
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if ctx.neighborhood is not None:
+            return self._neighborhood(attn, hidden_states)
         residual = hidden_states
         B, N, _ = hidden_states.shape
         L = ctx.grid.tokens_per_tile
@@ -201,6 +220,35 @@ class CrossTileAttnProcessor:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = ctx.attend(q, k, v)
         out = out.transpose(1, 2).reshape(B, N, inner).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+    def _neighborhood(self, attn, hidden_states):
+        """attn1 with token-centred windows: hidden_states [B, N, C] in raster order, N = Ht·Wt canvas tokens."""
+        ctx = self.context
+        residual = hidden_states
+        B, N, _ = hidden_states.shape
+        Ht, Wt = ctx.canvas_tokens
+        if Ht * Wt != N:
+            raise ValueError(f"CrossTileAttnProcessor: {N} tokens for a {Ht}x{Wt}-token canvas")
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner = key.shape[-1]
+        H = attn.heads
+        D = inner // H
+        # [B, N, H*D] -> [B, H, Ht, Wt, D] views (no copy; the op gathers its query blocks and key bands itself)
+        q, k, v = (t.view(B, Ht, Wt, H, D).permute(0, 3, 1, 2, 4) for t in (query, key, value))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = ctx.attend_neighborhood(q, k, v)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, N, inner).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:

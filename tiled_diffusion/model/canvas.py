@@ -5,10 +5,15 @@ parameters and state-dict keys) for a subclass whose forward takes the latents o
 the model output for the whole canvas in the configured mode, so every caller — diffusers' own `pipe(...)`,
 `pipeline.generate`, `sampler.denoise`, a ControlNet, a multi-process run — goes through the same code:
 
-- ``cross_tile`` (default): one inner forward over all canvas tokens. The tile grid is derived here from the
-  input's latent size (and the step, for `shift`); the patch embedding adds canvas positions and permutes the
-  tokens tile-major once, every attn1 is `window_attention` over each tile's neighbour tiles (radius r), and the
-  norm_out pre-hook puts the tokens back in raster order.
+- ``cross_tile`` (default): one inner forward over all canvas tokens, every attn1 windowed. Default
+  (`window` set): token-centred windows — every attn1 is `neighborhood_attention` on the raster token canvas,
+  each query's window (window × the model's training field, per side) centred on its stride group and shifted
+  inward at the border; away from the border the forward is translation-equivariant, so no seam can form.
+  With `window=None`, the tile-blocked windows: the tile grid is derived here from the input's latent size; the
+  patch embedding adds canvas positions and permutes the tokens tile-major once, every attn1 is
+  `window_attention` over each tile's neighbour tiles (radius r), and the norm_out pre-hook puts the tokens back
+  in raster order; with `shift` (odd steps: the grid moved by half a tile, partial tiles at the border, no wrap)
+  the same blocked windows run through `neighborhood_attention` (stride = tile, clip, offset).
 - ``multidiffusion``: overlapping tiles (stride = tile·(1 - overlap)) cut from the canvas, run as independent
   images in batches of `tile_batch_size`, each with its crop of the canvas positions, and their outputs blended
   on the canvas with `ops.seam_blend` before returning (the Mixture-of-Diffusers form of MultiDiffusion: the
@@ -26,6 +31,7 @@ Layouts: hidden_states [B, C_in, h, w] (latent pixels); encoder_hidden_states [B
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -34,6 +40,7 @@ import torch
 from .. import ops
 from ..core.config import VAE_SCALE_FACTOR, TiledConfig
 from ..core.tiling import TileGrid
+
 
 def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int,
                vae_scale_factor: int = VAE_SCALE_FACTOR, cache: Optional[dict] = None) -> TileGrid:
@@ -51,6 +58,40 @@ def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int,
     if cache is not None:
         cache[key] = grid
     return grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighborhood:
+    """The arguments of `neighborhood_attention` for one canvas, in tokens (see reference.neighborhood_bounds)."""
+
+    window: tuple[int, int]
+    stride: tuple[int, int]
+    clip: bool = False
+    offset: tuple[int, int] = (0, 0)
+
+    def covers(self, tokens_h: int, tokens_w: int) -> bool:
+        """Whether every query sees every key (then the forward is the plain transformer's)."""
+        if self.clip:
+            return False
+        return self.window[0] >= tokens_h and self.window[1] >= tokens_w
+
+
+def neighborhood(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int, field: int,
+                 vae_scale_factor: int = VAE_SCALE_FACTOR) -> Optional[Neighborhood]:
+    """cross_tile's windows on a lat_h x lat_w canvas as `neighborhood_attention` arguments, or None for the
+    tile-major `window_attention` path (tile-blocked windows without shift). field: the model's training size in
+    latent pixels (its config's sample_size)."""
+    if cfg.window is not None:
+        tokens = field / patch
+        w = max(1, round(cfg.window * tokens))
+        s = min(w, max(1, round(cfg.stride * tokens)))
+        return Neighborhood((w, w), (s, s))
+    if not cfg.shift:
+        return None
+    grid = token_grid(cfg, lat_h, lat_w, patch, 0, vae_scale_factor)
+    th, tw = grid.tile_tokens_h, grid.tile_tokens_w
+    off = (-(th // 2), -(tw // 2)) if step % 2 == 1 else (0, 0)
+    return Neighborhood(((2 * cfg.radius + 1) * th, (2 * cfg.radius + 1) * tw), (th, tw), True, off)
 
 
 def pixel_grid(cfg: TiledConfig, lat_h: int, lat_w: int, batch: int, patch: int,
@@ -131,11 +172,21 @@ class CanvasForward:
             raise ValueError(f"canvas forward: latent size {lat_h}x{lat_w} is not a multiple of the patch size "
                              f"{patch} (image sizes must be multiples of {patch * vsf} px)")
         mode = cfg.mode
-        grid = pgrid = None
+        grid = pgrid = hood = None
         if mode == "cross_tile":
-            grid = token_grid(cfg, lat_h, lat_w, patch, ctx.step_for(timestep) if cfg.shift else 0, vsf, ctx.cache)
-            if grid.ny * grid.nx == 1:
-                mode, grid = "global", None
+            hood = neighborhood(cfg, lat_h, lat_w, patch, ctx.step_for(timestep) if cfg.shift else 0,
+                                _training_field(self.config, lat_h), vsf)
+            if hood is None or hood.clip:  # tile-blocked windows: one tile is the whole canvas -> global
+                g = token_grid(cfg, lat_h, lat_w, patch, 0, vsf, ctx.cache)
+                if g.ny * g.nx == 1:
+                    mode, hood = "global", None
+                elif hood is None:
+                    grid = g
+            elif hood.covers(lat_h // patch, lat_w // patch):
+                mode, hood = "global", None
+            if hood is not None and ctx.partition is not None:
+                raise ValueError("distributed: multi-process cross_tile runs tile-blocked windows only for now "
+                                 "(window=None, shift=False); token-centred windows run on one process")
         elif mode == "multidiffusion":
             pgrid = pixel_grid(cfg, lat_h, lat_w, B, patch, vsf)
             if pgrid.ny * pgrid.nx == 1:
@@ -153,6 +204,7 @@ class CanvasForward:
                     grid, ctx.offsets, crop = band.grid, band.offsets, band.crop
                     hidden_states = crop(hidden_states)
                 ctx.set_grid(grid)
+                ctx.neighborhood = hood
                 ctx.current_extras = {k: _repeat_rows(v, B, k) for k, v in ctx.extras.items()}
                 if crop is not None:
                     ctx.current_extras = {k: crop(v) for k, v in ctx.current_extras.items()}
@@ -225,6 +277,14 @@ class CanvasForward:
                 out = torch.empty((B * T,) + tuple(res.shape[1:]), dtype=res.dtype, device=res.device)
             out[idx.to(out.device)] = res
         return out
+
+
+def _training_field(config, default: int) -> int:
+    """The model's training size in latent pixels (its sample_size; `default` when the config has none)."""
+    size = getattr(config, "sample_size", None)
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    return int(size) if size else default
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,11 +29,11 @@ included, runs on it; there is no per-layer shift. Per mode:
   a token's position.
 - ``tile_local`` in multidiffusion: each input is one tile, and gets the tile's embedding (the pixel-level grid
   has no shift).
-- ``tile_local`` in cross_tile: the tile's embedding is laid over the step's grid, shift included: canvas token
-  (y, x) lies in a tile at local position ((y - sy) mod th, (x - sx) mod tw) and gets that position's
-  embedding, so on shifted steps too every tile carries exactly a whole tile-sized image's embedding (only the
-  tiles of the last row/column, which wrap around the canvas edge, hold tokens from opposite edges; see
-  tiling.py).
+- ``tile_local`` in cross_tile: the tile's embedding is laid over the grid of tile-blocked windows (window=None,
+  no shift: TiledConfig refuses the other combinations, since token-centred windows have no grid and the shifted
+  grid of issue 18 has partial border tiles): canvas token (y, x) lies in a tile at local position
+  (y mod th, x mod tw) and gets that position's embedding. (TileGrid's cyclic `shift` is no longer used by the
+  canvas forward: `shift` moves the blocked windows through `neighborhood_attention`'s offset, without wrap.)
 """
 from __future__ import annotations
 

@@ -653,6 +653,9 @@ def check_world(pipe, world: int, *, width: int, height: int, guidance_scale: fl
     lat_h, lat_w = height // vsf, width // vsf
     rows = 2 if guidance_scale > 1.0 else 1
     ranks = world // 2 if cfg_parallel and rows == 2 else world
+    if cfg.mode == "cross_tile" and (cfg.window is not None or cfg.shift):
+        raise ValueError("distributed: multi-process cross_tile runs tile-blocked windows only for now "
+                         "(window=None / --window 0, no shift); token-centred windows run on one process")
     if cfg.mode == "cross_tile":
         grid = token_grid(cfg, lat_h, lat_w, patch, 0, vsf)
         if grid.ny * grid.nx > 1:

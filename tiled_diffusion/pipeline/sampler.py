@@ -237,7 +237,11 @@ def estimate_memory(config, *, height: int, width: int, cfg: TiledConfig, dtype=
         attn = 0  # CPU/GPU SDPA kernels stream over keys: O(tokens)
     else:
         n_fwd = n_canvas * cfg_mult
-        if cfg.mode == "cross_tile":
+        if cfg.mode == "cross_tile" and cfg.window is not None:
+            # neighborhood_attention's CPU path copies column strips of Q, K, V (K and V bands a little wider):
+            # at most ~3 more attention inputs of the canvas
+            attn = 3 * n_fwd * heads * config.attention_head_dim * es
+        elif cfg.mode == "cross_tile":
             nb = (2 * cfg.radius + 1) ** 2
             h_c = cfg.head_chunk or heads
             attn = min(8, n_fwd // max(1, L_tile)) * h_c * nb * L_tile * config.attention_head_dim * es * 2

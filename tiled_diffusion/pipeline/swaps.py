@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..model.attention import CrossTileAttnProcessor, TileContext
-from ..core.config import TiledConfig
+from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, TiledConfig
 from ..model.canvas import canvas_class
 from ..model.positional import CanvasPatchEmbed
 from .. import vae as vae_mod
@@ -263,7 +263,8 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
                overlap: float = 0.5, profile: str = "cosine", int8: Optional[str] = "auto",
                text_encoder_int8: bool = True, positional: str = "canvas_stretched",
                tile_batch_size: Optional[int] = None, head_chunk: Optional[int] = None,
-               keep_original_weights: bool = True):
+               keep_original_weights: bool = True, window: Optional[float] = DEFAULT_WINDOW,
+               stride: float = DEFAULT_STRIDE):
     """Swap the tiled-generation modules into `pipe` (in place) and return it.
 
     Calling it again with the same settings is a no-op; with different settings it raises (restore first).
@@ -271,7 +272,9 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     float); "auto" (default) takes W8A8 only where it was measured faster than bf16 on the device the transformer
     is on now (`int8.resolve_mode`; the reason is logged at INFO);
     text_encoder_int8: T5 weight-only int8 (pipelines only). tile: pixels, default per mode
-    (core.config.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). Other knobs: see core.config.TiledConfig.
+    (core.config.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). window / stride: cross_tile's
+    token-centred windows in multiples of the model's training size (window=None: tile-blocked windows of
+    (2·radius+1) tiles). Other knobs: see core.config.TiledConfig.
     Afterwards `pipe(...)` itself is tiled (canvas.py). A transformer shared by two pipelines is accelerated
     through one of them; accelerating it through the other raises.
     keep_original_weights=False is the inference-only, least-memory setting: the float layers are not kept (restore
@@ -285,7 +288,8 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
 
     int8 = resolve_mode(int8, next(tr.parameters()).device)[0]
     cfg = TiledConfig(mode=mode, tile=tile, radius=radius, shift=shift, overlap=overlap, profile=profile,
-                      positional=positional, tile_batch_size=tile_batch_size, head_chunk=head_chunk).validate()
+                      positional=positional, tile_batch_size=tile_batch_size, head_chunk=head_chunk,
+                      window=window, stride=stride).validate()
     te_int8 = bool(text_encoder_int8 and comps["text_encoder"] is not None)
     existing: Optional[AccelerateState] = getattr(tr, "_tiled_diffusion", None)
     if existing is not None:

@@ -1,0 +1,137 @@
+"""CPU path of `neighborhood_attention`: query blocks through torch's fused CPU flash attention, grouped by mask.
+
+Layouts as the op: q, k, v [B, H, Ht, Wt, D] (any strides); returns out [B, H, Ht, Wt, D] (q's dtype), lse
+[B, H, Ht, Wt] fp32 (natural log).
+
+How:
+* Each axis is cut into query blocks of `block` tokens (a multiple of the stride, aligned to the stride groups).
+  A block's key band is the union of its queries' windows ([min start, max end) per axis), so a 2-D query block
+  attends one rectangle of keys, with a boolean mask inside it (the outer AND of the two axes' masks).
+* The mask of a block depends only on its queries' window bounds relative to its band: every interior block of an
+  axis has the same relative bounds (the window slides with the queries), so the canvas has a handful of distinct
+  masks (interior, and a few per border), each built once and broadcast over a whole group of blocks in one
+  flash call as an additive [1, 1, nq, nk] mask — or no mask at all where every query of a block sees its whole
+  band (a stride >= the block: GNA, where a stride group's queries share one window and nothing is wasted).
+* No per-block gather: for each column block the query columns and the key band's columns are copied once, all
+  rows, into strips [H, Ht, w, D]; every row block's queries and key band are then contiguous runs of the strip,
+  and a group of evenly spaced row blocks is one strided view [G, H, rows·w, D] (overlapping for the key bands),
+  which the kernel reads through its strides. Each key is copied (band width / block width) times, ~5x for
+  64-token windows and 16-token blocks: small next to the attention's own traffic.
+* With stride 1 the band of a b-token block is b + w - 1 tokens per axis for w-token windows: (1 + (b-1)/w)² of
+  the computed scores (1.52x for PixArt's 64-token windows at b = 16); `block` trades that against the efficiency
+  of small query blocks (see BLOCK).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ...reference import neighborhood_bounds
+from .window_attention import _explicit, _flash_cpu
+
+# Query block side (tokens) for stride-1 windows. The fused CPU kernel packs each call's keys for every block of
+# queries, so its throughput grows with the queries sharing one key band; the band grows with the block:
+# (1 + (b-1)/w)² of the needed scores. Measured at PixArt width, 64-token windows, 128² tokens (benchmarks/NOTES.md,
+# issue 18): b = 8 -> 1.50x today's blocked time, 16 -> 1.14x, 32 -> 1.51x.
+BLOCK = 16
+
+
+def _axis_blocks(n: int, window: int, stride: int, clip: bool, offset: int, block: int):
+    """Query blocks along one axis, aligned to the stride groups (which start at `offset`): list of (q0, q1, band0,
+    band1, signature), signature = what the block's mask depends on (its size, its band's size and every query's
+    bounds relative to the band)."""
+    lo, hi = neighborhood_bounds(n, window, stride, clip, offset)
+    lo, hi = lo.tolist(), hi.tolist()
+    out = []
+    cuts = [0] + [c for c in range(offset + block, n, block) if c > 0] + [n]
+    for q0, q1 in zip(cuts[:-1], cuts[1:]):
+        b0, b1 = min(lo[q0:q1]), max(hi[q0:q1])
+        b1 = max(b0, b1)
+        sig = (q1 - q0, b1 - b0, tuple(x - b0 for x in lo[q0:q1]), tuple(x - b0 for x in hi[q0:q1]))
+        out.append((q0, q1, b0, b1, sig))
+    return out
+
+
+def _axis_mask(sig) -> torch.Tensor:
+    nq, nk, lo, hi = sig
+    j = torch.arange(nk)
+    return (j[None, :] >= torch.tensor(lo)[:, None]) & (j[None, :] < torch.tensor(hi)[:, None])  # [nq, nk]
+
+
+def block_size(stride: int, block: Optional[int] = None) -> int:
+    """Query block along an axis: a multiple of the stride (whole groups), at least `block` (default BLOCK)."""
+    want = BLOCK if block is None else block
+    return stride * max(1, -(-want // stride)) if stride < want else stride
+
+
+def _rows_view(strip: torch.Tensor, starts: list[int], rows: int) -> torch.Tensor:
+    """[G, H, rows·w, D] view of a column strip [H, Ht, w, D] (contiguous): G row blocks of `rows` rows starting
+    at evenly spaced rows `starts` (overlapping for key bands: the kernel reads them through the strides)."""
+    H, Ht, w, D = strip.shape
+    step = starts[1] - starts[0] if len(starts) > 1 else 0
+    return strip.as_strided((len(starts), H, rows * w, D), (step * w * D, Ht * w * D, D, 1),
+                            strip.storage_offset() + starts[0] * w * D)
+
+
+def _even(xs: list[int]) -> bool:
+    return len(xs) < 3 or all(b - a == xs[1] - xs[0] for a, b in zip(xs, xs[1:]))
+
+
+def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = False, offset=(0, 0),
+                               scale: Optional[float] = None, block: Optional[int] = None):
+    """Inputs are assumed checked (ops.check_neighborhood_attention). Off the CPU (until a kernel exists) the same
+    blocks run through public SDPA with an explicit logsumexp."""
+    B, H, Ht, Wt, D = q.shape
+    dev = q.device
+    attend = _flash_cpu if dev.type == "cpu" else _explicit
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = q.new_zeros((B, H, Ht, Wt, D))
+    lse = torch.full((B, H, Ht, Wt), -math.inf, dtype=torch.float32, device=dev)
+    if B * H * Ht * Wt * D == 0:
+        return out, lse
+    ys = _axis_blocks(Ht, window[0], stride[0], clip, offset[0], block_size(stride[0], block))
+    xs = _axis_blocks(Wt, window[1], stride[1], clip, offset[1], block_size(stride[1], block))
+    ygroups: dict = {}
+    for y in ys:
+        ygroups.setdefault(y[4], []).append(y)
+    masks: dict = {}
+    for x0, x1, kx0, kx1, sx in xs:
+        bx, bw = x1 - x0, kx1 - kx0
+        if bw == 0:
+            continue  # empty band (clip past the border): out 0, lse -inf (already)
+        # The column strip's queries and its key band, all rows, copied once: every row block's queries and key
+        # band are then contiguous runs of the strip (a strided view per group, no per-block gather).
+        qs, ks, vs = (t[:, :, :, a:b].contiguous() for t, a, b in ((q, x0, x1), (k, kx0, kx1), (v, kx0, kx1)))
+        o_strip = q.new_zeros((B, H, Ht, bx, D))
+        l_strip = torch.full((B, H, Ht, bx), -math.inf, dtype=torch.float32, device=dev)
+        for sy, blocks in ygroups.items():
+            rows, band = sy[0], sy[1]
+            if band == 0:
+                continue
+            if (sy, sx) not in masks:
+                allowed = (_axis_mask(sy)[:, None, :, None] & _axis_mask(sx)[None, :, None, :]).reshape(
+                    rows * bx, band * bw)
+                empty = ~allowed.any(dim=1)  # queries whose window is empty (clip): 0 / -inf afterwards
+                mask = None
+                if not bool(allowed.all()):
+                    mask = torch.zeros(allowed.shape).masked_fill_(~(allowed | empty[:, None]), -math.inf)
+                    mask = mask[None, None].to(dev)
+                masks[(sy, sx)] = (mask, empty.to(dev) if bool(empty.any()) else None)
+            mask, empty = masks[(sy, sx)]
+            qstarts, kstarts = [b[0] for b in blocks], [b[2] for b in blocks]
+            parts = [blocks] if _even(qstarts) and _even(kstarts) else [[b] for b in blocks]
+            for part in parts:
+                qst, kst = [b[0] for b in part], [b[2] for b in part]
+                for bi in range(B):
+                    o, l = attend(_rows_view(qs[bi], qst, rows), _rows_view(ks[bi], kst, band),
+                                  _rows_view(vs[bi], kst, band), mask, scale)
+                    if empty is not None:
+                        o = o.masked_fill(empty[:, None], 0)
+                        l = l.float().masked_fill(empty, -math.inf)
+                    _rows_view(o_strip[bi], qst, rows).copy_(o)
+                    _rows_view(l_strip[bi].unsqueeze(-1), qst, rows).copy_(l.float().unsqueeze(-1))
+        out[:, :, :, x0:x1] = o_strip
+        lse[:, :, :, x0:x1] = l_strip
+    return out, lse

@@ -1,0 +1,214 @@
+"""Triton forward kernel of `neighborhood_attention`: flash attention over each query's token-centred window.
+
+Layouts: q, k, v, out [B·H, Ht, Wt, D] contiguous (the op's [B, H, Ht, Wt, D]); lse fp32 [B·H, Ht, Wt] (natural
+log).
+
+One program = one 2-D block of TM_Y x TM_X queries (BLOCK_M = TM_Y·TM_X) of one (batch, head); grid
+(cdiv(Ht, TM_Y)·cdiv(Wt, TM_X), B·H). No mask tensor exists: every query's canvas coordinates come from its block
+origin, its window [lo, hi) per axis from reference.neighborhood_bounds' formula (stride groups from `offset`,
+centre, inward shift or clip), computed in registers. The program walks only the key band of its block (the union
+of its queries' windows: [min lo, max hi) per axis, since lo and hi are monotone in the query coordinate), in 2-D
+key tiles of TN_Y x TN_X tokens, so (query block, key tile) pairs outside every query's window are never visited;
+inside, each (query, key) pair is masked by the query's own window. Online softmax in base 2, fp32 state; head dim
+split as the window_attention kernel does (72 = 64 + 16, 8 masked).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .launch import check_grid, device_guard
+from .window_attention import LOG2E, _interpreting, split_head_dim, supports_head_dim  # noqa: F401
+
+INTERPRET_CONFIG = {"TM_Y": 4, "TM_X": 4, "TN_Y": 4, "TN_X": 4, "num_warps": 4, "num_stages": 1}
+# 64 queries (8x8) x 64 keys (8x8) per step: a 64-token window is walked as 9x9 key tiles at most (72x72 band).
+# 8 warps: with 4 the sm_80 build spills (stack frame 104 B at 255 registers; `tiled-diffusion inspect --check`).
+CONFIG = {"TM_Y": 8, "TM_X": 8, "TN_Y": 8, "TN_X": 8, "num_warps": 8, "num_stages": 2}
+
+
+@triton.jit
+def _bounds(i, n, W: tl.constexpr, S: tl.constexpr, OFF: tl.constexpr, CLIP: tl.constexpr):
+    """reference.neighborhood_bounds for query indices i (i - OFF >= 0, so // is a floor)."""
+    start = OFF + ((i - OFF) // S) * S + S // 2 - W // 2
+    if CLIP:
+        lo = tl.minimum(tl.maximum(start, 0), n)
+        hi = tl.minimum(tl.maximum(start + W, 0), n)
+    else:
+        w = tl.minimum(n, W)
+        lo = tl.minimum(tl.maximum(start, 0), n - w)
+        hi = lo + w
+    return lo, hi
+
+
+@triton.jit
+def _neighborhood_attention_fwd(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, Ht, Wt, qk_scale,
+    WY: tl.constexpr, WX: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr, OY: tl.constexpr, OX: tl.constexpr,
+    CLIP: tl.constexpr,
+    HEAD_D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr,
+    TM_Y: tl.constexpr, TM_X: tl.constexpr, TN_Y: tl.constexpr, TN_X: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = TM_Y * TM_X
+    BLOCK_N: tl.constexpr = TN_Y * TN_X
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    nbx = tl.cdiv(Wt, TM_X)
+    offs_m = tl.arange(0, BLOCK_M)
+    qy = (pid // nbx) * TM_Y + offs_m // TM_X
+    qx = (pid % nbx) * TM_X + offs_m % TM_X
+    m_ok = (qy < Ht) & (qx < Wt)
+    lo_y, hi_y = _bounds(qy, Ht, WY, SY, OY, CLIP)
+    lo_x, hi_x = _bounds(qx, Wt, WX, SX, OX, CLIP)
+    big = Ht + Wt
+    band_y0 = tl.min(tl.where(m_ok, lo_y, big), 0)
+    band_y1 = tl.max(tl.where(m_ok, hi_y, 0), 0)
+    band_x0 = tl.min(tl.where(m_ok, lo_x, big), 0)
+    band_x1 = tl.max(tl.where(m_ok, hi_x, 0), 0)
+
+    # 64-bit offset of this (batch, head) once; token offsets inside it stay 32-bit (fewer registers: the sm_80
+    # build spilled with 64-bit per-token offsets)
+    base = bh * Ht * Wt * HEAD_D
+    q_ptr += base
+    k_ptr += base
+    v_ptr += base
+    o_ptr += base
+    q_rows = qy * Wt + qx
+    offs_a = tl.arange(0, DA)
+    q_a = tl.load(q_ptr + q_rows[:, None] * HEAD_D + offs_a[None, :], mask=m_ok[:, None], other=0.0)
+    if UPCAST:
+        q_a = q_a.to(tl.float32)
+    if DB > 0:
+        offs_b = DA + tl.arange(0, DB)
+        b_ok = offs_b < HEAD_D
+        q_b = tl.load(q_ptr + q_rows[:, None] * HEAD_D + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
+                      other=0.0)
+        if UPCAST:
+            q_b = q_b.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for ky0 in range(band_y0, band_y1, TN_Y):
+        for kx0 in range(band_x0, band_x1, TN_X):
+            ky = ky0 + offs_n // TN_X
+            kx = kx0 + offs_n % TN_X
+            n_ok = (ky < band_y1) & (kx < band_x1)
+            k_rows = ky * Wt + kx
+            k_a = tl.load(k_ptr + k_rows[None, :] * HEAD_D + offs_a[:, None], mask=n_ok[None, :], other=0.0)
+            if UPCAST:
+                k_a = k_a.to(tl.float32)
+            if FP32_DOT:
+                s = tl.dot(q_a, k_a, input_precision="ieee")
+            else:
+                s = tl.dot(q_a, k_a)
+            if DB > 0:
+                k_b = tl.load(k_ptr + k_rows[None, :] * HEAD_D + offs_b[:, None],
+                              mask=n_ok[None, :] & b_ok[:, None], other=0.0)
+                if UPCAST:
+                    k_b = k_b.to(tl.float32)
+                if FP32_DOT:
+                    s += tl.dot(q_b, k_b, input_precision="ieee")
+                else:
+                    s += tl.dot(q_b, k_b)
+            # per-token mask: the key inside this query's own window
+            inside = (n_ok[None, :] & (ky[None, :] >= lo_y[:, None]) & (ky[None, :] < hi_y[:, None])
+                      & (kx[None, :] >= lo_x[:, None]) & (kx[None, :] < hi_x[:, None]))
+            s = tl.where(inside, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep its state at 0
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            v_a = tl.load(v_ptr + k_rows[:, None] * HEAD_D + offs_a[None, :], mask=n_ok[:, None], other=0.0)
+            if UPCAST:
+                v_a = v_a.to(tl.float32)
+            p_in = p.to(v_ptr.dtype.element_ty)  # P rounded to the input dtype, as on the GPU
+            if UPCAST:
+                p_in = p_in.to(tl.float32)
+            if FP32_DOT:
+                acc_a = acc_a * alpha[:, None] + tl.dot(p_in, v_a, input_precision="ieee")
+            else:
+                acc_a = tl.dot(p_in, v_a, acc_a * alpha[:, None])
+            if DB > 0:
+                v_b = tl.load(v_ptr + k_rows[:, None] * HEAD_D + offs_b[None, :],
+                              mask=n_ok[:, None] & b_ok[None, :], other=0.0)
+                if UPCAST:
+                    v_b = v_b.to(tl.float32)
+                if FP32_DOT:
+                    acc_b = acc_b * alpha[:, None] + tl.dot(p_in, v_b, input_precision="ieee")
+                else:
+                    acc_b = tl.dot(p_in, v_b, acc_b * alpha[:, None])
+
+    nonempty = l_i > 0  # clip can leave a query without keys: out 0, lse -inf
+    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + bh * Ht * Wt + q_rows, lse, mask=m_ok)
+    tl.store(o_ptr + q_rows[:, None] * HEAD_D + offs_a[None, :],
+             (acc_a * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
+    if DB > 0:
+        tl.store(o_ptr + q_rows[:, None] * HEAD_D + offs_b[None, :],
+                 (acc_b * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & b_ok[None, :])
+
+
+def neighborhood_attention_triton(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None,
+                                  config: dict | None = None, out=None, lse=None):
+    """Launch the kernel. Inputs are assumed checked (ops.check_neighborhood_attention); [B, H, Ht, Wt, D] CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1. `out` / `lse` let a caller provide contiguous buffers (tests
+    poison them with NaN)."""
+    B, H, Ht, Wt, D = q.shape
+    da, db = split_head_dim(D)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty((B, H, Ht, Wt), dtype=torch.float32, device=q.device)
+    if B * H * Ht * Wt == 0:
+        return out, lse
+    if config is None:
+        config = INTERPRET_CONFIG if _interpreting() else CONFIG
+    upcast = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot (window_attention.py)
+    grid = check_grid((triton.cdiv(Ht, config["TM_Y"]) * triton.cdiv(Wt, config["TM_X"]), B * H),
+                      "neighborhood_attention")
+    with device_guard(q):
+        wrap_triton(_neighborhood_attention_fwd)[grid](
+            q, k, v, out, lse, Ht, Wt, scale * LOG2E,
+            WY=int(window[0]), WX=int(window[1]), SY=int(stride[0]), SX=int(stride[1]), OY=int(offset[0]),
+            OX=int(offset[1]), CLIP=bool(clip), HEAD_D=D, DA=da, DB=db, FP32_DOT=q.dtype == torch.float32,
+            UPCAST=upcast, TM_Y=config["TM_Y"], TM_X=config["TM_X"], TN_Y=config["TN_Y"], TN_X=config["TN_X"],
+            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    return out, lse
+
+
+# ------------------------------------------------------------------------------ ahead-of-time configs
+
+
+def _aot_configs() -> list[dict]:
+    """PixArt-1024's default geometry (64-token windows, stride 1, no clip) at D = 72, bf16 and fp16."""
+    configs = []
+    for dt in ("bf16", "fp16"):
+        ptr = f"*{dt}"
+        sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "lse_ptr": "*fp32", "Ht": "i32", "Wt": "i32",
+               "qk_scale": "fp32"}
+        c = CONFIG
+        configs.append({
+            "name": f"neighborhood_attention_d72_{dt}_w64s1_m{c['TM_Y']}x{c['TM_X']}n{c['TN_Y']}x{c['TN_X']}",
+            "kernel": _neighborhood_attention_fwd, "signature": sig,
+            "constexprs": {"WY": 64, "WX": 64, "SY": 1, "SX": 1, "OY": 0, "OX": 0, "CLIP": False, "HEAD_D": 72,
+                           "DA": 64, "DB": 16, "FP32_DOT": False, "UPCAST": False, "TM_Y": c["TM_Y"], "TM_X": c["TM_X"],
+                           "TN_Y": c["TN_Y"], "TN_X": c["TN_X"]},
+            "num_warps": c["num_warps"], "num_stages": c["num_stages"], "expects_mma": True,
+            "attrs": {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")},
+        })
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
