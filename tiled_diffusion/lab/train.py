@@ -2,17 +2,26 @@
 
 Stages (each resumable: rerun the same command and it continues from the last checkpoint in DIR/ckpt):
 
-1. data     render `--images` world crops of TRAIN_SIZE² px (families in turn, a fresh world seed and a random
-            offset each), cached as uint8 in DIR/cache.
+1. data     render `--images` world crops of --data-size² px (default TRAIN_SIZE; families in turn, a fresh world
+            seed and a random offset each), cached as uint8 in DIR/cache.
 2. vae      AutoencoderKL (lab/models.py) on random 64-px crops with flips: L1 + L1 of the image gradients (keeps
-            edges) + a small KL. Convolutions and GroupNorm make it size-agnostic.
+            edges) + a small KL. Convolutions and GroupNorm make it size-agnostic. --vae-from FOLDER reuses a
+            trained lab VAE instead (the world is unchanged, so the shipped one serves).
 3. latents  every training image encoded once (posterior mean); the VAE's scaling_factor = 1 / latent std.
 4. dit      PixArtTransformer2DModel, ε-prediction on the LCM scheduler's schedule (linear betas 1e-4..0.02,
             t uniform in [0, 1000)), conditioned on the caption embeddings of the frozen, seeded tiny T5
             (10% of captions dropped to "" so classifier-free guidance is possible). An EMA of the weights is
-            what ships.
+            what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
+            (PixArt-α's multi-aspect buckets; those that fit the cached latents), so --data-size above
+            TRAIN_SIZE gives aspect ratios and larger token grids. --arch overrides the transformer's config.
+            Known weakness (measured 2026-12-06): with this schedule ᾱ(t > 700) is ~0, so the ε-loss there
+            hardly depends on the image or caption (per-caption ε-MSE within 10% at t = 300-900), yet the LCM
+            sampler's first step decides the scene family at t = 999: forest and city captions come out as
+            unconditional mixtures. An SNR-aware loss weight (x0 or v weighting at high t) is the next thing to
+            try.
 5. lcm      latent consistency distillation of the EMA ε-model (`stage_lcm`): 4 LCM steps of an un-distilled
             model draw the captions' mean colours, the distilled one draws structure (--lcm-steps 0 skips it).
+            --lcm-guidance w distils the classifier-free-guided teacher (LCM's w; 1: conditional only).
 6. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
             DIR/model/lab_training.json (configs, steps, losses, times).
 
