@@ -171,16 +171,21 @@ def test_output_types_and_callback(pipe):
     assert torch.equal(pt, ref)
 
 
-def test_shared_transformer_and_settings_changes_are_refused(pipe):
+def test_shared_transformer_joins_and_settings_changes_are_refused(pipe):
+    """One state per transformer (issue 22): a second pipeline on it joins with the same settings, restore
+    through either reverts both; other settings are refused."""
     from diffusers import PixArtSigmaPipeline
 
     other = PixArtSigmaPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
                                 transformer=pipe.transformer, scheduler=pipe.scheduler)
     P.accelerate(pipe, int8=None, text_encoder_int8=False)
-    with pytest.raises(RuntimeError, match="another pipeline"):
-        P.accelerate(other, int8=None, text_encoder_int8=False)
-    with pytest.raises(RuntimeError, match="another pipeline"):
-        P.restore(other)
+    assert P.accelerate(other, int8=None, text_encoder_int8=False) is other
+    assert P.state(other) is P.state(pipe)
+    with pytest.raises(RuntimeError, match="other settings"):
+        P.accelerate(other, mode="multidiffusion", int8=None, text_encoder_int8=False)
+    P.restore(other)
+    assert type(pipe) is PixArtAlphaPipeline and type(other) is PixArtSigmaPipeline
+    P.accelerate(pipe, int8=None, text_encoder_int8=False)
     with pytest.raises(RuntimeError, match="restore"):
         P.accelerate(pipe, int8=None, text_encoder_int8=False, keep_original_weights=False)
     assert P.accelerate(pipe, int8=None, text_encoder_int8=False) is pipe

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from tiled_diffusion import reference
-from tiled_diffusion.model.int8 import (Int8Linear, PIXART_KEEP_HIGH_PRECISION, load_quantized, quantize_model,
-                                   restore_linears, save_quantized)
+from tiled_diffusion.model.int8 import (Int8Embedding, Int8Linear, PIXART_KEEP_HIGH_PRECISION, int8_state_dict,
+                                   load_quantized, quantize_model, restore_linears, save_quantized)
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -145,7 +145,10 @@ def test_quantize_model_table_and_restore():
     swapped = quantize_model(model, mode="w8a8", exclude=("proj_out",))
     assert sorted(swapped) == ["attn", "ff.0", "ff.2"]
     assert type(model.proj_out) is nn.Linear and isinstance(model.attn, Int8Linear)
-    assert set(model.state_dict()) == keys_before | {"attn.weight_scale", "ff.0.weight_scale", "ff.2.weight_scale"}
+    assert set(model.state_dict()) == keys_before  # the float layers' keys (issue 22): plain torch reloads it
+    with int8_state_dict():
+        assert set(model.state_dict()) == keys_before | {"attn.weight_scale", "ff.0.weight_scale",
+                                                         "ff.2.weight_scale"}
     assert sqnr_db(ref, model.ff(model.attn(x))) > 25
     restored = restore_linears(model)
     assert sorted(restored) == sorted(swapped)
@@ -251,3 +254,44 @@ def test_int8_embedding_lookup_ties_and_restore():
     restore_embeddings(model, swaps)
     assert model.shared is emb and model.enc.embed_tokens is emb and model.enc.tied is tied
     assert type(model.other) is nn.Embedding
+
+
+def test_state_dict_is_the_float_layers_and_loads_back(recwarn):
+    """Default format: what nn.Linear saves — the kept original exactly, else the dequantized weight (warned)."""
+    torch.manual_seed(3)
+    lin = nn.Linear(67, 45)
+    kept = Int8Linear.from_linear(lin).attach_original(lin)
+    sd = kept.state_dict()
+    assert list(sd) == ["weight", "bias"] and torch.equal(sd["weight"], lin.weight)
+    plain = nn.Linear(67, 45)
+    plain.load_state_dict(Int8Linear.from_linear(lin).state_dict())
+    assert any("dequantized" in str(w.message) for w in recwarn)
+    assert torch.equal(plain.weight, Int8Linear.from_linear(lin).dequantized_weight(torch.float32))
+    # and a float state dict quantizes as it loads: the same integers as from_linear
+    q = Int8Linear(67, 45)
+    q.load_state_dict(lin.state_dict())
+    with int8_state_dict():
+        assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), kept.state_dict().values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cast_keeps_scales_fp32(dtype):
+    torch.manual_seed(4)
+    lin, emb = nn.Linear(67, 45), nn.Embedding(33, 19)
+    q, e = Int8Linear.from_linear(lin).attach_original(lin), Int8Embedding.from_embedding(emb).attach_original(emb)
+    scale = q.weight_scale.clone()
+    q.to(dtype), e.to(dtype)
+    assert q.weight_scale.dtype == e.weight_scale.dtype == torch.float32
+    assert torch.equal(q.weight_scale, scale)  # not rounded through the half type
+    assert q.bias.dtype == dtype and lin.weight.dtype == dtype and emb.weight.dtype == dtype
+    x = torch.randn(5, 67).to(dtype)
+    assert q(x).dtype == dtype and e(torch.tensor([1, 32])).dtype == dtype
+    assert q.state_dict()["weight"].dtype == e.state_dict()["weight"].dtype == dtype
+
+
+def test_concat_is_the_layers_side_by_side():
+    torch.manual_seed(5)
+    layers = [Int8Linear.from_linear(nn.Linear(67, n)) for n in (45, 45, 13)]
+    fused = Int8Linear.concat(layers)
+    x = torch.randn(7, 67)
+    assert torch.equal(fused(x), torch.cat([q(x) for q in layers], dim=-1))

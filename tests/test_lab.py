@@ -48,7 +48,7 @@ def test_captions_use_only_known_words():
 def lab_pipe():
     from tiled_diffusion.lab import models
 
-    return models.load_pipeline()
+    return models.load_lab_pipeline()
 
 
 def test_shipped_model_loads_offline(lab_pipe, monkeypatch):

@@ -5,7 +5,9 @@ import argparse
 import importlib
 import inspect as pyinspect
 import os
+import signal
 import sys
+import threading
 
 SUITES = {  # suite name -> benchmarks/bench_<file>.py
     "gemm": "bench_int8_gemm",
@@ -127,20 +129,37 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the same command on N local ranks
-        from ..parallel.comm import launch_local
-
-        return launch_local(args.argv, args.nproc)
-    from .generate import RequestError, run
+    from . import generate as G
 
     try:
+        if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the same command on N local ranks
+            check_before_launch(args)  # one error line here, not one per rank plus torchrun's report
+            from ..parallel.comm import launch_local  # torch.distributed and the model: only for this path
+
+            return launch_local(args.argv, args.nproc)
         prof = _start_trace(getattr(args, "trace", None))
-        rc = run(args)
+        rc = G.run(args)
         _stop_trace(prof, args.trace)
         return rc
-    except RequestError as e:  # a bad request: one clear line, no traceback
+    except G.RequestError as e:  # a bad request: one clear line, no traceback
         print(f"tiled-diffusion generate: error: {e}", file=sys.stderr)
         return 2
+
+
+def check_before_launch(args: argparse.Namespace) -> None:
+    """What `cli_generate.run` checks before loading, done once in the --nproc launcher. The memory estimate is
+    checked here for CPU ranks (they share this machine's memory); GPU ranks check their own device's."""
+    from . import generate as G
+    from .upscale import check_guidance
+
+    cfg = G.validate(args)
+    try:
+        check_guidance(args, *args.size)
+    except ValueError as e:
+        raise G.RequestError(str(e)) from None
+    su = G.setup(args)
+    if su.device.type == "cpu":
+        G.check_request_memory(args, cfg, su, *args.size)
 
 
 def upscale(args: argparse.Namespace) -> int:
@@ -248,10 +267,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="tiled-diffusion", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    shown = argparse.ArgumentDefaultsHelpFormatter  # every flag's help ends with its default
 
-    g = sub.add_parser("generate", help="generate one image on a tiled canvas")
+    g = sub.add_parser("generate", help="generate one image on a tiled canvas", formatter_class=shown)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--size", type=_size, default=(2048, 2048), help="WIDTHxHEIGHT in pixels (multiples of 16)")
+    g.add_argument("--size", type=_size, default="2048x2048", help="WIDTHxHEIGHT in pixels (multiples of 16)")
     g.add_argument("--steps", type=int, default=4, help="LCM steps (2-4 for PixArt-δ)")
     g.add_argument("--model", default="tiny",
                    help="a local diffusers PixArt folder, or 'tiny' (the built-in lab model, trained on lab/world.py)")
@@ -279,22 +299,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--int8", choices=["auto", "w8a8", "none"], default="auto",
                    help="transformer linear layers: auto = W8A8 where it was measured faster than bf16 on this "
                         "device (the reason is in --json and TILED_DIFFUSION_LOG=info); none also keeps T5 in float")
-    g.add_argument("--guidance-scale", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance (0: off, as LCM)")
+    g.add_argument("--seed", type=int, default=0, help="0 .. 2**64-1")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 (fp16 on GPU)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--max-memory-gb", type=float, default=None, help="refuse requests whose estimate exceeds this")
+    g.add_argument("--max-memory-gb", type=float, default=None,
+                   help="refuse requests whose estimate exceeds this (default: this machine's memory)")
     g.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run on N local processes (torchrun; one device each); under torchrun, leave it out")
-    g.add_argument("--out", default="image.png")
-    g.add_argument("--json", default=None, help="write per-stage timings here")
+    g.add_argument("--out", default="image.png", help="the PNG to write (atomically)")
+    g.add_argument("--json", default=None, help="write a report here: prompt, seed, tiling settings, per-stage "
+                                                "timings, peak memory")
     g.add_argument("--trace", default=None, metavar="OUT.json",
                    help="record a torch.profiler Chrome trace (tiled_diffusion.<phase> ranges) and print the top ops")
     add_guidance_arguments(g)  # --controlnet, --control-image, --control-scale, --region
     g.set_defaults(func=generate)
 
     u = sub.add_parser("upscale", help="upscale an image: resize, tiled encode, noise to a strength, tiled "
-                                       "denoise, tiled decode")
+                                       "denoise, tiled decode", formatter_class=shown)
     add_upscale_arguments(u)
     u.set_defaults(func=upscale)
 
@@ -311,11 +333,39 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt: `finally` blocks run (the temp file of an
+    atomic write is removed) and the command ends with one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .checks import silence_accelerate_notice  # here, not at the top: `--help` stays free of torch
+
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     args.argv = argv  # --nproc re-runs the same command under torchrun
-    return args.func(args)
+    silence_accelerate_notice()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    old = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"tiled-diffusion {args.command}: interrupted (Ctrl-C); no partial output left", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        print(f"tiled-diffusion {args.command}: stopped by SIGTERM; no partial output left", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,10 @@ from ..pipeline.loading import LoadError, load_pipeline
 from ..pipeline.api import encode
 from ..pipeline.swaps import quantize_text_encoder
 from .guidance import check_guidance
+from . import checks as C
+from .checks import RequestError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class RequestError(ValueError):
-    """A bad request, reported before any heavy work starts."""
 
 
 def pipeline_class(path: str):
@@ -199,6 +197,7 @@ def validate(args) -> TiledConfig:
         raise RequestError(f"--mode {args.mode!r}: unknown mode; choose one of {', '.join(MODES)}")
     if args.steps < 1:
         raise RequestError(f"--steps must be >= 1, got {args.steps}")
+    check_request(args)
     try:
         window = getattr(args, "window", None)
         stride = getattr(args, "stride", None)
@@ -211,6 +210,34 @@ def validate(args) -> TiledConfig:
                            head_chunk=getattr(args, "head_chunk", None)).validate()
     except ValueError as e:
         raise RequestError(str(e)) from None
+
+
+def check_request(args) -> None:
+    """Everything about a request that can be checked without loading a model (cli/checks.py): output paths,
+    ranges, conflicting flags, the device, the model folder's parts, the steps its scheduler can take."""
+    C.check_outputs(getattr(args, "out", None), getattr(args, "json", None))
+    C.check_text("--prompt", getattr(args, "prompt", None))
+    C.check_seed(args.seed)
+    C.check_number("--guidance-scale", args.guidance_scale, 0.0)
+    C.check_number("--control-scale", getattr(args, "control_scale", None))
+    C.check_number("--max-memory-gb", getattr(args, "max_memory_gb", None), 0.0, lo_open=True)
+    C.check_number("--overlap", getattr(args, "overlap", None), 0.0)
+    C.check_nproc(getattr(args, "nproc", None))
+    C.check_conflicts(args)
+    C.check_device(args.device)
+    if args.model != "tiny":
+        if not os.path.isdir(args.model):
+            raise RequestError(f"--model {args.model!r}: no such folder (give a local diffusers PixArt folder or "
+                               f"'tiny')")
+        pipeline_class(args.model)
+        C.check_model_folder(args.model)
+    C.check_steps(args.model, args.steps)
+
+
+def memory_limit_gb(args, device: torch.device) -> float:
+    """--max-memory-gb, or by default what the machine has (checks.machine_memory_gb)."""
+    limit = getattr(args, "max_memory_gb", None)
+    return limit if limit is not None else C.machine_memory_gb(device)
 
 
 @dataclasses.dataclass
@@ -283,7 +310,10 @@ def write_outputs(args, image, su: Setup, timings: dict, t_all: float, summary: 
     """Write the PNG atomically, print the summary and the per-stage timings with the peak memory, and write the
     --json report (`report` plus timings, memory, device, dtype and int8)."""
     t0 = time.perf_counter()
-    atomic_write(args.out, lambda p: image.save(p, format="PNG"))
+    try:  # checked writable before the work; what can still fail here is the disk (full, removed): one line
+        atomic_write(args.out, lambda p: image.save(p, format="PNG"))
+    except OSError as e:
+        raise RequestError(f"--out {args.out!r}: writing the image failed ({e.strerror or e})") from None
     timings["write_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
     memory = peak_memory(su.device)
@@ -293,7 +323,30 @@ def write_outputs(args, image, su: Setup, timings: dict, t_all: float, summary: 
         full = {"timings": timings, "memory": memory, **report, "model": args.model, "device": str(su.device),
                 "dtype": str(su.dtype).replace("torch.", ""), "int8": su.int8, "int8_reason": su.int8_reason,
                 "out": args.out}
-        atomic_write(args.json, lambda p: _write_text(p, json.dumps(full, indent=2)))
+        try:
+            atomic_write(args.json, lambda p: _write_text(p, json.dumps(full, indent=2)))
+        except OSError as e:
+            raise RequestError(f"--json {args.json!r}: writing the report failed ({e.strerror or e}); the image "
+                               f"is written") from None
+
+
+def check_request_memory(args, cfg: TiledConfig, su: "Setup", w: int, h: int) -> dict:
+    """The peak-memory estimate of a w × h request against --max-memory-gb or, by default, the machine's memory
+    (nothing loaded: configs and checkpoint headers only); returns the estimate."""
+    vae_config = _vae_config(args.model)
+    est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=su.dtype,
+                          guidance_scale=args.guidance_scale, int8=su.int8, vae=vae_config,
+                          vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+                          text_encoder_bytes=_text_encoder_bytes(args.model, su.dtype, su.text_encoder_int8),
+                          text_encoder_alone=True)
+    try:
+        check_memory(est, memory_limit_gb(args, su.device), cfg)
+    except MemoryError as e:
+        msg = str(e) if getattr(args, "max_memory_gb", None) is not None else str(e).replace(
+            "--max-memory-gb", "this machine's memory (--max-memory-gb sets another limit):", 1)
+        raise RequestError(msg) from None
+    print(f"estimated peak memory {est['total'] / 2**30:.2f} GB ({cfg.mode}, {w}x{h}, {su.dtype})", file=sys.stderr)
+    return est
 
 
 def run(args) -> int:
@@ -309,22 +362,14 @@ def run(args) -> int:
     # --- end guidance ---
     # Under torchrun (or --nproc, which starts torchrun) every rank runs this: one device per rank, rank 0 alone
     # loads the text encoder and writes files (distributed.py).
+    if Dd.launched_by_torchrun():
+        Dd.die_with_parent()  # a killed launcher / torchrun leaves no rank computing
     d = Dd.setup(device=args.device) if Dd.launched_by_torchrun() else None
     if d is not None and (getattr(args, "region", None) or getattr(args, "controlnet", None)):
         raise RequestError("--region and --controlnet are not supported over several processes yet; run them on one")
     su = setup(args, d.device if d is not None else None)
 
-    vae_config = _vae_config(args.model)
-    est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=su.dtype,
-                          guidance_scale=args.guidance_scale, int8=su.int8, vae=vae_config,
-                          vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
-                          text_encoder_bytes=_text_encoder_bytes(args.model, su.dtype, su.text_encoder_int8),
-                          text_encoder_alone=True)
-    try:
-        check_memory(est, args.max_memory_gb, cfg)
-    except MemoryError as e:
-        raise RequestError(str(e)) from None
-    print(f"estimated peak memory {est['total'] / 2**30:.2f} GB ({cfg.mode}, {w}x{h}, {su.dtype})", file=sys.stderr)
+    est = check_request_memory(args, cfg, su, w, h)
 
     # Every model is loaded and quantized on the CPU, then moved: the float T5-XXL (9.5 GB in bf16) never has to
     # fit on the GPU, only its int8 form does, and it has left before the transformer arrives.
@@ -341,5 +386,7 @@ def run(args) -> int:
         return 0
     image = images[0]
     write_outputs(args, image, su, timings, t_all, f"{w}x{h}, {cfg.mode}, {args.steps} steps",
-                  {"size": [w, h], "mode": cfg.mode, "steps": args.steps, "estimated_memory_gb": est["total"] / 2**30})
+                  {"prompt": args.prompt, "seed": args.seed, "guidance_scale": args.guidance_scale,
+                   "size": [w, h], "mode": cfg.mode, "steps": args.steps, "tiling": dataclasses.asdict(cfg),
+                   "nproc": d.world if d is not None else 1, "estimated_memory_gb": est["total"] / 2**30})
     return 0

@@ -8,6 +8,7 @@ img2img steps themselves are `pipeline.upscale` -> `pipeline.generate(image=, st
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from types import SimpleNamespace
@@ -37,13 +38,15 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     image = I.load_image(args.image)  # missing / unreadable: one line, before anything loads
-    if not args.scale > 0:
-        raise I.ImageError(f"--scale must be > 0, got {args.scale}")
+    if not (args.scale > 0 and math.isfinite(args.scale)):
+        raise I.ImageError(f"--scale must be a finite number > 0, got {args.scale}")
     w, h = (max(1, round(v * args.scale)) for v in image.size)
     I.check_strength(args.strength, args.steps)
     guidance = check_guidance(args, w, h, control_required=False)
-    cfg = G.validate(SimpleNamespace(**{**vars(args), "size": I.padded_size(w, h)}))
+    padded = I.padded_size(w, h)
+    cfg = G.validate(SimpleNamespace(**{**vars(args), "size": padded}))
     su = G.setup(args)
+    G.check_request_memory(args, cfg, su, *padded)  # against the machine's memory, before anything loads
     embeds, mask = G.encode_prompt(args, su.device, su.dtype, su.text_encoder_int8, timings)
     pipe, extra = G.prepare_pipeline(args, cfg, su, timings, guidance)
     if guidance.controlnet and guidance.control_image is None:  # the input's own soft edges, at the output size

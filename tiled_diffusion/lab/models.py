@@ -85,7 +85,7 @@ def _read(folder: str, component: str, file: str) -> dict:
     return load_file(os.path.join(folder, component, file))
 
 
-def load_pipeline(folder: str = MODEL_DIR):
+def load_lab_pipeline(folder: str = MODEL_DIR):
     """The lab's trained PixArtAlphaPipeline from a folder written by `lab.train` (the shipped one by default), on
     the CPU in fp32, offline.
 
@@ -97,7 +97,7 @@ def load_pipeline(folder: str = MODEL_DIR):
 
     from diffusers import PixArtAlphaPipeline
 
-    from ..tiny import tiny_text_encoder, tiny_tokenizer
+    from .text import tiny_text_encoder, tiny_tokenizer
 
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"no lab model in {folder!r} (train one: python -m tiled_diffusion.lab.train --out DIR)")

@@ -175,7 +175,7 @@ def accelerated_pipeline(model_dir: Optional[str] = None):
     is the config pipe(...) uses; `_generate` overrides it per call for the other modes."""
     from .. import pipeline as P
 
-    pipe = models.load_pipeline(model_dir or models.MODEL_DIR)
+    pipe = models.load_lab_pipeline(model_dir or models.MODEL_DIR)
     P.accelerate(pipe, int8=None, text_encoder_int8=False, mode="cross_tile", tile=CROSS_TILE_PX, radius=1,
                  window=None)
     return pipe

@@ -221,7 +221,7 @@ def stage_latents(cache: str, vae, images: torch.Tensor) -> tuple[torch.Tensor, 
 def caption_embeddings(texts) -> tuple[torch.Tensor, torch.Tensor]:
     """[K, 120, 32] embeddings and [K, 120] masks of the frozen tiny T5, as PixArtAlphaPipeline.encode_prompt makes
     them (lower-cased, padded to 120 tokens, attention mask kept)."""
-    from ..tiny import SEED, tiny_text_encoder, tiny_tokenizer
+    from .text import SEED, tiny_text_encoder, tiny_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)  # the same draw order as tiny.tiny_pipeline: the tokenizer, then T5
@@ -411,7 +411,7 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
 def export(args, out: str, vae, transformer, scale: float, meta: dict) -> str:
     from diffusers import PixArtAlphaPipeline
 
-    from ..tiny import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
+    from .text import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

@@ -9,12 +9,19 @@ AttnProcessor2_0, exactly.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
+                                                  FusedAttnProcessor2_0)
 
 from .. import ops
+from .int8 import Int8Linear
+
+# The processors the tiled one stands in for: plain softmax attention, which CrossTileAttnProcessor computes
+# windowed over neighbour tiles (and as they do, through them, when no canvas is set).
+PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
 
 
 class TileContext:
@@ -185,11 +192,13 @@ class CrossTileAttnProcessor:
     """Self-attention (attn1) over neighbour tiles of the canvas; AttnProcessor2_0 whenever no grid is set.
 
     hidden_states [B, N, C] must be in tile-major token order (CanvasPatchEmbed does that once per forward).
+    plain: the processor used when no canvas is set (AttnProcessor2_0, or the one it was put in place of: e.g.
+    FusedAttnProcessor2_0 after `fuse_qkv_projections`). Fused projections (`attn.to_qkv`) are read as such.
     """
 
-    def __init__(self, context: TileContext):
+    def __init__(self, context: TileContext, plain=None):
         self.context = context
-        self._plain = AttnProcessor2_0()
+        self._plain = plain if plain is not None else AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -198,28 +207,37 @@ class CrossTileAttnProcessor:
                 or attention_mask is not None or hidden_states.ndim != 3 or attn.spatial_norm is not None
                 or attn.group_norm is not None):
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        B, N, _ = hidden_states.shape
+        if getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)  # one GEMM, as FusedAttnProcessor2_0
+        else:
+            query = attn.to_q(hidden_states)
+            key = attn.to_k(hidden_states)
+            value = attn.to_v(hidden_states)
+        inner = key.shape[-1]
+        H = attn.heads
+        D = inner // H
+        if ctx.neighborhood is not None:  # token-centred windows: raster order, N = Ht·Wt canvas tokens
+            Ht, Wt = ctx.canvas_tokens
+            if Ht * Wt != N:
+                raise ValueError(f"CrossTileAttnProcessor: {N} tokens for a {Ht}x{Wt}-token canvas")
+            # [B, N, H*D] -> [B, H, Ht, Wt, D] views (no copy; the op gathers its query blocks and key bands itself)
+            q, k, v = (t.view(B, Ht, Wt, H, D).permute(0, 3, 1, 2, 4) for t in (query, key, value))
+        else:  # tile-blocked windows: [B, T*L, H*D] -> [B*T, H, L, D], a tile is a contiguous run of L tokens
+            L = ctx.grid.tokens_per_tile
+            q, k, v = (t.reshape(B * (N // L), L, H, D).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
         if ctx.neighborhood is not None:
-            return self._neighborhood(attn, hidden_states)
-        residual = hidden_states
-        B, N, _ = hidden_states.shape
-        L = ctx.grid.tokens_per_tile
-        T = N // L
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner = key.shape[-1]
-        H = attn.heads
-        D = inner // H
-        # [B, T*L, H*D] -> [B*T, H, L, D]: tokens are tile-major, so a tile is a contiguous run of L tokens.
-        q, k, v = (t.reshape(B * T, L, H, D).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if q.device.type != "cpu":  # the CPU path reads these token-major views as they are (no copy)
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = ctx.attend(q, k, v)
-        out = out.transpose(1, 2).reshape(B, N, inner).to(query.dtype)
+            out = ctx.attend_neighborhood(q, k, v).permute(0, 2, 3, 1, 4)
+        else:
+            if q.device.type != "cpu":  # the CPU path reads these token-major views as they are (no copy)
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out = ctx.attend(q, k, v).transpose(1, 2)
+        out = out.reshape(B, N, inner).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:
@@ -227,30 +245,59 @@ class CrossTileAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-    def _neighborhood(self, attn, hidden_states):
-        """attn1 with token-centred windows: hidden_states [B, N, C] in raster order, N = Ht·Wt canvas tokens."""
-        ctx = self.context
-        residual = hidden_states
-        B, N, _ = hidden_states.shape
-        Ht, Wt = ctx.canvas_tokens
-        if Ht * Wt != N:
-            raise ValueError(f"CrossTileAttnProcessor: {N} tokens for a {Ht}x{Wt}-token canvas")
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner = key.shape[-1]
-        H = attn.heads
-        D = inner // H
-        # [B, N, H*D] -> [B, H, Ht, Wt, D] views (no copy; the op gathers its query blocks and key bands itself)
-        q, k, v = (t.view(B, Ht, Wt, H, D).permute(0, 3, 1, 2, 4) for t in (query, key, value))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = ctx.attend_neighborhood(q, k, v)
-        out = out.permute(0, 2, 3, 1, 4).reshape(B, N, inner).to(query.dtype)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+class TiledProcessors:
+    """Mixin of the accelerated transformer class (canvas.canvas_class): diffusers' processor API keeps tiling.
+
+    `set_attn_processor` (and so `set_default_attn_processor`, `fuse_qkv_projections`, `unfuse_qkv_projections`)
+    would otherwise replace the tiled self-attention and silently turn the canvas into global O(N²) attention.
+    Design: a plain softmax processor (PLAIN_PROCESSORS) asked for an attn1 is taken as "compute attention this
+    way": it becomes the tiled processor's no-canvas fallback, so tiling stays and nothing changes numerically for
+    a single tile. Any other processor is installed as asked (the user's own attention wins) with a warning that
+    the canvas's self-attention is then no longer tiled. `fuse_qkv_projections` also fuses int8 layers (exactly:
+    per-channel scales concatenate)."""
+
+    def set_attn_processor(self, processor):
+        st = self.__dict__.get("_tiled_diffusion")
+        if st is None:  # accelerate / restore in progress: plain diffusers behaviour
+            return super().set_attn_processor(processor)
+        names = list(self.attn_processors)
+        procs = processor if isinstance(processor, dict) else {k: processor for k in names}
+        custom = []
+
+        def tiled(name, p):
+            if not name.endswith("attn1.processor") or isinstance(p, CrossTileAttnProcessor):
+                return p
+            if type(p) in PLAIN_PROCESSORS:
+                return CrossTileAttnProcessor(st.context, plain=p)
+            custom.append(type(p).__name__)
+            return p
+
+        procs = {k: tiled(k, v) for k, v in procs.items()}
+        if custom:
+            warnings.warn(f"tiled_diffusion: {sorted(set(custom))[0]} replaces the tiled self-attention of "
+                          f"{len(custom)} block(s): their attention now spans the whole canvas (O(N²) memory and "
+                          f"time); set a plain processor (AttnProcessor2_0) or call tiled_diffusion.restore() and "
+                          f"accelerate() again to tile it", stacklevel=2)
+        return super().set_attn_processor(procs)
+
+    def fuse_qkv_projections(self):
+        if self.__dict__.get("_tiled_diffusion") is None:
+            return super().fuse_qkv_projections()
+        self.original_attn_processors = self.attn_processors
+        for m in self.modules():
+            if not isinstance(m, Attention):
+                continue
+            names = ("to_k", "to_v") if m.is_cross_attention else ("to_q", "to_k", "to_v")
+            layers = [getattr(m, n) for n in names]
+            if any(isinstance(layer, Int8Linear) for layer in layers):  # diffusers' fusion builds int8 nn.Linear
+                setattr(m, "to_kv" if m.is_cross_attention else "to_qkv", Int8Linear.concat(layers))
+                m.fused_projections = True
+            else:
+                m.fuse_projections(fuse=True)
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+
+def attention_flops(tokens_q: int, keys_per_query: float, heads: int, head_dim: int) -> float:
+    """FLOPs of one attention (QKᵀ and PV): 4 * Nq * Nk * H * D."""
+    return 4.0 * tokens_q * keys_per_query * heads * head_dim
+

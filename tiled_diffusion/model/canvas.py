@@ -40,6 +40,7 @@ import torch
 from .. import ops
 from ..core.config import VAE_SCALE_FACTOR, TiledConfig
 from ..core.tiling import TileGrid
+from .attention import TiledProcessors
 
 
 def token_grid(cfg: TiledConfig, lat_h: int, lat_w: int, patch: int, step: int,
@@ -291,4 +292,5 @@ def _training_field(config, default: int) -> int:
 def canvas_class(cls: type) -> type:
     """The subclass of a transformer class with the canvas forward (one per class, so restore can swap back).
     It keeps the base class's __name__, which diffusers writes as `_class_name` into saved configs."""
-    return type(cls.__name__, (CanvasForward, cls), {"__module__": __name__, "__qualname__": f"Canvas{cls.__name__}"})
+    return type(cls.__name__, (CanvasForward, TiledProcessors, cls),
+                {"__module__": __name__, "__qualname__": f"Canvas{cls.__name__}"})

@@ -128,16 +128,17 @@ class PixArtControlNet(nn.Module):
     def from_transformer(cls, transformer, num_layers: int = 13, conditioning_scale: float = 1.0):
         """Copies of the first `num_layers` base blocks with zero projections: the initialisation of ControlNet
         training, and a no-op adapter until trained. An int8 base gives int8 copies (the same int8 weights)."""
-        from .int8 import Int8Linear
+        from .int8 import Int8Linear, int8_state_dict
 
         net = cls(transformer.config, num_layers, conditioning_scale)
         _check_depth(transformer, num_layers)
         modes = {m.mode for m in transformer.transformer_blocks[0].modules() if isinstance(m, Int8Linear)}
         if modes:  # an int8 base (accelerated): int8 copies of its int8 layers, exact
             net.quantize(modes.pop())
-        for i, blk in enumerate(net.controlnet_blocks):
-            src = transformer.transformer_blocks[i].state_dict()
-            blk.transformer_block.load_state_dict(src)
+        with int8_state_dict():  # int8 copies of int8 layers in the int8 format: exact, no re-quantization
+            for i, blk in enumerate(net.controlnet_blocks):
+                src = transformer.transformer_blocks[i].state_dict()
+                blk.transformer_block.load_state_dict(src)
         p = next(transformer.parameters())
         return net.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
 

@@ -6,8 +6,16 @@ Two modes:
 - ``w8a16``: weight-only int8 (dequantized to the activation dtype per call). For the T5 text encoder, whose
   activation outlier channels make per-token W8A8 too lossy.
 
-State dict of an Int8Linear: ``weight`` (int8 [N, K]), ``weight_scale`` (fp32 [N]) and ``bias`` — the nn.Linear keys
-plus one. Loading a float ``weight`` (an unquantized checkpoint) into an Int8Linear quantizes it on the fly.
+State dict (issue 22): by default an Int8Linear / Int8Embedding saves what the float layer it replaced would
+save — ``weight`` in the float dtype under the float name, no extra key — so `save_pretrained` after `accelerate`
+writes a checkpoint plain diffusers / transformers reload as the right model: the original float weight when the
+layer keeps it (`attach_original`, accelerate's default keep_original_weights=True), else the dequantized int8
+weight (≤ half a quantization step, absmax/254, off per weight; a warning says so). Loading a float ``weight``
+quantizes it on the fly (and updates the kept original). The int8 format — ``weight`` int8 [N, K] plus
+``weight_scale`` fp32 [N] — is what `save_quantized` / `load_quantized` and `int8_state_dict()` use.
+
+The scales stay fp32 through `.to(dtype)` / `.half()` (the kernels require fp32 scales); the float dtype a layer
+saves and computes in (`float_dtype`) follows the cast.
 
 Memory on the CPU: the w8a8 kernel reads its own blocked copy of the weight, so a layer normally holds the weight
 twice. `Int8Linear.pack_only_()` (what `accelerate(..., keep_original_weights=False)` uses) drops the plain copy;
@@ -17,8 +25,10 @@ it is rebuilt exactly from the packed one whenever something needs it (state_dic
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -86,6 +96,43 @@ def resolve_mode(requested: Optional[str], device) -> tuple[Optional[str], str]:
     return mode, reason
 
 
+_INT8_FORMAT = [False]  # True inside int8_state_dict(): state_dict() gives int8 weights and their scales
+
+
+@contextlib.contextmanager
+def int8_state_dict():
+    """Within it, Int8Linear / Int8Embedding save and expect the int8 format (``weight`` int8 + ``weight_scale``):
+    for checkpoints of the quantized model itself and for exact int8 copies between modules."""
+    old, _INT8_FORMAT[0] = _INT8_FORMAT[0], True
+    try:
+        yield
+    finally:
+        _INT8_FORMAT[0] = old
+
+
+def _dequantized_warning(kind: str) -> None:
+    warnings.warn(f"tiled_diffusion: saving {kind} layers as dequantized float weights (their float originals were "
+                  f"not kept: keep_original_weights=False or an int8-streamed load); each weight is off by at most "
+                  f"half an int8 step (absmax/254 of its row)", stacklevel=4)
+
+
+def _cast_dtype(fn, dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype a float tensor of `dtype` has after a Module._apply function (`.to(dtype)`, `.half()`, ...)."""
+    probe = fn(torch.empty(0, dtype=dtype, device=device))
+    return probe.dtype if probe.is_floating_point() else dtype
+
+
+def _float_state(module: nn.Module, original: Optional[nn.Module], weight_fn, prefix: str, destination: dict,
+                 keep_vars: bool) -> None:
+    """The float layer's state dict entries: the kept original's weight, else the dequantized one."""
+    if original is not None:
+        w = original.weight
+    else:
+        _dequantized_warning(type(module).__name__)
+        w = weight_fn()
+    destination[prefix + "weight"] = w if keep_vars else w.detach()
+
+
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: w [N, K] float -> (w_i8 [N, K], scale [N] fp32)."""
     return ops.quantize_per_token(w.detach())
@@ -114,6 +161,8 @@ class Int8Linear(nn.Module):
         self._packed: Optional[torch.Tensor] = None  # CPU VNNI layout, made once per weight version
         self._packed_key: Optional[tuple] = None
         self._pack_only = False  # True: self.weight is None and _packed is the only copy (CPU, w8a8)
+        self.float_dtype = bias_dtype  # what the float layer held: state_dict's dtype, follows .to(dtype)
+        self.__dict__["_original"] = None  # the replaced nn.Linear (not a submodule: no keys, no .to() device moves)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8") -> "Int8Linear":
@@ -126,7 +175,33 @@ class Int8Linear(nn.Module):
             q.bias = linear.bias.detach().clone()
         if mode == "w8a16" and linear.weight.dtype == torch.float32:
             q.float_dtype_probe = torch.empty(0, dtype=torch.float32, device=linear.weight.device)
+        q.float_dtype = linear.weight.dtype
         q.packed_weight()  # pack now, not in the first forward
+        return q
+
+    def attach_original(self, linear: Optional[nn.Linear]) -> "Int8Linear":
+        """Keep `linear` (the layer this one replaced) as what state_dict saves: the exact float weights."""
+        self.__dict__["_original"] = linear
+        return self
+
+    @classmethod
+    def concat(cls, layers: list["Int8Linear"]) -> "Int8Linear":
+        """One layer computing `layers` side by side (outputs concatenated): fused QKV. Exact — the scales are per
+        output channel, so the rows and their scales are only stacked."""
+        modes = {q.mode for q in layers}
+        if len(modes) != 1 or len({q.in_features for q in layers}) != 1:
+            raise ValueError("Int8Linear.concat: layers must share mode and in_features")
+        bias = all(q.bias is not None for q in layers)
+        if not bias and any(q.bias is not None for q in layers):
+            raise ValueError("Int8Linear.concat: either every layer has a bias or none")
+        q = cls(layers[0].in_features, sum(l.out_features for l in layers), bias, modes.pop(), device="meta",
+                bias_dtype=layers[0].bias.dtype if bias else torch.float32)
+        q.weight = torch.cat([l.int8_weight() for l in layers])
+        q.weight_scale = torch.cat([l.weight_scale for l in layers])
+        if bias:
+            q.bias = torch.cat([l.bias for l in layers])
+        q.float_dtype = layers[0].float_dtype
+        q.packed_weight()
         return q
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -216,6 +291,13 @@ class Int8Linear(nn.Module):
         if w is not None and w.is_floating_point():  # an unquantized checkpoint: quantize it as it loads
             state_dict = dict(state_dict)
             state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = quantize_weight(w.float())
+            orig = self._original
+            if orig is not None and tuple(w.shape) == tuple(orig.weight.shape):  # it stays what state_dict saves
+                with torch.no_grad():
+                    orig.weight.copy_(w)
+                    b = state_dict.get(prefix + "bias")
+                    if orig.bias is not None and b is not None and b.shape == orig.bias.shape:
+                        orig.bias.copy_(b)
         was = self._unpack_only()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -223,6 +305,12 @@ class Int8Linear(nn.Module):
             self.pack_only_()  # packed_weight() re-packs: the loaded weight has a new version
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not _INT8_FORMAT[0]:  # the float layer's keys and dtype (module docstring)
+            _float_state(self, self._original, lambda: self.dequantized_weight(self.float_dtype), prefix,
+                         destination, keep_vars)
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            return
         if not self._pack_only:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         self._buffers["weight"] = self.int8_weight()  # same key order as a plain layer; dropped again below
@@ -233,9 +321,19 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.half() map buffers; the packed copy is a CPU-only plain attribute, so move the plain
-        # weight and re-pack if it is still on the CPU.
+        # weight and re-pack if it is still on the CPU. The scales stay fp32 whatever the cast (the kernels'
+        # contract); the float dtype follows it, and a kept original is cast too but stays where it is (on the
+        # CPU: moving it with the layer would hold the float model on the accelerator beside the int8 one).
+        scale = self.weight_scale
+        new_dtype = _cast_dtype(fn, self.float_dtype, scale.device)
         was = self._unpack_only()
         out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self._buffers["weight_scale"] = scale.to(self.weight_scale.device, torch.float32)
+        if new_dtype != self.float_dtype:
+            self.float_dtype = new_dtype
+            if self._original is not None:
+                self._original.to(new_dtype)
         if self.packed_weight() is None:  # moved off the CPU: the packed copy is dead weight
             self._packed = self._packed_key = None
         if was:
@@ -259,6 +357,7 @@ class Int8Embedding(nn.Module):
                                                                                   padding_idx, dtype)
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+        self.__dict__["_original"] = None  # the replaced nn.Embedding, what state_dict saves (see Int8Linear)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
@@ -267,6 +366,39 @@ class Int8Embedding(nn.Module):
         q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.weight.dtype, device="meta")
         q.weight, q.weight_scale = quantize_weight(emb.weight)
         return q
+
+    def attach_original(self, emb: Optional[nn.Embedding]) -> "Int8Embedding":
+        self.__dict__["_original"] = emb
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.is_floating_point():  # a float table: quantize it as it loads (see Int8Linear)
+            state_dict = dict(state_dict)
+            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = quantize_weight(w.float())
+            if self._original is not None and tuple(w.shape) == tuple(self._original.weight.shape):
+                with torch.no_grad():
+                    self._original.weight.copy_(w)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if _INT8_FORMAT[0]:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        _float_state(self, self._original, self.dequantized_weight, prefix, destination, keep_vars)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale  # fp32 through casts, as Int8Linear's; the output dtype follows the cast
+        new_dtype = _cast_dtype(fn, self.dtype, scale.device)
+        out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self._buffers["weight_scale"] = scale.to(self.weight_scale.device, torch.float32)
+        if new_dtype != self.dtype:
+            self.dtype = new_dtype
+            if self._original is not None:
+                self._original.to(new_dtype)
+        return out
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype or self.dtype)
@@ -386,11 +518,14 @@ def save_quantized(module: nn.Module, path: str) -> None:
     """Write the module's state dict (int8 weights and scales included) as safetensors."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+    with int8_state_dict():
+        state = module.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
 
 
 def load_quantized(module: nn.Module, path: str, strict: bool = True) -> None:
     """Load a state dict written by `save_quantized` into a module already swapped by `quantize_model`."""
     from safetensors.torch import load_file
 
-    module.load_state_dict(load_file(path, device=str(next(module.buffers()).device)), strict=strict)
+    with int8_state_dict():
+        module.load_state_dict(load_file(path, device=str(next(module.buffers()).device)), strict=strict)

@@ -789,11 +789,43 @@ def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
             "-m", "tiled_diffusion", *out]
 
 
-def launch_local(argv: Sequence[str], nproc: int) -> int:
-    """Run `tiled-diffusion <argv>` on `nproc` local ranks through torchrun; returns its exit status."""
+def launch_local(argv: Sequence[str], nproc: int, grace_s: float = 30.0) -> int:
+    """Run `tiled-diffusion <argv>` on `nproc` local ranks through torchrun; returns its exit status.
+
+    SIGTERM / SIGINT to this launcher (a supervisor, `kill PID`, Ctrl-C) are forwarded to torchrun, which stops
+    its workers (SIGTERM, then SIGKILL after its own grace period); the launcher waits for it, so no worker outlives
+    the command, and returns 128 + the signal. torchrun runs in a session of its own so a terminal's Ctrl-C
+    reaches it once, through here; each worker also dies with torchrun (`die_with_parent`, set in the CLI)."""
+    import signal
     import subprocess
 
-    return subprocess.call(torchrun_command(argv, nproc))
+    proc = subprocess.Popen(torchrun_command(argv, nproc), start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=grace_s if received else None)
+                break
+            except subprocess.TimeoutExpired:  # torchrun did not stop its workers in time: end the lot
+                proc.kill()
+                rc = proc.wait()
+                break
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received else rc
+
+
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent exits (a torchrun worker whose torchrun was killed)."""
+    _die_with_parent()
 
 
 def _free_port() -> int:

@@ -108,6 +108,8 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
     # --- end guidance ---
     embeds, mask = prompt_embeds if prompt_embeds is not None else encode(pipe, prompt, negative_prompt,
                                                                          guidance_scale)
+    # a list of prompts is a batch of images, as pipe([...]) (regional embeds are per region, not per image)
+    batch = 1 if regional is not None else embeds.shape[0] // (2 if guidance_scale > 1.0 else 1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # --- guidance (issue 10) ---
     latents, strength = None, (None if image is None else (0.5 if strength is None else strength))
@@ -127,7 +129,7 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
             guided.enter_context(controlnet.applied(pipe.transformer, control, control_scale))
         lat = denoise(pipe.transformer, pipe.scheduler, embeds, mask, height=height, width=width, steps=steps,
                       cfg=cfg, guidance_scale=guidance_scale, generator=gen, progress=progress, latents=latents,
-                      strength=strength)
+                      strength=strength, batch=batch)
     timings["denoise_s"] = time.perf_counter() - t0
     if output_type == "latent":
         return lat

@@ -28,7 +28,7 @@ def load_image(path: str):
     try:
         img = Image.open(path)
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:  # bombs: > 179 MP
         raise ImageError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
     return to_rgb(img, source=path)

@@ -108,6 +108,12 @@ def _apply_int8(module, mode: str, exclude, keep: bool, embeddings: bool = False
             if isinstance(m, int8.Int8Linear):
                 m.pack_only_()
     tables = int8.quantize_embeddings(module) if embeddings else []
+    if keep:  # state_dict / save_pretrained then write these exact float weights (int8.py's docstring)
+        for name in swapped:
+            module.get_submodule(name).attach_original(originals[name])
+        for emb, q, _ in tables:
+            if q._original is None:
+                q.attach_original(emb)
     return {"swapped": swapped, "originals": {n: originals[n] for n in swapped} if keep else None,
             "embeddings": tables}
 
@@ -120,6 +126,10 @@ def _revert_int8(module, rec):
         int8.restore_linears(module)
         return
     for name, lin in rec["originals"].items():
+        q = module.get_submodule(name)
+        if isinstance(q, int8.Int8Linear):  # the original followed its dtype casts; it joins it on its device too
+            q.attach_original(None)
+            lin.to(q.weight_scale.device)
         int8._set_submodule(module, name, lin)
 
 
@@ -275,8 +285,10 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     (core.config.DEFAULT_TILE_PX: 512 for cross_tile, 1024 for multidiffusion). window / stride: cross_tile's
     token-centred windows in multiples of the model's training size (window=None: tile-blocked windows of
     (2·radius+1) tiles). Other knobs: see core.config.TiledConfig.
-    Afterwards `pipe(...)` itself is tiled (canvas.py). A transformer shared by two pipelines is accelerated
-    through one of them; accelerating it through the other raises.
+    Afterwards `pipe(...)` itself is tiled (canvas.py). One acceleration state per transformer: any pipeline built
+    on it (`PixArtSigmaPipeline(**pipe.components)`) runs it tiled; `accelerate(other)` with the same settings
+    gives `other` the swaps that belong to it (its `__call__`, a text encoder or VAE it does not share) and
+    `restore` through any of them reverts them all. Other settings raise (restore first).
     keep_original_weights=False is the inference-only, least-memory setting: the float layers are not kept (restore
     rebuilds them from the int8 weights) and, on the CPU, W8A8 layers keep only the kernel's packed weight.
     """
@@ -293,15 +305,14 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     te_int8 = bool(text_encoder_int8 and comps["text_encoder"] is not None)
     existing: Optional[AccelerateState] = getattr(tr, "_tiled_diffusion", None)
     if existing is not None:
-        if existing.owner() is not pipe:
-            raise RuntimeError("accelerate: this transformer is already accelerated through another pipeline (or "
-                               "as a bare transformer); call tiled_diffusion.restore() on that one first")
         same = (existing.config == cfg and existing.int8 == int8 and existing.text_encoder_int8 == te_int8
                 and existing.keep_original_weights == keep_original_weights)
-        if same:
-            return pipe
-        raise RuntimeError("accelerate: this pipeline is already accelerated with other settings; "
-                           "call tiled_diffusion.restore(pipe) first")
+        if not same:
+            raise RuntimeError("accelerate: this transformer is already accelerated with other settings (mode "
+                               f"{existing.config.mode}, int8={existing.int8}, text_encoder_int8="
+                               f"{existing.text_encoder_int8}); call tiled_diffusion.restore(pipe) first")
+        _attach(existing, comps)
+        return pipe
     vsf = getattr(comps["pipeline"], "vae_scale_factor", None) or 8
     st = AccelerateState(cfg, TileContext(cfg), int8, te_int8, keep_original_weights, vae_scale_factor=vsf,
                          owner=weakref.ref(pipe))
@@ -317,6 +328,25 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     return pipe
 
 
+def _attach(st: AccelerateState, comps: dict) -> None:
+    """Apply to another pipeline on the same transformer the swaps whose component it does not share with the
+    pipelines already accelerated (at least its own class; a text encoder or VAE of its own too)."""
+    done = {(name, id(target)) for name, target, _ in st.records}
+    mark = len(st.records)
+    try:
+        for name, comp, when, apply, _ in SWAPS:
+            target = comps[comp]
+            if comp != "transformer" and target is not None and when(st) and (name, id(target)) not in done:
+                if comp == "pipeline" and isinstance(target, _TiledCall):
+                    continue  # accelerated through a transformer it shares with another pipeline before
+                st.records.append((name, target, apply(target, st)))
+    except Exception:
+        while len(st.records) > mark:
+            name, target, rec = st.records.pop()
+            {n: r for n, _, _, _, r in SWAPS}[name](target, rec)
+        raise
+
+
 def _revert_records(st: AccelerateState) -> None:
     reverts = {name: revert for name, _, _, _, revert in SWAPS}
     while st.records:
@@ -325,15 +355,13 @@ def _revert_records(st: AccelerateState) -> None:
 
 
 def restore(pipe):
-    """Undo accelerate(pipe) exactly (modules, processors, classes, hooks); returns pipe. No-op if not accelerated."""
+    """Undo accelerate(pipe) exactly (modules, processors, classes, hooks) — for every pipeline sharing its
+    transformer; returns pipe. No-op if not accelerated."""
     tr = _components(pipe)["transformer"]
     st: Optional[AccelerateState] = getattr(tr, "_tiled_diffusion", None)
     if st is None:
         return pipe
-    if st.owner() is not pipe and st.owner() is not None:
-        raise RuntimeError("restore: this transformer was accelerated through another pipeline (or as a bare "
-                           "transformer); call tiled_diffusion.restore() on that one")
-    _revert_records(st)
+    _revert_records(st)  # every pipeline accelerated on this transformer (see accelerate)
     del tr._tiled_diffusion
     return pipe
 
