@@ -69,7 +69,7 @@ def _transformer(width: int, heads: int, head_dim: int, caption: int, blocks: in
 
 def _worker(rank: int, world: int, p: dict) -> dict:
     """Build the transformer, run `warmup + steps` canvas forwards; per-step timings and counters."""
-    from tiled_diffusion.parallel import comm as D
+    from tiled_diffusion import parallel as D
     from tiled_diffusion import pipeline as P
 
     dtype = getattr(torch, p["dtype"])
@@ -111,7 +111,7 @@ def _worker(rank: int, world: int, p: dict) -> dict:
 def _ranks(fn, world: int, p: dict, timeout_s: float, kind: str, preload: tuple) -> list[tuple[int, dict, dict]]:
     """fn on `world` local gloo ranks (2 // world threads each: the 2 cores split evenly); per rank (rank, its
     report or None, the row's common columns, with the failure as a note)."""
-    from tiled_diffusion.parallel import comm as D
+    from tiled_diffusion import parallel as D
 
     results = D.run_local(fn, world, (p,), timeout_s=timeout_s, threads=max(1, 2 // world),
                           preload=("torch", "tiled_diffusion.parallel.comm") + preload + (__name__,))
@@ -165,7 +165,7 @@ def step_flops(pixels: int, blocks: int, hidden: int = HIDDEN, tile_px: int = TI
 def halo_bytes_per_step(pixels: int, ranks: int, blocks: int, hidden: int = HIDDEN, tile_px: int = TILE_PX,
                         radius: int = RADIUS, elem: int = 2) -> dict:
     """K/V bytes a middle rank sends per step (both neighbours), from the same HaloLayout the run uses."""
-    from tiled_diffusion.parallel import comm as D
+    from tiled_diffusion import parallel as D
     from tiled_diffusion.core.tiling import TileGrid
 
     lat = pixels // 8
@@ -215,7 +215,7 @@ def projections() -> list[dict]:
 
 def _vae_worker(rank: int, world: int, p: dict) -> dict:
     """One decode of a pixels² canvas (banded, one band per rank's share: `vae.decode` with dist), timed."""
-    from tiled_diffusion.parallel import comm as D
+    from tiled_diffusion import parallel as D
     from tiled_diffusion.parallel.vae import RowPartition
     from tiled_diffusion.vae import banded as V
 

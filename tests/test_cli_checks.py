@@ -160,7 +160,7 @@ def test_decompression_bomb_image(tmp_path, capsys, monkeypatch):
 
 
 def test_nproc_bad_request_is_one_line_from_the_launcher(tmp_path, capsys, monkeypatch):
-    from tiled_diffusion.parallel import comm as distributed
+    from tiled_diffusion import parallel as distributed
 
     monkeypatch.setattr(distributed, "launch_local", lambda *a: pytest.fail("workers started"))
     assert "--steps must be in" in one_line(capsys, gen(tmp_path, "--nproc", "2", "--steps", "51"))

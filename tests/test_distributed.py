@@ -1,4 +1,4 @@
-"""tiled_diffusion.parallel.comm: bands, halo attention over real gloo process groups, faults.
+"""tiled_diffusion.parallel: bands, halo attention over real gloo process groups, faults.
 
 Multi-process tests start 2-4 CPU processes (`distributed.run_local`), each initialising its gloo group from
 the torchrun environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) exactly as under torchrun.
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tiled_diffusion import pipeline as P
-from tiled_diffusion.parallel import comm as D
+from tiled_diffusion import parallel as D
+from tiled_diffusion.parallel import comm
 from tiled_diffusion.parallel.vae import RowPartition
 from tiled_diffusion.core.tiling import TileGrid
 
@@ -395,14 +396,14 @@ def test_send_recv_stages_host_tensors_through_the_group_device(monkeypatch):
             return True
 
     def fake_batch(ops):
-        sends = [t for op, t in posted if op is D.dist.isend]
-        recvs = [t for op, t in posted if op is D.dist.irecv]
+        sends = [t for op, t in posted if op is comm.dist.isend]
+        recvs = [t for op, t in posted if op is comm.dist.irecv]
         for s, r in zip(sends, recvs):
             r.copy_(s)
         return [FakeWork()]
 
-    monkeypatch.setattr(D.dist, "P2POp", FakeOp)
-    monkeypatch.setattr(D.dist, "batch_isend_irecv", fake_batch)
+    monkeypatch.setattr(comm.dist, "P2POp", FakeOp)
+    monkeypatch.setattr(comm.dist, "batch_isend_irecv", fake_batch)
     d = D.Dist(group=None, rank=0, world=2, device=torch.device("cuda", torch.cuda.current_device()),
                timeout=datetime.timedelta(seconds=5))
     snd = torch.randn(3, 7, 5).to(memory_format=torch.contiguous_format)
@@ -467,8 +468,8 @@ def test_nccl_waits_are_stream_waits_and_gloo_keeps_the_timeout():
             return True
 
     td = datetime.timedelta(seconds=7)
-    D._wait([Work()], td, "test", on_stream=True)
-    D._wait([Work()], td, "test")
+    comm._wait([Work()], td, "test", on_stream=True)
+    comm._wait([Work()], td, "test")
     assert calls == [(), (td,)]
     d = D.Dist(group=None, rank=0, world=2, device=torch.device("cpu"), timeout=td)
-    assert D._nccl(d) is False
+    assert comm._nccl(d) is False

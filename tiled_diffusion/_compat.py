@@ -14,7 +14,7 @@ import warnings
 MOVED = {  # old submodule of tiled_diffusion -> its new dotted path under tiled_diffusion
     "attention": "model.attention", "canvas": "model.canvas", "controlnet": "model.controlnet",
     "int8": "model.int8", "positional": "model.positional", "regions": "model.regions",
-    "tiling": "core.tiling", "lcm": "core.lcm", "distributed": "parallel.comm",
+    "tiling": "core.tiling", "lcm": "core.lcm", "distributed": "parallel",
     "sampler": "pipeline.sampler", "img2img": "pipeline.images", "loading": "pipeline.loading",
     "edges": "pipeline.edges", "cli_generate": "cli.generate", "cli_upscale": "cli.upscale",
     "inspect": "tools.inspect", "metrics": "tools.metrics", "cpu": "backends.cpu",

@@ -134,7 +134,7 @@ def generate(args: argparse.Namespace) -> int:
     try:
         if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the same command on N local ranks
             check_before_launch(args)  # one error line here, not one per rank plus torchrun's report
-            from ..parallel.comm import launch_local  # torch.distributed and the model: only for this path
+            from ..parallel.launch import launch_local  # torch.distributed and the model: only for this path
 
             return launch_local(args.argv, args.nproc)
         prof = _start_trace(getattr(args, "trace", None))

@@ -21,7 +21,7 @@ import diffusers
 import resource
 from .. import pipeline as P
 from ..model.int8 import resolve_mode
-from ..parallel import comm as Dd
+from .. import parallel as Dd
 from ..pipeline.loading import LoadError, load_pipeline
 from ..pipeline.api import encode
 from ..pipeline.swaps import quantize_text_encoder
@@ -288,7 +288,7 @@ def prepare_pipeline(args, cfg: TiledConfig, su: Setup, timings: dict, guidance,
     except ValueError as e:
         raise RequestError(str(e)) from None
     if d is not None:
-        from ..parallel import comm as Dd
+        from .. import parallel as Dd
 
         Dd.enable(pipe, d=d)
         try:  # (generate only: upscale runs on one process)

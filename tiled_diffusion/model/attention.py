@@ -39,7 +39,7 @@ class TileContext:
     forward as `current_extras[name]`.
     step: the denoising step index the shifted grid follows (`shift`): set by the sampler, or counted from the
     timesteps the forward sees (see `step_for`).
-    partition: None on one process; the slot parallel/ plugs a process group's partition into (`parallel.comm.
+    partition: None on one process; the slot parallel/ plugs a process group's partition into (`parallel.halo.
     enable`): the canvas forward asks it for this rank's band or tile share, and `attend` hands it the band's
     attention (a halo exchange instead of a local gather).
     """

@@ -15,7 +15,7 @@ import torch
 
 from ..model.int8 import module_bytes
 from ..model.regions import RegionalPrompts
-from ..parallel import comm
+from .. import parallel as comm
 from ..core.profiling import phase
 from .images import ImageError, control_latent, image_latents, load_image, prepare_image, to_rgb
 from ..core.config import check_size
