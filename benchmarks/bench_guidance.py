@@ -206,7 +206,7 @@ def upscale_rows(src: int = 1024, scale: int = 4, vae_cfg=None, vae_name: str = 
 
 
 def _tiny_transformer(layers=3):
-    from tiled_diffusion.tiny import TEXT_DIM as TINY_TEXT
+    from tiled_diffusion.lab.text import TEXT_DIM as TINY_TEXT
     from tiled_diffusion.tiny import tiny_transformer
 
     torch.manual_seed(0)
