@@ -48,6 +48,21 @@ def brute_mask(Ht, Wt, window, stride, clip, offset=(0, 0)):
     return m.reshape(Ht * Wt, Ht * Wt)
 
 
+
+def _check_against_reference(out, lse, q, k, v, window, stride, clip, offset):
+    """out/lse against the fp64 reference: no NaN, out within 2x the same-dtype masked-SDPA baseline's error (+ eps
+    by dtype), lse within LSE_ATOL."""
+    Ht, Wt = q.shape[2], q.shape[3]
+    ref_out, ref_lse = reference.neighborhood_attention(q.double(), k.double(), v.double(), window, stride, clip,
+                                                        offset)
+    assert not out.isnan().any() and not lse.isnan().any()
+    allowed = brute_mask(Ht, Wt, window, stride, clip, offset)
+    base = (masked_attention(q, k, v, allowed)[0].double() - ref_out).abs().max().item()
+    err = (out.double() - ref_out).abs().max().item()
+    eps = 1e-5 if q.dtype == torch.float32 else 1e-3
+    assert err <= 2 * base + eps, f"err {err:.3g} vs same-dtype baseline {base:.3g}"
+    torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+
 def masked_attention(q, k, v, allowed, scale=None):
     """Plain masked attention on [B, H, Ht, Wt, D] in q's dtype (fp64 in: the oracle; else the error baseline)."""
     B, H, Ht, Wt, D = q.shape
@@ -112,16 +127,8 @@ def test_cpu_vs_reference(case):
     offset = case[9] if len(case) > 9 else (0, 0)
     q, k, v = inputs(B, H, Ht, Wt, D, dtype, seed=Ht * Wt)
     out, lse = ops.neighborhood_attention(q, k, v, window, stride, clip, offset)
-    ref_out, ref_lse = reference.neighborhood_attention(q.double(), k.double(), v.double(), window, stride, clip,
-                                                        offset)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.is_contiguous()
-    assert not out.isnan().any() and not lse.isnan().any()
-    allowed = brute_mask(Ht, Wt, window, stride, clip, offset)
-    base = (masked_attention(q, k, v, allowed)[0].double() - ref_out).abs().max().item()
-    err = (out.double() - ref_out).abs().max().item()
-    eps = 1e-5 if dtype == torch.float32 else 1e-3
-    assert err <= 2 * base + eps, f"err {err:.3g} vs same-dtype baseline {base:.3g}"
-    torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+    _check_against_reference(out, lse, q, k, v, window, stride, clip, offset)
 
 
 @pytest.mark.parametrize("block", [1, 3, 16])
@@ -298,15 +305,7 @@ def test_triton_vs_reference(case):
     out = torch.full_like(q, math.nan)  # poison: every element must be written
     lse = torch.full((B, H, Ht, Wt), math.nan, dtype=torch.float32)
     out, lse = neighborhood_attention_triton(q, k, v, window, stride, clip, offset, out=out, lse=lse)
-    ref_out, ref_lse = reference.neighborhood_attention(q.double(), k.double(), v.double(), window, stride, clip,
-                                                        offset)
-    assert not out.isnan().any() and not lse.isnan().any()
-    allowed = brute_mask(Ht, Wt, window, stride, clip, offset)
-    base = (masked_attention(q, k, v, allowed)[0].double() - ref_out).abs().max().item()
-    err = (out.double() - ref_out).abs().max().item()
-    eps = 1e-5 if dtype == torch.float32 else 1e-3
-    assert err <= 2 * base + eps, f"err {err:.3g} vs same-dtype baseline {base:.3g}"
-    torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+    _check_against_reference(out, lse, q, k, v, window, stride, clip, offset)
 
 
 @pytest.mark.cuda
