@@ -74,7 +74,8 @@ def _worker(rank: int, world: int, p: dict) -> dict:
 
     dtype = getattr(torch, p["dtype"])
     tr = _transformer(p["width"], p["heads"], p["head_dim"], p["caption"], p["blocks"], dtype)
-    P.accelerate(tr, mode="cross_tile", tile=p["tile"], radius=p["radius"], int8=None)
+    # multi-process runs keep tile-blocked windows (the halo exchange is per tile row): window=None
+    P.accelerate(tr, mode="cross_tile", tile=p["tile"], radius=p["radius"], int8=None, window=None)
     ds = None
     if world > 1:
         ds = D.enable(tr, d=D.setup(backend="gloo", device="cpu", timeout_s=1800))

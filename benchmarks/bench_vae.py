@@ -2,8 +2,7 @@
 
 Rows per (op, canvas, dtype): `plain` (vae.decode / vae.encode as diffusers runs them, NCHW), `plain channels-last` (tiled_diffusion.vae.banded.decode/encode's plain path), `banded` (tiled_diffusion.vae.banded.decode/encode with a
 forced band height of `tile` latent rows: exact canvas GroupNorm and global mid-block attention), `overlap` (the
-approximate `tiled_decode`, per-tile GroupNorm, and `overlap passes=1`, the old default with one shared-statistics
-pass), and `diffusers tiling` (the peer: `enable_tiling()` with tiles of `tile` latent px, overlap 0.25, per-tile
+approximate `tiled_decode`, per-tile GroupNorm), and `diffusers tiling` (the peer: `enable_tiling()` with tiles of `tile` latent px, overlap 0.25, per-tile
 GroupNorm, linear cross-fade). `x plain` = time / the plain time of the same row group (the headline: target
 <= 1.3 for banded); `rel_rms` = relative RMS difference from the plain result of the same dtype; `peak GB` = the
 largest RSS increase while the row ran (CPU), `est GB` = what the memory rule estimates for that method.
@@ -27,10 +26,10 @@ from bench_memory import VAE_QUICK, VAE_SD  # noqa: E402
 from bench_pipeline import PeakRSS  # noqa: E402
 from harness import environment, print_table  # noqa: E402
 
-from tiled_diffusion import vae as V  # noqa: E402
+from tiled_diffusion.vae import banded as V  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DECODE_METHODS = ("plain", "plain channels-last", "banded", "diffusers tiling", "overlap", "overlap passes=1")
+DECODE_METHODS = ("plain", "plain channels-last", "banded", "diffusers tiling", "overlap")
 ENCODE_METHODS = ("plain", "plain channels-last", "banded")
 
 
@@ -61,9 +60,7 @@ def _decode_fn(vae, z, method: str, tile: int):
     if method == "banded":
         return lambda: V.decode(vae, z, tile=tile, progress=False)
     if method == "overlap":
-        return lambda: V.tiled_decode(vae, z, tile=tile, overlap=tile // 4, stats_passes=0)
-    if method == "overlap passes=1":
-        return lambda: V.tiled_decode(vae, z, tile=tile, overlap=tile // 4, stats_passes=1)
+        return lambda: V.tiled_decode(vae, z, tile=tile, overlap=tile // 4)
     if method == "diffusers tiling":
         f = V.vae_scale_factor(vae)
 
