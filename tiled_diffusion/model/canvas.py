@@ -36,6 +36,7 @@ import functools
 from typing import Optional
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .. import ops
 from ..core.config import VAE_SCALE_FACTOR, TiledConfig
@@ -221,8 +222,6 @@ class CanvasForward:
             ctx.clear()
         if not return_dict:
             return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
         return Transformer2DModelOutput(sample=out)
 
     def _multidiffusion(self, x: torch.Tensor, pgrid, kw: dict, st) -> torch.Tensor:

@@ -40,7 +40,12 @@ import os
 from typing import Iterator, Optional
 
 import torch
+from diffusers.models.attention import BasicTransformerBlock
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from . import int8
+from .int8 import Int8Linear, int8_state_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -70,8 +75,6 @@ def _zero_linear(dim: int) -> nn.Linear:
 
 def _new_block(config):
     """A BasicTransformerBlock built exactly as PixArtTransformer2DModel builds its blocks from `config`."""
-    from diffusers.models.attention import BasicTransformerBlock
-
     inner = config.num_attention_heads * config.attention_head_dim
     return BasicTransformerBlock(
         inner, config.num_attention_heads, config.attention_head_dim, dropout=config.dropout,
@@ -128,8 +131,6 @@ class PixArtControlNet(nn.Module):
     def from_transformer(cls, transformer, num_layers: int = 13, conditioning_scale: float = 1.0):
         """Copies of the first `num_layers` base blocks with zero projections: the initialisation of ControlNet
         training, and a no-op adapter until trained. An int8 base gives int8 copies (the same int8 weights)."""
-        from .int8 import Int8Linear, int8_state_dict
-
         net = cls(transformer.config, num_layers, conditioning_scale)
         _check_depth(transformer, num_layers)
         modes = {m.mode for m in transformer.transformer_blocks[0].modules() if isinstance(m, Int8Linear)}
@@ -171,8 +172,6 @@ class PixArtControlNet(nn.Module):
     def quantize(self, mode: str = "w8a8") -> "PixArtControlNet":
         """int8 for the copies' linear layers, as `accelerate` does for the base blocks. before_proj/after_proj
         stay float: they are the zero-initialised injection paths (like proj_out, small and sensitive)."""
-        from . import int8
-
         if self.int8 == mode:
             return self
         if self.int8 is not None:
@@ -366,8 +365,6 @@ def read_checkpoint(path: str) -> tuple[dict, int]:
 
 
 def _read_diffusers(path: str) -> tuple[dict, int]:
-    from safetensors.torch import load_file
-
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if os.path.isdir(path):
         found = [os.path.join(path, n) for n in WEIGHTS_NAMES if os.path.exists(os.path.join(path, n))]
@@ -473,8 +470,6 @@ def to_upstream(state: dict) -> dict:
 
 def save_diffusers(net: PixArtControlNet, folder: str) -> None:
     """Write `net` in the diffusers research layout (config.json + diffusion_pytorch_model.safetensors)."""
-    from safetensors.torch import save_file
-
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
         json.dump({"_class_name": "PixArtControlNetAdapterModel", "num_layers": net.num_layers}, f)

@@ -32,6 +32,7 @@ import warnings
 from typing import Iterable, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import ops
@@ -516,8 +517,6 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def save_quantized(module: nn.Module, path: str) -> None:
     """Write the module's state dict (int8 weights and scales included) as safetensors."""
-    from safetensors.torch import save_file
-
     with int8_state_dict():
         state = module.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, path)
@@ -525,7 +524,5 @@ def save_quantized(module: nn.Module, path: str) -> None:
 
 def load_quantized(module: nn.Module, path: str, strict: bool = True) -> None:
     """Load a state dict written by `save_quantized` into a module already swapped by `quantize_model`."""
-    from safetensors.torch import load_file
-
     with int8_state_dict():
         module.load_state_dict(load_file(path, device=str(next(module.buffers()).device)), strict=strict)

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 VAE_SCALE = 8
 
@@ -297,6 +298,4 @@ def _blended_forward(transformer, regional: RegionalPrompts):
 
 
 def _output(sample):
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
     return Transformer2DModelOutput(sample=sample)

@@ -5,12 +5,18 @@ img2img, upscale and the ControlNet's control image share (the entry points them
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
+import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image, UnidentifiedImageError
 
 from ..core.config import TOKEN_MULTIPLE
+from ..vae import banded as tvae
+from .sampler import set_timesteps
 
 
 class ImageError(ValueError):
@@ -21,8 +27,6 @@ def load_image(path: str):
     """A PIL RGB image from `path`. Greyscale and palette images are converted; RGBA/LA are composited on white
     (transparent pixels become white, as most viewers show them); 16-bit greyscale is scaled to 8 bits (the VAE
     input is 8-bit precision anyway). Missing or unreadable files, and float images, -> ImageError."""
-    from PIL import Image, UnidentifiedImageError
-
     if not os.path.exists(path):
         raise ImageError(f"image not found: {path}")
     try:
@@ -36,9 +40,6 @@ def load_image(path: str):
 
 def to_rgb(img, source: str = "image"):
     """Any PIL mode -> RGB (see load_image)."""
-    import numpy as np
-    from PIL import Image
-
     mode = img.mode
     if mode == "RGB":
         return img
@@ -64,8 +65,6 @@ def to_rgb(img, source: str = "image"):
 
 def to_tensor(img) -> torch.Tensor:
     """PIL RGB -> float32 [1, 3, H, W] in [-1, 1] (what the VAE encoder expects)."""
-    import numpy as np
-
     a = torch.from_numpy(np.asarray(to_rgb(img), dtype=np.float32).copy())
     return (a.permute(2, 0, 1)[None] / 127.5 - 1.0).contiguous()
 
@@ -76,8 +75,6 @@ def encode_image(vae, images: torch.Tensor) -> torch.Tensor:
     mean, not a sample (diffusers' img2img samples it with the seed): the same image always starts from the
     same latent, and the seed only draws the noise.
     The one place that calls the VAE encoder: `tiled_diffusion.vae.banded.encode` (tiled/banded) when it exists."""
-    from ..vae import banded as tvae
-
     x = images.to(device=vae.device, dtype=vae.dtype)
     tiled = getattr(tvae, "encode", None)
     if tiled is not None:  # banded when the plain encode would not fit (vae.py)
@@ -133,13 +130,9 @@ def prepare_image(image, width: int, height: int, multiple: int = TOKEN_MULTIPLE
     """`image` (PIL, path, or [B, 3, H, W] in [-1, 1]) resized to width × height (Lanczos for PIL) and padded by
     reflection on the right and bottom to multiples of `multiple` -> [B, 3, H16, W16] in [-1, 1]. Crop the
     result back with `[..., :height, :width]` (in pixels)."""
-    import torch.nn.functional as F
-
     if isinstance(image, (str, os.PathLike)):
         image = load_image(str(image))
     if not torch.is_tensor(image):
-        from PIL import Image
-
         image = to_rgb(image)
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)
@@ -168,12 +161,6 @@ def image_latents(pipe, image, *, width: int, height: int, strength: float, step
     VAE-encoded (× scaling factor) and noised to the first timestep of the LCM schedule started at `strength`
     (diffusers' LCM img2img: `scheduler.add_noise(latents, noise, timesteps[:1])`; noise drawn from `generator`).
     Returns [B, C, height/8, width/8] in the transformer's dtype."""
-    import time
-
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from .sampler import set_timesteps
-
     check_strength(strength, steps, pipe.scheduler)
     t0 = time.perf_counter()
     x = prepare_image(image, width, height)

@@ -29,8 +29,11 @@ import re
 import struct
 from typing import Callable, Iterable, Optional
 
+import diffusers
 import torch
 from torch import nn
+
+from ..model import int8 as I
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -195,8 +198,6 @@ def load_component(folder: str, model_cls, library: str, dtype: torch.dtype, mod
     Raises LoadError naming missing / unexpected / mis-shaped keys. A folder with no safetensors checkpoint
     falls back to `from_pretrained` + `quantize_model`.
     """
-    from ..model import int8 as I
-
     files = checkpoint_files(folder, library)
     if files is None:
         model = model_cls.from_pretrained(folder, dtype=dtype)
@@ -316,10 +317,6 @@ def load_pipeline(folder: str, dtype: torch.dtype, int8: Optional[str], componen
     components: the names to load (default all of PIPELINE_COMPONENTS); the others are None in the pipeline, so
     that T5 and the transformer need not be in memory together.
     """
-    import diffusers
-
-    from ..model import int8 as I
-
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
     pipe_cls = getattr(diffusers, index["_class_name"])

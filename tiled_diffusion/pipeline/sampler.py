@@ -16,19 +16,21 @@ import math
 from typing import Optional
 
 import torch
+from diffusers import LCMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from .. import ops
+from ..core import lcm
 from ..core.config import VAE_SCALE_FACTOR, TiledConfig, check_size
-from ..model.canvas import pixel_grid
-from ..vae.banded import estimate_vae_bytes
-from ..model.positional import release_tables as release_positional_tables
 from ..core.profiling import phase
+from ..model.canvas import pixel_grid
+from ..model.positional import release_tables as release_positional_tables
+from ..vae.banded import estimate_vae_bytes
 
 
 def initial_latents(batch: int, channels: int, lat_h: int, lat_w: int, dtype, device, generator) -> torch.Tensor:
     """Canvas noise exactly as PixArtAlphaPipeline.prepare_latents draws it (LCM's init_noise_sigma is 1)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     return randn_tensor((batch, channels, lat_h, lat_w), generator=generator, device=torch.device(device),
                         dtype=dtype)
 
@@ -100,8 +102,6 @@ def denoise(transformer, scheduler, prompt_embeds, prompt_mask, *, height: int, 
     `set_timesteps(..., strength=)` places it; `latents` must then be the encoded image already noised to the
     first timestep (`first_timestep` gives it).
     """
-    from tqdm.auto import tqdm
-
     cfg.validate()
     check_size(width, height)
     st = _state(transformer)
@@ -172,8 +172,6 @@ def _batched(added: dict, n: int) -> dict:
 
 
 def _can_fuse(scheduler) -> bool:
-    from diffusers import LCMScheduler
-
     c = scheduler.config
     return (isinstance(scheduler, LCMScheduler) and c.prediction_type == "epsilon" and not c.thresholding
             and not c.clip_sample)
@@ -181,10 +179,6 @@ def _can_fuse(scheduler) -> bool:
 
 def _fused_blend_step(scheduler, t, steps, eps_tiles, pgrid, profile, latents, generator):
     """seam_blend of the tile outputs + LCMScheduler.step in one op (`blend_lcm_step`); equals the two in turn."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from ..core import lcm
-
     if scheduler.step_index is None:
         scheduler._init_step_index(t)
     co = lcm.lcm_coefficients(scheduler, scheduler.step_index)

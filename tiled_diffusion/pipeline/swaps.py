@@ -23,15 +23,19 @@ import weakref
 from typing import Any, Callable, Optional
 
 import torch
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pa
 from torch import nn
 
-from ..model.attention import CrossTileAttnProcessor, TileContext
-from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, TiledConfig
-from ..model.canvas import canvas_class
-from ..model.positional import CanvasPatchEmbed
 from .. import vae as vae_mod
-from ..parallel import vae as parallel_vae
+from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, TiledConfig
 from ..core.profiling import phase
+from ..model import int8
+from ..model.attention import CrossTileAttnProcessor, TileContext
+from ..model.canvas import canvas_class
+from ..model.int8 import resolve_mode
+from ..model.positional import CanvasPatchEmbed
+from ..parallel import vae as parallel_vae
 
 log = logging.getLogger("tiled_diffusion")
 
@@ -99,8 +103,6 @@ def _revert_token_order(tr, handle):
 
 
 def _apply_int8(module, mode: str, exclude, keep: bool, embeddings: bool = False):
-    from ..model import int8
-
     originals = {n: m for n, m in module.named_modules() if type(m) is nn.Linear} if keep else None
     swapped = int8.quantize_model(module, mode=mode, exclude=exclude)
     if not keep:  # inference only: on the CPU, w8a8 layers keep just the kernel's packed weight (half the bytes)
@@ -119,8 +121,6 @@ def _apply_int8(module, mode: str, exclude, keep: bool, embeddings: bool = False
 
 
 def _revert_int8(module, rec):
-    from ..model import int8
-
     int8.restore_embeddings(module, rec["embeddings"], keep_original=rec["originals"] is not None)
     if rec["originals"] is None:
         int8.restore_linears(module)
@@ -134,8 +134,6 @@ def _revert_int8(module, rec):
 
 
 def _apply_transformer_int8(tr, st: AccelerateState):
-    from ..model import int8
-
     return _apply_int8(tr, st.int8, int8.PIXART_KEEP_HIGH_PRECISION, st.keep_original_weights)
 
 
@@ -164,8 +162,6 @@ def _revert_class(obj, old_cls):
 def _bin_area(pipe) -> int:
     """The largest area (px²) among the resolution bins the pipeline would snap a request to; 0 for a model
     diffusers has no bins for (a sample_size other than 32/64/128/256, e.g. the lab's 16: its binning raises)."""
-    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pa
-
     bins = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
             32: "ASPECT_RATIO_256_BIN"}
     sample = pipe.transformer.config.sample_size
@@ -234,8 +230,6 @@ def _apply_vae_decode(vae, st: AccelerateState):
         raise RuntimeError("accelerate: pipe.vae.decode is already replaced by someone else; undo that first")
 
     def decode(z, return_dict: bool = True, generator=None):
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
         image = decode_latents(vae, z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
@@ -296,8 +290,6 @@ def accelerate(pipe, mode: str = "cross_tile", tile: Optional[int] = None, radiu
     tr = comps["transformer"]
     if int8 not in (None, "auto", "w8a8", "w8a16"):
         raise ValueError(f"int8 must be 'auto', 'w8a8', 'w8a16' or None, got {int8!r}")
-    from ..model.int8 import resolve_mode
-
     int8 = resolve_mode(int8, next(tr.parameters()).device)[0]
     cfg = TiledConfig(mode=mode, tile=tile, radius=radius, shift=shift, overlap=overlap, profile=profile,
                       positional=positional, tile_batch_size=tile_batch_size, head_chunk=head_chunk,

@@ -49,6 +49,9 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from tqdm.auto import tqdm
 
 from .. import ops
 from ..core.tiling import TileGrid
@@ -409,8 +412,6 @@ def _stats(gn: Optional[nn.GroupNorm]) -> Optional[_Stats]:
 def _progress(progress: bool, steps, desc: str):
     if not progress:
         return contextlib.nullcontext(None)
-    from tqdm.auto import tqdm
-
     # one tick per band pass over the canvas (a resnet is 2 passes, attention 2, the others 1)
     total = sum({"res": 2, "attn": 2}.get(k, 1) for k, _ in steps)
     return tqdm(total=total, desc=desc, unit="pass")
@@ -547,8 +548,6 @@ def _band_elems(kind, m, C, H, W, Co, Ho, Wo, rows: int, lat_h: int) -> tuple[in
 
 def _meta_vae(config):
     """An AutoencoderKL with parameters on the meta device, from its config (a dict or a FrozenDict): shapes only."""
-    from diffusers import AutoencoderKL
-
     with torch.device("meta"):
         return AutoencoderKL.from_config(dict(config))
 
@@ -685,8 +684,6 @@ def encode(vae, images: torch.Tensor, *, max_memory_gb: Optional[float] = None, 
     """Encode images [B, 3, H, W] in [-1, 1] to latents [B, C_lat, H/f, W/f] (not yet multiplied by the scaling
     factor): a sample of the posterior (`sample=True`, drawn from `generator` exactly as
     `vae.encode(x).latent_dist.sample(generator)` does) or its mean. Plain or banded by the rule of `decode`."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     check_input(images, "images")
     plan = plan_method(vae, images, encode=True, max_memory_gb=max_memory_gb, tile=tile)
     log.debug("vae.encode %s: %s", tuple(images.shape), plan)
