@@ -2,12 +2,15 @@
 memory per rank; and a PROJECTION for 8×H100 next to the all-gather traffic of DistriFusion / xDiT.
 
 Measured rows (`kind` = "measured"): N local gloo ranks on this machine (`distributed.run_local`), each running the
-accelerated transformer's canvas forward on its band (cross_tile, 512-px tiles, radius 1) at PixArt-XL width
+accelerated transformer's canvas forward on its band — `windows` = "blocked" (cross_tile, 512-px tiles, radius 1:
+bands of tile rows) or "token" (the default token-centred windows, 1x the 1024-px training field: bands of token
+rows, K/V rows exchanged as far as the windows reach) — at PixArt-XL width
 (16 heads × 72 = 1152, caption 4096 × 120 tokens, bf16, float linears) with `BLOCKS` blocks. One step = one canvas
 forward (the scheduler step is element-wise and identical on every rank). Columns:
   halo_MB/step   K/V bytes this rank sent to its neighbour ranks per step (counted by the halo exchange)
   gather_MB/step the band output sent to the other ranks (the ε all-gather; a ring sends the part N-1 times)
-  formula_ok     the counted halo bytes equal blocks × Σ_peers 2 (K, V) × rows × W × C × 2 B
+  formula_ok     the counted halo bytes equal blocks × Σ_peers 2 (K, V) × rows × W × C × 2 B (rows: tile rows ×
+                 tile tokens, or token rows)
   wait %         time blocked on the halo after the interior tiles were done + in the ε all-gather (which also
                  absorbs load imbalance between ranks), as a share of the step
   fwd_peak_MB    peak RSS during the forwards minus RSS before them (activations; model weights excluded)
@@ -55,14 +58,14 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _transformer(width: int, heads: int, head_dim: int, caption: int, blocks: int, dtype):
+def _transformer(width: int, heads: int, head_dim: int, caption: int, blocks: int, dtype, sample_size: int = 128):
     from diffusers import PixArtTransformer2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tr = PixArtTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
                                       out_channels=8, num_layers=blocks, cross_attention_dim=heads * head_dim,
-                                      caption_channels=caption, sample_size=128, patch_size=2,
+                                      caption_channels=caption, sample_size=sample_size, patch_size=2,
                                       norm_type="ada_norm_single")
     return tr.to(dtype).eval()
 
@@ -73,9 +76,9 @@ def _worker(rank: int, world: int, p: dict) -> dict:
     from tiled_diffusion import pipeline as P
 
     dtype = getattr(torch, p["dtype"])
-    tr = _transformer(p["width"], p["heads"], p["head_dim"], p["caption"], p["blocks"], dtype)
-    # multi-process runs keep tile-blocked windows (the halo exchange is per tile row): window=None
-    P.accelerate(tr, mode="cross_tile", tile=p["tile"], radius=p["radius"], int8=None, window=None)
+    tr = _transformer(p["width"], p["heads"], p["head_dim"], p["caption"], p["blocks"], dtype, p.get("sample_size", 128))
+    kw = dict(window=None) if p["windows"] == "blocked" else {}  # {}: the default token-centred windows
+    P.accelerate(tr, mode="cross_tile", tile=p["tile"], radius=p["radius"], int8=None, **kw)
     ds = None
     if world > 1:
         ds = D.enable(tr, d=D.setup(backend="gloo", device="cpu", timeout_s=1800))
@@ -101,10 +104,14 @@ def _worker(rank: int, world: int, p: dict) -> dict:
     res = {"steps": steps, "fwd_peak_mb": peak - rss0, "halo_formula_bytes": None}
     if ds is not None:
         lay = ds.stats.layouts[0]
-        H, L, Dh = p["heads"], lay.grid.tokens_per_tile, p["head_dim"]
-        per_layer = sum(2 * (b - a) * lay.nx * H * L * Dh * torch.finfo(dtype).bits // 8 for _, a, b in lay.send_to)
+        H, Dh = p["heads"], p["head_dim"]
+        if isinstance(lay, D.HoodLayout):  # token rows x canvas width in tokens
+            row_tokens, band_rows = lat_w // tr.config.patch_size, lay.b - lay.a
+        else:  # tile rows x tiles per row x tokens per tile
+            row_tokens, band_rows = lay.nx * lay.grid.tokens_per_tile, lay.rows
+        per_layer = sum(2 * (b - a) * row_tokens * H * Dh * torch.finfo(dtype).bits // 8 for _, a, b in lay.send_to)
         res["halo_formula_bytes"] = per_layer * p["blocks"]
-        res["band_rows"] = lay.rows
+        res["band_rows"] = band_rows
         D.teardown(ds.dist)
     return res
 
@@ -118,7 +125,7 @@ def _ranks(fn, world: int, p: dict, timeout_s: float, kind: str, preload: tuple)
                           preload=("torch", "tiled_diffusion.parallel.comm") + preload + (__name__,))
     out = []
     for r, res in enumerate(results):
-        row = {"kind": kind, "canvas": f"{p['pixels']}²", "ranks": world, "rank": r}
+        row = {"kind": kind, "canvas": f"{p['pixels']}²", "ranks": world, "rank": r, "windows": p.get("windows")}
         if "ok" not in res:
             row["note"] = f"failed: {res.get('error', 'no report')}"[:160]
         out.append((r, res.get("ok"), row))
@@ -263,7 +270,9 @@ def suite(quick: bool) -> list[dict]:
     if quick:  # 2 gloo ranks, a tiny width (divisible by 3: the micro-condition embedding): the path in seconds
         p = dict(width=24, heads=2, head_dim=12, caption=32, blocks=2, tile=128, radius=1, dtype="float32",
                  warmup=0, steps=1)
-        rows = _measure(256, 2, p, timeout_s=300)
+        # token rows: a 16-latent-px training field (8-token windows), so 512² has 2 row blocks of 16 tokens
+        rows = _measure(512, 2, dict(p, windows="token", sample_size=16), timeout_s=300)
+        rows += _measure(256, 2, dict(p, windows="blocked"), timeout_s=300)
         return rows + vae_rows(256, True, "float32") + projections()
     # one timed forward per configuration (after one warm-up at 2048²): a 4096² forward of 2 blocks is ~10 TFLOP
     p = dict(width=HIDDEN, heads=HEADS, head_dim=HEAD_DIM, caption=CAPTION, blocks=BLOCKS, tile=TILE_PX,
@@ -271,12 +280,13 @@ def suite(quick: bool) -> list[dict]:
     rows = []
     for pixels in (2048, 4096):
         q = dict(p, warmup=0) if pixels >= 4096 else p
-        for world in (1, 2):
-            rows += _measure(pixels, world, q, timeout_s=3600)
+        for windows in ("token", "blocked"):
+            for world in (1, 2):
+                rows += _measure(pixels, world, dict(q, windows=windows), timeout_s=3600)
     return rows + vae_rows(1024, False, "bfloat16") + projections()
 
 
-COLUMNS = ["kind", "canvas", "tile_px", "width", "blocks", "ranks", "rank", "band_rows", "link", "step_s", "wait %",
+COLUMNS = ["kind", "canvas", "windows", "tile_px", "width", "blocks", "ranks", "rank", "band_rows", "link", "step_s", "wait %",
            "halo_wait %", "halo_MB/step", "formula_ok", "gather_MB/step", "fwd_peak_MB", "load", "t1_step_s", "tN_step_s",
            "efficiency %", "ours_MB/step", "allgather_MB/step", "ours/allgather", "note"]
 

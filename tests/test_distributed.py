@@ -129,6 +129,44 @@ def test_halo_attention_equals_single_process_rows_fp32(world, ny, nx, radius, b
     assert sum(x["bytes_sent"] for x in res) == sum(x["bytes_received"] for x in res)
 
 
+def _hood_worker(rank, world, rows, cols, window, stride, clip, offset, head_chunk):
+    from tiled_diffusion import ops
+    from tiled_diffusion.model.canvas import Neighborhood
+
+    d = D.setup(backend="gloo", device="cpu", timeout_s=30)
+    with D.fail_fast(d):
+        hood = Neighborhood(window, stride, clip, offset)
+        g = torch.Generator().manual_seed(99)  # every rank draws the same canvas
+        # the processor's layout: [B, N, H·D] viewed as [B, H, rows, cols, D] (strided, no copy)
+        q, k, v = (torch.randn(2, rows * cols, 3 * 8, generator=g).view(2, rows, cols, 3, 8).permute(0, 3, 1, 2, 4)
+                   for _ in range(3))
+        ref, _ = ops.neighborhood_attention(q, k, v, window, stride, clip, offset)
+        bands = D.split_token_rows(rows, hood, world)
+        a, b = bands[rank]
+        lay = D.HoodLayout(rows, bands, rank, hood)
+        outs = [D.hood_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], lay, d, head_chunk) for _ in range(2)]
+        D.teardown(d)
+        return {"equal": [torch.equal(o, ref[:, :, a:b]) for o in outs],
+                "max_err": max(float((o - ref[:, :, a:b]).abs().max()) for o in outs),
+                "parts": lay.parts, "bytes_sent": lay.bytes_sent, "bytes_received": lay.bytes_received}
+
+
+@pytest.mark.parametrize("world,rows,cols,window,stride,clip,offset,head_chunk", [
+    pytest.param(2, 37, 9, (9, 5), (1, 1), False, (0, 0), None, id="2ranks-odd-canvas"),
+    pytest.param(3, 48, 6, (40, 5), (1, 1), False, (0, 0), 2, id="3ranks-halo-two-ranks-away-headchunk"),
+    pytest.param(2, 45, 7, (12, 7), (4, 7), True, (-2, 0), None, id="2ranks-shifted-blocks-clip"),
+    pytest.param(3, 50, 5, (6, 4), (2, 2), False, (0, 0), None, id="3ranks-gna"),
+])
+def test_hood_attention_equals_single_process_rows_fp32(world, rows, cols, window, stride, clip, offset, head_chunk):
+    """A rank's band of token-centred attention, its K/V halo exchanged (twice: message order), equals those rows
+    of the one-process op bitwise in fp32 — with windows reaching past the next rank's band, odd canvases, GNA
+    strides and the shifted blocked windows."""
+    res = _ok(_launch(_hood_worker, world, (rows, cols, window, stride, clip, offset, head_chunk)))
+    for r, x in enumerate(res):
+        assert x["equal"] == [True, True], f"rank {r}: max |err| {x['max_err']:.3g} (bitwise expected in fp32)"
+    assert sum(x["bytes_sent"] for x in res) == sum(x["bytes_received"] for x in res) > 0
+
+
 def test_halo_attention_bf16_two_ranks():
     res = _ok(_launch(_halo_worker, 2, (4, 3, 1, 1, "bfloat16", None)))
     for r, x in enumerate(res):
@@ -232,21 +270,23 @@ def test_torchrun_command_strips_nproc():
 PROMPT = "a red house by the lake"
 
 
-def _tiny(mode, tile, radius, shift):
+BLOCKED = "blocked"  # window argument of the cases: tile-blocked windows (window=None)
+
+
+def _tiny(mode, tile, radius, shift, window=BLOCKED):
     from tiled_diffusion import pipeline as P
     from tiled_diffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
-    # multi-process cross_tile runs tile-blocked windows (window=None) without shift (issue 18)
-    P.accelerate(pipe, mode=mode, tile=tile, radius=radius, shift=shift, window=None, int8=None,
-                 text_encoder_int8=False)
+    kw = dict(window=None) if window == BLOCKED else dict(window=window, stride=0.0)
+    P.accelerate(pipe, mode=mode, tile=tile, radius=radius, shift=shift, int8=None, text_encoder_int8=False, **kw)
     return pipe
 
 
-def _denoise_worker(rank, world, mode, tile, radius, shift, gs, w, h, cfg_parallel):
+def _denoise_worker(rank, world, mode, tile, radius, shift, gs, w, h, cfg_parallel, window=BLOCKED):
     d = D.setup(backend="gloo", device="cpu", timeout_s=60)
     with D.fail_fast(d):
-        pipe = _tiny(mode, tile, radius, shift)
+        pipe = _tiny(mode, tile, radius, shift, window)
         timings = {}
         lat = P.generate_parallel(pipe, PROMPT, width=w, height=h, steps=2, seed=0, guidance_scale=gs,
                                   output_type="latent", progress=False, timings=timings, cfg_parallel=cfg_parallel)
@@ -255,10 +295,10 @@ def _denoise_worker(rank, world, mode, tile, radius, shift, gs, w, h, cfg_parall
         return {"latents": lat, "stats": timings}
 
 
-def _single(mode, tile, radius, shift, gs, w, h):
+def _single(mode, tile, radius, shift, gs, w, h, window=BLOCKED):
     from tiled_diffusion import pipeline as P
 
-    pipe = _tiny(mode, tile, radius, shift)
+    pipe = _tiny(mode, tile, radius, shift, window)
     return P.generate(pipe, PROMPT, width=w, height=h, steps=2, seed=0, guidance_scale=gs, output_type="latent",
                       progress=False)
 
@@ -268,13 +308,21 @@ DENOISE_CASES = [  # world, mode, tile px, radius, shift, guidance, width, heigh
     pytest.param(3, "cross_tile", 128, 1, False, 3.0, 256, 640, False, id="3ranks-cross_tile-r1-cfg-uneven"),
     pytest.param(2, "multidiffusion", 256, 1, False, 3.0, 256, 640, False, id="2ranks-multidiffusion-cfg"),
     pytest.param(4, "cross_tile", 128, 2, False, 3.0, 256, 640, True, id="4ranks-cfg_parallel-r2-uneven"),
+    # token-centred windows (the default geometry relative to the tiny model's 8-token field; 1.5x: a halo of 6
+    # rows each side, reaching past a 16-row band's neighbour): bands of 16-token row blocks, K/V rows exchanged
+    pytest.param(2, "cross_tile", 128, 1, False, 0.0, 256, 640, False, 1.0, id="2ranks-token-centred"),
+    pytest.param(3, "cross_tile", 128, 1, False, 3.0, 256, 640, False, 1.5, id="3ranks-token-centred-cfg"),
+    pytest.param(2, "cross_tile", 128, 1, True, 0.0, 256, 640, False, BLOCKED, id="2ranks-blocked-shift"),
 ]
 
 
-@pytest.mark.parametrize("world,mode,tile,radius,shift,gs,w,h,cfg_parallel", DENOISE_CASES)
-def test_distributed_denoise_equals_single_process(world, mode, tile, radius, shift, gs, w, h, cfg_parallel):
-    res = _ok(_launch(_denoise_worker, world, (mode, tile, radius, shift, gs, w, h, cfg_parallel), timeout=120))
-    want = _single(mode, tile, radius, shift, gs, w, h)
+@pytest.mark.parametrize("world,mode,tile,radius,shift,gs,w,h,cfg_parallel,window",
+                         [p if len(p.values) == 10 else pytest.param(*p.values, BLOCKED, id=p.id)
+                          for p in DENOISE_CASES])
+def test_distributed_denoise_equals_single_process(world, mode, tile, radius, shift, gs, w, h, cfg_parallel, window):
+    res = _ok(_launch(_denoise_worker, world, (mode, tile, radius, shift, gs, w, h, cfg_parallel, window),
+                      timeout=120))
+    want = _single(mode, tile, radius, shift, gs, w, h, window)
     for r, x in enumerate(res):
         err = (x["latents"] - want).abs().max().item()
         if cfg_parallel:
@@ -290,22 +338,26 @@ def test_distributed_denoise_equals_single_process(world, mode, tile, radius, sh
         assert (st["halo_bytes"] > 0) == (mode == "cross_tile")
 
 
-def test_token_centred_windows_are_refused_before_any_work():
-    """The halo exchange carries tile-blocked windows only (issue 18): a multi-process run with token-centred
-    windows, or with the shifted (partial-tile) grid, is refused in one line before any work."""
+def test_token_centred_bands_are_checked_before_any_work():
+    """Token-centred windows run over ranks in bands of row blocks (parallel/hood.py): more ranks than row blocks
+    is refused in one line before any work; the row unit is a whole query block of both kernels."""
     from tiled_diffusion import pipeline as P
     from tiled_diffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     P.accelerate(pipe, mode="cross_tile", int8=None, text_encoder_int8=False)  # default: token-centred
     try:
-        with pytest.raises(ValueError, match="tile-blocked windows only"):
-            D.check_world(pipe, 2, width=256, height=640)
-        with pytest.raises(ValueError, match="tile-blocked windows only"):
-            D.check_world(pipe, 2, width=256, height=640, window=None, shift=True)
-        D.check_world(pipe, 2, width=256, height=640, window=None)
+        D.check_world(pipe, 3, width=256, height=640)  # 40 token rows: blocks of 16, 16, 8
+        with pytest.raises(ValueError, match="4 ranks but the canvas has only 3 row blocks of 16 tokens"):
+            D.check_world(pipe, 4, width=256, height=640)
+        D.check_world(pipe, 2, width=256, height=640, window=None, shift=True)  # shifted blocks: token rows too
     finally:
         P.restore(pipe)
+    try:
+        from tiled_diffusion.backends.triton.neighborhood_attention import CONFIG
+    except ImportError:
+        return
+    assert D.row_unit(1) % CONFIG["TM_Y"] == 0
 
 
 def test_more_ranks_than_tile_rows_is_refused_before_any_work():

@@ -319,3 +319,77 @@ def test_cuda_vs_reference(dtype):
     base = (masked_attention(q, k, v, allowed)[0].double() - ref_out).abs().max().item()
     assert (out.double() - ref_out).abs().max().item() <= 2 * base + 1e-3
     torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ bands: one rank's rows and its K/V halo
+
+BAND_CASES = [  # (Ht, Wt, window, stride, clip, offset, q rows [a, b)): windows shifted at the border, GNA, clip
+    (23, 9, (7, 5), (1, 1), False, (0, 0), (0, 16)),  # the top band: its window reaches below it
+    (23, 9, (7, 5), (1, 1), False, (0, 0), (16, 23)),  # the bottom band: windows shifted inward
+    (40, 7, (9, 4), (1, 1), False, (0, 0), (16, 32)),  # a middle band, aligned to the CPU path's 16-row blocks
+    (40, 7, (8, 4), (1, 1), False, (0, 0), (11, 29)),  # not aligned: other blocks, same values
+    (30, 8, (9, 6), (3, 2), True, (-1, 0), (8, 20)),  # shifted tile-blocked windows (clip, offset)
+    (30, 8, (6, 6), (2, 2), False, (0, 0), (16, 30)),  # GNA
+]
+
+
+def _band(case, seed=0):
+    Ht, Wt, window, stride, clip, offset, (a, b) = case
+    q, k, v = inputs(2, 2, Ht, Wt, 16, torch.float32, seed=seed + Ht + a)
+    lo, hi = reference.neighborhood_bounds(Ht, window[0], stride[0], clip, offset[0])
+    ka, kb = int(lo[a:b].min()), int(hi[a:b].max())
+    return q, k, v, (a, b, ka, kb)
+
+
+@pytest.mark.parametrize("case", BAND_CASES, ids=[f"{c[0]}x{c[1]}-w{c[2]}-s{c[3]}-rows{c[6]}" for c in BAND_CASES])
+def test_band_equals_whole_canvas_rows(case):
+    """The op on a band (q rows [a, b), k/v rows [ka, kb) = exactly what its windows need) equals those rows of the
+    whole canvas's result: the reference in fp64 to rounding, the CPU path bitwise where the band starts on its
+    16-row block grid (what the multi-process halo relies on), to fp32 rounding otherwise."""
+    Ht, Wt, window, stride, clip, offset, _ = case
+    q, k, v, (a, b, ka, kb) = _band(case)
+    band = (Ht, a, ka)
+    whole = reference.neighborhood_attention(q.double(), k.double(), v.double(), window, stride, clip, offset)
+    part = reference.neighborhood_attention(q[:, :, a:b].double(), k[:, :, ka:kb].double(), v[:, :, ka:kb].double(),
+                                            window, stride, clip, offset, band=band)
+    torch.testing.assert_close(part[0], whole[0][:, :, a:b], atol=1e-12, rtol=0)
+    torch.testing.assert_close(part[1], whole[1][:, :, a:b], atol=1e-6, rtol=0)
+    full_out, full_lse = ops.neighborhood_attention(q, k, v, window, stride, clip, offset)
+    out, lse = ops.neighborhood_attention(q[:, :, a:b], k[:, :, ka:kb], v[:, :, ka:kb], window, stride, clip, offset,
+                                          band=band)
+    if (a - offset[0]) % 16 == 0 or a == 0:
+        assert torch.equal(out, full_out[:, :, a:b]) and torch.equal(lse, full_lse[:, :, a:b])
+    else:
+        torch.testing.assert_close(out, full_out[:, :, a:b], atol=2e-6, rtol=0)
+        torch.testing.assert_close(lse, full_lse[:, :, a:b], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", BAND_CASES[:3] + BAND_CASES[4:5],
+                         ids=[f"rows{c[6]}-s{c[3]}" for c in BAND_CASES[:3] + BAND_CASES[4:5]])
+def test_band_triton_vs_reference(case):
+    """The Triton kernel on a band (interpreter here), poisoned outputs, against the fp64 reference's rows."""
+    from tiled_diffusion.backends.triton.neighborhood_attention import neighborhood_attention_triton
+
+    Ht, Wt, window, stride, clip, offset, _ = case
+    q, k, v, (a, b, ka, kb) = _band(case, seed=3)
+    qb, kb_, vb = q[:, :, a:b], k[:, :, ka:kb], v[:, :, ka:kb]
+    out = torch.full_like(qb, math.nan)
+    lse = torch.full(qb.shape[:4], math.nan, dtype=torch.float32)
+    out, lse = neighborhood_attention_triton(qb, kb_, vb, window, stride, clip, offset, band=(Ht, a, ka), out=out,
+                                             lse=lse)
+    ref_out, ref_lse = reference.neighborhood_attention(q.double(), k.double(), v.double(), window, stride, clip,
+                                                        offset)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref_out[:, :, a:b], atol=1e-5, rtol=0)  # fp32 (ieee dots)
+    torch.testing.assert_close(lse, ref_lse[:, :, a:b], atol=LSE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("band,kr,match", [
+    ((20, 4, 0), (0, 12), "need the canvas rows"),  # the windows of rows 4-11 reach row 12+ : k too short
+    ((10, 4, 0), (0, 20), "lie in the"),  # q rows past the canvas
+    ((20, 4), (0, 12), "canvas_h, q_top, k_top"),
+])
+def test_band_bad_inputs(band, kr, match):
+    q, k, v = inputs(1, 1, 20, 6, 8, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        ops.neighborhood_attention(q[:, :, 4:12], k[:, :, kr[0]:kr[1]], v[:, :, kr[0]:kr[1]], (9, 3), band=band)

@@ -65,9 +65,10 @@ TRITON_OPS = tuple(_SCHEMAS)
 # Token-centred windows on the canvas: query (y, x) attends the keys in a window centred on it (or on its stride
 # group), shifted inward at the border (or cut, with clip). The tile-blocked `window_attention` is its special case
 # stride = tile, window = (2r+1)·tile, clip (tests/test_neighborhood_attention.py); window_attention stays as the op
-# over an explicit tile graph that the multi-process halo exchange assembles.
+# over an explicit tile graph (the tile-blocked mode's fast path). band = (canvas_h, q_top, k_top) runs one
+# horizontal band of a taller canvas (a rank's rows and its K/V halo, parallel/halo.py); [0, 0, 0]: the whole canvas.
 LIB.define("neighborhood_attention(Tensor q, Tensor k, Tensor v, int[2] window, int[2] stride=[1, 1], "
-           "bool clip=False, int[2] offset=[0, 0], float? scale=None) -> (Tensor, Tensor)")
+           "bool clip=False, int[2] offset=[0, 0], float? scale=None, int[3] band=[0, 0, 0]) -> (Tensor, Tensor)")
 OPS = ("quantize_per_token", "int8_gemm", "pack_int8_weight", "int8_gemm_packed", "w8a8_linear", *TRITON_OPS,
        *(f"{n}_opaque" for n in TRITON_OPS), "neighborhood_attention")
 # The ops TD_IMPL can route to their reference twin (pack_int8_weight is a layout, not a computation).
@@ -452,20 +453,25 @@ torch.library.impl(LIB, "window_attention_opaque", "CompositeExplicitAutograd")(
 
 
 @torch.library.register_fake("tiled_diffusion::neighborhood_attention")
-def _(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None):
+def _(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None, band=(0, 0, 0)):
     B, H, Ht, Wt, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Ht, Wt), dtype=torch.float32)
 
 
-def check_neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None) -> None:
-    """Shapes, dtypes, devices, 1 <= stride <= window per axis (GNA: a group must lie inside its window) and
-    -stride < offset <= 0."""
+def check_neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None,
+                                 band=(0, 0, 0)) -> None:
+    """Shapes, dtypes, devices, 1 <= stride <= window per axis (GNA: a group must lie inside its window),
+    -stride < offset <= 0, and for a band: q's and k's rows inside the canvas and every query's window inside k's
+    rows (a window that reached past the halo would silently lose keys)."""
     op = "neighborhood_attention"
     _check_same_device(q=q, k=k, v=v)
     _check(q.dim() == 5, f"{op}: q must be 5-D [B, H, Ht, Wt, D], got shape {tuple(q.shape)}")
     _check(q.dtype in _FLOATS, f"{op}: q must be float32/bfloat16/float16, got {q.dtype}")
+    _check(len(band) == 3, f"{op}: band must be (canvas_h, q_top, k_top), got {tuple(band)}")
+    want = q.shape if not band[0] else (*q.shape[:2], k.shape[2], *q.shape[3:])
     for name, t in (("k", k), ("v", v)):
-        _check(t.shape == q.shape, f"{op}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        _check(t.dim() == 5 and t.shape == want, f"{op}: {name} must have shape {tuple(want)}"
+               + (" (q's)" if not band[0] else " (q's but for its rows)") + f", got {tuple(t.shape)}")
         _check(t.dtype == q.dtype, f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
     _check(len(window) == 2 and len(stride) == 2 and len(offset) == 2, f"{op}: window, stride and offset must "
            f"be pairs (h, w), got {tuple(window)}, {tuple(stride)}, {tuple(offset)}")
@@ -475,16 +481,31 @@ def check_neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, off
         _check(-stride[a] < offset[a] <= 0, f"{op}: need -stride < offset <= 0 per axis, got offset "
                f"{tuple(offset)}, stride {tuple(stride)}")
     _check(scale is None or 0 < scale < float("inf"), f"{op}: scale must be a finite number > 0, got {scale}")
+    if band[0]:
+        canvas_h, q_top, k_top = (int(x) for x in band)
+        hq, hk = q.shape[2], k.shape[2]
+        _check(0 <= q_top and q_top + hq <= canvas_h and 0 <= k_top and k_top + hk <= canvas_h,
+               f"{op}: band {tuple(band)}: q rows [{q_top}, {q_top + hq}) and k rows [{k_top}, {k_top + hk}) must "
+               f"lie in the {canvas_h}-row canvas")
+        if hq:
+            lo, hi = reference.neighborhood_bounds(canvas_h, window[0], stride[0], clip, offset[0])
+            lo, hi = lo[q_top:q_top + hq], hi[q_top:q_top + hq]
+            need = hi > lo  # clip can leave a window empty
+            a = int(lo[need].min()) if bool(need.any()) else k_top
+            b = int(hi[need].max()) if bool(need.any()) else k_top
+            _check(k_top <= a and b <= k_top + hk, f"{op}: band {tuple(band)}: the windows of q's rows need the "
+                   f"canvas rows [{a}, {b}), k holds [{k_top}, {k_top + hk})")
 
 
-def _neighborhood_attention_impl(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None):
-    check_neighborhood_attention(q, k, v, window, stride, clip, offset, scale)
+def _neighborhood_attention_impl(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None,
+                                 band=(0, 0, 0)):
+    check_neighborhood_attention(q, k, v, window, stride, clip, offset, scale, band)
     from .backends.cpu.neighborhood_attention import neighborhood_attention_cpu
 
     dev = q.device
     if use_reference("neighborhood_attention"):
         choose("neighborhood_attention", dev, "reference", "TD_IMPL")
-        out, lse = reference.neighborhood_attention(q, k, v, window, stride, clip, offset, scale)
+        out, lse = reference.neighborhood_attention(q, k, v, window, stride, clip, offset, scale, band)
         return out.contiguous(), lse.contiguous()
     if dev.type == "cuda":
         why = _triton_window_attention_unavailable(q.shape[-1])
@@ -492,13 +513,13 @@ def _neighborhood_attention_impl(q, k, v, window, stride=(1, 1), clip=False, off
             from .backends.triton.neighborhood_attention import neighborhood_attention_triton
 
             choose("neighborhood_attention", dev, "Triton", "triton importable and head dim supported")
-            return neighborhood_attention_triton(q, k, v, window, stride, clip, offset, scale)
+            return neighborhood_attention_triton(q, k, v, window, stride, clip, offset, scale, band)
         choose("neighborhood_attention", dev, "blocked SDPA", why)
     elif dev.type == "cpu":
         choose("neighborhood_attention", dev, "CPU path", "query blocks grouped by mask, fused CPU flash")
     else:
         choose("neighborhood_attention", dev, "blocked SDPA", f"no kernel for device type {dev.type}")
-    return neighborhood_attention_cpu(q, k, v, window, stride, clip, offset, scale)
+    return neighborhood_attention_cpu(q, k, v, window, stride, clip, offset, scale, band)
 
 
 torch.library.impl(LIB, "neighborhood_attention", "CompositeExplicitAutograd")(_neighborhood_attention_impl)
@@ -679,16 +700,19 @@ def window_attention(q, k, v, neighbours, bias=None, scale=None):
     return torch.ops.tiled_diffusion.window_attention(q, k, v, neighbours, bias, scale)
 
 
-def neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None):
+def neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None, band=None):
     """Token-centred (neighbourhood) attention on a token canvas: q, k, v [B, H, Ht, Wt, D] fp32/bf16/fp16 (any
     strides). Query (y, x) attends the keys in a window (wh, ww) centred on it — or, with stride (sh, sw), on its
     stride group's centre — shifted inward so it stays inside the canvas (clip=True: cut at the border instead;
     offset: the stride groups' origin, for the half-tile-shifted blocked grid). Tile-blocked windows are the case
     stride = tile, window = (2r+1)·tile, clip. Returns (out [B, H, Ht, Wt, D] in q's dtype, lse [B, H, Ht, Wt]
-    fp32), contiguous. Fast paths: CUDA Triton (key bands per query block, masks from coordinates); CPU query
+    fp32), contiguous. band (canvas_h, q_top, k_top): q is the canvas rows [q_top, q_top + Hq) and k, v the rows
+    [k_top, k_top + Hk) of a canvas_h-row canvas (one rank's band and its halo; every query's window must lie in
+    k's rows); the result equals those rows of the whole canvas's, bitwise on the CPU path when q_top is a multiple
+    of its query block. Fast paths: CUDA Triton (key bands per query block, masks from coordinates); CPU query
     blocks grouped by their translation-invariant mask through the fused flash kernel."""
     return torch.ops.tiled_diffusion.neighborhood_attention(q, k, v, list(window), list(stride), clip, list(offset),
-                                                            scale)
+                                                            scale, list(band) if band is not None else [0, 0, 0])
 
 
 merge_attention = reference.merge_attention  # a few elementwise ops: torch is already optimal here

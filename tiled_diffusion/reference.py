@@ -126,6 +126,7 @@ def neighborhood_attention(
     clip: bool = False,
     offset: list[int] = (0, 0),
     scale: Optional[float] = None,
+    band: Optional[list[int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D neighbourhood attention on the token canvas (NATTEN; GNA with a stride).
 
@@ -133,17 +134,27 @@ def neighborhood_attention(
     y' in neighborhood_bounds(Ht, window[0], stride[0], clip, offset[0])[y] and likewise along x. Returns out
     [B, H, Ht, Wt, D] (q's dtype) and lse [B, H, Ht, Wt] fp32 (natural log of the softmax denominator, scaled
     logits). A query whose window is empty (only possible with clip) gets out = 0 and lse = -inf.
+
+    band (canvas_h, q_top, k_top), for a horizontal band of a taller canvas (one rank's rows): q holds the canvas
+    rows [q_top, q_top + Hq) and k, v the rows [k_top, k_top + Hk) (Hk may differ from Hq); windows are those of
+    the canvas_h-row canvas. None (or canvas_h 0): q, k and v are the whole canvas.
     """
     B, H, Ht, Wt, D = q.shape
+    Hk = k.shape[2]
+    canvas_h, q_top, k_top = band if band is not None and band[0] else (Ht, 0, 0)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     masks = []
-    for n, w, s, o in ((Ht, window[0], stride[0], offset[0]), (Wt, window[1], stride[1], offset[1])):
+    for n, w, s, o, rows in ((canvas_h, window[0], stride[0], offset[0], (q_top, Ht, k_top, Hk)),
+                             (Wt, window[1], stride[1], offset[1], (0, Wt, 0, Wt))):
         lo, hi = neighborhood_bounds(n, w, s, clip, o)
-        j = torch.arange(n)
+        q0, nq, k0, nk = rows
+        lo, hi = lo[q0:q0 + nq] - k0, hi[q0:q0 + nq] - k0
+        j = torch.arange(nk)
         masks.append((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]))  # [query, key] along the axis
     my, mx = masks
-    allowed = (my[:, None, :, None] & mx[None, :, None, :]).reshape(Ht * Wt, Ht * Wt).to(q.device)
-    qf, kf, vf = (t.double().reshape(B, H, Ht * Wt, D) for t in (q, k, v))
+    allowed = (my[:, None, :, None] & mx[None, :, None, :]).reshape(Ht * Wt, Hk * Wt).to(q.device)
+    qf = q.double().reshape(B, H, Ht * Wt, D)
+    kf, vf = (t.double().reshape(B, H, Hk * Wt, D) for t in (k, v))
     logits = (qf @ kf.transpose(-1, -2)) * scale
     logits = logits.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(logits, dim=-1)

@@ -179,13 +179,6 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
-def _default_window(args) -> Optional[float]:
-    """cross_tile's window when --window is not given: token-centred (DEFAULT_WINDOW) on one process; tile-blocked
-    (None) under torchrun / --nproc, whose halo exchange carries tile-blocked windows only for now (issue 18)."""
-    ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return None if max(ranks, getattr(args, "nproc", None) or 1) > 1 else DEFAULT_WINDOW
-
-
 def validate(args) -> TiledConfig:
     """Check the request before loading anything; returns the sampler config."""
     w, h = args.size
@@ -203,7 +196,7 @@ def validate(args) -> TiledConfig:
         stride = getattr(args, "stride", None)
         return TiledConfig(mode=args.mode, tile=args.tile, radius=args.radius, overlap=args.overlap,
                            profile=args.profile, shift=getattr(args, "shift", False),
-                           window=_default_window(args) if window is None else (None if window == 0 else window),
+                           window=DEFAULT_WINDOW if window is None else (None if window == 0 else window),
                            stride=DEFAULT_STRIDE if stride is None else stride,
                            positional=getattr(args, "positional", "canvas_stretched"),
                            tile_batch_size=getattr(args, "tile_batch_size", None),

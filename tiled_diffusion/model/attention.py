@@ -164,9 +164,17 @@ class TileContext:
         return window_attention(q, k, v, self.neighbours(q.shape[0] // T, q.device), self.head_chunk)
 
 
+    def token_rows(self) -> int:
+        """Token rows of the inner forward's input: the canvas's, or this rank's band's over a process group."""
+        band = self.partition.current if self.partition is not None else None
+        return band.token_rows if band is not None else self.canvas_tokens[0]
+
     def attend_neighborhood(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Token-centred windowed self-attention on the canvas: q, k, v [B, H, Ht, Wt, D] (any strides) -> out
-        [B, H, Ht, Wt, D], over chunks of `head_chunk` heads."""
+        [B, H, Ht, Wt, D], over chunks of `head_chunk` heads (over a process group: the band's rows, its K/V halo
+        exchanged)."""
+        if self.partition is not None and self.partition.current is not None:
+            return self.partition.attend(q, k, v, self.head_chunk)
         hood = self.neighborhood
         H = q.shape[1]
         step = H if not self.head_chunk else max(1, min(H, self.head_chunk))
@@ -218,8 +226,8 @@ class CrossTileAttnProcessor:
         inner = key.shape[-1]
         H = attn.heads
         D = inner // H
-        if ctx.neighborhood is not None:  # token-centred windows: raster order, N = Ht·Wt canvas tokens
-            Ht, Wt = ctx.canvas_tokens
+        if ctx.neighborhood is not None:  # token-centred windows: raster order, N = Ht·Wt canvas (band) tokens
+            Ht, Wt = ctx.token_rows(), ctx.canvas_tokens[1]
             if Ht * Wt != N:
                 raise ValueError(f"CrossTileAttnProcessor: {N} tokens for a {Ht}x{Wt}-token canvas")
             # [B, N, H*D] -> [B, H, Ht, Wt, D] views (no copy; the op gathers its query blocks and key bands itself)

@@ -177,7 +177,7 @@ class CanvasForward:
         grid = pgrid = hood = None
         if mode == "cross_tile":
             hood = neighborhood(cfg, lat_h, lat_w, patch, ctx.step_for(timestep) if cfg.shift else 0,
-                                _training_field(self.config, lat_h), vsf)
+                                training_field(self.config, lat_h), vsf)
             if hood is None or hood.clip:  # tile-blocked windows: one tile is the whole canvas -> global
                 g = token_grid(cfg, lat_h, lat_w, patch, 0, vsf, ctx.cache)
                 if g.ny * g.nx == 1:
@@ -186,9 +186,6 @@ class CanvasForward:
                     grid = g
             elif hood.covers(lat_h // patch, lat_w // patch):
                 mode, hood = "global", None
-            if hood is not None and ctx.partition is not None:
-                raise ValueError("distributed: multi-process cross_tile runs tile-blocked windows only for now "
-                                 "(window=None, shift=False); token-centred windows run on one process")
         elif mode == "multidiffusion":
             pgrid = pixel_grid(cfg, lat_h, lat_w, B, patch, vsf)
             if pgrid.ny * pgrid.nx == 1:
@@ -199,10 +196,12 @@ class CanvasForward:
                 out = self._multidiffusion(hidden_states, pgrid, kw, st)
             else:
                 crop = None
-                # a partition (parallel/, plugged in over a process group) runs this rank's band of tile rows
-                ds = ctx.partition if grid is not None else None
+                # a partition (parallel/, plugged in over a process group) runs this rank's band of rows: tile
+                # rows of the grid, or token rows for token-centred windows
+                ds = ctx.partition if grid is not None or hood is not None else None
                 if ds is not None:
-                    band = ds.band(grid, cfg.radius, B)
+                    band = (ds.band(grid, cfg.radius, B) if grid is not None else
+                            ds.hood_band(hood, lat_h // patch, patch, B))
                     grid, ctx.offsets, crop = band.grid, band.offsets, band.crop
                     hidden_states = crop(hidden_states)
                 ctx.set_grid(grid)
@@ -279,7 +278,7 @@ class CanvasForward:
         return out
 
 
-def _training_field(config, default: int) -> int:
+def training_field(config, default: int) -> int:
     """The model's training size in latent pixels (its sample_size; `default` when the config has none)."""
     size = getattr(config, "sample_size", None)
     if isinstance(size, (tuple, list)):

@@ -1,10 +1,11 @@
 """One image over N processes (torch.distributed): the process group and its collectives (this module), the halo
-attention and the canvas forward over ranks (halo.py), local launches (launch.py). Rank r owns a band of tile rows;
-only halos cross ranks.
+attention and the canvas forward over ranks (halo.py; token-centred windows: hood.py; what both bands share:
+band.py), local launches (launch.py). Rank r owns a band of rows; only halos cross ranks.
 
-Cross-tile attention is windowed: a tile attends to the tiles within `radius` (Chebyshev) of it. So a rank
-that owns the tile rows [y0, y1) of the canvas needs, per self-attention, only the K/V of the `radius` tile
-rows above and below its band. Those rows are exchanged point to point with the ranks that own them
+Cross-tile attention is windowed. Token-centred windows (the default): a rank that owns the token rows [a, b) needs
+the K/V rows its queries' windows reach, about half a window above and below (hood.py). Tile-blocked windows: a
+tile attends to the tiles within `radius` (Chebyshev) of it, so a rank that owns the tile rows [y0, y1) of the
+canvas needs, per self-attention, only the K/V of the `radius` tile rows above and below its band. Those rows are exchanged point to point with the ranks that own them
 (send/recv, never an all-gather of the image's K/V, and never stale K/V): traffic per rank grows with the
 band's width, not with the image. Everything else in a PixArt block (adaLN, linears, MLP, cross-attention) is
 token-wise and stays local.

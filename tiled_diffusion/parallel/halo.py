@@ -1,7 +1,8 @@
-"""The canvas forward over ranks: each rank runs a band of the step's tile rows; self-attention exchanges only the
-`radius` tile rows of K/V above and below the band (HaloLayout + halo_window_attention, overlapped with the
-interior tiles), and the outputs are all-gathered once per forward. `enable` plugs a process group into an
-accelerated transformer's TileContext.partition; `disable` unplugs it. See comm.py's docstring for the whole design.
+"""The canvas forward over ranks: each rank runs a band of the canvas's rows — tile rows with tile-blocked windows
+(self-attention exchanges only the `radius` tile rows of K/V above and below the band: HaloLayout +
+halo_window_attention, overlapped with the interior tiles), token rows with token-centred windows (hood.py) — and
+the outputs are all-gathered once per forward. `enable` plugs a process group into an accelerated transformer's
+TileContext.partition; `disable` unplugs it. See comm.py's docstring for the whole design.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import torch
 import torch.distributed as dist
 
 from ..core.config import TiledConfig
-from ..core.profiling import phase
 from ..core.tiling import TileGrid
 from ..model.attention import window_attention
-from ..model.canvas import pixel_grid, token_grid
-from .comm import Dist, _global_rank, _nccl, _wait, gather_rows, setup, split_rows
+from ..model.canvas import neighborhood, pixel_grid, token_grid, training_field
+from .band import CommStats, RowBand, timed_wait
+from .comm import Dist, _global_rank, gather_rows, setup, split_rows
+from .hood import HoodBand, HoodLayout, split_token_rows
 
 log = logging.getLogger("tiled_diffusion.parallel.halo")
 
@@ -170,15 +172,6 @@ class HaloLayout:
 
 
 
-def _timed_wait(layout: HaloLayout, works, d: Dist) -> None:
-    if not works:
-        return
-    t0 = time.perf_counter()  # on CUDA the wait is the stream's: this counts host time only, not the transfer
-    with phase("halo_exchange"):
-        _wait(works, d.timeout, "halo exchange", on_stream=_nccl(d))
-    layout.wait_s += time.perf_counter() - t0
-
-
 def halo_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HaloLayout, d: Dist,
                           head_chunk: Optional[int] = None) -> torch.Tensor:
     """Windowed attention of a rank's band: q, k, v [B·T_band, H, L, D] (tile-major, band-local order) ->
@@ -193,11 +186,11 @@ def halo_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     works, recvs, sends = layout.start_exchange(k, v, d)
     out = window_attention(q, k, v, t["interior_nb"], head_chunk)  # border rows: no key -> 0, overwritten below
     if t["border_q"].numel() == 0:
-        _timed_wait(layout, works, d)
+        timed_wait(layout, works, d)
         return out
     band_k = k.index_select(0, t["border_k"])
     band_v = v.index_select(0, t["border_k"])
-    _timed_wait(layout, works, d)
+    timed_wait(layout, works, d)
     del sends
     H, L, D = q.shape[1:]
     kb = torch.cat([band_k] + [r[0].reshape(-1, H, L, D) for r in recvs])
@@ -213,8 +206,9 @@ def halo_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
 # ------------------------------------------------------------------------- the canvas forward over ranks
 
 
-class Band:
-    """This rank's share of one cross_tile canvas forward: the tile rows [y0, y1) of the step's token grid.
+class Band(RowBand):
+    """This rank's share of one tile-blocked cross_tile canvas forward: the tile rows [y0, y1) of the step's token
+    grid.
 
     grid: the band's own token TileGrid (the same tiles; the grid's row shift is folded into which canvas rows the
     band holds, its column shift kept). rows: int64 latent rows of the canvas the band holds, in order (they wrap
@@ -229,100 +223,21 @@ class Band:
         sy, sx = grid.shift
         Ht = grid.tokens_h
 
-        def token_rows(r: int) -> torch.Tensor:
-            y0, y1 = bands[r]
-            return (torch.arange(y0 * tth, y1 * tth) + sy) % Ht
-
         def latent_rows(r: int) -> torch.Tensor:
-            t = token_rows(r)
+            y0, y1 = bands[r]
+            t = (torch.arange(y0 * tth, y1 * tth) + sy) % Ht
             return (t[:, None] * p + torch.arange(p)).reshape(-1)
 
         y0, y1 = bands[rank]
         n_tok = (y1 - y0) * tth
-        self.grid = TileGrid(n_tok * p, grid.width, (grid.th, grid.tw), overlap=0, patch=p, shift=(0, sx))
         top = y0 * tth + sy
-        self.offsets = torch.tensor([[top - Ht if top + n_tok > Ht else top, 0]], dtype=torch.long)
-        self.rows = latent_rows(rank)
-        self.all_rows = [latent_rows(r) for r in range(len(bands))]
-        cat = torch.cat(self.all_rows)
-        # decided here on the host (gather used to compare a device copy with .cpu(): a sync every forward)
-        self._rows_in_order = torch.equal(cat, torch.arange(cat.numel()))
-        self._cat_rows: dict = {}  # device -> the concatenated rows there
-        self.layout, self.d, self.row_span, self.mirror = layout, d, row_span, mirror
+        offsets = torch.tensor([[top - Ht if top + n_tok > Ht else top, 0]], dtype=torch.long)
+        super().__init__([latent_rows(r) for r in range(len(bands))], rank, offsets, d, row_span, mirror)
+        self.grid = TileGrid(n_tok * p, grid.width, (grid.th, grid.tw), overlap=0, patch=p, shift=(0, sx))
+        self.layout = layout
 
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """A canvas-shaped latent [B, C, h, w] -> the band's rows [B', C, band_h, w] (B' = B, or this rank's CFG
-        half of the input rows under CFG-parallel)."""
-        if self.row_span is not None:
-            x = x[self.row_span[0]:self.row_span[1]]
-        return x.index_select(2, self.rows.to(x.device))
-
-    def crop_kwargs(self, kw: dict, n: int) -> dict:
-        """The forward's keyword inputs for this rank's input rows: every tensor with n rows (text, masks,
-        timesteps, micro-conditions, also inside dicts) is cut like the hidden states; the rest is shared."""
-        if self.row_span is None:
-            return kw
-        a, b = self.row_span
-
-        def cut(v):
-            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n:
-                return v[a:b]
-            if isinstance(v, dict):
-                return {k: cut(x) for k, x in v.items()}
-            return v
-
-        return {k: cut(v) for k, v in kw.items()}
-
-    def gather(self, out: torch.Tensor, stats: "CommStats") -> torch.Tensor:
-        """Every rank's band output [B', C, band_h, w] -> the canvas [B, C, h, w] on every rank (the band group's
-        all-gather along rows, then, under CFG-parallel, the two halves' along the batch)."""
-        d = self.d
-        spans, a = [], 0
-        for r in self.all_rows:
-            spans.append((a, a + r.numel()))
-            a += r.numel()
-        t0 = time.perf_counter()
-        cat = gather_rows(out, spans, d, dim=2)
-        stats.gather_s += time.perf_counter() - t0
-        stats.gather_bytes += out.numel() * out.element_size() * (d.world - 1)
-        if self._rows_in_order:
-            full = cat
-        else:
-            rows = self._cat_rows.get(cat.device)
-            if rows is None:
-                rows = self._cat_rows[cat.device] = torch.cat(self.all_rows).to(cat.device)
-            full = torch.empty_like(cat).index_copy_(2, rows, cat)
-        if self.mirror is None:
-            return full
-        half = full.shape[0]
-        t0 = time.perf_counter()
-        both = gather_rows(full, [(0, half), (half, 2 * half)], self.mirror, dim=0)
-        stats.gather_s += time.perf_counter() - t0
-        stats.gather_bytes += full.numel() * full.element_size()
-        return both
-
-
-@dataclasses.dataclass
-class CommStats:
-    """What this rank's canvas forwards communicated (payload bytes this rank sent, and time blocked waiting).
-    gather_bytes counts what a ring all-gather sends: the rank's part once to each of the world - 1 peers."""
-
-    gather_bytes: int = 0
-    gather_s: float = 0.0
-    forwards: int = 0
-    layouts: list = dataclasses.field(default_factory=list)
-
-    @property
-    def halo_bytes(self) -> int:
-        return sum(lay.bytes_sent for lay in self.layouts)
-
-    @property
-    def halo_wait_s(self) -> float:
-        return sum(lay.wait_s for lay in self.layouts)
-
-    def as_dict(self) -> dict:
-        return {"forwards": self.forwards, "halo_bytes": self.halo_bytes, "halo_wait_s": self.halo_wait_s,
-                "gather_bytes": self.gather_bytes, "gather_s": self.gather_s}
+    def attend(self, q, k, v, head_chunk: Optional[int]) -> torch.Tensor:
+        return halo_window_attention(q, k, v, self.layout, self.d, head_chunk)
 
 
 class DistState:
@@ -339,23 +254,42 @@ class DistState:
         if cfg_parallel:
             self.half, self.mirror = _cfg_groups(d)
 
+    def _group(self, batch: int):
+        """(the group this forward's rows are banded over, this rank's input rows or None, the mirror group or
+        None). Under CFG-parallel with an even batch (the CFG halves) rank r works on half r // m of the rows
+        (m = world / 2) and its band over the m ranks of that half; otherwise over all ranks."""
+        if self.half is None or batch % 2:
+            return self.dist, None, None
+        h = self.mirror.rank
+        return self.half, (h * batch // 2, (h + 1) * batch // 2), self.mirror
+
+    def _layout(self, key, build):
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = build()
+            self.stats.layouts.append(layout)
+        return layout
+
     def band(self, grid, radius: int, batch: int = 1) -> Band:
         """This rank's band of `grid` (a token TileGrid of batch 1 for the whole canvas) for `batch` input rows;
-        becomes `current`. Under CFG-parallel with an even batch (the CFG halves) rank r works on half r // m of
-        the rows (m = world / 2) and its band over the m ranks of that half; otherwise over all ranks."""
-        split = self.half is not None and batch % 2 == 0
-        bd = self.half if split else self.dist
+        becomes `current` (see `_group` for CFG-parallel)."""
+        bd, span, mirror = self._group(batch)
         bands = split_rows(grid.ny, bd.world)
-        key = (grid.ny, grid.nx, grid.tokens_per_tile, radius, split)
-        layout = self._layouts.get(key)
-        if layout is None:  # the neighbour structure ignores the shift: one layout serves every step
-            layout = self._layouts[key] = HaloLayout(grid, bands, bd.rank, radius)
-            self.stats.layouts.append(layout)
-        span = None
-        if split:
-            h = self.mirror.rank
-            span = (h * batch // 2, (h + 1) * batch // 2)
-        self.current = Band(grid, bands, bd.rank, layout, bd, span, self.mirror if split else None)
+        # the neighbour structure ignores the shift: one layout serves every step
+        layout = self._layout(("tiles", grid.ny, grid.nx, grid.tokens_per_tile, radius, bd.world),
+                              lambda: HaloLayout(grid, bands, bd.rank, radius))
+        self.current = Band(grid, bands, bd.rank, layout, bd, span, mirror)
+        self.stats.forwards += 1
+        return self.current
+
+    def hood_band(self, hood, token_rows: int, patch: int, batch: int = 1) -> HoodBand:
+        """This rank's band of token rows for token-centred windows `hood` (canvas.Neighborhood) on a canvas of
+        `token_rows` rows, for `batch` input rows; becomes `current`."""
+        bd, span, mirror = self._group(batch)
+        bands = split_token_rows(token_rows, hood, bd.world)
+        layout = self._layout(("hood", token_rows, hood, bd.world),
+                              lambda: HoodLayout(token_rows, bands, bd.rank, hood))
+        self.current = HoodBand(bands, bd.rank, patch, layout, bd, span, mirror)
         self.stats.forwards += 1
         return self.current
 
@@ -380,7 +314,9 @@ class DistState:
         return out
 
     def attend(self, q, k, v, head_chunk: Optional[int]) -> torch.Tensor:
-        return halo_window_attention(q, k, v, self.current.layout, self.current.d, head_chunk)
+        """The self-attention of the forward in progress over its band (window_attention's or
+        neighborhood_attention's layout, as the band's kind)."""
+        return self.current.attend(q, k, v, head_chunk)
 
 
 def _cfg_groups(d: Dist) -> tuple[Dist, Dist]:
@@ -451,13 +387,16 @@ def check_world(pipe, world: int, *, width: int, height: int, guidance_scale: fl
     lat_h, lat_w = height // vsf, width // vsf
     rows = 2 if guidance_scale > 1.0 else 1
     ranks = world // 2 if cfg_parallel and rows == 2 else world
-    if cfg.mode == "cross_tile" and (cfg.window is not None or cfg.shift):
-        raise ValueError("distributed: multi-process cross_tile runs tile-blocked windows only for now "
-                         "(window=None / --window 0, no shift); token-centred windows run on one process")
     if cfg.mode == "cross_tile":
         grid = token_grid(cfg, lat_h, lat_w, patch, 0, vsf)
-        if grid.ny * grid.nx > 1:
-            split_rows(grid.ny, ranks)
+        field = training_field(tr.config, lat_h)
+        hood = neighborhood(cfg, lat_h, lat_w, patch, 0, field, vsf)
+        if hood is None:  # tile-blocked windows: bands of tile rows
+            if grid.ny * grid.nx > 1:
+                split_rows(grid.ny, ranks)
+        elif not (hood.covers(lat_h // patch, lat_w // patch) or (hood.clip and grid.ny * grid.nx == 1)):
+            for step in (0, 1) if cfg.shift else (0,):  # bands of token rows, on even and (shift) odd steps
+                split_token_rows(lat_h // patch, neighborhood(cfg, lat_h, lat_w, patch, step, field, vsf), ranks)
     elif cfg.mode == "multidiffusion":
         n = pixel_grid(cfg, lat_h, lat_w, 1, patch, vsf).num_tiles * rows
         if n > rows and n < world:

@@ -38,19 +38,24 @@ from .window_attention import _explicit, _flash_cpu
 BLOCK = 16
 
 
-def _axis_blocks(n: int, window: int, stride: int, clip: bool, offset: int, block: int):
+def _axis_blocks(n: int, window: int, stride: int, clip: bool, offset: int, block: int,
+                 rows: tuple[int, int, int] = None):
     """Query blocks along one axis, aligned to the stride groups (which start at `offset`): list of (q0, q1, band0,
     band1, signature), signature = what the block's mask depends on (its size, its band's size and every query's
-    bounds relative to the band)."""
+    bounds relative to the band). rows (q_top, q_len, k_top): only the queries [q_top, q_top + q_len) of the
+    n-token axis, with indices relative to q_top and key bands relative to k_top (a band of the canvas: the blocks
+    are the whole canvas's where q_top is on its block grid, so the result is the same bitwise)."""
     lo, hi = neighborhood_bounds(n, window, stride, clip, offset)
     lo, hi = lo.tolist(), hi.tolist()
+    q_top, q_len, k_top = rows if rows is not None else (0, n, 0)
+    q_end = q_top + q_len
     out = []
-    cuts = [0] + [c for c in range(offset + block, n, block) if c > 0] + [n]
+    cuts = [q_top] + [c for c in range(offset + block, q_end, block) if c > q_top] + [q_end]
     for q0, q1 in zip(cuts[:-1], cuts[1:]):
         b0, b1 = min(lo[q0:q1]), max(hi[q0:q1])
         b1 = max(b0, b1)
         sig = (q1 - q0, b1 - b0, tuple(x - b0 for x in lo[q0:q1]), tuple(x - b0 for x in hi[q0:q1]))
-        out.append((q0, q1, b0, b1, sig))
+        out.append((q0 - q_top, q1 - q_top, b0 - k_top, b1 - k_top, sig))
     return out
 
 
@@ -80,9 +85,9 @@ def _even(xs: list[int]) -> bool:
 
 
 def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = False, offset=(0, 0),
-                               scale: Optional[float] = None, block: Optional[int] = None):
-    """Inputs are assumed checked (ops.check_neighborhood_attention). Off the CPU (until a kernel exists) the same
-    blocks run through public SDPA with an explicit logsumexp."""
+                               scale: Optional[float] = None, band=(0, 0, 0), block: Optional[int] = None):
+    """Inputs are assumed checked (ops.check_neighborhood_attention; band as there). Off the CPU (until a kernel
+    exists) the same blocks run through public SDPA with an explicit logsumexp."""
     B, H, Ht, Wt, D = q.shape
     dev = q.device
     attend = _flash_cpu if dev.type == "cpu" else _explicit
@@ -91,7 +96,9 @@ def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = Fals
     lse = torch.full((B, H, Ht, Wt), -math.inf, dtype=torch.float32, device=dev)
     if B * H * Ht * Wt * D == 0:
         return out, lse
-    ys = _axis_blocks(Ht, window[0], stride[0], clip, offset[0], block_size(stride[0], block))
+    canvas_h, q_top, k_top = band if band[0] else (Ht, 0, 0)
+    ys = _axis_blocks(canvas_h, window[0], stride[0], clip, offset[0], block_size(stride[0], block),
+                      (q_top, Ht, k_top))
     xs = _axis_blocks(Wt, window[1], stride[1], clip, offset[1], block_size(stride[1], block))
     ygroups: dict = {}
     for y in ys:

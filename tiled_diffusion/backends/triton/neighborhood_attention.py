@@ -1,10 +1,12 @@
 """Triton forward kernel of `neighborhood_attention`: flash attention over each query's token-centred window.
 
-Layouts: q, k, v, out [B·H, Ht, Wt, D] contiguous (the op's [B, H, Ht, Wt, D]); lse fp32 [B·H, Ht, Wt] (natural
-log).
+Layouts: q, out [B·H, Hq, Wt, D] and k, v [B·H, Hk, Wt, D] contiguous (the op's [B, H, rows, Wt, D]); lse fp32
+[B·H, Hq, Wt] (natural log). q holds the canvas rows [q_top, q_top + Hq) and k, v the rows [k_top, k_top + Hk) of an
+Ht-row canvas (the op's `band`; the whole canvas: Hq = Hk = Ht, tops 0); windows are the canvas's.
 
 One program = one 2-D block of TM_Y x TM_X queries (BLOCK_M = TM_Y·TM_X) of one (batch, head); grid
-(cdiv(Ht, TM_Y)·cdiv(Wt, TM_X), B·H). No mask tensor exists: every query's canvas coordinates come from its block
+(cdiv(Hq, TM_Y)·cdiv(Wt, TM_X), B·H). Query blocks start at q_top, so a band whose q_top is a multiple of TM_Y
+walks exactly the whole canvas's blocks and key tiles for its rows (the same result, bitwise). No mask tensor exists: every query's canvas coordinates come from its block
 origin, its window [lo, hi) per axis from reference.neighborhood_bounds' formula (stride groups from `offset`,
 centre, inward shift or clip), computed in registers. The program walks only the key band of its block (the union
 of its queries' windows: [min lo, max hi) per axis, since lo and hi are monotone in the query coordinate), in 2-D
@@ -46,7 +48,7 @@ def _bounds(i, n, W: tl.constexpr, S: tl.constexpr, OFF: tl.constexpr, CLIP: tl.
 
 @triton.jit
 def _neighborhood_attention_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, Ht, Wt, qk_scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, Ht, Wt, Hq, q_top, Hk, k_top, qk_scale,
     WY: tl.constexpr, WX: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr, OY: tl.constexpr, OX: tl.constexpr,
     CLIP: tl.constexpr,
     HEAD_D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr,
@@ -58,9 +60,10 @@ def _neighborhood_attention_fwd(
     bh = tl.program_id(1).to(tl.int64)
     nbx = tl.cdiv(Wt, TM_X)
     offs_m = tl.arange(0, BLOCK_M)
-    qy = (pid // nbx) * TM_Y + offs_m // TM_X
+    qy_local = (pid // nbx) * TM_Y + offs_m // TM_X
+    qy = q_top + qy_local  # canvas row
     qx = (pid % nbx) * TM_X + offs_m % TM_X
-    m_ok = (qy < Ht) & (qx < Wt)
+    m_ok = (qy_local < Hq) & (qx < Wt)
     lo_y, hi_y = _bounds(qy, Ht, WY, SY, OY, CLIP)
     lo_x, hi_x = _bounds(qx, Wt, WX, SX, OX, CLIP)
     big = Ht + Wt
@@ -71,12 +74,13 @@ def _neighborhood_attention_fwd(
 
     # 64-bit offset of this (batch, head) once; token offsets inside it stay 32-bit (fewer registers: the sm_80
     # build spilled with 64-bit per-token offsets)
-    base = bh * Ht * Wt * HEAD_D
-    q_ptr += base
-    k_ptr += base
-    v_ptr += base
-    o_ptr += base
-    q_rows = qy * Wt + qx
+    q_base = bh * Hq * Wt * HEAD_D
+    k_base = bh * Hk * Wt * HEAD_D
+    q_ptr += q_base
+    k_ptr += k_base
+    v_ptr += k_base
+    o_ptr += q_base
+    q_rows = qy_local * Wt + qx
     offs_a = tl.arange(0, DA)
     q_a = tl.load(q_ptr + q_rows[:, None] * HEAD_D + offs_a[None, :], mask=m_ok[:, None], other=0.0)
     if UPCAST:
@@ -100,7 +104,7 @@ def _neighborhood_attention_fwd(
             ky = ky0 + offs_n // TN_X
             kx = kx0 + offs_n % TN_X
             n_ok = (ky < band_y1) & (kx < band_x1)
-            k_rows = ky * Wt + kx
+            k_rows = (ky - k_top) * Wt + kx  # ky is a canvas row; k holds rows from k_top
             k_a = tl.load(k_ptr + k_rows[None, :] * HEAD_D + offs_a[:, None], mask=n_ok[None, :], other=0.0)
             if UPCAST:
                 k_a = k_a.to(tl.float32)
@@ -150,7 +154,7 @@ def _neighborhood_attention_fwd(
     nonempty = l_i > 0  # clip can leave a query without keys: out 0, lse -inf
     inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + bh * Ht * Wt + q_rows, lse, mask=m_ok)
+    tl.store(lse_ptr + bh * Hq * Wt + q_rows, lse, mask=m_ok)
     tl.store(o_ptr + q_rows[:, None] * HEAD_D + offs_a[None, :],
              (acc_a * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
     if DB > 0:
@@ -159,28 +163,30 @@ def _neighborhood_attention_fwd(
 
 
 def neighborhood_attention_triton(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None,
-                                  config: dict | None = None, out=None, lse=None):
-    """Launch the kernel. Inputs are assumed checked (ops.check_neighborhood_attention); [B, H, Ht, Wt, D] CUDA
-    tensors, or CPU tensors under TRITON_INTERPRET=1. `out` / `lse` let a caller provide contiguous buffers (tests
-    poison them with NaN)."""
-    B, H, Ht, Wt, D = q.shape
+                                  band=(0, 0, 0), config: dict | None = None, out=None, lse=None):
+    """Launch the kernel. Inputs are assumed checked (ops.check_neighborhood_attention; band as there): [B, H, rows,
+    Wt, D] CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. `out` / `lse` let a caller provide contiguous
+    buffers (tests poison them with NaN)."""
+    B, H, Hq, Wt, D = q.shape
+    Hk = k.shape[2]
+    Ht, q_top, k_top = (int(x) for x in band) if band[0] else (Hq, 0, 0)
     da, db = split_head_dim(D)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if lse is None:
-        lse = torch.empty((B, H, Ht, Wt), dtype=torch.float32, device=q.device)
-    if B * H * Ht * Wt == 0:
+        lse = torch.empty((B, H, Hq, Wt), dtype=torch.float32, device=q.device)
+    if B * H * Hq * Wt == 0:
         return out, lse
     if config is None:
         config = INTERPRET_CONFIG if _interpreting() else CONFIG
     upcast = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot (window_attention.py)
-    grid = check_grid((triton.cdiv(Ht, config["TM_Y"]) * triton.cdiv(Wt, config["TM_X"]), B * H),
+    grid = check_grid((triton.cdiv(Hq, config["TM_Y"]) * triton.cdiv(Wt, config["TM_X"]), B * H),
                       "neighborhood_attention")
     with device_guard(q):
         wrap_triton(_neighborhood_attention_fwd)[grid](
-            q, k, v, out, lse, Ht, Wt, scale * LOG2E,
+            q, k, v, out, lse, Ht, Wt, Hq, q_top, Hk, k_top, scale * LOG2E,
             WY=int(window[0]), WX=int(window[1]), SY=int(stride[0]), SX=int(stride[1]), OY=int(offset[0]),
             OX=int(offset[1]), CLIP=bool(clip), HEAD_D=D, DA=da, DB=db, FP32_DOT=q.dtype == torch.float32,
             UPCAST=upcast, TM_Y=config["TM_Y"], TM_X=config["TM_X"], TN_Y=config["TN_Y"], TN_X=config["TN_X"],
@@ -197,7 +203,7 @@ def _aot_configs() -> list[dict]:
     for dt in ("bf16", "fp16"):
         ptr = f"*{dt}"
         sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "lse_ptr": "*fp32", "Ht": "i32", "Wt": "i32",
-               "qk_scale": "fp32"}
+               "Hq": "i32", "q_top": "i32", "Hk": "i32", "k_top": "i32", "qk_scale": "fp32"}
         c = CONFIG
         configs.append({
             "name": f"neighborhood_attention_d72_{dt}_w64s1_m{c['TM_Y']}x{c['TM_X']}n{c['TN_Y']}x{c['TN_X']}",
