@@ -72,6 +72,21 @@ def test_period_baseline_still_sees_a_real_seam():
     assert seam_ratio(img, seams_y=[32, 64], period=8) > 2
 
 
+def test_token_period_cancels_a_model_drawn_token_pattern():
+    """A DiT with patch 2 over an 8-px VAE draws its own texture per 16-px token (what the lab model does): tile
+    seams lie on token boundaries, so only a 16-px period baseline (other token boundaries) reads no seam; the 8-px
+    baseline (all latent lines) reads the model's token texture as a seam."""
+    img = _smooth(C=3, H=96, W=112)
+    img[..., 15::16, :] += 0.3
+    img[..., :, 15::16] += 0.3
+    img[..., 7::8, :] += 0.1  # and the VAE's 8-px pattern under it
+    seams = [32, 64]
+    assert seam_ratio(img, seams_y=seams, seams_x=seams, period=8) > 1.5
+    assert 0.8 < seam_ratio(img, seams_y=seams, seams_x=seams, period=16) < 1.2
+    img[..., 64:, :] += 1.0  # a real seam still reads as one
+    assert seam_ratio(img, seams_y=seams, period=16) > 1.3  # (0.4 + 1.4) / 2 on the seams vs 0.4 + the smooth part
+
+
 def test_period_needs_one_phase_and_width_one():
     with pytest.raises(ValueError, match="same phase"):
         seam_ratio(_smooth(), seams_y=[16, 20], period=8)

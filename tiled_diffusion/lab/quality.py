@@ -4,9 +4,14 @@ ground truth rendered from the same world at the same size (benchmarks/bench_qua
 Per (canvas size, mode), over the same seeds (seed s draws family s mod 4 and its caption):
 
 - seam_ratio   mean |∇| across the mode's own tile seams / mean |∇| at the other lines of the same phase on the
-               VAE's 8-px grid (`metrics.seam_ratio(period=8)`). cross_tile: its token grid (plus the half-tile
-               shifted grid when shift is on); multidiffusion: every tile edge; global and the ground truth are
-               scored on the cross_tile grid as controls (what "no seam" reads).
+               model's token grid (`metrics.seam_ratio(period=SEAM_PERIOD)`, 16 px = patch 2 × VAE 8). Every
+               seam of every mode is a token boundary, and the model draws its own texture on that grid (its
+               patch embedding and output unpatchify work per 16-px token), so the baseline must be the other
+               token boundaries: against all 8-px lines (the suite's metric until 2026-12-06) a mode with no seam
+               at all read 1.13 on any 64-px grid, at every offset (benchmarks/NOTES.md, issue 18).
+               cross_tile: its token grid (plus the half-tile shifted grid when shift is on); multidiffusion:
+               every tile edge; global, token-centred windows with stride 1 and the ground truth are scored on
+               the cross_tile grid as controls (what "no seam" reads).
 - kid          KID between 128-px patches of the samples and of ground-truth canvases of the same size, on
                features of the lab VAE's encoder (per-channel mean and std after each down block and the
                mid-block, standardised by the ground truth's statistics). The `ground truth` row is a second,
@@ -41,6 +46,7 @@ from . import models, structure, world
 
 CROSS_TILE_PX = models.TRAIN_SIZE // 2  # as PixArt's 512-px tiles for its 1024-px training size
 MULTIDIFFUSION_PX = models.TRAIN_SIZE  # multidiffusion tiles are whole training-size images
+SEAM_PERIOD = models.VAE_SCALE * models.TRANSFORMER_CONFIG.get("patch_size", 2)  # px: one token of the model
 GT_SEED0 = 1_000_000  # ground-truth world seeds: far from the trainer's (seed·100000 + i, i < images)
 
 
@@ -111,11 +117,11 @@ def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[i
 
 
 def seam_score(images: torch.Tensor, seams: tuple[list[int], list[int]]) -> Optional[float]:
-    """Mean over images of the seam ratio at `seams` (8-px phase baseline); None without seams (one tile)."""
+    """Mean over images of the seam ratio at `seams` (token-grid phase baseline); None without seams (one tile)."""
     ys, xs = seams
     if not ys and not xs:
         return None
-    return statistics.fmean(metrics.seam_ratio(img, ys, xs, period=8) for img in images)
+    return statistics.fmean(metrics.seam_ratio(img, ys, xs, period=SEAM_PERIOD) for img in images)
 
 
 # ---------------------------------------------------------------------------------------- features

@@ -2,9 +2,9 @@
 
 `seam_ratio` follows the idea of the seam score of Tiled Diffusion (CVPR'25): a visible seam is a line where the
 image gradient is systematically larger than elsewhere. We compare the mean absolute finite difference *across*
-the given seam lines with the mean absolute finite difference everywhere else, or (``period=8``) only at the other
-lines of the same phase on the VAE's 8-px latent grid: a decoder's own 8-px pattern then cancels, so ≈ 1.0 means
-no seam for any image, `global` and ground truth included.
+the given seam lines with the mean absolute finite difference everywhere else, or (``period=p``) only at the other
+lines of the same phase modulo p: a pattern the generator draws on its own grid (the VAE's 8 px, a DiT's token of
+patch × 8 px) then cancels, so ≈ 1.0 means no seam for any image, `global` and ground truth included.
 
 Distribution distances (DistriFusion / xDiT report FID against the untiled model): `kid` (kernel inception
 distance: unbiased MMD² with the cubic polynomial kernel, on features of any fixed network) and
