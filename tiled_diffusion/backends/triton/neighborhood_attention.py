@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from . import flash
 from .launch import check_grid, device_guard
 from .window_attention import LOG2E, _interpreting, split_head_dim, supports_head_dim  # noqa: F401
 
@@ -82,20 +83,16 @@ def _neighborhood_attention_fwd(
     o_ptr += q_base
     q_rows = qy_local * Wt + qx
     offs_a = tl.arange(0, DA)
-    q_a = tl.load(q_ptr + q_rows[:, None] * HEAD_D + offs_a[None, :], mask=m_ok[:, None], other=0.0)
-    if UPCAST:
-        q_a = q_a.to(tl.float32)
+    offs_b, b_ok = offs_a, offs_a < HEAD_D  # placeholders when DB == 0 (flash.py)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         b_ok = offs_b < HEAD_D
-        q_b = tl.load(q_ptr + q_rows[:, None] * HEAD_D + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
-                      other=0.0)
-        if UPCAST:
-            q_b = q_b.to(tl.float32)
+    q_a, q_b = flash.load_q(q_ptr, q_rows, m_ok, offs_a, offs_b, b_ok, HEAD_D, DB, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    acc_b = acc_a
     if DB > 0:
         acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
@@ -105,61 +102,18 @@ def _neighborhood_attention_fwd(
             kx = kx0 + offs_n % TN_X
             n_ok = (ky < band_y1) & (kx < band_x1)
             k_rows = (ky - k_top) * Wt + kx  # ky is a canvas row; k holds rows from k_top
-            k_a = tl.load(k_ptr + k_rows[None, :] * HEAD_D + offs_a[:, None], mask=n_ok[None, :], other=0.0)
-            if UPCAST:
-                k_a = k_a.to(tl.float32)
-            if FP32_DOT:
-                s = tl.dot(q_a, k_a, input_precision="ieee")
-            else:
-                s = tl.dot(q_a, k_a)
-            if DB > 0:
-                k_b = tl.load(k_ptr + k_rows[None, :] * HEAD_D + offs_b[:, None],
-                              mask=n_ok[None, :] & b_ok[:, None], other=0.0)
-                if UPCAST:
-                    k_b = k_b.to(tl.float32)
-                if FP32_DOT:
-                    s += tl.dot(q_b, k_b, input_precision="ieee")
-                else:
-                    s += tl.dot(q_b, k_b)
+            s = flash.scores(q_a, q_b, k_ptr, k_rows, n_ok, offs_a, offs_b, b_ok, HEAD_D, DB, FP32_DOT, UPCAST)
             # per-token mask: the key inside this query's own window
             inside = (n_ok[None, :] & (ky[None, :] >= lo_y[:, None]) & (ky[None, :] < hi_y[:, None])
                       & (kx[None, :] >= lo_x[:, None]) & (kx[None, :] < hi_x[:, None]))
             s = tl.where(inside, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep its state at 0
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-            v_a = tl.load(v_ptr + k_rows[:, None] * HEAD_D + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-            if UPCAST:
-                v_a = v_a.to(tl.float32)
-            p_in = p.to(v_ptr.dtype.element_ty)  # P rounded to the input dtype, as on the GPU
-            if UPCAST:
-                p_in = p_in.to(tl.float32)
-            if FP32_DOT:
-                acc_a = acc_a * alpha[:, None] + tl.dot(p_in, v_a, input_precision="ieee")
-            else:
-                acc_a = tl.dot(p_in, v_a, acc_a * alpha[:, None])
-            if DB > 0:
-                v_b = tl.load(v_ptr + k_rows[:, None] * HEAD_D + offs_b[None, :],
-                              mask=n_ok[:, None] & b_ok[None, :], other=0.0)
-                if UPCAST:
-                    v_b = v_b.to(tl.float32)
-                if FP32_DOT:
-                    acc_b = acc_b * alpha[:, None] + tl.dot(p_in, v_b, input_precision="ieee")
-                else:
-                    acc_b = tl.dot(p_in, v_b, acc_b * alpha[:, None])
+            # guarded: a query may have no key in this tile (or none at all with clip)
+            p, alpha, m_i, l_i = flash.softmax_update(s, m_i, l_i, True)
+            acc_a, acc_b = flash.accumulate(p, alpha, acc_a, acc_b, v_ptr, k_rows, n_ok, offs_a, offs_b, b_ok,
+                                            HEAD_D, DB, FP32_DOT, UPCAST)
 
-    nonempty = l_i > 0  # clip can leave a query without keys: out 0, lse -inf
-    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + bh * Hq * Wt + q_rows, lse, mask=m_ok)
-    tl.store(o_ptr + q_rows[:, None] * HEAD_D + offs_a[None, :],
-             (acc_a * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
-    if DB > 0:
-        tl.store(o_ptr + q_rows[:, None] * HEAD_D + offs_b[None, :],
-                 (acc_b * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & b_ok[None, :])
+    # clip can leave a query without keys: out 0, lse -inf
+    flash.store(o_ptr, lse_ptr + bh * Hq * Wt, q_rows, m_ok, acc_a, acc_b, m_i, l_i, offs_a, offs_b, b_ok, HEAD_D, DB)
 
 
 def neighborhood_attention_triton(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None,

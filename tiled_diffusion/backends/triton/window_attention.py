@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from . import flash
 from .launch import check_grid, device_guard, programs_bucket, window_attention_grid, window_attention_launches
 
 LOG2E = 1.4426950408889634
@@ -78,21 +79,17 @@ def _window_attention_fwd(
     # Contiguous [T, H, L, D]: row stride is the constexpr HEAD_D, so the compiler can prove 16-byte
     # alignment of every row (D = 72 -> 144 bytes) and vectorize / pipeline (cp.async) the K, V loads.
     # Runtime strides would hide that alignment and leave the loads scalar and unpipelined.
-    q_base = q_ptr + (t64 * H + h) * L * HEAD_D
-    q_a = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_a[None, :], mask=m_ok[:, None], other=0.0)
-    if UPCAST:
-        q_a = q_a.to(tl.float32)
+    offs_b, b_ok = offs_a, offs_a < HEAD_D  # placeholders when DB == 0 (flash.py)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         b_ok = offs_b < HEAD_D
-        q_b = tl.load(q_base + offs_m[:, None] * HEAD_D + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
-                      other=0.0)
-        if UPCAST:
-            q_b = q_b.to(tl.float32)
+    q_a, q_b = flash.load_q(q_ptr + (t64 * H + h) * L * HEAD_D, offs_m, m_ok, offs_a, offs_b, b_ok, HEAD_D, DB,
+                            UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    acc_b = acc_a
     if DB > 0:
         acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
 
@@ -107,65 +104,20 @@ def _window_attention_fwd(
         n_end = tl.where(use, L, 0)  # an excluded slot runs no key block at all
         kt64 = tl.maximum(kt, 0).to(tl.int64)
         kv_off = (kt64 * H + h) * L * HEAD_D
-        k_base = k_ptr + kv_off
-        v_base = v_ptr + kv_off
         for n0 in range(0, n_end, BLOCK_N):
             cols = n0 + offs_n
             n_ok = cols < L
-            k_a = tl.load(k_base + cols[None, :] * HEAD_D + offs_a[:, None], mask=n_ok[None, :], other=0.0)
-            if UPCAST:
-                k_a = k_a.to(tl.float32)
-            if FP32_DOT:
-                s = tl.dot(q_a, k_a, input_precision="ieee")
-            else:
-                s = tl.dot(q_a, k_a)
-            if DB > 0:
-                k_b = tl.load(k_base + cols[None, :] * HEAD_D + offs_b[:, None], mask=n_ok[None, :] & b_ok[:, None],
-                              other=0.0)
-                if UPCAST:
-                    k_b = k_b.to(tl.float32)
-                if FP32_DOT:
-                    s += tl.dot(q_b, k_b, input_precision="ieee")
-                else:
-                    s += tl.dot(q_b, k_b)
-            s = s * qk_scale + slot_bias
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has ≥ 1 valid column
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-            v_a = tl.load(v_base + cols[:, None] * HEAD_D + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-            if UPCAST:
-                v_a = v_a.to(tl.float32)
-            p_in = p.to(v_ptr.dtype.element_ty)  # P rounded to the input dtype, as on the GPU
-            if UPCAST:
-                p_in = p_in.to(tl.float32)
-            if FP32_DOT:
-                acc_a = acc_a * alpha[:, None] + tl.dot(p_in, v_a, input_precision="ieee")
-            else:
-                acc_a = tl.dot(p_in, v_a, acc_a * alpha[:, None])
-            if DB > 0:
-                v_b = tl.load(v_base + cols[:, None] * HEAD_D + offs_b[None, :], mask=n_ok[:, None] & b_ok[None, :],
-                              other=0.0)
-                if UPCAST:
-                    v_b = v_b.to(tl.float32)
-                if FP32_DOT:
-                    acc_b = acc_b * alpha[:, None] + tl.dot(p_in, v_b, input_precision="ieee")
-                else:
-                    acc_b = tl.dot(p_in, v_b, acc_b * alpha[:, None])
+            s = flash.scores(q_a, q_b, k_ptr + kv_off, cols, n_ok, offs_a, offs_b, b_ok, HEAD_D, DB, FP32_DOT,
+                             UPCAST)
+            s = tl.where(n_ok[None, :], s * qk_scale + slot_bias, float("-inf"))
+            # no guard: every block has >= 1 valid column, so m is finite
+            p, alpha, m_i, l_i = flash.softmax_update(s, m_i, l_i, False)
+            acc_a, acc_b = flash.accumulate(p, alpha, acc_a, acc_b, v_ptr + kv_off, cols, n_ok, offs_a, offs_b, b_ok,
+                                            HEAD_D, DB, FP32_DOT, UPCAST)
 
     # Rows that saw no valid key keep l_i = 0: output 0 and lse = -inf, no NaN.
-    nonempty = l_i > 0
-    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + (t64 * H + h) * L + offs_m, lse, mask=m_ok)
-    o_base = o_ptr + (t64 * H + h) * L * HEAD_D
-    tl.store(o_base + offs_m[:, None] * HEAD_D + offs_a[None, :], (acc_a * inv_l[:, None]).to(o_ptr.dtype.element_ty),
-             mask=m_ok[:, None])
-    if DB > 0:
-        tl.store(o_base + offs_m[:, None] * HEAD_D + offs_b[None, :],
-                 (acc_b * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & b_ok[None, :])
+    flash.store(o_ptr + (t64 * H + h) * L * HEAD_D, lse_ptr + (t64 * H + h) * L, offs_m, m_ok, acc_a, acc_b, m_i,
+                l_i, offs_a, offs_b, b_ok, HEAD_D, DB)
 
 
 # Tensor-core configs, checked ahead of time for sm_80 and sm_90 at D = 72 (bf16/fp16, with and without bias) by
