@@ -16,6 +16,27 @@ import triton.language as tl
 
 
 @triton.jit
+def head_columns(HEAD_D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """(offs_a, offs_b, b_ok): the head dim's columns [0, DA) and tail [DA, DA + DB) with its mask (< HEAD_D)."""
+    offs_a = tl.arange(0, DA)
+    offs_b, b_ok = offs_a, offs_a < HEAD_D  # placeholders when DB == 0
+    if DB > 0:
+        offs_b = DA + tl.arange(0, DB)
+        b_ok = offs_b < HEAD_D
+    return offs_a, offs_b, b_ok
+
+
+@triton.jit
+def init_state(BLOCK_M: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """(m_i, l_i, acc_a, acc_b) of an empty online softmax."""
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    acc_b = acc_a  # placeholder when DB == 0
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    return tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32), acc_a, acc_b
+
+
+@triton.jit
 def load_q(base, rows, ok, offs_a, offs_b, b_ok, HEAD_D: tl.constexpr, DB: tl.constexpr, UPCAST: tl.constexpr):
     """The query block [M, DA] (and its tail [M, DB]) of `rows` (masked by `ok`)."""
     q_a = tl.load(base + rows[:, None] * HEAD_D + offs_a[None, :], mask=ok[:, None], other=0.0)
@@ -67,6 +88,13 @@ def softmax_update(s, m_i, l_i, GUARD: tl.constexpr):
 
 
 @triton.jit
+def _scaled_add(acc, alpha, p_in, v, FP32_DOT: tl.constexpr):
+    if FP32_DOT:
+        return acc * alpha[:, None] + tl.dot(p_in, v, input_precision="ieee")
+    return tl.dot(p_in, v, acc * alpha[:, None])
+
+
+@triton.jit
 def accumulate(p, alpha, acc_a, acc_b, v_base, cols, n_ok, offs_a, offs_b, b_ok, HEAD_D: tl.constexpr,
                DB: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST: tl.constexpr):
     """acc · alpha + P·V over the value rows `cols`: (acc_a, acc_b)."""
@@ -76,19 +104,13 @@ def accumulate(p, alpha, acc_a, acc_b, v_base, cols, n_ok, offs_a, offs_b, b_ok,
     p_in = p.to(v_base.dtype.element_ty)  # P rounded to the input dtype, as on the GPU
     if UPCAST:
         p_in = p_in.to(tl.float32)
-    if FP32_DOT:
-        acc_a = acc_a * alpha[:, None] + tl.dot(p_in, v_a, input_precision="ieee")
-    else:
-        acc_a = tl.dot(p_in, v_a, acc_a * alpha[:, None])
+    acc_a = _scaled_add(acc_a, alpha, p_in, v_a, FP32_DOT)
     if DB > 0:
         v_b = tl.load(v_base + cols[:, None] * HEAD_D + offs_b[None, :], mask=n_ok[:, None] & b_ok[None, :],
                       other=0.0)
         if UPCAST:
             v_b = v_b.to(tl.float32)
-        if FP32_DOT:
-            acc_b = acc_b * alpha[:, None] + tl.dot(p_in, v_b, input_precision="ieee")
-        else:
-            acc_b = tl.dot(p_in, v_b, acc_b * alpha[:, None])
+        acc_b = _scaled_add(acc_b, alpha, p_in, v_b, FP32_DOT)
     return acc_a, acc_b
 
 

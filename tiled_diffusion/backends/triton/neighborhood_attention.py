@@ -82,19 +82,10 @@ def _neighborhood_attention_fwd(
     v_ptr += k_base
     o_ptr += q_base
     q_rows = qy_local * Wt + qx
-    offs_a = tl.arange(0, DA)
-    offs_b, b_ok = offs_a, offs_a < HEAD_D  # placeholders when DB == 0 (flash.py)
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        b_ok = offs_b < HEAD_D
+    offs_a, offs_b, b_ok = flash.head_columns(HEAD_D, DA, DB)
     q_a, q_b = flash.load_q(q_ptr, q_rows, m_ok, offs_a, offs_b, b_ok, HEAD_D, DB, UPCAST)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    acc_b = acc_a
-    if DB > 0:
-        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    m_i, l_i, acc_a, acc_b = flash.init_state(BLOCK_M, DA, DB)
     offs_n = tl.arange(0, BLOCK_N)
     for ky0 in range(band_y0, band_y1, TN_Y):
         for kx0 in range(band_x0, band_x1, TN_X):

@@ -79,19 +79,11 @@ def _window_attention_fwd(
     # Contiguous [T, H, L, D]: row stride is the constexpr HEAD_D, so the compiler can prove 16-byte
     # alignment of every row (D = 72 -> 144 bytes) and vectorize / pipeline (cp.async) the K, V loads.
     # Runtime strides would hide that alignment and leave the loads scalar and unpipelined.
-    offs_b, b_ok = offs_a, offs_a < HEAD_D  # placeholders when DB == 0 (flash.py)
-    if DB > 0:
-        offs_b = DA + tl.arange(0, DB)
-        b_ok = offs_b < HEAD_D
+    offs_a, offs_b, b_ok = flash.head_columns(HEAD_D, DA, DB)
     q_a, q_b = flash.load_q(q_ptr + (t64 * H + h) * L * HEAD_D, offs_m, m_ok, offs_a, offs_b, b_ok, HEAD_D, DB,
                             UPCAST)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    acc_b = acc_a
-    if DB > 0:
-        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    m_i, l_i, acc_a, acc_b = flash.init_state(BLOCK_M, DA, DB)
 
     for j in range(0, NB):
         kt = tl.load(nb_ptr + t64 * NB + j)
