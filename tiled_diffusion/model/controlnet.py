@@ -207,8 +207,6 @@ class PixArtControlNet(nn.Module):
             self.to(device=p.device)
         st = getattr(transformer, "_tiled_diffusion", None)
         if self.int8 is not None and st is not None and not st.keep_original_weights:
-            from .int8 import Int8Linear
-
             for m in self.modules():  # the least-memory setting, as accelerate leaves the base blocks
                 if isinstance(m, Int8Linear):
                     m.pack_only_()

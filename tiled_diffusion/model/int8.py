@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import ops
+from ..backends.cpu import isa
 
 MODES = ("w8a8", "w8a16")
 
@@ -81,8 +82,6 @@ def resolve_mode(requested: Optional[str], device) -> tuple[Optional[str], str]:
         raise ValueError(f"int8 must be 'auto', 'w8a8', 'w8a16' or None, got {requested!r}")
     dev = torch.device(device)
     if dev.type == "cpu":
-        from ..backends.cpu import isa
-
         name = isa.cpu_isa()
         pays, why = AUTO_W8A8_CPU.get(name, (False, f"unknown CPU int8 path {name!r}"))
         mode, reason = ("w8a8" if pays else None), f"CPU int8 path {name}: {why}"

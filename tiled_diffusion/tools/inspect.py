@@ -39,6 +39,10 @@ import sys
 import tempfile
 from typing import Iterable, Optional
 
+import torch  # loaded by `import tiled_diffusion` anyway; also loads the libraries _C links against
+
+from ..backends.cpu import isa
+
 ARCHS = (80, 90)
 # Max shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -157,10 +161,6 @@ def cuda_build_expected() -> Optional[str]:
         return None
     nvcc = find_nvcc()
     if nvcc is None:
-        return None
-    try:
-        import torch
-    except ImportError:
         return None
     if torch.version.cuda is None:
         return None
@@ -293,12 +293,10 @@ def _dynamic_smem_table(lib: str) -> dict[str, int]:
     cuobjdump only reports static shared memory; the launchers know the dynamic amounts.
     """
     try:
-        import torch  # noqa: F401  (loads the libraries _C links against)
-
         fn = ctypes.CDLL(lib).td_cuda_dynamic_smem_table
         fn.restype = ctypes.c_char_p
         table = fn().decode()
-    except (OSError, AttributeError, ImportError):
+    except (OSError, AttributeError):
         return {}
     out = {}
     for item in table.split(";"):
@@ -356,9 +354,9 @@ def triton_configs() -> list[dict]:
 
 def compile_triton(config: dict, cc: int):
     """Ahead-of-time compile one AOT config for compute capability `cc` (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import triton  # optional dependency (no triton on CPU-only installs: the CUDA records still come)
+    from triton.backends.compiler import GPUTarget  # optional, as triton
+    from triton.compiler import ASTSource  # optional, as triton
 
     kernel = config["kernel"]
     if not hasattr(kernel, "arg_names") or type(kernel).__name__ == "InterpretedFunction":
@@ -482,8 +480,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         return subprocess.run([sys.executable, "-m", "tiled_diffusion.tools.inspect", *argv], env=env).returncode
     records, notes = collect(archs=args.arch or ARCHS, include_triton=not args.no_triton)
-    from ..backends.cpu import isa
-
     cpu = isa.describe()  # the CPU int8 path this machine takes, beside the GPU report
     if args.json:
         units = {"registers": "per thread", "shared": "bytes per block", "stack": "bytes per thread",

@@ -747,8 +747,6 @@ def tiled_decode(vae, latents: torch.Tensor, tile: int = 64, overlap: int = 16, 
         wsum = torch.zeros(H, 1, dtype=torch.float32, device=latents.device)
         rows = range(grid.ny)
         if progress:
-            from tqdm.auto import tqdm
-
             rows = tqdm(rows, desc="VAE decode (tile rows)")
         for iy in rows:
             row = [(iy, ix) for ix in range(grid.nx)]
