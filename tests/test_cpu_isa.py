@@ -1,4 +1,5 @@
-"""CPU ISA dispatch of the int8 kernels (csrc/cpu/isa.cpp, tiled_diffusion/backends/cpu/isa.py) and int8.resolve_mode."""
+"""CPU ISA dispatch of the int8 kernels (csrc/cpu/isa.cpp, tiled_diffusion/backends/cpu/isa.py), int8.resolve_mode and
+the int8 route (tiled_diffusion/backends/int8.py)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ import torch
 from tiled_diffusion.model import int8
 from tiled_diffusion import ops
 from tiled_diffusion import reference
+from tiled_diffusion.backends import int8 as int8_backend
 from tiled_diffusion.backends.cpu import isa
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="tiled_diffusion._C not built")
@@ -78,6 +80,7 @@ _REFUSED = """
 import torch
 from tiled_diffusion import ops
 from tiled_diffusion import reference
+from tiled_diffusion.backends import int8 as int8_backend
 from tiled_diffusion.backends.cpu import isa
 rep = isa.report()
 assert "refused" in rep["amx"] and "simulated" in rep["amx"], rep
@@ -136,3 +139,26 @@ def test_resolve_mode_other_devices_and_errors():
     assert mode is None and "measured" in reason and "w8a8" in reason
     with pytest.raises(ValueError, match="auto"):
         int8.resolve_mode("w4a4", "cpu")
+
+
+# ------------------------------------------------------------------------------------------- route (the one decision)
+
+
+@pytest.mark.parametrize("op", ["quantize_per_token", "int8_gemm", "int8_gemm_packed", "w8a8_linear"])
+def test_route_td_impl_takes_the_reference(op):
+    assert int8_backend.route(op, torch.device("cpu"), reference=True) == "reference"
+
+
+def test_route_on_the_cpu_and_off_it():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert int8_backend.route("int8_gemm", cpu) == "native"
+    assert int8_backend.route("w8a8_linear", cpu) == "native"  # this module needs _C (pytestmark)
+    assert int8_backend.route("pack_int8_weight", cpu, reference=True) == "native"  # a layout: TD_IMPL does not apply
+    assert int8_backend.route("int8_gemm", meta) == "reference"
+    assert int8_backend.route("int8_gemm_packed", meta) == "plain"
+    assert int8_backend.route("pack_int8_weight", meta) == "identity"
+    assert int8_backend.route("w8a8_linear", meta) == "composite"
+    assert int8_backend.packs_weight("w8a8", cpu) and not int8_backend.packs_weight("w8a16", cpu)
+    assert not int8_backend.packs_weight("w8a8", meta)
+    with pytest.raises(ValueError, match="not an int8 op"):
+        int8_backend.route("window_attention", cpu)

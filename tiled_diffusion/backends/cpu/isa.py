@@ -81,11 +81,3 @@ def log_choice() -> None:
 def _log_once(text: str) -> None:
     log.debug("CPU int8 kernels: %s", text)
 
-
-def int8_path(device: torch.device) -> str:
-    """The int8 path's name for `choose`: "C++ <isa>" on the CPU. cpu_isa() is an op call (~µs): only asked for when
-    the choice is actually logged (never while compiling: the logger check would break the graph on every layer)."""
-    if device.type != "cpu" or torch.compiler.is_compiling() or not log.isEnabledFor(logging.DEBUG):
-        return "C++"
-    log_choice()  # the ISA with the probe's reasons, once
-    return f"C++ {cpu_isa()}"
