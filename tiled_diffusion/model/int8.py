@@ -93,6 +93,17 @@ def _cast_dtype(fn, dtype: torch.dtype, device) -> torch.dtype:
     return probe.dtype if probe.is_floating_point() else dtype
 
 
+def _after_cast(module: nn.Module, scale: torch.Tensor, dtype_attr: str, new_dtype: torch.dtype) -> None:
+    """Both layers' `_apply` after the buffers were mapped: the scales back in fp32 (the kernels' contract; `scale`
+    is the tensor before the cast), the float dtype (attribute `dtype_attr`) and a kept original follow the cast."""
+    if module.weight_scale.dtype != torch.float32:
+        module._buffers["weight_scale"] = scale.to(module.weight_scale.device, torch.float32)
+    if new_dtype != getattr(module, dtype_attr):
+        setattr(module, dtype_attr, new_dtype)
+        if module._original is not None:
+            module._original.to(new_dtype)
+
+
 def _float_state(module: nn.Module, original: Optional[nn.Module], weight_fn, prefix: str, destination: dict,
                  keep_vars: bool) -> None:
     """The float layer's state dict entries: the kept original's weight, else the dequantized one."""
@@ -296,12 +307,7 @@ class Int8Linear(nn.Module):
         new_dtype = _cast_dtype(fn, self.float_dtype, scale.device)
         was = self._unpack_only()
         out = super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self._buffers["weight_scale"] = scale.to(self.weight_scale.device, torch.float32)
-        if new_dtype != self.float_dtype:
-            self.float_dtype = new_dtype
-            if self._original is not None:
-                self._original.to(new_dtype)
+        _after_cast(self, scale, "float_dtype", new_dtype)
         if self.packed_weight() is None:  # moved off the CPU: the packed copy is dead weight
             self._packed = self._packed_key = None
         if was:
@@ -360,12 +366,7 @@ class Int8Embedding(nn.Module):
         scale = self.weight_scale  # fp32 through casts, as Int8Linear's; the output dtype follows the cast
         new_dtype = _cast_dtype(fn, self.dtype, scale.device)
         out = super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self._buffers["weight_scale"] = scale.to(self.weight_scale.device, torch.float32)
-        if new_dtype != self.dtype:
-            self.dtype = new_dtype
-            if self._original is not None:
-                self._original.to(new_dtype)
+        _after_cast(self, scale, "dtype", new_dtype)
         return out
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

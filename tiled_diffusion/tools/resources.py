@@ -6,7 +6,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 # Max shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -112,21 +112,29 @@ def _demangle(names: Iterable[str]) -> dict[str, str]:
     return short
 
 
-def parse_res_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
-    """`cuobjdump -res-usage` -> {arch: {mangled function: {"REG", "STACK", "SHARED", "LOCAL", ...}}}."""
-    res: dict[str, dict[str, dict[str, int]]] = {}
-    arch = "unknown"
-    func = None
+def _per_function(text: str, header: Callable[[str], Optional[str]]) -> Iterator[tuple[str, str, Optional[str]]]:
+    """Walks cuobjdump output: (arch, function, None) at each function header (`header(line)` gives its mangled
+    name, None for other lines), then (arch, function, line) for each stripped line below it."""
+    arch, func = "unknown", None
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("arch = "):
             arch = s.split("=", 1)[1].strip()
-        elif s.startswith("Function ") and s.endswith(":"):
-            func = s[len("Function "):-1].strip()
-        elif func and s.startswith("REG:"):
+        elif (name := header(s)) is not None:
+            func = name
+            yield arch, func, None
+        elif func is not None:
+            yield arch, func, s
+
+
+def parse_res_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
+    """`cuobjdump -res-usage` -> {arch: {mangled function: {"REG", "STACK", "SHARED", "LOCAL", ...}}}."""
+    res: dict[str, dict[str, dict[str, int]]] = {}
+    header = lambda s: s[len("Function "):-1].strip() if s.startswith("Function ") and s.endswith(":") else None
+    for arch, func, s in _per_function(text, header):
+        if s is not None and s.startswith("REG:") and func not in res.get(arch, {}):  # the function's first REG line
             vals = dict(re.findall(r"([A-Z_\[\]0-9]+):(\d+)", s))
             res.setdefault(arch, {})[func] = {k: int(v) for k, v in vals.items()}
-            func = None
     return res
 
 
@@ -153,16 +161,10 @@ def parse_max_threads(text: str) -> dict[str, int]:
 def parse_sass_tc(text: str) -> dict[str, dict[str, list[str]]]:
     """`cuobjdump -sass` -> {arch: {mangled function: sorted tensor-core mnemonics}} (functions without: [])."""
     res: dict[str, dict[str, set]] = {}
-    arch = "unknown"
-    func = None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("arch = "):
-            arch = s.split("=", 1)[1].strip()
-        elif s.startswith("Function : "):
-            func = s[len("Function : "):].strip()
+    header = lambda s: s[len("Function : "):].strip() if s.startswith("Function : ") else None
+    for arch, func, s in _per_function(text, header):
+        if s is None:
             res.setdefault(arch, {}).setdefault(func, set())
-        elif func and ("MMA" in s):
-            for m in _TC_RE.finditer(s):
-                res[arch][func].add(m.group(0))
+        elif "MMA" in s:
+            res[arch][func].update(m.group(0) for m in _TC_RE.finditer(s))
     return {a: {f: sorted(v) for f, v in fs.items()} for a, fs in res.items()}
