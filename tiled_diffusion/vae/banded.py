@@ -32,7 +32,7 @@ torchrun generate use it): rank r runs the banded decode on its share of the lat
 rows each side, refreshed from the two neighbour ranks (point to point) after every pass; the GroupNorm moments of
 each pass are combined across ranks exactly (Chan's formula over (count, mean, M2), the same result on every rank);
 the mid-block attention all-gathers K and V (it is global; latent resolution); the output rows are gathered on
-rank 0. Result: the one-process decode up to fp order (tests/test_distributed.py), store memory ∝ 1/N.
+rank 0. Result: the one-process decode up to fp order (tests/parallel/test_distributed.py), store memory ∝ 1/N.
 
 Why not A1111's tile queue: it pauses every tile at every GroupNorm and keeps all tiles (with 11 latent px of
 padding, so more than the canvas) paused in memory: the same canvas-sized store, plus the padding's extra compute,

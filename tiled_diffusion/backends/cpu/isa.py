@@ -10,7 +10,7 @@ the tile-data permission asked of Linux (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATU
 
 `TD_CPU_ISA=amx|avx512|avx2|ref` forces a path (read at every call; an ISA the machine cannot run raises an error
 that carries the probe's reason). `TD_CPU_SIMULATE_AMX=refused` (read once, at the probe) makes the probe act as
-on a CPU with AMX whose kernel refuses the tile permission: the fallback path of tests/test_cpu_isa.py.
+on a CPU with AMX whose kernel refuses the tile permission: the fallback path of tests/backends/cpu/test_cpu_isa.py.
 `TILED_DIFFUSION_LOG=debug` logs the choice with every ISA's reason once.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Launch plumbing shared by the Triton launchers: CUDA's grid limits, one pure grid function per kernel, and the
 device guard.
 
-Grids are plain integer arithmetic (no Triton, no tensors) so that tests/test_launch.py checks them on the CPU
+Grids are plain integer arithmetic (no Triton, no tensors) so that tests/backends/triton/test_launch.py checks them on the CPU
 against CUDA's limits for the largest canvases the README promises, and so that torch.compile can evaluate them
 on symbolic sizes (`cdiv` is `-(-a // b)`, which SymInts support). The CUDA int8 GEMM computes its grid in C++;
 `td_int8_gemm_grid` / `td_quantize_per_token_grid` in `_C` export that very computation for the same test.
