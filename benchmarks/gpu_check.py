@@ -1,7 +1,7 @@
 """The prepared GPU check's measurements (run by benchmarks/gpu_check.sh OUTDIR; issue 21).
 
     python benchmarks/gpu_check.py OUTDIR            # on one H100/H200: ~3 minutes
-    python benchmarks/gpu_check.py --dry-run [OUTDIR] # the same code at tiny sizes on the CPU (CI: tests/test_cli.py)
+    python benchmarks/gpu_check.py --dry-run [OUTDIR] # the same code at tiny sizes on the CPU (CI: tests/cli/test_cli.py)
     python benchmarks/gpu_check.py --require          # only the version gate: one line and exit 2 if unmet
 
 Sections, each a list of rows (a failing section is recorded as a row with its error; the others still run):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import ast
 import importlib
 import os
-import subprocess
 import sys
 
 import pytest
 
 import tiled_diffusion
 from tiled_diffusion import _compat
+from tests.helpers import run_python
 
 PKG_DIR = os.path.dirname(tiled_diffusion.__file__)
 
@@ -155,7 +155,7 @@ def test_import_loads_neither_diffusers_nor_inductor():
     # ops imported torch._inductor): the ops register, diffusers and inductor load only with the model layer.
     code = ("import sys, torch; import tiled_diffusion; "
             "print(sorted(m for m in ('diffusers', 'torch._inductor', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = run_python("-c", code, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -163,7 +163,7 @@ def test_triton_ops_register_on_first_use():
     code = ("import torch, tiled_diffusion.ops as ops; "
             "before = hasattr(torch.ops.tiled_diffusion, 'seam_blend'); ops.register_triton_ops(); "
             "print(before, hasattr(torch.ops.tiled_diffusion, 'seam_blend'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = run_python("-c", code, timeout=120, check=True)
     assert out.stdout.split()[-2:] == ["False", "True"], out.stdout + out.stderr
 
 

@@ -4,6 +4,7 @@ Importing the package registers the ops (`torch.ops.tiled_diffusion.*`); it work
 library, whose kernels then raise a clear error naming the fix. `accelerate`, `restore` and `generate` (from
 `tiled_diffusion.pipeline`) are imported on first use, so `import tiled_diffusion` does not import diffusers.
 """
+import importlib as _importlib
 import logging as _logging
 import os as _os
 
@@ -34,7 +35,5 @@ __all__ = ["accelerate", "restore", "generate", "ops"]
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'tiled_diffusion' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from . import reference
+from .backends import int8 as _int8
 from .backends.cpu import isa
 
 log = logging.getLogger("tiled_diffusion")
@@ -196,7 +197,7 @@ def _(a, a_scale, w_packed, w_scale, bias, out_dtype):
 
 @torch.library.register_fake("tiled_diffusion::pack_int8_weight")
 def _(w):
-    if w.device.type == "cpu":
+    if _int8.packs_weight("w8a8", w.device):
         return w.new_empty((packed_numel_cpu(w.shape[0], w.shape[1]),), dtype=torch.int8)
     return w.new_empty(w.shape, dtype=torch.int8)
 
@@ -230,56 +231,44 @@ def cpu_isa() -> str:
 
 def _quantize_per_token_impl(x):
     check_quantize_per_token(x)
-    if use_reference("quantize_per_token"):
-        choose("quantize_per_token", x.device, "reference", "TD_IMPL")
-        return reference.quantize_per_token(x)
-    if x.device.type in ("cpu", "cuda"):
-        choose("quantize_per_token", x.device, isa.int8_path(x.device), "native kernel")
+    if _int8.route("quantize_per_token", x.device, reference=use_reference("quantize_per_token")) == "native":
         return _native_for("quantize_per_token", x.device)(x.contiguous())
-    choose("quantize_per_token", x.device, "reference", "no native kernel for this device type")
     return reference.quantize_per_token(x)
 
 
 def _int8_gemm_impl(a, a_scale, w, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
-    if use_reference("int8_gemm"):
-        choose("int8_gemm", a.device, "reference", "TD_IMPL")
-        return reference.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
-    if a.device.type in ("cpu", "cuda"):
-        choose("int8_gemm", a.device, isa.int8_path(a.device), "native kernel")
+    if _int8.route("int8_gemm", a.device, reference=use_reference("int8_gemm")) == "native":
         return _native_for("int8_gemm", a.device)(a.contiguous(), a_scale.contiguous(), w.contiguous(),
                                                   w_scale.contiguous(), None if bias is None else bias.contiguous(),
                                                   out_dtype)
-    choose("int8_gemm", a.device, "reference", "no native kernel for this device type")
     return reference.int8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
 
 
 def _pack_int8_weight_impl(w):
     _check(w.dim() == 2 and w.dtype == torch.int8, f"pack_int8_weight: w must be int8 [N, K], got {w.dtype} "
            f"{tuple(w.shape)}")
-    if w.device.type == "cpu":
-        choose("pack_int8_weight", w.device, "C++", "the CPU kernel's VNNI layout")
+    if _int8.route("pack_int8_weight", w.device) == "native":
         return _native_for("pack_int8_weight", w.device)(w.contiguous())
-    choose("pack_int8_weight", w.device, "identity", "only the CPU kernel uses a packed layout")
-    return w.contiguous().clone()
+    return w.contiguous().clone()  # "identity"
 
 
 def _int8_gemm_packed_impl(a, a_scale, w_packed, w_scale, bias, out_dtype):
     check_int8_gemm(a, a_scale, w_packed, w_scale, bias, out_dtype, packed=True)
-    if use_reference("int8_gemm_packed"):
-        choose("int8_gemm_packed", a.device, "reference", "TD_IMPL")
+    path = _int8.route("int8_gemm_packed", a.device, reference=use_reference("int8_gemm_packed"))
+    if path == "reference":
         return reference.int8_gemm(a, a_scale, _plain_weight(w_packed, w_scale.shape[0], a.shape[1]), w_scale, bias,
                                    out_dtype)
-    if a.device.type == "cpu":
-        choose("int8_gemm_packed", a.device, isa.int8_path(a.device), "CPU packed layout")
-        return _native_for("int8_gemm_packed", a.device)(a.contiguous(), a_scale.contiguous(), w_packed, w_scale.contiguous(),
-                                             None if bias is None else bias.contiguous(), out_dtype)
-    return _int8_gemm_impl(a, a_scale, w_packed, w_scale, bias, out_dtype)  # packed == plain off the CPU
+    if path == "native":
+        return _native_for("int8_gemm_packed", a.device)(a.contiguous(), a_scale.contiguous(), w_packed,
+                                                         w_scale.contiguous(), None if bias is None else
+                                                         bias.contiguous(), out_dtype)
+    return _int8_gemm_impl(a, a_scale, w_packed, w_scale, bias, out_dtype)  # "plain": packed == plain off the CPU
 
 
 def _plain_weight(w_packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The int8 [N, K] weight of a packed one (the CPU layout unpacked; the same tensor elsewhere)."""
-    return unpack_int8_weight_cpu(w_packed, n, k) if w_packed.device.type == "cpu" else w_packed
+    return unpack_int8_weight_cpu(w_packed, n, k) if _int8.packs_weight("w8a8", w_packed.device) else w_packed
 
 
 def check_w8a8_linear(x, w_packed, w_scale, bias) -> None:
@@ -291,7 +280,7 @@ def check_w8a8_linear(x, w_packed, w_scale, bias) -> None:
     _check(w_scale.dtype == torch.float32 and w_scale.dim() == 1,
            f"{op}: w_scale must be float32 [N], got {w_scale.dtype} {tuple(w_scale.shape)}")
     n, k = w_scale.shape[0], x.shape[1]
-    if x.device.type == "cpu":
+    if _int8.packs_weight("w8a8", x.device):
         _check(w_packed.dim() == 1 and w_packed.numel() == packed_numel_cpu(n, k),
                f"{op}: w_packed must be the CPU packed weight of N={n}, K={k} ({packed_numel_cpu(n, k)} bytes, "
                f"from pack_int8_weight), got {tuple(w_packed.shape)}")
@@ -303,17 +292,15 @@ def check_w8a8_linear(x, w_packed, w_scale, bias) -> None:
 
 def _w8a8_linear_impl(x, w_packed, w_scale, bias):
     check_w8a8_linear(x, w_packed, w_scale, bias)
-    if use_reference("w8a8_linear"):
-        choose("w8a8_linear", x.device, "reference", "TD_IMPL")
+    path = _int8.route("w8a8_linear", x.device, reference=use_reference("w8a8_linear"))
+    if path == "reference":
         a, a_scale = reference.quantize_per_token(x)
         return reference.int8_gemm(a, a_scale, _plain_weight(w_packed, w_scale.shape[0], x.shape[1]), w_scale, bias,
                                    x.dtype)
-    if x.device.type == "cpu" and native_has("w8a8_linear", "cpu"):
-        choose("w8a8_linear", x.device, isa.int8_path(x.device), "per-token quantization fused into the A packing")
+    if path == "native":
         return native_op("w8a8_linear")(x.contiguous(), w_packed, w_scale.contiguous(),
                                         None if bias is None else bias.contiguous())
-    # the two ops it fuses (bit-identical on the CPU; the plain GEMM off it)
-    choose("w8a8_linear", x.device, "quantize_per_token + int8_gemm_packed", "no fused kernel for this device")
+    # "composite": the two ops it fuses (bit-identical on the CPU; the plain GEMM off it)
     return torch.ops.tiled_diffusion.int8_gemm_packed(*torch.ops.tiled_diffusion.quantize_per_token(x), w_packed,
                                                       w_scale, bias, x.dtype)
 

@@ -1,6 +1,6 @@
 // AMX int8 GEMM with per-token activation quantization fused into the A packing and the dequantize + bias +
 // cast epilogue fused into the store. Torch-free: int8_gemm.cpp builds it with the real tile instructions,
-// tests/amx_emulation.cpp with TD_AMX_EMULATE=1 (see amx_tile.h).
+// tests/backends/cpu/amx_emulation.cpp with TD_AMX_EMULATE=1 (see amx_tile.h).
 //
 // out[M, N] (fp32/bf16/fp16) = cast(float(Σ_k a[m,k]·w[n,k]) · a_scale[m] · w_scale[n] + bias[n]).
 //

@@ -1,7 +1,7 @@
 // The AMX tile operations the int8 GEMM uses, behind a thin layer of macros so that the same kernel source
 // builds either with the real instructions or, with TD_AMX_EMULATE=1, with a scalar emulation of them
-// (tests/amx_emulation.cpp: proves the packing and index math on machines without AMX, the way
-// tests/int8_gemm_mma_emulation.cpp does for the CUDA MMA layout).
+// (tests/backends/cpu/amx_emulation.cpp: proves the packing and index math on machines without AMX, the way
+// tests/backends/cuda/int8_gemm_mma_emulation.cpp does for the CUDA MMA layout).
 //
 // Semantics emulated (Intel SDM, palette 1): 8 tiles tmm0..7 of `rows` x `colsb` bytes (<= 16 x 64), set by
 // LDTILECFG, which also zeroes every tile; TILELOADD t, [base + r*stride] reads rows x colsb bytes, bytes

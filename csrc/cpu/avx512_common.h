@@ -1,4 +1,4 @@
-// AVX-512 pieces shared by the VNNI and AMX int8 paths (torch-free: tests/amx_emulation.cpp includes it):
+// AVX-512 pieces shared by the VNNI and AMX int8 paths (torch-free: tests/backends/cpu/amx_emulation.cpp includes it):
 // per-token quantization of one row and the dequantize + bias + cast store of 16 output columns.
 //
 // Both are written so that every ISA path gives bit-identical results:

@@ -1,4 +1,4 @@
-// Which instruction set the CPU int8 kernels use, and why (torch-free: tests/amx_emulation.cpp includes it).
+// Which instruction set the CPU int8 kernels use, and why (torch-free: tests/backends/cpu/amx_emulation.cpp includes it).
 //
 // Best first: amx (AMX-TILE + AMX-INT8 with the OS tile-data permission, plus AVX-512 for quantize and
 // epilogue) -> avx512 (AVX-512 F/BW/VL/DQ + VNNI) -> avx2 (AVX2 + FMA + F16C) -> ref (plain C++).

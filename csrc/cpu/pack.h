@@ -1,5 +1,5 @@
 // The packed int8 weight shared by every CPU path (VNNI, AVX2, reference, and AMX, whose B tiles it is).
-// Torch-free: tests/amx_emulation.cpp includes it.
+// Torch-free: tests/backends/cpu/amx_emulation.cpp includes it.
 //
 // w [N, K] int8 -> one int8 buffer (Np = N rounded up to 16, Kp = K rounded up to 4, kq = Kp/4):
 //   bytes [0, Np*Kp)     blocks of 16 columns: block b = [kq][16 columns][4 k] int8 at b*kq*64, zero padded

@@ -5,7 +5,7 @@
 // out[M, N] = (a[M, K] int8 @ w[N, K]ᵀ int8, exact int32) * a_scale[M] * w_scale[N] + bias[N]  -> fp32/bf16/fp16
 //
 // Index math (block/warp tiling, ldmatrix lane addresses, swizzle, fragment layouts) lives in mma_layout.h and
-// is emulated on the CPU by tests/int8_gemm_mma_emulation.cpp.
+// is emulated on the CPU by tests/backends/cuda/int8_gemm_mma_emulation.cpp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,7 +19,7 @@ using namespace td_mma;
 constexpr long long kMaxGridX = 2147483647LL;  // CUDA's grid.x limit (y and z: 65535)
 constexpr int kQuantWarps = 8;                 // quantize: rows per 256-thread block, one warp per row
 
-// The launch grids (declared in td_cuda.h), used by the launchers below and exported for tests/test_launch.py,
+// The launch grids (declared in td_cuda.h), used by the launchers below and exported for tests/backends/triton/test_launch.py,
 // which checks them on the CPU against CUDA's limits at the largest canvases the README promises.
 extern "C" void td_int8_gemm_grid(long long M, long long N, long long grid[3]) {
   grid[0] = grid_blocks(M, N);

@@ -1,5 +1,5 @@
 // Index math of the int8 tensor-core GEMM (csrc/cuda/int8_gemm.cu), as __host__ __device__ functions so that
-// tests/int8_gemm_mma_emulation.cpp can compile the very same functions with g++ and emulate one thread block
+// tests/backends/cuda/int8_gemm_mma_emulation.cpp can compile the very same functions with g++ and emulate one thread block
 // on the CPU (the kernel cannot run on machines without a GPU; a wrong lane mapping must still fail a test).
 //
 // No CUDA or torch headers here: plain C++ that both nvcc and g++ accept.

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..lab.models import SCHEDULER_CONFIG
+
 
 class RequestError(ValueError):
     """A bad request, reported before any heavy work starts."""
@@ -148,8 +150,6 @@ def _json(model: str, rel: str) -> dict:
 
 def scheduler_config(model: str) -> dict:
     if model == "tiny":
-        from ..lab.models import SCHEDULER_CONFIG
-
         return {"_class_name": "LCMScheduler", **SCHEDULER_CONFIG}
     return _json(model, os.path.join("scheduler", "scheduler_config.json"))
 
@@ -168,7 +168,7 @@ def check_steps(model: str, steps: int) -> None:
 
 def _weights(model: str, component: str, library: str) -> dict:
     """{tensor name: (shape, dtype)} from the component's safetensors headers, each file's size checked."""
-    from ..pipeline.loading import LoadError, checkpoint_files, read_header
+    from ..pipeline.loading import LoadError, checkpoint_files, read_header  # loads diffusers: checks run before it
 
     folder = os.path.join(model, component)
     try:
@@ -207,7 +207,7 @@ def check_model_folder(model: str, components=("tokenizer", "text_encoder", "tra
     config (built on meta) and its weights (headers, file sizes; the diffusers models' keys and shapes)."""
     if model == "tiny":
         return
-    import diffusers
+    import diffusers  # not at the top: a bad request fails before diffusers loads (seconds)
 
     index = _json(model, "model_index.json")
     for name in components:

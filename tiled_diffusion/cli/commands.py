@@ -55,10 +55,10 @@ def bench(args: argparse.Namespace) -> int:
     if args.compare:  # `bench compare A.json B.json`
         return bench_compare(args)
     sys.path.insert(0, _benchmarks_dir())
-    import harness
+    import harness  # benchmarks/harness.py: importable only once its folder is on sys.path (line above)
 
     if args.threads:
-        import torch
+        import torch  # not at the top: `--help` and argument errors stay free of torch
 
         torch.set_num_threads(args.threads)
     names = list(SUITES) if args.suite == "all" else [args.suite]
@@ -83,7 +83,7 @@ def bench(args: argparse.Namespace) -> int:
 
 def bench_compare(args: argparse.Namespace) -> int:
     sys.path.insert(0, _benchmarks_dir())
-    import harness
+    import harness  # benchmarks/harness.py: importable only once its folder is on sys.path (line above)
 
     if args.compare[0] != "compare" or len(args.compare) != 3:
         print("tiled-diffusion bench compare: error: give two files: bench compare A.json B.json", file=sys.stderr)
@@ -97,8 +97,8 @@ def _start_trace(path):
     only when a command needs it: `tiled-diffusion --help` and argument errors stay instant."""
     if not path:
         return None
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    import torch  # only with --trace: `--help` stays free of torch (docstring)
+    from torch.profiler import ProfilerActivity, profile  # only with --trace, as torch
 
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -114,7 +114,7 @@ def _stop_trace(prof, path, top: int = 15) -> None:
         return
     prof.__exit__(None, None, None)
     prof.export_chrome_trace(path)
-    import torch
+    import torch  # only with --trace: `--help` stays free of torch
 
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=top))
@@ -122,14 +122,14 @@ def _stop_trace(prof, path, top: int = 15) -> None:
 
 
 def inspect_cmd(args: argparse.Namespace) -> int:
-    from ..tools import inspect
+    from ..tools import inspect  # imports torch: `--help` stays free of it
 
     argv = (["--check"] if args.check else []) + (["--json"] if args.json else [])
     return inspect.main(argv)
 
 
 def generate(args: argparse.Namespace) -> int:
-    from . import generate as G
+    from . import generate as G  # only for this command: diffusers and the model load with it (seconds)
 
     try:
         if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # the same command on N local ranks
@@ -149,8 +149,8 @@ def generate(args: argparse.Namespace) -> int:
 def check_before_launch(args: argparse.Namespace) -> None:
     """What `cli_generate.run` checks before loading, done once in the --nproc launcher. The memory estimate is
     checked here for CPU ranks (they share this machine's memory); GPU ranks check their own device's."""
-    from . import generate as G
-    from .upscale import check_guidance
+    from . import generate as G  # diffusers and the model (seconds): only when --nproc launches
+    from .guidance import check_guidance  # as generate: loads diffusers (controlnet, regions)
 
     cfg = G.validate(args)
     try:
@@ -163,7 +163,7 @@ def check_before_launch(args: argparse.Namespace) -> None:
 
 
 def upscale(args: argparse.Namespace) -> int:
-    from .upscale import main
+    from .upscale import main  # only for this command: diffusers and PIL load with it
 
     return main(args)
 

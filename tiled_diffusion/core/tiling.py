@@ -192,21 +192,11 @@ class TileGrid:
 
     # ------------------------------------------------------------------ token level
 
-    @property
-    def tokens_h(self) -> int:
-        return self.height // self.patch
-
-    @property
-    def tokens_w(self) -> int:
-        return self.width // self.patch
-
-    @property
-    def tile_tokens_h(self) -> int:
-        return self.th // self.patch
-
-    @property
-    def tile_tokens_w(self) -> int:
-        return self.tw // self.patch
+    # the canvas and a tile in tokens (patch × patch pixels each)
+    tokens_h = property(lambda self: self.height // self.patch)
+    tokens_w = property(lambda self: self.width // self.patch)
+    tile_tokens_h = property(lambda self: self.th // self.patch)
+    tile_tokens_w = property(lambda self: self.tw // self.patch)
 
     @property
     def tokens_per_tile(self) -> int:

@@ -207,8 +207,6 @@ class PixArtControlNet(nn.Module):
             self.to(device=p.device)
         st = getattr(transformer, "_tiled_diffusion", None)
         if self.int8 is not None and st is not None and not st.keep_original_weights:
-            from .int8 import Int8Linear
-
             for m in self.modules():  # the least-memory setting, as accelerate leaves the base blocks
                 if isinstance(m, Int8Linear):
                     m.pack_only_()
@@ -402,6 +400,13 @@ def _read_upstream(path: str) -> tuple[dict, int]:
     return convert_upstream(obj, source=path)
 
 
+def _block_param(name: str) -> tuple[str, str]:
+    """(module, leaf) of a transformer block's parameter name; the block's own scale_shift_table has module "" (it
+    keeps its name in both layouts)."""
+    mod, _, leaf = name.rpartition(".")
+    return mod, leaf
+
+
 def convert_upstream(state: dict, source: str = "state dict") -> tuple[dict, int]:
     """Upstream PixArt-alpha ControlNet keys -> research layout (qkv split in 3, kv_linear in 2 along dim 0).
     `base_model.*` is ignored; any other key that is not a ControlNet key is reported."""
@@ -425,20 +430,16 @@ def convert_upstream(state: dict, source: str = "state dict") -> tuple[dict, int
         if not rest.startswith("copied_block."):
             unknown.append(key)
             continue
-        inner = rest[len("copied_block."):]
-        if inner == "scale_shift_table":
-            out[f"controlnet_blocks.{i}.transformer_block.scale_shift_table"] = t
-            continue
-        mod, _, leaf = inner.rpartition(".")
-        targets = _UPSTREAM_BLOCK.get(mod)
-        if targets is None or leaf not in ("weight", "bias"):
+        mod, leaf = _block_param(rest[len("copied_block."):])
+        targets = _UPSTREAM_BLOCK.get(mod) if mod else ("",)
+        if targets is None or (mod and leaf not in ("weight", "bias")):
             unknown.append(key)
             continue
         if t.shape[0] % len(targets):
             raise ControlNetError(f"ControlNet checkpoint {source}: {key} {tuple(t.shape)} does not split in "
                                   f"{len(targets)}")
-        for name, piece in zip(targets, t.chunk(len(targets), dim=0)):
-            out[f"controlnet_blocks.{i}.transformer_block.{name}.{leaf}"] = piece.contiguous()
+        for name, piece in zip(targets, t.chunk(len(targets), dim=0) if mod else (t,)):
+            out[f"controlnet_blocks.{i}.transformer_block.{name}{'.' if name else ''}{leaf}"] = piece.contiguous()
     if unknown:
         raise ControlNetError(f"ControlNet checkpoint {source}: unexpected keys {_names(sorted(unknown))}")
     if not indices:
@@ -457,13 +458,9 @@ def to_upstream(state: dict) -> dict:
         if not rest.startswith("transformer_block."):
             out[f"controlnet.{i}.{rest}"] = t
             continue
-        inner = rest[len("transformer_block."):]
-        if inner == "scale_shift_table":
-            out[f"controlnet.{i}.copied_block.scale_shift_table"] = t
-            continue
-        mod, _, leaf = inner.rpartition(".")
-        src, j, n = inverse[mod]
-        fused.setdefault(f"controlnet.{i}.copied_block.{src}.{leaf}", [None] * n)[j] = t
+        mod, leaf = _block_param(rest[len("transformer_block."):])
+        src, j, n = inverse[mod] if mod else ("", 0, 1)
+        fused.setdefault(f"controlnet.{i}.copied_block.{src}{'.' if src else ''}{leaf}", [None] * n)[j] = t
     out.update({k: torch.cat(v) for k, v in fused.items()})
     return out
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import logging
 import warnings
 from typing import Iterable, Optional
 
@@ -36,23 +35,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import ops
+from ..backends.int8 import AUTO_W8A8_CPU, auto_mode, packs_weight  # noqa: F401  (AUTO_W8A8_CPU: re-exported)
 
 MODES = ("w8a8", "w8a16")
 
-log = logging.getLogger("tiled_diffusion")
-
-# Where "auto" turns W8A8 on for a CPU ISA, with the evidence (benchmarks/NOTES.md, "CPU kernels"). Only measured
-# wins are listed as True: a default a user pays for is worse than no default.
-AUTO_W8A8_CPU = {
-    "avx512": (True, "AVX-512 VNNI int8 kernel: the W8A8 linear (bf16 in/out, quantization included) measured "
-                     "1.4-2.0x bf16 nn.Linear on the PixArt and T5 shapes (AMD Zen 5, loaded; Zen 4 idle 1.7-1.9x), "
-                     "denoise 1024² 1.6x"),
-    "amx": (False, "AMX: torch's bf16 Linear already runs on AMX-BF16 (oneDNN, 1.3-2.8 TFLOP/s on 2 cores) and the "
-                   "AMX int8 kernel has not been timed on an AMX machine yet (pass int8='w8a8' to use it)"),
-    "avx2": (False, "AVX2 only: the int8 path (vpmaddubsw emulation of VNNI) has not been measured against bf16"),
-    "ref": (False, "no SIMD int8 kernel for this CPU: the reference int8 GEMM is slower than bf16"),
-    "none": (False, "tiled_diffusion._C is not built: no CPU int8 kernels"),
-}
 
 # Layers of the PixArt transformer kept in high precision: tiny (<1% of the FLOPs) and sensitive — the timestep
 # and conditioning paths modulate every block, proj_out writes the ε prediction itself.
@@ -73,28 +59,12 @@ DEFAULTS = {
 
 def resolve_mode(requested: Optional[str], device) -> tuple[Optional[str], str]:
     """The int8 mode to use for the transformer on `device`, and why. `requested`: "w8a8" / "w8a16" / None are
-    taken as given; "auto" picks w8a8 only where it was measured faster than bf16 on that device/ISA (table
-    AUTO_W8A8_CPU for CPUs), else None (bf16), and logs the reason at INFO level."""
+    taken as given; "auto" is `backends.int8.auto_mode` (w8a8 only where measured faster than bf16)."""
     if requested is None or requested in MODES:
         return requested, "requested explicitly"
     if requested != "auto":
         raise ValueError(f"int8 must be 'auto', 'w8a8', 'w8a16' or None, got {requested!r}")
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        from ..backends.cpu import isa
-
-        name = isa.cpu_isa()
-        pays, why = AUTO_W8A8_CPU.get(name, (False, f"unknown CPU int8 path {name!r}"))
-        mode, reason = ("w8a8" if pays else None), f"CPU int8 path {name}: {why}"
-    elif dev.type == "cuda":
-        # Only measured wins turn W8A8 on (as for CPUs). On H100 cuBLAS bf16 runs wgmma near peak while the int8
-        # kernel is mma.sync plus a separate per-token quantize pass: its 2x MMA rate is not a measured win.
-        mode, reason = None, ("CUDA: bf16 (cuBLAS) until the int8 GEMM (mma.sync + a quantize pass) is measured "
-                              "faster on a GPU (benchmarks/gpu_check.sh); pass int8='w8a8' to use it")
-    else:
-        mode, reason = None, f"no int8 kernels for device type {dev.type!r}: the reference is slower than bf16"
-    log.info("int8='auto' on %s -> %s (%s)", dev, mode, reason)
-    return mode, reason
+    return auto_mode(device)
 
 
 _INT8_FORMAT = [False]  # True inside int8_state_dict(): state_dict() gives int8 weights and their scales
@@ -121,6 +91,17 @@ def _cast_dtype(fn, dtype: torch.dtype, device) -> torch.dtype:
     """The dtype a float tensor of `dtype` has after a Module._apply function (`.to(dtype)`, `.half()`, ...)."""
     probe = fn(torch.empty(0, dtype=dtype, device=device))
     return probe.dtype if probe.is_floating_point() else dtype
+
+
+def _after_cast(module: nn.Module, scale: torch.Tensor, dtype_attr: str, new_dtype: torch.dtype) -> None:
+    """Both layers' `_apply` after the buffers were mapped: the scales back in fp32 (the kernels' contract; `scale`
+    is the tensor before the cast), the float dtype (attribute `dtype_attr`) and a kept original follow the cast."""
+    if module.weight_scale.dtype != torch.float32:
+        module._buffers["weight_scale"] = scale.to(module.weight_scale.device, torch.float32)
+    if new_dtype != getattr(module, dtype_attr):
+        setattr(module, dtype_attr, new_dtype)
+        if module._original is not None:
+            module._original.to(new_dtype)
 
 
 def _float_state(module: nn.Module, original: Optional[nn.Module], weight_fn, prefix: str, destination: dict,
@@ -247,7 +228,7 @@ class Int8Linear(nn.Module):
         """The kernel's weight layout for w8a8 on the CPU (None elsewhere), re-made when the weight changes."""
         if self._pack_only:
             return self._packed
-        if self.mode != "w8a8" or self.weight.device.type != "cpu":
+        if not packs_weight(self.mode, self.weight.device):
             return None
         if self._packed is not None and torch.compiler.is_compiling():
             # data_ptr() is a graph break ("Data pointer comparison"): a compiled graph uses the packed copy made by
@@ -279,11 +260,8 @@ class Int8Linear(nn.Module):
             return out if self.bias is None else out.add_(self.bias.to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        packed = self.packed_weight()
-        if packed is not None:  # CPU: quantization fused into the kernel where it exists (bit-identical)
-            out = ops.w8a8_linear(x2, packed, self.weight_scale, self.bias)
-        else:
-            out = ops.int8_gemm(*ops.quantize_per_token(x2), self.weight, self.weight_scale, self.bias, x.dtype)
+        packed = self.packed_weight()  # None where the kernels read the plain layout (backends.int8.packs_weight)
+        out = ops.w8a8_linear(x2, self.weight if packed is None else packed, self.weight_scale, self.bias)
         return out.reshape(*lead, self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -329,12 +307,7 @@ class Int8Linear(nn.Module):
         new_dtype = _cast_dtype(fn, self.float_dtype, scale.device)
         was = self._unpack_only()
         out = super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self._buffers["weight_scale"] = scale.to(self.weight_scale.device, torch.float32)
-        if new_dtype != self.float_dtype:
-            self.float_dtype = new_dtype
-            if self._original is not None:
-                self._original.to(new_dtype)
+        _after_cast(self, scale, "float_dtype", new_dtype)
         if self.packed_weight() is None:  # moved off the CPU: the packed copy is dead weight
             self._packed = self._packed_key = None
         if was:
@@ -393,12 +366,7 @@ class Int8Embedding(nn.Module):
         scale = self.weight_scale  # fp32 through casts, as Int8Linear's; the output dtype follows the cast
         new_dtype = _cast_dtype(fn, self.dtype, scale.device)
         out = super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self._buffers["weight_scale"] = scale.to(self.weight_scale.device, torch.float32)
-        if new_dtype != self.dtype:
-            self.dtype = new_dtype
-            if self._original is not None:
-                self._original.to(new_dtype)
+        _after_cast(self, scale, "dtype", new_dtype)
         return out
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

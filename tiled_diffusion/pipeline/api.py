@@ -59,7 +59,7 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
     """One tiled generation with the accelerated pipeline; `overrides` replace TiledConfig fields for this call.
 
     The same image as `pipe(prompt, width=, height=, num_inference_steps=steps, guidance_scale=,
-    generator=torch.Generator().manual_seed(seed))` after accelerate (tests/test_dropin.py). prompt_embeds:
+    generator=torch.Generator().manual_seed(seed))` after accelerate (tests/pipeline/test_dropin.py). prompt_embeds:
     (embeds, mask) from `encode` instead of a prompt (the CLI encodes in a stage of its own). timings: a dict
     that receives denoise_s and decode_s. Returns a list of PIL images (output_type "pil"), or the latents
     ("latent"), or what `decode` returns for the other output types.

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .images import to_tensor
+
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -52,8 +54,6 @@ def soft_edges(image, sigma: float = 1.0, percentile: float = 0.98, gamma: float
     The magnitude is divided by its `percentile` quantile per image (an image with no edges at all stays black),
     clipped to [0, 1] and raised to `gamma` (< 1 brightens faint edges, as HED's soft output does)."""
     if not torch.is_tensor(image):
-        from .images import to_tensor
-
         image = (to_tensor(image) + 1) / 2
     if image.dim() != 4 or image.shape[1] not in (1, 3):
         raise ValueError(f"soft_edges: expected [B, 1 or 3, H, W], got {tuple(image.shape)}")

@@ -26,7 +26,7 @@ from ..core.config import VAE_SCALE_FACTOR, TiledConfig, check_size
 from ..core.profiling import phase
 from ..model.canvas import pixel_grid
 from ..model.positional import release_tables as release_positional_tables
-from ..vae.banded import estimate_vae_bytes
+from ..vae.plan import estimate_vae_bytes
 
 
 def initial_latents(batch: int, channels: int, lat_h: int, lat_w: int, dtype, device, generator) -> torch.Tensor:

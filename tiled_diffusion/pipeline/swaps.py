@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pa
+from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as ps  # the 2048 bins live there
 from torch import nn
 
 from .. import vae as vae_mod
@@ -167,8 +168,6 @@ def _bin_area(pipe) -> int:
     sample = pipe.transformer.config.sample_size
     table = getattr(pa, bins.get(sample, ""), None)
     if table is None:
-        from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as ps  # the 2048 bins live there
-
         table = getattr(ps, bins.get(sample, ""), None)
     if table is None:
         return 0

@@ -39,82 +39,16 @@ import sys
 import tempfile
 from typing import Iterable, Optional
 
+import torch  # loaded by `import tiled_diffusion` anyway; also loads the libraries _C links against
+
+from ..backends.cpu import isa
+# the records, the occupancy model and cuobjdump's parsers (OCCUPANCY_LIMITS, occupancy: re-exported)
+from .resources import (OCCUPANCY_LIMITS, SMEM_LIMIT, Record, _demangle, occupancy, parse_max_threads,  # noqa: F401
+                        parse_res_usage, parse_sass_tc)
+
 ARCHS = (80, 90)
-# Max shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# SASS mnemonics of tensor-core instructions: IMMA (int mma.sync), HMMA (fp16/bf16/tf32 mma.sync),
-# HGMMA/IGMMA/QGMMA (Hopper wgmma).
-_TC_RE = re.compile(r"\b([HIQ]?GMMA|IMMA|HMMA)(\.[A-Z0-9_.]+)?")
 # CUDA kernels (by name substring) that must use tensor cores.
 CUDA_EXPECTS_TC = ("int8_gemm_kernel",)
-# Per-SM limits (CUDA occupancy calculator / programming guide, compute capabilities 8.0 and 9.0): registers per SM,
-# max registers per thread, max resident warps, max resident blocks, shared memory per SM usable by blocks (bytes),
-# shared memory the runtime reserves per block, register allocation unit (registers per warp, rounded up to it).
-OCCUPANCY_LIMITS = {
-    80: {"regs": 65536, "max_regs": 255, "warps": 64, "blocks": 32, "smem": 164 * 1024, "smem_reserved": 1024,
-         "reg_unit": 256},
-    90: {"regs": 65536, "max_regs": 255, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024,
-         "reg_unit": 256},
-}
-
-
-def occupancy(cc: int, registers: Optional[int], shared: Optional[int], threads: Optional[int]) -> dict:
-    """Blocks and warps resident per SM for a kernel: {blocks_per_sm, occupancy (0..1), limiter}; {} when the
-    threads per block or registers are unknown. Registers are allocated per warp in units of reg_unit; the
-    register file is split over 4 SM sub-partitions, so warps fit per sub-partition."""
-    lim = OCCUPANCY_LIMITS.get(cc)
-    if lim is None or not threads or registers is None:
-        return {}
-    warps = -(-threads // 32)
-    per_warp = -(-max(registers, 1) * 32 // lim["reg_unit"]) * lim["reg_unit"]
-    warps_by_regs = (lim["regs"] // 4 // per_warp) * 4
-    by = {"registers": warps_by_regs // warps, "threads": lim["warps"] // warps, "blocks": lim["blocks"]}
-    if shared:
-        by["shared memory"] = lim["smem"] // (shared + lim["smem_reserved"])
-    limiter = min(by, key=lambda k: by[k])
-    blocks = by[limiter]
-    return {"blocks_per_sm": blocks, "occupancy": blocks * warps / lim["warps"], "limiter": limiter}
-
-
-@dataclasses.dataclass
-class Record:
-    kind: str  # "cuda" | "triton"
-    name: str
-    arch: str  # "sm_80"
-    registers: Optional[int] = None
-    shared: Optional[int] = None  # bytes per block, static + dynamic
-    stack: Optional[int] = None  # stack frame bytes: where ptxas puts register spills
-    local: Optional[int] = None  # local memory bytes (cuobjdump LOCAL)
-    tensor_core: list = dataclasses.field(default_factory=list)
-    expects_tensor_core: bool = False
-    threads: Optional[int] = None  # per block
-    warps: Optional[int] = None  # per block
-    blocks_per_sm: Optional[int] = None
-    occupancy: Optional[float] = None  # resident warps / max warps per SM, 0..1
-    limiter: Optional[str] = None  # what bounds blocks_per_sm: registers / shared memory / threads / blocks
-    warnings: list = dataclasses.field(default_factory=list)
-    problems: list = dataclasses.field(default_factory=list)
-
-    def check(self) -> "Record":
-        cc = int(self.arch.split("_")[1])
-        if self.threads:
-            self.warps = -(-self.threads // 32)
-            occ = occupancy(cc, self.registers, self.shared, self.threads)
-            self.blocks_per_sm, self.occupancy, self.limiter = (occ.get("blocks_per_sm"), occ.get("occupancy"),
-                                                                occ.get("limiter"))
-        cap = OCCUPANCY_LIMITS.get(cc, {}).get("max_regs", 255)
-        if self.registers is not None and self.registers >= cap:
-            self.warnings.append(f"at the {cap}-register cap of {self.arch}: no headroom, the next change spills")
-        # ptxas puts register spills in the stack frame: cuobjdump shows them as STACK, with LOCAL still 0
-        # (checked against ptxas -v: "8 bytes stack frame, 4 bytes spill stores" -> STACK:8 LOCAL:0).
-        # None of our kernels has local arrays or calls, so any stack frame is treated as spilling.
-        if self.local or self.stack:
-            self.problems.append(f"spills: stack frame {self.stack or 0} B, local {self.local or 0} B")
-        if self.expects_tensor_core and not self.tensor_core:
-            self.problems.append("no tensor-core instructions (IMMA/HMMA/GMMA) in SASS")
-        if self.shared is not None and self.shared > SMEM_LIMIT.get(cc, 0):
-            self.problems.append(f"shared memory {self.shared} B > {SMEM_LIMIT[cc]} B limit of {self.arch}")
-        return self
 
 
 # ------------------------------------------------------------------------------------------ tools
@@ -158,10 +92,6 @@ def cuda_build_expected() -> Optional[str]:
     nvcc = find_nvcc()
     if nvcc is None:
         return None
-    try:
-        import torch
-    except ImportError:
-        return None
     if torch.version.cuda is None:
         return None
     return f"nvcc is at {nvcc} and torch is a CUDA {torch.version.cuda} build"
@@ -172,73 +102,6 @@ def _run(cmd: list[str]) -> str:
     if r.returncode != 0 and "does not contain device code" not in (r.stderr + r.stdout):
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[:500]}")
     return r.stdout
-
-
-def _demangle(names: Iterable[str]) -> dict[str, str]:
-    """Mangled -> short readable name (namespace and parameter list dropped; template arguments kept)."""
-    names = list(names)
-    tool = shutil.which("c++filt")
-    out = names
-    if tool and names:
-        r = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
-        if r.returncode == 0 and len(r.stdout.splitlines()) == len(names):
-            out = r.stdout.splitlines()
-    short = {}
-    for m, d in zip(names, out):
-        d = d.replace("(anonymous namespace)::", "")
-        depth, cut, last_ns = 0, len(d), 0
-        for i, ch in enumerate(d):
-            if ch == "<":
-                depth += 1
-            elif ch == ">":
-                depth -= 1
-            elif ch == "(" and depth == 0:  # start of the parameter list
-                cut = i
-                break
-            elif d.startswith("::", i) and depth == 0:
-                last_ns = i + 2
-            elif ch == " " and depth == 0:  # after a template function's return type ("void f<...>(...)")
-                last_ns = i + 1
-        short[m] = d[last_ns:cut]
-    return short
-
-
-def parse_res_usage(text: str) -> dict[str, dict[str, dict[str, int]]]:
-    """`cuobjdump -res-usage` -> {arch: {mangled function: {"REG", "STACK", "SHARED", "LOCAL", ...}}}."""
-    res: dict[str, dict[str, dict[str, int]]] = {}
-    arch = "unknown"
-    func = None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("arch = "):
-            arch = s.split("=", 1)[1].strip()
-        elif s.startswith("Function ") and s.endswith(":"):
-            func = s[len("Function "):-1].strip()
-        elif func and s.startswith("REG:"):
-            vals = dict(re.findall(r"([A-Z_\[\]0-9]+):(\d+)", s))
-            res.setdefault(arch, {})[func] = {k: int(v) for k, v in vals.items()}
-            func = None
-    return res
-
-
-def parse_max_threads(text: str) -> dict[str, int]:
-    """`cuobjdump -elf` of one arch -> {mangled function: threads per block} from EIATTR_MAX_THREADS (the kernel's
-    __launch_bounds__; absent for kernels without one)."""
-    out: dict[str, int] = {}
-    func, attr = None, None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith(".nv.info.") and " " not in s:
-            func, attr = s[len(".nv.info."):], None
-        elif s.startswith("Attribute:"):
-            attr = s.split(":", 1)[1].strip()
-        elif func and attr == "EIATTR_MAX_THREADS" and s.startswith("Value:"):
-            dims = [int(v, 16) for v in s.split(":", 1)[1].split()]
-            out[func] = 1
-            for d in dims:
-                out[func] *= d
-            attr = None
-    return out
 
 
 def tool_versions() -> dict:
@@ -260,24 +123,6 @@ def tool_versions() -> dict:
     return out
 
 
-def parse_sass_tc(text: str) -> dict[str, dict[str, list[str]]]:
-    """`cuobjdump -sass` -> {arch: {mangled function: sorted tensor-core mnemonics}} (functions without: [])."""
-    res: dict[str, dict[str, set]] = {}
-    arch = "unknown"
-    func = None
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("arch = "):
-            arch = s.split("=", 1)[1].strip()
-        elif s.startswith("Function : "):
-            func = s[len("Function : "):].strip()
-            res.setdefault(arch, {}).setdefault(func, set())
-        elif func and ("MMA" in s):
-            for m in _TC_RE.finditer(s):
-                res[arch][func].add(m.group(0))
-    return {a: {f: sorted(v) for f, v in fs.items()} for a, fs in res.items()}
-
-
 # ------------------------------------------------------------------------------------------ CUDA (_C)
 
 
@@ -293,12 +138,10 @@ def _dynamic_smem_table(lib: str) -> dict[str, int]:
     cuobjdump only reports static shared memory; the launchers know the dynamic amounts.
     """
     try:
-        import torch  # noqa: F401  (loads the libraries _C links against)
-
         fn = ctypes.CDLL(lib).td_cuda_dynamic_smem_table
         fn.restype = ctypes.c_char_p
         table = fn().decode()
-    except (OSError, AttributeError, ImportError):
+    except (OSError, AttributeError):
         return {}
     out = {}
     for item in table.split(";"):
@@ -356,9 +199,9 @@ def triton_configs() -> list[dict]:
 
 def compile_triton(config: dict, cc: int):
     """Ahead-of-time compile one AOT config for compute capability `cc` (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import triton  # optional dependency (no triton on CPU-only installs: the CUDA records still come)
+    from triton.backends.compiler import GPUTarget  # optional, as triton
+    from triton.compiler import ASTSource  # optional, as triton
 
     kernel = config["kernel"]
     if not hasattr(kernel, "arg_names") or type(kernel).__name__ == "InterpretedFunction":
@@ -482,8 +325,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         return subprocess.run([sys.executable, "-m", "tiled_diffusion.tools.inspect", *argv], env=env).returncode
     records, notes = collect(archs=args.arch or ARCHS, include_triton=not args.no_triton)
-    from ..backends.cpu import isa
-
     cpu = isa.describe()  # the CPU int8 path this machine takes, beside the GPU report
     if args.json:
         units = {"registers": "per thread", "shared": "bytes per block", "stack": "bytes per thread",

@@ -10,7 +10,7 @@ the tile-data permission asked of Linux (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATU
 
 `TD_CPU_ISA=amx|avx512|avx2|ref` forces a path (read at every call; an ISA the machine cannot run raises an error
 that carries the probe's reason). `TD_CPU_SIMULATE_AMX=refused` (read once, at the probe) makes the probe act as
-on a CPU with AMX whose kernel refuses the tile permission: the fallback path of tests/test_cpu_isa.py.
+on a CPU with AMX whose kernel refuses the tile permission: the fallback path of tests/backends/cpu/test_cpu_isa.py.
 `TILED_DIFFUSION_LOG=debug` logs the choice with every ISA's reason once.
 """
 from __future__ import annotations
@@ -81,11 +81,3 @@ def log_choice() -> None:
 def _log_once(text: str) -> None:
     log.debug("CPU int8 kernels: %s", text)
 
-
-def int8_path(device: torch.device) -> str:
-    """The int8 path's name for `choose`: "C++ <isa>" on the CPU. cpu_isa() is an op call (~µs): only asked for when
-    the choice is actually logged (never while compiling: the logger check would break the graph on every layer)."""
-    if device.type != "cpu" or torch.compiler.is_compiling() or not log.isEnabledFor(logging.DEBUG):
-        return "C++"
-    log_choice()  # the ISA with the probe's reasons, once
-    return f"C++ {cpu_isa()}"

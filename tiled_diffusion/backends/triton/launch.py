@@ -1,7 +1,7 @@
 """Launch plumbing shared by the Triton launchers: CUDA's grid limits, one pure grid function per kernel, and the
 device guard.
 
-Grids are plain integer arithmetic (no Triton, no tensors) so that tests/test_launch.py checks them on the CPU
+Grids are plain integer arithmetic (no Triton, no tensors) so that tests/backends/triton/test_launch.py checks them on the CPU
 against CUDA's limits for the largest canvases the README promises, and so that torch.compile can evaluate them
 on symbolic sizes (`cdiv` is `-(-a // b)`, which SymInts support). The CUDA int8 GEMM computes its grid in C++;
 `td_int8_gemm_grid` / `td_quantize_per_token_grid` in `_C` export that very computation for the same test.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 # CUDA's launch limits (every compute capability we build for): grid.x < 2^31, grid.y and grid.z ≤ 65535.
 MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -67,8 +68,6 @@ def device_guard(t: torch.Tensor):
     device, so without this a launch on cuda:1 tensors from a thread whose current device is cuda:0 runs on the
     wrong GPU / stream (the C++ ops use a CUDAGuard for the same reason). No-op for CPU tensors (interpreter) and
     for fake tensors: tracing (torch.compile) launches nothing, and inductor's generated code guards itself."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if t.device.type == "cuda" and not is_fake(t):
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()

@@ -26,9 +26,19 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _blend_block(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_ptr, b, c, ys, xs, my, mx,
-                 C, ny, nx, th, tw, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
-    """Σ w·tile / Σ w (0 where Σ w = 0) for the pixels ys × xs of plane (b, c), fp32 [BLOCK_Y, BLOCK_X]."""
+def _blend_program(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_ptr, C, H, W, ny, nx, th, tw, n_bx,
+                   BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's block of the canvas, blended: (eps, off, mask). eps = Σ w·tile / Σ w (0 where Σ w = 0), fp32
+    [BLOCK_Y, BLOCK_X]; off: the block's offsets in a [B·C, H, W] tensor (int64); mask: the pixels inside H × W.
+    Grid: axis 0 pixel blocks (can exceed 65535 on an 8192² canvas), axis 1 b·C + c; both kernels share it."""
+    pid = tl.program_id(0)
+    bc = tl.program_id(1)
+    b = bc // C
+    c = bc % C
+    ys = (pid // n_bx) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    xs = (pid % n_bx) * BLOCK_X + tl.arange(0, BLOCK_X)
+    my = ys < H
+    mx = xs < W
     fy = tl.load(fy_ptr + ys, mask=my, other=0)
     cy = tl.load(cy_ptr + ys, mask=my, other=0)
     fx = tl.load(fx_ptr + xs, mask=mx, other=0)
@@ -54,26 +64,18 @@ def _blend_block(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_pt
             t = tl.load(tiles_ptr + (tile * C + c) * plane + pix, mask=m, other=0.0).to(tl.float32)
             acc += w * t
             wsum += w
-    return tl.where(wsum > 0, acc / tl.where(wsum > 0, wsum, 1.0), 0.0)
+    eps = tl.where(wsum > 0, acc / tl.where(wsum > 0, wsum, 1.0), 0.0)
+    off = bc.to(tl.int64) * H * W + ys[:, None] * W + xs[None, :]
+    return eps, off, my[:, None] & mx[None, :]
 
 
 @triton.jit
 def seam_blend_kernel(tiles_ptr, out_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_ptr,
                       C, H, W, ny, nx, th, tw, n_bx,
                       BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
-    # axis 0: pixel blocks (can exceed 65535 on an 8192² canvas), axis 1: b·C + c.
-    pid = tl.program_id(0)
-    bc = tl.program_id(1)
-    b = bc // C
-    c = bc % C
-    ys = (pid // n_bx) * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    xs = (pid % n_bx) * BLOCK_X + tl.arange(0, BLOCK_X)
-    my = ys < H
-    mx = xs < W
-    eps = _blend_block(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_ptr, b, c, ys, xs, my, mx,
-                       C, ny, nx, th, tw, BLOCK_Y, BLOCK_X)
-    off = bc.to(tl.int64) * H * W + ys[:, None] * W + xs[None, :]
-    tl.store(out_ptr + off, eps.to(out_ptr.dtype.element_ty), mask=my[:, None] & mx[None, :])
+    eps, off, m = _blend_program(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_ptr, C, H, W, ny, nx,
+                                 th, tw, n_bx, BLOCK_Y, BLOCK_X)
+    tl.store(out_ptr + off, eps.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -82,18 +84,8 @@ def blend_lcm_step_kernel(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_p
                           sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev, sqrt_beta_prev,
                           C, H, W, ny, nx, th, tw, n_bx,
                           HAS_NOISE: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
-    pid = tl.program_id(0)
-    bc = tl.program_id(1)
-    b = bc // C
-    c = bc % C
-    ys = (pid // n_bx) * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    xs = (pid % n_bx) * BLOCK_X + tl.arange(0, BLOCK_X)
-    my = ys < H
-    mx = xs < W
-    eps = _blend_block(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_ptr, b, c, ys, xs, my, mx,
-                       C, ny, nx, th, tw, BLOCK_Y, BLOCK_X)
-    m = my[:, None] & mx[None, :]
-    off = bc.to(tl.int64) * H * W + ys[:, None] * W + xs[None, :]
+    eps, off, m = _blend_program(tiles_ptr, w_ptr, oy_ptr, ox_ptr, fy_ptr, cy_ptr, fx_ptr, cx_ptr, C, H, W, ny, nx,
+                                 th, tw, n_bx, BLOCK_Y, BLOCK_X)
     s = tl.load(sample_ptr + off, mask=m, other=0.0).to(tl.float32)
     # diffusers LCMScheduler.step, epsilon prediction (reference.lcm_step), all in fp32.
     x0 = (s - sqrt_beta_t * eps) / sqrt_alpha_t
