@@ -12,6 +12,12 @@ the choice is logged like the others, `TILED_DIFFUSION_LOG=debug`). Ops: IMPL_OP
 Tensor layouts are given in each schema's docstring in reference.py. Every op returns contiguous tensors,
 whatever its inputs' strides (the attention processor passes strided views on the CPU), and every fake says so:
 a fake whose strides differ from the real op's breaks torch.compile ("expected ... stride").
+
+Why one file of ~750 lines: it is the package's one op table (ARCHITECTURE: "one schema file"). Each of the nine
+ops (and the opaque twins of the three Triton ones) has its schema, fake, input checks, dispatch and public
+wrapper here (40-90 lines per op), next to the shared check helpers and the TD_IMPL switch, so every op's contract
+is read, and tested (tests/ops), in one place; the implementations live in backends/ and _native, the twins in
+reference.py.
 """
 from __future__ import annotations
 
@@ -22,10 +28,14 @@ import weakref
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from .backends import int8 as _int8
 from .backends.cpu import isa
+from .backends.cpu.neighborhood_attention import neighborhood_attention_cpu
+from .backends.cpu.seam_blend import blend_lcm_step_cpu, seam_blend_cpu
+from .backends.cpu.window_attention import window_attention_cpu
 
 log = logging.getLogger("tiled_diffusion")
 
@@ -65,7 +75,7 @@ LIB.define("w8a8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias)
 TRITON_OPS = tuple(_SCHEMAS)
 # Token-centred windows on the canvas: query (y, x) attends the keys in a window centred on it (or on its stride
 # group), shifted inward at the border (or cut, with clip). The tile-blocked `window_attention` is its special case
-# stride = tile, window = (2r+1)·tile, clip (tests/test_neighborhood_attention.py); window_attention stays as the op
+# stride = tile, window = (2r+1)·tile, clip (tests/ops/test_neighborhood_attention.py); window_attention stays as the op
 # over an explicit tile graph (the tile-blocked mode's fast path). band = (canvas_h, q_top, k_top) runs one
 # horizontal band of a taller canvas (a rank's rows and its K/V halo, parallel/halo.py); [0, 0, 0]: the whole canvas.
 LIB.define("neighborhood_attention(Tensor q, Tensor k, Tensor v, int[2] window, int[2] stride=[1, 1], "
@@ -137,7 +147,6 @@ def _check(cond: bool, msg: str) -> None:
 
 def _has_data(t: torch.Tensor) -> bool:
     """False for meta and fake tensors (torch.compile tracing, opcheck): value checks are skipped for them."""
-    from torch._subclasses.fake_tensor import is_fake
 
     return t.device.type != "meta" and not is_fake(t)
 
@@ -399,6 +408,7 @@ def _window_attention_op(q, k, v, neighbours, bias=None, scale=None):
     if dev.type == "cuda":
         why = _triton_window_attention_unavailable(q.shape[-1])
         if why is None:
+            # triton is optional and costs import time: loaded on the first call that runs a Triton kernel
             from .backends.triton.window_attention import window_attention_triton
 
             choose("window_attention", dev, "Triton", "triton importable and head dim supported")
@@ -414,7 +424,6 @@ def _window_attention_op(q, k, v, neighbours, bias=None, scale=None):
 def _window_attention_opaque_impl(q, k, v, neighbours, bias=None, scale=None):
     """Inputs checked by window_attention. The CPU path on the CPU, the reference elsewhere; contiguous outputs."""
     if q.device.type == "cpu":
-        from .backends.cpu.window_attention import window_attention_cpu
 
         out, lse = window_attention_cpu(q, k, v, neighbours, bias, scale)
     else:
@@ -425,6 +434,7 @@ def _window_attention_opaque_impl(q, k, v, neighbours, bias=None, scale=None):
 def _triton_window_attention_unavailable(head_dim: int) -> Optional[str]:
     """None when the Triton kernel can run, else the reason it cannot."""
     try:
+        # triton is optional and costs import time: loaded on the first call that runs a Triton kernel
         from .backends.triton.window_attention import supports_head_dim
     except ImportError as e:
         return f"triton not importable ({e})"
@@ -487,7 +497,6 @@ def check_neighborhood_attention(q, k, v, window, stride=(1, 1), clip=False, off
 def _neighborhood_attention_impl(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None,
                                  band=(0, 0, 0)):
     check_neighborhood_attention(q, k, v, window, stride, clip, offset, scale, band)
-    from .backends.cpu.neighborhood_attention import neighborhood_attention_cpu
 
     dev = q.device
     if use_reference("neighborhood_attention"):
@@ -497,6 +506,7 @@ def _neighborhood_attention_impl(q, k, v, window, stride=(1, 1), clip=False, off
     if dev.type == "cuda":
         why = _triton_window_attention_unavailable(q.shape[-1])
         if why is None:
+            # triton is optional and costs import time: loaded on the first call that runs a Triton kernel
             from .backends.triton.neighborhood_attention import neighborhood_attention_triton
 
             choose("neighborhood_attention", dev, "Triton", "triton importable and head dim supported")
@@ -562,6 +572,7 @@ def _seam_blend_op(tiles, origins_y, origins_x, weights, batch, height, width):
         choose("seam_blend", dev, "reference", "TD_IMPL")
         return reference.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
     if dev.type == "cuda":
+        # triton is optional and costs import time: loaded on the first call that runs a Triton kernel
         from .backends.triton.seam_blend import seam_blend_triton
 
         choose("seam_blend", dev, "Triton", "CUDA tensors")
@@ -576,7 +587,6 @@ def _seam_blend_op(tiles, origins_y, origins_x, weights, batch, height, width):
 def _seam_blend_opaque_impl(tiles, origins_y, origins_x, weights, batch, height, width):
     """Inputs checked by seam_blend. The CPU path on the CPU, the reference elsewhere; a contiguous canvas."""
     if tiles.device.type == "cpu":
-        from .backends.cpu.seam_blend import seam_blend_cpu
 
         return seam_blend_cpu(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
     return reference.seam_blend(tiles, origins_y, origins_x, weights, batch, height, width).contiguous()
@@ -604,6 +614,7 @@ def _blend_lcm_step_op(tiles, origins_y, origins_x, weights, sample, noise, sqrt
         prev, den = reference.blend_lcm_step(*args)
         return prev.contiguous(), den.contiguous()
     if dev.type == "cuda":
+        # triton is optional and costs import time: loaded on the first call that runs a Triton kernel
         from .backends.triton.seam_blend import blend_lcm_step_triton
 
         choose(op, dev, "Triton", "CUDA tensors")
@@ -618,7 +629,6 @@ def _blend_lcm_step_op(tiles, origins_y, origins_x, weights, sample, noise, sqrt
 def _blend_lcm_step_opaque_impl(*args):
     """Inputs checked by blend_lcm_step. The CPU path on the CPU, the reference elsewhere; contiguous outputs."""
     if args[0].device.type == "cpu":
-        from .backends.cpu.seam_blend import blend_lcm_step_cpu
 
         prev, den = blend_lcm_step_cpu(*args)
     else:
@@ -708,7 +718,7 @@ merge_attention = reference.merge_attention  # a few elementwise ops: torch is a
 # The native kernel behind tiled_diffusion::w8a8_linear (quantize + GEMM + dequantize in one call) is a private op
 # of the native library, CPU-only (its weight is the CPU packed layout); its fake lives here with the others.
 # Reference: int8_gemm_packed(*quantize_per_token(x), w_packed, w_scale, bias, x.dtype), bit-identical
-# (tests/test_int8_gemm.py).
+# (tests/ops/test_int8_gemm.py).
 if native_has("w8a8_linear", "cpu"):
     @torch.library.register_fake("tiled_diffusion_C::w8a8_linear")
     def _(x, w_packed, w_scale, bias):

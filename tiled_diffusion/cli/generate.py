@@ -3,31 +3,33 @@ load, accelerate, encode once, denoise the canvas, tiled VAE decode, write the P
 timings."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import json
 import math
 import os
+import resource
 import sys
 import time
 from types import SimpleNamespace
 from typing import Optional
 
+import diffusers
 import torch
 
-from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, MODES, TiledConfig, check_size
-from ..pipeline.sampler import check_memory, estimate_memory
-import diffusers
-import resource
-from .. import pipeline as P
-from ..model.int8 import resolve_mode
 from .. import parallel as Dd
-from ..pipeline.loading import LoadError, load_pipeline
+from .. import pipeline as P
+from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, MODES, TiledConfig, check_size
+from ..model.int8 import resolve_mode
 from ..pipeline.api import encode
+from ..pipeline.loading import LoadError, checkpoint_files, load_pipeline, read_header
+from ..pipeline.sampler import check_memory, estimate_memory
 from ..pipeline.swaps import quantize_text_encoder
-from .guidance import check_guidance
+from ..tiny import tiny_pipeline, tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 from . import checks as C
 from .checks import RequestError
+from .guidance import check_guidance
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -59,8 +61,6 @@ def _component_config(model: str, component: str) -> dict:
 
 def _transformer_config(model: str):
     if model == "tiny":
-        from ..tiny import tiny_transformer
-
         return tiny_transformer().config
     return SimpleNamespace(**_component_config(model, "transformer"))
 
@@ -68,8 +68,6 @@ def _transformer_config(model: str):
 def _vae_config(model: str) -> dict:
     """The VAE's config (the memory estimate builds its shapes on the meta device; nothing is loaded)."""
     if model == "tiny":
-        from ..tiny import tiny_vae
-
         return dict(tiny_vae().config)
     return _component_config(model, "vae")
 
@@ -82,8 +80,6 @@ def load(model: str, dtype: torch.dtype, int8, components=TEXT_PARTS + DENOISE_P
     """The pipeline on the CPU with only `components` (the others None): 'tiny', or a local folder (int8 on:
     layers quantized as the weights stream in, so no float copy of T5-XXL is ever whole; see loading.py)."""
     if model == "tiny":
-        from ..tiny import tiny_pipeline
-
         pipe = tiny_pipeline(device="cpu", dtype=dtype)
         for name in set(TEXT_PARTS + DENOISE_PARTS) - set(components):
             setattr(pipe, name, None)
@@ -123,12 +119,8 @@ def _text_encoder_bytes(model: str, dtype: torch.dtype, int8) -> int:
     """Weights of the text encoder as it will be loaded (int8: one byte per weight), from the checkpoint headers
     (nothing is read but the headers) or the tiny model."""
     if model == "tiny":
-        from ..tiny import tiny_tokenizer, tiny_text_encoder
-
         numel = sum(p.numel() for p in tiny_text_encoder(len(tiny_tokenizer())).parameters())
     else:
-        from ..pipeline.loading import LoadError, checkpoint_files, read_header
-
         try:
             files = checkpoint_files(os.path.join(model, "text_encoder"), "transformers") or {}
             numel = sum(math.prod(e["shape"]) for path in files for e in read_header(path)[0].values())
@@ -164,8 +156,6 @@ def release_freed_memory() -> None:
     """
     gc.collect()
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -281,8 +271,6 @@ def prepare_pipeline(args, cfg: TiledConfig, su: Setup, timings: dict, guidance,
     except ValueError as e:
         raise RequestError(str(e)) from None
     if d is not None:
-        from .. import parallel as Dd
-
         Dd.enable(pipe, d=d)
         try:  # (generate only: upscale runs on one process)
             Dd.check_world(pipe, d.world, width=args.size[0], height=args.size[1],

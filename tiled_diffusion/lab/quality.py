@@ -87,7 +87,7 @@ MODES = (
     Mode("window 1x stride 1/4 (GNA)", "cross_tile", (("window", 1.0), ("stride", 0.25))),
 )
 # diffusers' own call, tiled by accelerate (canvas.py); the suite accelerates with cross_tile r1 at CROSS_TILE_PX,
-# so this row must equal "cross_tile r1" (tests/test_dropin.py asserts that for generate vs pipe(...)).
+# so this row must equal "cross_tile r1" (tests/pipeline/test_dropin.py asserts that for generate vs pipe(...)).
 PIPE_CALL = Mode("pipe(...) cross_tile r1", "cross_tile", (("radius", 1),), drop_in=True)
 QUICK_MODES = ("global", "cross_tile r1", "cross_tile r0 (independent)", "multidiffusion 50%")
 

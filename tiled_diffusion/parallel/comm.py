@@ -31,7 +31,7 @@ Pieces (one place each):
   attend the interior tiles (whose whole window lies inside the band) while the halo is in flight, wait, then
   attend the border tiles over band + halo K/V. Every query tile sees exactly the key tiles, in exactly the
   slot order, that the single-process `window_attention` gives it, so the band's rows are bitwise equal to
-  the same rows of the single-process result on the CPU path (tests/test_distributed.py).
+  the same rows of the single-process result on the CPU path (tests/parallel/test_distributed.py).
 * `reduce_moments` / `combine_moments`: exact distributed statistics for a parallel GroupNorm (all-reduce of Σx,
   Σx², count in fp64; or all-gathered (count, mean, M2) combined with Chan's formula in rank order): the variance
   includes the spread of the per-rank means, unlike a mean of per-rank variances (xDiT's DistVAE).

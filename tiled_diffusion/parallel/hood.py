@@ -5,7 +5,7 @@ where the window is shifted inward at the canvas border) point to point from the
 Exactness: the band's attention is `neighborhood_attention` with `band=(canvas rows, q_top, k_top)`, which gives a
 query the window it has on the whole canvas. Band edges are cut on the row grid of `row_unit` tokens (a multiple
 of the CPU path's query block and of the Triton kernel's), so every query block of a band is a query block of the
-one-process call with the same keys: N ranks equal one process bitwise on the CPU path (tests/test_distributed.py).
+one-process call with the same keys: N ranks equal one process bitwise on the CPU path (tests/parallel/test_distributed.py).
 Overlap: the rows whose windows lie inside the band are attended while the halo is in flight; the top and bottom
 border rows after it arrives, each over only the K/V rows it needs.
 """
@@ -24,7 +24,7 @@ from .band import RowBand, timed_wait
 from .comm import Dist, _global_rank
 
 # The Triton kernel's query-block height (backends/triton/neighborhood_attention.CONFIG["TM_Y"], checked equal by
-# tests/test_distributed.py; not imported: triton is optional).
+# tests/parallel/test_distributed.py; not imported: triton is optional).
 TRITON_BLOCK_ROWS = 8
 
 

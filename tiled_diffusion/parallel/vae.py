@@ -5,7 +5,7 @@ rows (every resolution's share is the same canvas fraction) and holds it plus HA
 the margin rows come from the two neighbour ranks (point to point), each GroupNorm's moments are combined across
 ranks exactly (Chan's formula over (count, mean, M2), the same result on every rank), the mid-block attention
 all-gathers K and V (it is global; latent resolution), and the output rows are gathered on rank 0. Result: the
-one-process decode up to fp order (tests/test_distributed.py), store memory ∝ 1/N.
+one-process decode up to fp order (tests/parallel/test_distributed.py), store memory ∝ 1/N.
 """
 from __future__ import annotations
 
