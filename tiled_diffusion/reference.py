@@ -231,21 +231,11 @@ def lcm_step(
     return prev.to(sample.dtype), denoised.to(sample.dtype)
 
 
-def blend_lcm_step(
-    tiles: torch.Tensor,
-    origins_y: torch.Tensor,
-    origins_x: torch.Tensor,
-    weights: torch.Tensor,
-    sample: torch.Tensor,
-    noise: Optional[torch.Tensor],
-    sqrt_alpha_t: float,
-    sqrt_beta_t: float,
-    c_skip: float,
-    c_out: float,
-    sqrt_alpha_prev: float,
-    sqrt_beta_prev: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """seam_blend of tile ε-predictions onto sample's canvas [B, C, H, W], then lcm_step on the canvas."""
+def blend_lcm_step(tiles: torch.Tensor, origins_y: torch.Tensor, origins_x: torch.Tensor, weights: torch.Tensor,
+                   sample: torch.Tensor, noise: Optional[torch.Tensor], *coefficients: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """seam_blend of tile ε-predictions onto sample's canvas [B, C, H, W], then lcm_step on the canvas.
+    coefficients: lcm_step's six (sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev, sqrt_beta_prev)."""
     B, _, H, W = sample.shape
     eps = seam_blend(tiles.double(), origins_y, origins_x, weights, B, H, W)
-    return lcm_step(eps, sample, noise, sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev, sqrt_beta_prev)
+    return lcm_step(eps, sample, noise, *coefficients)

@@ -393,3 +393,16 @@ def test_band_bad_inputs(band, kr, match):
     q, k, v = inputs(1, 1, 20, 6, 8, torch.float32)
     with pytest.raises(ValueError, match=match):
         ops.neighborhood_attention(q[:, :, 4:12], k[:, :, kr[0]:kr[1]], v[:, :, kr[0]:kr[1]], (9, 3), band=band)
+
+
+@pytest.mark.cuda
+def test_cuda_band_equals_whole_canvas_rows():
+    """The Triton kernel on a band starting on its 8-row query-block grid walks the whole canvas's blocks and key
+    tiles for those rows: bitwise the whole canvas's result (what the multi-process halo relies on over NCCL)."""
+    q, k, v = (t.cuda() for t in inputs(2, 4, 64, 37, 72, torch.bfloat16, seed=21))
+    whole_out, whole_lse = ops.neighborhood_attention(q, k, v, (16, 16))
+    a, b = 16, 48
+    lo, hi = reference.neighborhood_bounds(64, 16)
+    ka, kb = int(lo[a:b].min()), int(hi[a:b].max())
+    out, lse = ops.neighborhood_attention(q[:, :, a:b], k[:, :, ka:kb], v[:, :, ka:kb], (16, 16), band=(64, a, ka))
+    assert torch.equal(out, whole_out[:, :, a:b]) and torch.equal(lse, whole_lse[:, :, a:b])

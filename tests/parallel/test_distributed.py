@@ -503,6 +503,20 @@ def test_nccl_world1_halo_attention(nccl_world1):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+def test_nccl_world1_hood_attention(nccl_world1):
+    """hood_attention over an NCCL group of one rank (the processor's strided CUDA views): equals the op."""
+    from tiled_diffusion import ops
+    from tiled_diffusion.model.canvas import Neighborhood
+
+    hood = Neighborhood((16, 16), (1, 1))
+    q, k, v = (torch.randn(2, 40 * 24, 4 * 72, device="cuda", dtype=torch.bfloat16).view(2, 40, 24, 4, 72)
+               .permute(0, 3, 1, 2, 4) for _ in range(3))
+    lay = D.HoodLayout(40, D.split_token_rows(40, hood, 1), 0, hood)
+    out = D.hood_attention(q, k, v, lay, nccl_world1)
+    assert torch.equal(out, ops.neighborhood_attention(q, k, v, (16, 16))[0])
+
+
 def test_nccl_waits_are_stream_waits_and_gloo_keeps_the_timeout():
     """Issue 21 defect 5: on NCCL `Work.wait(timeout)` blocks the host until the compute stream drains; NCCL works
     are waited for with `wait()` (the current stream waits; NCCL's watchdog enforces the group timeout), every

@@ -80,6 +80,17 @@ def _rows_view(strip: torch.Tensor, starts: list[int], rows: int) -> torch.Tenso
                             strip.storage_offset() + starts[0] * w * D)
 
 
+def _blocks_view(t: torch.Tensor, starts: list[int], rows: int, x0: int, bx: int) -> torch.Tensor:
+    """[G, H, rows, bx, ...] view of a contiguous [H, Ht, Wt, ...] tensor (out or lse of one batch row): the G query
+    blocks of `rows` rows starting at evenly spaced rows `starts`, columns [x0, x0 + bx) (the kernel's outputs
+    are written straight into place)."""
+    H, Ht, Wt = t.shape[:3]
+    inner = t.stride(2)  # D for out, 1 for lse
+    step = starts[1] - starts[0] if len(starts) > 1 else 0
+    return t.as_strided((len(starts), H, rows, bx, *t.shape[3:]), (step * Wt * inner, Ht * Wt * inner, Wt * inner,
+                        *t.stride()[2:]), t.storage_offset() + (starts[0] * Wt + x0) * inner)
+
+
 def _even(xs: list[int]) -> bool:
     return len(xs) < 3 or all(b - a == xs[1] - xs[0] for a, b in zip(xs, xs[1:]))
 
@@ -92,14 +103,18 @@ def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = Fals
     dev = q.device
     attend = _flash_cpu if dev.type == "cpu" else _explicit
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    out = q.new_zeros((B, H, Ht, Wt, D))
-    lse = torch.full((B, H, Ht, Wt), -math.inf, dtype=torch.float32, device=dev)
     if B * H * Ht * Wt * D == 0:
-        return out, lse
+        return q.new_zeros((B, H, Ht, Wt, D)), torch.full((B, H, Ht, Wt), -math.inf, device=dev)
     canvas_h, q_top, k_top = band if band[0] else (Ht, 0, 0)
     ys = _axis_blocks(canvas_h, window[0], stride[0], clip, offset[0], block_size(stride[0], block),
                       (q_top, Ht, k_top))
     xs = _axis_blocks(Wt, window[1], stride[1], clip, offset[1], block_size(stride[1], block))
+    if any(b[3] == b[2] for b in ys + xs):  # some blocks have no key (clip past the border): they stay 0 / -inf
+        out = q.new_zeros((B, H, Ht, Wt, D))
+        lse = torch.full((B, H, Ht, Wt), -math.inf, dtype=torch.float32, device=dev)
+    else:  # every query is written by its block
+        out = q.new_empty((B, H, Ht, Wt, D))
+        lse = torch.empty((B, H, Ht, Wt), dtype=torch.float32, device=dev)
     ygroups: dict = {}
     for y in ys:
         ygroups.setdefault(y[4], []).append(y)
@@ -111,8 +126,6 @@ def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = Fals
         # The column strip's queries and its key band, all rows, copied once: every row block's queries and key
         # band are then contiguous runs of the strip (a strided view per group, no per-block gather).
         qs, ks, vs = (t[:, :, :, a:b].contiguous() for t, a, b in ((q, x0, x1), (k, kx0, kx1), (v, kx0, kx1)))
-        o_strip = q.new_zeros((B, H, Ht, bx, D))
-        l_strip = torch.full((B, H, Ht, bx), -math.inf, dtype=torch.float32, device=dev)
         for sy, blocks in ygroups.items():
             rows, band = sy[0], sy[1]
             if band == 0:
@@ -140,8 +153,6 @@ def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = Fals
                     if empty is not None:
                         o = o.masked_fill(empty[:, None], 0)
                         l = l.float().masked_fill(empty, -math.inf)
-                    _rows_view(o_strip[bi], qst, rows).copy_(o)
-                    _rows_view(l_strip[bi].unsqueeze(-1), qst, rows).copy_(l.float().unsqueeze(-1))
-        out[:, :, :, x0:x1] = o_strip
-        lse[:, :, :, x0:x1] = l_strip
+                    _blocks_view(out[bi], qst, rows, x0, bx).copy_(o.reshape(len(qst), H, rows, bx, D))
+                    _blocks_view(lse[bi], qst, rows, x0, bx).copy_(l.reshape(len(qst), H, rows, bx))
     return out, lse
