@@ -314,6 +314,7 @@ DENOISE_CASES = [  # world, mode, tile px, radius, shift, guidance, width, heigh
     pytest.param(2, "cross_tile", 128, 1, False, 0.0, 256, 640, False, 1.0, id="2ranks-token-centred"),
     pytest.param(3, "cross_tile", 128, 1, False, 3.0, 256, 640, False, 1.5, id="3ranks-token-centred-cfg"),
     pytest.param(2, "cross_tile", 128, 1, True, 0.0, 256, 640, False, BLOCKED, id="2ranks-blocked-shift"),
+    pytest.param(4, "cross_tile", 128, 1, False, 3.0, 256, 640, True, 1.0, id="4ranks-cfg_parallel-token-centred"),
 ]
 
 
