@@ -27,6 +27,7 @@ from bench_pipeline import PeakRSS  # noqa: E402
 from harness import environment, print_table  # noqa: E402
 
 from tiled_diffusion.vae import banded as V  # noqa: E402
+from tiled_diffusion.vae.plan import _estimates  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DECODE_METHODS = ("plain", "plain channels-last", "banded", "diffusers tiling", "overlap")
@@ -104,7 +105,7 @@ def _timed(fn, iters: int):
 
 def _est_gb(vae, method: str, H: int, W: int, dtype, tile: int, encode: bool) -> float:
     if method.startswith("plain"):
-        e = V._estimates(vae, H, W, encode=encode, rows=None, es=torch.finfo(dtype).bits // 8, batch=1)["plain"]
+        e = _estimates(vae, H, W, encode=encode, rows=None, es=torch.finfo(dtype).bits // 8, batch=1)["plain"]
         return e / 2**30
     if method == "banded":
         return sum(V.estimate_banded_bytes(vae, H, W, dtype, tile=tile, encode=encode)) / 2**30
