@@ -253,6 +253,22 @@ def _buckets(args, latents: torch.Tensor):
     return out or [(min(H, models.TRAIN_SIZE // models.VAE_SCALE), min(W, models.TRAIN_SIZE // models.VAE_SCALE))]
 
 
+LOSS_WEIGHTS = ("eps", "x0", "v")
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
+    """Per-timestep weights [T] of the ε-MSE that make it the loss of another parametrisation, capped at `cap` and
+    normalised to mean 1 over the uniformly drawn t (so the learning rate keeps its meaning).
+
+    With x0(ε̂) = (x_t − √(1−ᾱ)·ε̂)/√ᾱ and v = √ᾱ·ε − √(1−ᾱ)·x0, an ε error δ is an x0 error √((1−ᾱ)/ᾱ)·δ and a v
+    error δ/√ᾱ: x0-MSE = ε-MSE / SNR, v-MSE = ε-MSE / ᾱ. "eps": 1 everywhere; "x0": min(1/SNR, cap) (→ 0 at low t);
+    "v": min(1/ᾱ, cap) (≥ 1 everywhere: the ε-loss plus the x0 term). The cap keeps t ≈ 999, where 1/ᾱ ≈ 2·10⁴ on
+    PixArt-δ's linear betas, from taking every gradient."""
+    a = alphas_cumprod.double()
+    w = {"eps": torch.ones_like(a), "x0": (1 - a) / a, "v": 1 / a}[kind].clamp(max=cap)
+    return (w / w.mean()).float()
+
+
 def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
     path = os.path.join(ckpt, "dit.pt")
     torch.manual_seed(args.seed + 2)
@@ -270,8 +286,11 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
         log(f"dit: resuming at step {start}")
     embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
     ab = models.build_scheduler().alphas_cumprod.float()
+    weight = loss_weights(ab, args.loss_weight, args.loss_weight_cap)
     x0_all = latents * scale
     buckets = _buckets(args, latents)
+    log(f"dit: loss weight {args.loss_weight} (cap {args.loss_weight_cap:g}): t=0 {weight[0]:.3g}, "
+        f"t=500 {weight[500]:.3g}, t=999 {weight[-1]:.3g}")
     log(f"dit: buckets (latent h, w) {sorted(set(buckets))}")
     empty = len(world.CAPTIONS)
     prog = Progress("dit", args.dit_steps, start)
@@ -289,7 +308,7 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = tr(xt, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
                   added_cond_kwargs=no_cond).sample
-        loss = F.mse_loss(pred, noise)
+        loss = (weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
@@ -450,6 +469,9 @@ def parse_args(argv=None):
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=8e-4)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="eps",
+                   help="the DiT's ε-loss weighted per t as this parametrisation's loss (see loss_weights)")
+    p.add_argument("--loss-weight-cap", type=float, default=100.0, help="upper bound of the x0 / v weight")
     p.add_argument("--lcm-steps", type=int, default=2000, help="LCM distillation steps (0: ship the ε-model)")
     p.add_argument("--lcm-lr", type=float, default=2e-4)
     p.add_argument("--lcm-guidance", type=float, default=1.0,
