@@ -73,12 +73,14 @@ def test_shipped_model_loads_offline(lab_pipe, monkeypatch):
 
 
 # Thresholds of the shipped model's 1x tests, from its measured figures on these exact samples (seed 0, 8 per
-# family, 4 LCM steps; lab model v1, the 2026-12-02 LCM-distilled one): KID 1.00 vs 4.22 for pixel noise; prompt
-# fidelity ocean 8/8, sunset 6/8, forest 6/8, city 2/8. Each fidelity floor is the measured share less one sample
-# (a sample near the classifier's boundary may flip with the thread count's float reassociation); the KID margin
-# is the one the model was first held to (half the noise's), twice the measured 0.24 share.
+# family, 4 LCM steps; lab model v1.1, the 2026-12-06 v-weighted one, issue 19): KID 1.18 vs 4.22 for pixel noise
+# (share 0.28; v1 read 1.00, share 0.24, on these 32 — at 32 samples KID's estimator noise exceeds the models'
+# difference, which 256 samples show: 0.40 vs v1's 0.67, NOTES); prompt fidelity ocean 8/8, sunset 6/8, forest
+# 8/8, city 3/8. Each fidelity floor is the measured share less one sample (a sample near the classifier's
+# boundary may flip with the thread count's float reassociation); the KID margin is the one the model was first
+# held to (half the noise's), 1.8 times the measured share.
 KID_MODEL_MAX_SHARE = 0.5
-FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 5 / 8, "forest": 5 / 8, "city": 1 / 8}
+FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 5 / 8, "forest": 7 / 8, "city": 2 / 8}
 N_PER_FAMILY = 8  # 1x samples per family shared by the KID and fidelity tests (one batched pipe call, ~6 s)
 
 

@@ -14,11 +14,15 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
             (PixArt-α's multi-aspect buckets; those that fit the cached latents), so --data-size above
             TRAIN_SIZE gives aspect ratios and larger token grids. --arch overrides the transformer's config.
-            Known weakness (measured 2026-12-06): with this schedule ᾱ(t > 700) is ~0, so the ε-loss there
-            hardly depends on the image or caption (per-caption ε-MSE within 10% at t = 300-900), yet the LCM
-            sampler's first step decides the scene family at t = 999: forest and city captions come out as
-            unconditional mixtures. An SNR-aware loss weight (x0 or v weighting at high t) is the next thing to
-            try.
+            --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
+            (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
+            ε-loss there hardly depends on the image or caption, yet the LCM sampler's first step decides the
+            scene family at t = 999, where x0(ε̂) amplifies ε̂'s error ~160×. The shipped model (v1.1) was trained
+            with v weighting, γ 100 for 10k steps then γ 1000 for 4k (lab_training.json "recipe"): the teacher's
+            x0(ε̂) at t = 999 from pure noise is classified as the caption's family for 86% of 64 samples (ε-loss,
+            4k steps: 47%), and 4-step samples at 1× read KID 0.40 vs v1's 0.67 (256 samples). Known weakness that
+            remains: sunset and city captions still give a family mixture (fidelity 81% and 45%; city samples
+            drift to forest or ocean), and structure (suns, trunks, lit windows) is mostly missing at 1×.
 5. lcm      latent consistency distillation of the EMA ε-model (`stage_lcm`): 4 LCM steps of an un-distilled
             model draw the captions' mean colours, the distilled one draws structure (--lcm-steps 0 skips it).
             --lcm-guidance w distils the classifier-free-guided teacher (LCM's w; 1: conditional only).
@@ -352,7 +356,8 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
 
     PixArt-δ's LCMScheduler jumps to an x0 prediction at every step; an un-distilled ε-model predicts the mean
     image there (flat colour fields in 4 steps). Distillation: x_{t+k} from data; the frozen teacher takes one DDIM
-    step k = 1000 / --lcm-origin-steps back to t (conditional only: guidance scale 1, the lab's best, NOTES); the
+    step k = 1000 / --lcm-origin-steps back to t (conditional only by default: a guided teacher, --lcm-guidance
+    1.5 or 2, lifts prompt fidelity but over-saturates, 1× KID 1.5-2.9 vs 0.3, NOTES issue 19); the
     student's f(x_{t+k}, t+k) is pulled to the target network's f(x̂_t, t) (pseudo-Huber loss), the target an EMA
     of the student (--lcm-ema). f is the scheduler's own c_skip·x + c_out·x0(ε), on its grid t ∈ {k-1, 2k-1, ...,
     999}, so the shipped LCMScheduler samples the student as it was trained. The target network ships."""
