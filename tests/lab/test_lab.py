@@ -73,12 +73,14 @@ def test_shipped_model_loads_offline(lab_pipe, monkeypatch):
 
 
 # Thresholds of the shipped model's 1x tests, from its measured figures on these exact samples (seed 0, 8 per
-# family, 4 LCM steps; lab model v1, the 2026-12-02 LCM-distilled one): KID 1.00 vs 4.22 for pixel noise; prompt
-# fidelity ocean 8/8, sunset 6/8, forest 6/8, city 2/8. Each fidelity floor is the measured share less one sample
-# (a sample near the classifier's boundary may flip with the thread count's float reassociation); the KID margin
-# is the one the model was first held to (half the noise's), twice the measured 0.24 share.
+# family, 4 LCM steps; lab model v1.1, the 2026-12-06 v-weighted one, issue 19): KID 1.18 vs 4.22 for pixel noise
+# (share 0.28; v1 read 1.00, share 0.24, on these 32 — at 32 samples KID's estimator noise exceeds the models'
+# difference, which 256 samples show: 0.40 vs v1's 0.67, NOTES); prompt fidelity ocean 8/8, sunset 6/8, forest
+# 8/8, city 3/8. Each fidelity floor is the measured share less one sample (a sample near the classifier's
+# boundary may flip with the thread count's float reassociation); the KID margin is the one the model was first
+# held to (half the noise's), 1.8 times the measured share.
 KID_MODEL_MAX_SHARE = 0.5
-FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 5 / 8, "forest": 5 / 8, "city": 1 / 8}
+FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 5 / 8, "forest": 7 / 8, "city": 2 / 8}
 N_PER_FAMILY = 8  # 1x samples per family shared by the KID and fidelity tests (one batched pipe call, ~6 s)
 
 
@@ -217,3 +219,34 @@ def test_lcm_distillation_trains_what_the_scheduler_samples():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     zero = torch.zeros(1, dtype=torch.long)
     torch.testing.assert_close(train.consistency(e, x, zero, ab, sched.config.timestep_scaling), x)
+
+
+@pytest.mark.parametrize("kind", ["x0", "v"])
+def test_dit_loss_weights_are_the_other_parametrisations_losses(kind):
+    """lab/train.loss_weights: below the cap, the weighted ε-MSE is the x0 (or v) MSE of the same prediction,
+    computed directly from x0(ε̂) and v(ε̂), up to the one normalising constant; above it the weight is the cap.
+    fp64 inputs; the weights are stored in fp32, hence rtol 1e-5."""
+    from tiled_diffusion.lab import models, train
+
+    ab = models.build_scheduler().alphas_cumprod.double()
+    cap = 50.0
+    w = train.loss_weights(ab, kind, cap).double()
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0, 137, 420, 611, 999])
+    x0, eps, eps_hat = (torch.randn(5, 4, 6, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    a = ab[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x0_hat = (xt - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    v = lambda e, x: a.sqrt() * e - (1 - a).sqrt() * x  # noqa: E731
+    direct = {"x0": x0_hat - x0, "v": v(eps_hat, x0_hat) - v(eps, x0)}
+    want = direct[kind].pow(2).mean((1, 2, 3))
+    got = w[t] * (eps_hat - eps).pow(2).mean((1, 2, 3))
+    raw = {"x0": (1 - ab) / ab, "v": 1 / ab}[kind]
+    norm = float(w[0] / raw[0])  # the normalising constant (t = 0 is below the cap for both)
+    below = raw[t] <= cap
+    assert below[:3].all() and not below[-1]
+    torch.testing.assert_close(got[below], norm * want[below], rtol=1e-5, atol=0)
+    torch.testing.assert_close(w[t][~below], torch.full((int((~below).sum()),), norm * cap, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    assert abs(float(w.mean()) - 1) < 1e-5
+    torch.testing.assert_close(train.loss_weights(ab, "eps", cap), torch.ones(ab.numel()))

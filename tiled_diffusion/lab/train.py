@@ -14,11 +14,15 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
             (PixArt-α's multi-aspect buckets; those that fit the cached latents), so --data-size above
             TRAIN_SIZE gives aspect ratios and larger token grids. --arch overrides the transformer's config.
-            Known weakness (measured 2026-12-06): with this schedule ᾱ(t > 700) is ~0, so the ε-loss there
-            hardly depends on the image or caption (per-caption ε-MSE within 10% at t = 300-900), yet the LCM
-            sampler's first step decides the scene family at t = 999: forest and city captions come out as
-            unconditional mixtures. An SNR-aware loss weight (x0 or v weighting at high t) is the next thing to
-            try.
+            --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
+            (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
+            ε-loss there hardly depends on the image or caption, yet the LCM sampler's first step decides the
+            scene family at t = 999, where x0(ε̂) amplifies ε̂'s error ~160×. The shipped model (v1.1) was trained
+            with v weighting, γ 100 for 10k steps then γ 1000 for 4k (lab_training.json "recipe"): the teacher's
+            x0(ε̂) at t = 999 from pure noise is classified as the caption's family for 86% of 64 samples (ε-loss,
+            4k steps: 47%), and 4-step samples at 1× read KID 0.40 vs v1's 0.67 (256 samples). Known weakness that
+            remains: sunset and city captions still give a family mixture (fidelity 81% and 45%; city samples
+            drift to forest or ocean), and structure (suns, trunks, lit windows) is mostly missing at 1×.
 5. lcm      latent consistency distillation of the EMA ε-model (`stage_lcm`): 4 LCM steps of an un-distilled
             model draw the captions' mean colours, the distilled one draws structure (--lcm-steps 0 skips it).
             --lcm-guidance w distils the classifier-free-guided teacher (LCM's w; 1: conditional only).
@@ -253,6 +257,22 @@ def _buckets(args, latents: torch.Tensor):
     return out or [(min(H, models.TRAIN_SIZE // models.VAE_SCALE), min(W, models.TRAIN_SIZE // models.VAE_SCALE))]
 
 
+LOSS_WEIGHTS = ("eps", "x0", "v")
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
+    """Per-timestep weights [T] of the ε-MSE that make it the loss of another parametrisation, capped at `cap` and
+    normalised to mean 1 over the uniformly drawn t (so the learning rate keeps its meaning).
+
+    With x0(ε̂) = (x_t − √(1−ᾱ)·ε̂)/√ᾱ and v = √ᾱ·ε − √(1−ᾱ)·x0, an ε error δ is an x0 error √((1−ᾱ)/ᾱ)·δ and a v
+    error δ/√ᾱ: x0-MSE = ε-MSE / SNR, v-MSE = ε-MSE / ᾱ. "eps": 1 everywhere; "x0": min(1/SNR, cap) (→ 0 at low t);
+    "v": min(1/ᾱ, cap) (≥ 1 everywhere: the ε-loss plus the x0 term). The cap keeps t ≈ 999, where 1/ᾱ ≈ 2·10⁴ on
+    PixArt-δ's linear betas, from taking every gradient."""
+    a = alphas_cumprod.double()
+    w = {"eps": torch.ones_like(a), "x0": (1 - a) / a, "v": 1 / a}[kind].clamp(max=cap)
+    return (w / w.mean()).float()
+
+
 def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
     path = os.path.join(ckpt, "dit.pt")
     torch.manual_seed(args.seed + 2)
@@ -270,8 +290,11 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
         log(f"dit: resuming at step {start}")
     embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
     ab = models.build_scheduler().alphas_cumprod.float()
+    weight = loss_weights(ab, args.loss_weight, args.loss_weight_cap)
     x0_all = latents * scale
     buckets = _buckets(args, latents)
+    log(f"dit: loss weight {args.loss_weight} (cap {args.loss_weight_cap:g}): t=0 {weight[0]:.3g}, "
+        f"t=500 {weight[500]:.3g}, t=999 {weight[-1]:.3g}")
     log(f"dit: buckets (latent h, w) {sorted(set(buckets))}")
     empty = len(world.CAPTIONS)
     prog = Progress("dit", args.dit_steps, start)
@@ -289,7 +312,7 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = tr(xt, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
                   added_cond_kwargs=no_cond).sample
-        loss = F.mse_loss(pred, noise)
+        loss = (weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
@@ -333,7 +356,8 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
 
     PixArt-δ's LCMScheduler jumps to an x0 prediction at every step; an un-distilled ε-model predicts the mean
     image there (flat colour fields in 4 steps). Distillation: x_{t+k} from data; the frozen teacher takes one DDIM
-    step k = 1000 / --lcm-origin-steps back to t (conditional only: guidance scale 1, the lab's best, NOTES); the
+    step k = 1000 / --lcm-origin-steps back to t (conditional only by default: a guided teacher, --lcm-guidance
+    1.5 or 2, lifts prompt fidelity but over-saturates, 1× KID 1.5-2.9 vs 0.3, NOTES issue 19); the
     student's f(x_{t+k}, t+k) is pulled to the target network's f(x̂_t, t) (pseudo-Huber loss), the target an EMA
     of the student (--lcm-ema). f is the scheduler's own c_skip·x + c_out·x0(ε), on its grid t ∈ {k-1, 2k-1, ...,
     999}, so the shipped LCMScheduler samples the student as it was trained. The target network ships."""
@@ -450,6 +474,9 @@ def parse_args(argv=None):
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=8e-4)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="eps",
+                   help="the DiT's ε-loss weighted per t as this parametrisation's loss (see loss_weights)")
+    p.add_argument("--loss-weight-cap", type=float, default=100.0, help="upper bound of the x0 / v weight")
     p.add_argument("--lcm-steps", type=int, default=2000, help="LCM distillation steps (0: ship the ε-model)")
     p.add_argument("--lcm-lr", type=float, default=2e-4)
     p.add_argument("--lcm-guidance", type=float, default=1.0,
