@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from . import models, world
 
@@ -95,14 +96,10 @@ def train_classifier(steps: int = 600, batch: int = 32, per_size: int = 384, see
 
 
 def save_classifier(net: FamilyClassifier, path: str = CLASSIFIER_PATH) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, path)
 
 
 def load_classifier(path: str = CLASSIFIER_PATH) -> FamilyClassifier:
-    from safetensors.torch import load_file
-
     net = FamilyClassifier()
     net.load_state_dict({k: v.float() for k, v in load_file(path).items()})
     return net.eval()

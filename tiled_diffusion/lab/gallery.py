@@ -24,7 +24,9 @@ import sys
 import time
 
 import torch
+from PIL import Image, ImageDraw
 
+from .. import pipeline as P
 from . import models, quality, world
 
 GALLERY_MODES = ("global", "cross_tile r1", "cross_tile r1 shift", "multidiffusion 50%")
@@ -32,8 +34,6 @@ EXAMPLE = ("a city at night", 1024)  # the README's first example: tiled-diffusi
 
 
 def _to_pil(img: torch.Tensor, cell: int, seams=None, size: int = 0):
-    from PIL import Image, ImageDraw
-
     arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     tile = Image.fromarray(arr).resize((cell, cell), Image.BILINEAR if img.shape[-1] < cell else Image.LANCZOS)
     if seams:  # red ticks on the cell's borders where the seams run (full lines would hide a fine grid's image)
@@ -49,8 +49,6 @@ def _to_pil(img: torch.Tensor, cell: int, seams=None, size: int = 0):
 
 def contact_sheet(path: str, sheets: dict, modes, cell: int = 112, example=None) -> None:
     """sheets: {size: {column name: images [4, 3, size, size] (one per family)}}."""
-    from PIL import Image, ImageDraw
-
     fams = list(world.FAMILIES)
     by_name = {m.name: m for m in modes}
     cols = [(size, name) for size, d in sheets.items() for name in d]
@@ -87,10 +85,10 @@ def contact_sheet(path: str, sheets: dict, modes, cell: int = 112, example=None)
 
 
 def plot(path: str, figures: dict) -> None:
-    import matplotlib
+    import matplotlib  # optional (the dev extra): only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display here
 
     sizes = figures["sizes"]
     panels = (("kid", "KID to ground truth (lower is better)", True), ("fidelity", "prompt fidelity", False),
@@ -161,8 +159,6 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
         log(f"gallery {size}²: {time.perf_counter() - t0:.0f} s")
     ex = None
     if example:
-        from .. import pipeline as P
-
         caption, side = EXAMPLE
         t0 = time.perf_counter()
         img = P.generate(pipe, caption, width=side, height=side, steps=steps, seed=0, output_type="pt_raw",
@@ -176,8 +172,6 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
     with open(os.path.join(out, "gallery.json"), "w") as f:
         json.dump(figures, f, indent=2)
     if docs:
-        from PIL import Image
-
         im = Image.open(os.path.join(out, "gallery.png")).convert("RGB")
         im.save(os.path.join(out, "gallery_small.jpg"), quality=80, optimize=True)
         Image.open(os.path.join(out, "quality.png")).convert("P", palette=Image.ADAPTIVE, colors=64).save(

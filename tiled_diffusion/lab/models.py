@@ -8,6 +8,7 @@ read. The noise schedule is PixArt-δ's (LCMScheduler, linear betas 1e-4..0.02, 
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -39,7 +40,7 @@ SCHEDULER_CONFIG = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", 
 
 
 def build_transformer(**overrides):
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel  # diffusers loads only when a model is built: cli/checks imports this module before any request is checked
 
     return PixArtTransformer2DModel(**{**TRANSFORMER_CONFIG, **overrides})
 
@@ -65,13 +66,13 @@ def with_sigma_channels(tr):
 
 
 def build_vae(**overrides):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # as above: not at import
 
     return AutoencoderKL(**{**VAE_CONFIG, **overrides})
 
 
 def build_scheduler():
-    from diffusers import LCMScheduler
+    from diffusers import LCMScheduler  # as above: not at import
 
     return LCMScheduler(**SCHEDULER_CONFIG)
 
@@ -80,7 +81,7 @@ MODEL_DIR = os.path.join(os.path.dirname(__file__), "tiny_model")
 
 
 def _read(folder: str, component: str, file: str) -> dict:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # only when weights are read (cli/checks imports this module)
 
     return load_file(os.path.join(folder, component, file))
 
@@ -93,11 +94,9 @@ def load_lab_pipeline(folder: str = MODEL_DIR):
     several times faster than `from_pretrained`, which matters because every test that uses `tiny` builds one.
     The VAE's scaling_factor comes from the folder's config (it is measured at training time).
     """
-    import json
+    from diffusers import PixArtAlphaPipeline  # as build_transformer: not at import
 
-    from diffusers import PixArtAlphaPipeline
-
-    from .text import tiny_text_encoder, tiny_tokenizer
+    from .text import tiny_text_encoder, tiny_tokenizer  # transformers: not at import either
 
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"no lab model in {folder!r} (train one: python -m tiled_diffusion.lab.train --out DIR)")

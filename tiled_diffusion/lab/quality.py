@@ -35,11 +35,16 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import time
 from typing import Optional
 
 import torch
+from PIL import Image, ImageDraw
 
+from .. import pipeline as P
+from ..core.config import TiledConfig
+from ..model.canvas import pixel_grid
 from ..tools import metrics
 from . import fidelity as fid
 from . import models, structure, world
@@ -98,9 +103,6 @@ QUICK_MODES = ("global", "cross_tile r1", "cross_tile r0 (independent)", "multid
 def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[int], list[int]]:
     """(seams_y, seams_x) in pixels of the tile grid the mode works on (global: the cross_tile grid, a control)."""
     if m.mode == "multidiffusion":
-        from ..core.config import TiledConfig
-        from ..model.canvas import pixel_grid
-
         cfg = TiledConfig(**m.kwargs()).validate()
         g = pixel_grid(cfg, height // 8, width // 8, 1, patch)
         edges = lambda origins, t, size: sorted({v * 8 for o in origins for v in (o, o + t) if 0 < v * 8 < size})  # noqa: E731
@@ -165,8 +167,6 @@ def ground_truth(size: int, count: int, offset: int = 0) -> torch.Tensor:
 
 def pipe_call_available() -> bool:
     """Whether the drop-in `pipe(...)` path (tiled after accelerate) has landed: a commit titled "canvas forward"."""
-    import subprocess
-
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         log = subprocess.run(["git", "-C", root, "log", "--oneline", "-i", "--grep", "canvas forward"],
@@ -179,8 +179,6 @@ def pipe_call_available() -> bool:
 def accelerated_pipeline(model_dir: Optional[str] = None):
     """The lab model (the shipped one by default) accelerated as the suite runs it: cross_tile r1 at CROSS_TILE_PX
     is the config pipe(...) uses; `_generate` overrides it per call for the other modes."""
-    from .. import pipeline as P
-
     pipe = models.load_lab_pipeline(model_dir or models.MODEL_DIR)
     P.accelerate(pipe, int8=None, text_encoder_int8=False, mode="cross_tile", tile=CROSS_TILE_PX, radius=1,
                  window=None)
@@ -193,8 +191,6 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
 
     scales: canvas area as multiples of the training area (side = TRAIN_SIZE·√scale). Returns the table rows.
     """
-    from .. import pipeline as P
-
     os.makedirs(out_dir, exist_ok=True)
     pipe = accelerated_pipeline(model_dir)
     chosen = [m for m in MODES if modes is None or m.name in modes]
@@ -267,8 +263,6 @@ def prompt_scores(images: torch.Tensor, families, truth: torch.Tensor, truth_fam
 
 def _generate(pipe, m: Mode, caption: str, size: int, steps: int, seed: int) -> torch.Tensor:
     """One image [1, 3, size, size] in [-1, 1] (unclamped for generate's raw decode)."""
-    from .. import pipeline as P
-
     if not m.drop_in:
         return P.generate(pipe, caption, width=size, height=size, steps=steps, seed=seed, output_type="pt_raw",
                           progress=False, **m.kwargs())
@@ -281,8 +275,6 @@ def _generate(pipe, m: Mode, caption: str, size: int, steps: int, seed: int) -> 
 
 def contact_sheet(path: str, images: dict, modes, size: int, rows: int, cell: int = 192) -> None:
     """One seed per row, one mode per column (ground truth first), the mode's seams drawn in red, names on top."""
-    from PIL import Image, ImageDraw
-
     names = list(images)
     n_rows = min(rows, min(v.shape[0] for v in images.values()))
     head = 14

@@ -36,6 +36,7 @@ reduction order only.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -44,8 +45,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from diffusers import PixArtAlphaPipeline
 
 from . import models, world
+from .text import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
 
 CROP = 64  # VAE training crop (px)
 
@@ -91,6 +94,26 @@ def _resume(path: str, model, shadow, shadow_key: str, opt, g: torch.Generator) 
 def _checkpoint(path: str, model, shadow, shadow_key: str, opt, g: torch.Generator, step: int, history) -> None:
     _atomic_save({"model": model.state_dict(), shadow_key: shadow.state_dict(), "opt": opt.state_dict(),
                   "rng": g.get_state(), "step": step, "history": history}, path)
+
+
+def _start(name: str, path: str, model, shadow, shadow_key: str, lr: float, seed: int, steps: int):
+    """A training stage's optimizer and generator, resumed from `path` when it exists: (opt, g, start, history)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    start, history = _resume(path, model, shadow, shadow_key, opt, g)
+    if 0 < start < steps:
+        log(f"{name}: resuming at step {start}")
+    return opt, g, start, history
+
+
+def _record(prog, step: int, loss: torch.Tensor, history: list, every: int, steps: int, checkpoint) -> None:
+    """After a training step: the progress line, the loss history (every 100 steps), a checkpoint (every `every`
+    steps and at the last)."""
+    prog.update(step, loss.item())
+    if step % 100 == 0:
+        history.append((step, prog.loss))
+    if step % every == 0 or step == steps:
+        checkpoint()
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -225,8 +248,6 @@ def stage_latents(cache: str, vae, images: torch.Tensor) -> tuple[torch.Tensor, 
 def caption_embeddings(texts) -> tuple[torch.Tensor, torch.Tensor]:
     """[K, 120, 32] embeddings and [K, 120] masks of the frozen tiny T5, as PixArtAlphaPipeline.encode_prompt makes
     them (lower-cased, padded to 120 tokens, attention mask kept)."""
-    from .text import SEED, tiny_text_encoder, tiny_tokenizer
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)  # the same draw order as tiny.tiny_pipeline: the tokenizer, then T5
         tok = tiny_tokenizer()
@@ -281,13 +302,9 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema.load_state_dict(tr.state_dict())
     ema.requires_grad_(False)
-    opt = torch.optim.AdamW(tr.parameters(), lr=args.dit_lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed + 3)
-    start, history = _resume(path, tr, ema, "ema", opt, g)
+    opt, g, start, history = _start("dit", path, tr, ema, "ema", args.dit_lr, args.seed + 3, args.dit_steps)
     if start >= args.dit_steps:
         return ema.eval(), history
-    if start:
-        log(f"dit: resuming at step {start}")
     embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
     ab = models.build_scheduler().alphas_cumprod.float()
     weight = loss_weights(ab, args.loss_weight, args.loss_weight_cap)
@@ -321,11 +338,8 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
             d = min(args.ema, (1 + step) / (10 + step))
             for pe, p in zip(ema.parameters(), tr.parameters()):
                 pe.lerp_(p, 1 - d)
-        prog.update(step, loss.item())
-        if step % 100 == 0:
-            history.append((step, prog.loss))
-        if step % args.ckpt_every == 0 or step == args.dit_steps:
-            _checkpoint(path, tr, ema, "ema", opt, g, step, history)
+        _record(prog, step, loss, history, args.ckpt_every, args.dit_steps,
+                lambda: _checkpoint(path, tr, ema, "ema", opt, g, step, history))
     return ema.eval(), history
 
 
@@ -361,8 +375,6 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
     student's f(x_{t+k}, t+k) is pulled to the target network's f(x̂_t, t) (pseudo-Huber loss), the target an EMA
     of the student (--lcm-ema). f is the scheduler's own c_skip·x + c_out·x0(ε), on its grid t ∈ {k-1, 2k-1, ...,
     999}, so the shipped LCMScheduler samples the student as it was trained. The target network ships."""
-    import copy
-
     path = os.path.join(ckpt, "lcm.pt")
     sched = models.build_scheduler()
     ab = sched.alphas_cumprod.float()
@@ -372,13 +384,10 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
     teacher = teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     target = copy.deepcopy(teacher).requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lcm_lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed + 4)
-    start, history = _resume(path, student, target, "target", opt, g)
+    opt, g, start, history = _start("lcm", path, student, target, "target", args.lcm_lr, args.seed + 4,
+                                    args.lcm_steps)
     if start >= args.lcm_steps:
         return target.eval(), history
-    if start:
-        log(f"lcm: resuming at step {start}")
     embeds, masks = caption_embeddings(list(world.CAPTIONS) + [""])
     empty = len(world.CAPTIONS)
     x0_all = latents * scale
@@ -421,11 +430,8 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
         with torch.no_grad():
             for pt, p in zip(target.parameters(), student.parameters()):
                 pt.lerp_(p, 1 - args.lcm_ema)
-        prog.update(step, loss.item())
-        if step % 100 == 0:
-            history.append((step, prog.loss))
-        if step % args.ckpt_every == 0 or step == args.lcm_steps:
-            _checkpoint(path, student, target, "target", opt, g, step, history)
+        _record(prog, step, loss, history, args.ckpt_every, args.lcm_steps,
+                lambda: _checkpoint(path, student, target, "target", opt, g, step, history))
     return target.eval(), history
 
 
@@ -433,10 +439,6 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
 
 
 def export(args, out: str, vae, transformer, scale: float, meta: dict) -> str:
-    from diffusers import PixArtAlphaPipeline
-
-    from .text import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         tok = tiny_tokenizer()

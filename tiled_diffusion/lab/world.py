@@ -133,9 +133,19 @@ def _coverage(dist: torch.Tensor) -> torch.Tensor:
     return (0.5 - dist / 1.5).clamp(0, 1)
 
 
+def _ground(seed: int, tag: int, cv: "_Canvas", scale: float, colours) -> torch.Tensor:
+    """A family's background: fbm noise of hash stream `tag` at `scale` px mapped through its palette."""
+    return _palette(fbm(seed, tag, cv.ys, cv.xs, scale), colours)
+
+
+def _cell_point(seed: int, tag: int, cy: int, cx: int, cell: int, *k: int) -> tuple[float, float]:
+    """A random point in grid cell (cy, cx): its y from hash stream `tag`, its x from stream `tag` + 1."""
+    return ((cy + float(hash_uniform(seed, tag, cy, cx, *k))) * cell,
+            (cx + float(hash_uniform(seed, tag + 1, cy, cx, *k))) * cell)
+
+
 def _ocean(seed: int, cv: _Canvas) -> torch.Tensor:
-    depth = fbm(seed, 1, cv.ys, cv.xs, 256.0)
-    img = _palette(depth, [(0.02, 0.10, 0.30), (0.05, 0.30, 0.60), (0.25, 0.60, 0.80)])
+    img = _ground(seed, 1, cv, 256.0, [(0.02, 0.10, 0.30), (0.05, 0.30, 0.60), (0.25, 0.60, 0.80)])
     theta = 2 * math.pi * float(hash_uniform(seed, 2))
     wl = 24.0 + 24.0 * float(hash_uniform(seed, 3))
     u = cv.xs * math.cos(theta) + cv.ys * math.sin(theta)
@@ -147,15 +157,13 @@ def _ocean(seed: int, cv: _Canvas) -> torch.Tensor:
 
 
 def _sunset(seed: int, cv: _Canvas) -> torch.Tensor:
-    warm = fbm(seed, 11, cv.ys, cv.xs, 256.0)
-    img = _palette(warm, [(0.30, 0.05, 0.25), (0.75, 0.15, 0.10), (0.95, 0.45, 0.10), (1.0, 0.80, 0.35)])
+    img = _ground(seed, 11, cv, 256.0, [(0.30, 0.05, 0.25), (0.75, 0.15, 0.10), (0.95, 0.45, 0.10), (1.0, 0.80, 0.35)])
     cell = 128
     for cy, cx in cv.cells(cell, 60):
         if float(hash_uniform(seed, 12, cy, cx)) > 0.35:
             continue
         r = 12.0 + 40.0 * float(hash_uniform(seed, 13, cy, cx))
-        py = (cy + float(hash_uniform(seed, 14, cy, cx))) * cell
-        px = (cx + float(hash_uniform(seed, 15, cy, cx))) * cell
+        py, px = _cell_point(seed, 14, cy, cx, cell)
         win = cv.window(py - r - 2, py + r + 2, px - r - 2, px + r + 2)
         if win is None:
             continue
@@ -165,8 +173,7 @@ def _sunset(seed: int, cv: _Canvas) -> torch.Tensor:
 
 
 def _forest(seed: int, cv: _Canvas) -> torch.Tensor:
-    leaf = fbm(seed, 21, cv.ys, cv.xs, 192.0)
-    img = _palette(leaf, [(0.05, 0.20, 0.05), (0.15, 0.45, 0.12), (0.50, 0.70, 0.25)])
+    img = _ground(seed, 21, cv, 192.0, [(0.05, 0.20, 0.05), (0.15, 0.45, 0.12), (0.50, 0.70, 0.25)])
     cell, reach = 128, 240
     for cy, cx in cv.cells(cell, reach):
         for k in range(2):
@@ -176,8 +183,7 @@ def _forest(seed: int, cv: _Canvas) -> torch.Tensor:
             # mostly upright (trunks), some leaning (branches)
             ang = math.pi / 2 + (float(hash_uniform(seed, 24, cy, cx, k)) - 0.5) * (2.2 if k else 0.5)
             half_w = 2.0 + 2.5 * float(hash_uniform(seed, 25, cy, cx, k))
-            py = (cy + float(hash_uniform(seed, 26, cy, cx, k))) * cell
-            px = (cx + float(hash_uniform(seed, 27, cy, cx, k))) * cell
+            py, px = _cell_point(seed, 26, cy, cx, cell, k)
             dy, dx = math.sin(ang) * length / 2, math.cos(ang) * length / 2
             pad = half_w + 2
             win = cv.window(py - abs(dy) - pad, py + abs(dy) + pad, px - abs(dx) - pad, px + abs(dx) + pad)
@@ -193,16 +199,14 @@ def _forest(seed: int, cv: _Canvas) -> torch.Tensor:
 
 
 def _city(seed: int, cv: _Canvas) -> torch.Tensor:
-    sky = fbm(seed, 31, cv.ys, cv.xs, 256.0)
-    img = _palette(sky, [(0.01, 0.01, 0.06), (0.05, 0.05, 0.18), (0.12, 0.10, 0.30)])
+    img = _ground(seed, 31, cv, 256.0, [(0.01, 0.01, 0.06), (0.05, 0.05, 0.18), (0.12, 0.10, 0.30)])
     cell, reach = 64, 110
     for cy, cx in cv.cells(cell, reach):
         if float(hash_uniform(seed, 32, cy, cx)) > 0.6:
             continue
         hh = 10.0 + 45.0 * float(hash_uniform(seed, 33, cy, cx))
         hw = 10.0 + 30.0 * float(hash_uniform(seed, 34, cy, cx))
-        py = (cy + float(hash_uniform(seed, 35, cy, cx))) * cell
-        px = (cx + float(hash_uniform(seed, 36, cy, cx))) * cell
+        py, px = _cell_point(seed, 35, cy, cx, cell)
         win = cv.window(py - hh - 2, py + hh + 2, px - hw - 2, px + hw + 2)
         if win is None:
             continue
