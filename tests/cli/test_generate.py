@@ -155,7 +155,7 @@ def test_folder_without_model_index_is_one_clear_line(tmp_path, capsys):
 
 
 def test_generate_nproc_2_equals_one_process(tmp_path):
-    """`--nproc 2` runs the same command under torchrun on 2 gloo ranks (bands of tile rows, halo attention, then
+    """`--nproc 2` runs the same command under torchrun on 2 gloo ranks (bands of token rows, their K/V halo, then
     the VAE decode split over the ranks); rank 0 alone writes the PNG. The reference runs in a subprocess with one
     thread like each rank (torchrun sets OMP_NUM_THREADS=1), because fp32 GEMMs round differently with another
     thread count. The final latents are bitwise those of one process (test_distributed.py); the image is not:
@@ -166,7 +166,7 @@ def test_generate_nproc_2_equals_one_process(tmp_path):
     import sys
 
     base = [sys.executable, "-m", "tiled_diffusion", "generate", "--prompt", "a cat", "--size", "256x640", "--tile",
-            "128", "--window", "0", "--int8", "none", "--dtype", "fp32", "--steps", "2"]  # tile-blocked windows
+            "128", "--int8", "none", "--dtype", "fp32", "--steps", "2"]  # the default token-centred windows
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.png", tmp_path / "two.png"
     subprocess.run(base + ["--out", str(one)], check=True, env=env, capture_output=True, timeout=600)

@@ -199,6 +199,14 @@ def test_opcheck(strided):
     torch.library.opcheck(torch.ops.tiled_diffusion.neighborhood_attention.default, (q, k, v, [3, 4], [1, 2], False, [0, -1]))
 
 
+def test_opcheck_band():
+    """The band form (q rows [4, 11), k/v the rows its windows need) through the op's schema and fake."""
+    q, k, v = inputs(1, 2, 15, 6, 8, torch.float32, seed=12)
+    torch.library.opcheck(torch.ops.tiled_diffusion.neighborhood_attention.default,
+                          (q[:, :, 4:11].contiguous(), k[:, :, 2:13].contiguous(), v[:, :, 2:13].contiguous(), [5, 3],
+                           [1, 1], False, [0, 0], None, [15, 4, 2]))
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(window=(3, 3), stride=(4, 1)), "stride <= window"),
     (dict(window=(0, 3)), "stride <= window"),

@@ -157,6 +157,11 @@ def check_before_launch(args: argparse.Namespace) -> None:
         check_guidance(args, *args.size)
     except ValueError as e:
         raise G.RequestError(str(e)) from None
+    try:  # every rank must get a band (or a tile): refused here, not in N tracebacks after the launch
+        G.Dd.check_ranks(cfg, G.transformer_config(args.model), G.VAE_SCALE_FACTOR, args.nproc, width=args.size[0],
+                         height=args.size[1], guidance_scale=args.guidance_scale)
+    except ValueError as e:
+        raise G.RequestError(str(e)) from None
     su = G.setup(args)
     if su.device.type == "cpu":
         G.check_request_memory(args, cfg, su, *args.size)

@@ -20,7 +20,7 @@ import torch
 
 from .. import parallel as Dd
 from .. import pipeline as P
-from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, MODES, TiledConfig, check_size
+from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, MODES, VAE_SCALE_FACTOR, TiledConfig, check_size
 from ..model.int8 import resolve_mode
 from ..pipeline.api import encode
 from ..pipeline.loading import LoadError, checkpoint_files, load_pipeline, read_header
@@ -59,7 +59,7 @@ def _component_config(model: str, component: str) -> dict:
         raise RequestError(f"--model {model!r}: cannot read {component}/config.json ({e})") from None
 
 
-def _transformer_config(model: str):
+def transformer_config(model: str):
     if model == "tiny":
         return tiny_transformer().config
     return SimpleNamespace(**_component_config(model, "transformer"))
@@ -315,7 +315,7 @@ def check_request_memory(args, cfg: TiledConfig, su: "Setup", w: int, h: int) ->
     """The peak-memory estimate of a w × h request against --max-memory-gb or, by default, the machine's memory
     (nothing loaded: configs and checkpoint headers only); returns the estimate."""
     vae_config = _vae_config(args.model)
-    est = estimate_memory(_transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=su.dtype,
+    est = estimate_memory(transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=su.dtype,
                           guidance_scale=args.guidance_scale, int8=su.int8, vae=vae_config,
                           vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
                           text_encoder_bytes=_text_encoder_bytes(args.model, su.dtype, su.text_encoder_int8),

@@ -303,9 +303,3 @@ class TiledProcessors:
             else:
                 m.fuse_projections(fuse=True)
         self.set_attn_processor(FusedAttnProcessor2_0())
-
-
-def attention_flops(tokens_q: int, keys_per_query: float, heads: int, head_dim: int) -> float:
-    """FLOPs of one attention (QKᵀ and PV): 4 * Nq * Nk * H * D."""
-    return 4.0 * tokens_q * keys_per_query * heads * head_dim
-

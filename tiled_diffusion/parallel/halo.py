@@ -376,20 +376,28 @@ def disable(pipe) -> None:
 
 def check_world(pipe, world: int, *, width: int, height: int, guidance_scale: float = 0.0,
                 cfg_parallel: bool = False, **overrides) -> None:
-    """Refuse, before any work, a canvas with fewer cross_tile tile rows (or multidiffusion tiles, CFG rows
-    included) than ranks (per CFG half under CFG-parallel with guidance on). overrides: TiledConfig fields for
-    this call (others are ignored)."""
+    """Refuse, before any work, a canvas with fewer cross_tile row bands (tile rows, or row blocks of token rows)
+    or multidiffusion tiles (CFG rows included) than ranks (per CFG half under CFG-parallel with guidance on).
+    overrides: TiledConfig fields for this call (others are ignored)."""
     tr = _transformer(pipe)
     st = tr._tiled_diffusion
     names = {f.name for f in dataclasses.fields(TiledConfig)}
     cfg = dataclasses.replace(st.config, **{k: v for k, v in overrides.items() if k in names})
-    patch, vsf = tr.config.patch_size, st.vae_scale_factor
+    check_ranks(cfg, tr.config, st.vae_scale_factor, world, width=width, height=height,
+                guidance_scale=guidance_scale, cfg_parallel=cfg_parallel)
+
+
+def check_ranks(cfg: TiledConfig, model_config, vsf: int, world: int, *, width: int, height: int,
+                guidance_scale: float = 0.0, cfg_parallel: bool = False) -> None:
+    """check_world's test from the config alone (the transformer's config: patch_size, sample_size), so a
+    launcher can refuse a request before any rank starts or any model loads."""
+    patch = model_config.patch_size
     lat_h, lat_w = height // vsf, width // vsf
     rows = 2 if guidance_scale > 1.0 else 1
     ranks = world // 2 if cfg_parallel and rows == 2 else world
     if cfg.mode == "cross_tile":
         grid = token_grid(cfg, lat_h, lat_w, patch, 0, vsf)
-        field = training_field(tr.config, lat_h)
+        field = training_field(model_config, lat_h)
         hood = neighborhood(cfg, lat_h, lat_w, patch, 0, field, vsf)
         if hood is None:  # tile-blocked windows: bands of tile rows
             if grid.ny * grid.nx > 1:

@@ -21,7 +21,7 @@ from .. import ops
 from ..backends.cpu.neighborhood_attention import block_size
 from ..reference import neighborhood_bounds
 from .band import RowBand, timed_wait
-from .comm import Dist, _global_rank
+from .comm import Dist, _global_rank, split_rows
 
 # The Triton kernel's query-block height (backends/triton/neighborhood_attention.CONFIG["TM_Y"], checked equal by
 # tests/parallel/test_distributed.py; not imported: triton is optional).
@@ -44,13 +44,7 @@ def split_token_rows(rows: int, hood, world: int) -> list[tuple[int, int]]:
         raise ValueError(f"distributed: {world} ranks but the canvas has only {n} row blocks of {unit} tokens "
                          f"({rows} token rows; a rank owns at least one block); use at most {n} ranks or a "
                          f"taller canvas")
-    base, extra = divmod(n, world)
-    bands, i = [], 0
-    for r in range(world):
-        j = i + base + (1 if r < extra else 0)
-        bands.append((cuts[i], cuts[j]))
-        i = j
-    return bands
+    return [(cuts[i], cuts[j]) for i, j in split_rows(n, world)]  # whole blocks, dealt as split_rows deals rows
 
 
 class HoodLayout:
@@ -87,7 +81,8 @@ class HoodLayout:
 
     def _parts(self, unit: int) -> list[tuple[int, int, int, int]]:
         a, b = self.a, self.b
-        inside = [y for y in range(a, b) if self._keys(y, y + 1)[0] >= a and self._keys(y, y + 1)[1] <= b]
+        rows_keys = ((y, *self._keys(y, y + 1)) for y in range(a, b))
+        inside = [y for y, k0, k1 in rows_keys if a <= k0 and k1 <= b]  # windows inside the band
         grid = [c for c in range(self.hood.offset[0], b + unit, unit) if a <= c <= b] + [a, b]
         ia = min((c for c in grid if inside and c >= inside[0]), default=b)  # interior snapped to the row grid
         ib = max((c for c in grid if inside and c <= inside[-1] + 1), default=a)
