@@ -250,3 +250,28 @@ def test_dit_loss_weights_are_the_other_parametrisations_losses(kind):
                                rtol=1e-5, atol=0)
     assert abs(float(w.mean()) - 1) < 1e-5
     torch.testing.assert_close(train.loss_weights(ab, "eps", cap), torch.ones(ab.numel()))
+
+
+def test_vae_of_another_width_round_trips_through_a_folder(tmp_path):
+    """`lab.train --vae-arch` writes a VAE whose architecture differs from models.VAE_CONFIG; models.load_vae builds
+    it from the folder's config (and upcasts fp16 storage), so --vae-from / load_lab_pipeline read it back."""
+    from tiled_diffusion.lab import models
+
+    torch.manual_seed(0)
+    vae = models.build_vae(block_out_channels=(8, 16, 24, 24), layers_per_block=2)
+    vae.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    back = models.load_vae(str(tmp_path))
+    assert tuple(back.config.block_out_channels) == (8, 16, 24, 24)
+    sd = back.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in vae.state_dict().items())
+    vae.half().save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    half = models.load_vae(str(tmp_path))
+    assert next(half.parameters()).dtype == torch.float32
+
+
+def test_trainer_refuses_vae_arch_keys_it_cannot_change(capsys):
+    from tiled_diffusion.lab import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--vae-arch", '{"latent_channels": 8}'])
+    assert "--vae-arch: only block_out_channels" in capsys.readouterr().err

@@ -33,6 +33,7 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, norm_num_gro
 # model also sees more tokens than at 128² (what a tile of a larger canvas asks of it).
 BUCKETS = ((16, 16),) * 3 + ((14, 18), (18, 14), (12, 20), (20, 12), (20, 20))
 ARCH_KEYS = ("num_attention_heads", "attention_head_dim", "num_layers", "cross_attention_dim", "patch_size")
+VAE_ARCH_KEYS = ("block_out_channels", "layers_per_block", "norm_num_groups")  # what `lab.train --vae-arch` may change
 
 SCHEDULER_CONFIG = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
                         num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True,
@@ -86,6 +87,19 @@ def _read(folder: str, component: str, file: str) -> dict:
     return load_file(os.path.join(folder, component, file))
 
 
+def _arch(folder: str, component: str, keys) -> dict:
+    """The architecture keys of a folder's component config (a folder trained with --arch / --vae-arch)."""
+    with open(os.path.join(folder, component, "config.json")) as f:
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in json.load(f).items() if k in keys}
+
+
+def load_vae(folder: str, **overrides):
+    """A folder's trained VAE (its architecture from the folder's config, fp16 weights upcast), in fp32."""
+    vae = build_vae(**{**_arch(folder, "vae", VAE_ARCH_KEYS), **overrides})
+    vae.load_state_dict({k: v.float() for k, v in _read(folder, "vae", "diffusion_pytorch_model.safetensors").items()})
+    return vae
+
+
 def load_lab_pipeline(folder: str = MODEL_DIR):
     """The lab's trained PixArtAlphaPipeline from a folder written by `lab.train` (the shipped one by default), on
     the CPU in fp32, offline.
@@ -102,8 +116,7 @@ def load_lab_pipeline(folder: str = MODEL_DIR):
         raise FileNotFoundError(f"no lab model in {folder!r} (train one: python -m tiled_diffusion.lab.train --out DIR)")
     with open(os.path.join(folder, "vae", "config.json")) as f:
         scaling = json.load(f)["scaling_factor"]
-    with open(os.path.join(folder, "transformer", "config.json")) as f:
-        arch = {k: v for k, v in json.load(f).items() if k in ARCH_KEYS}  # a folder trained with --arch
+    arch = _arch(folder, "transformer", ARCH_KEYS)
     tok = tiny_tokenizer()
     te = tiny_text_encoder(len(tok))
     missing, unexpected = te.load_state_dict(_read(folder, "text_encoder", "model.safetensors"), strict=False)
@@ -112,8 +125,7 @@ def load_lab_pipeline(folder: str = MODEL_DIR):
                          f"(missing {missing}, unexpected {unexpected})")
     tr = build_transformer(**arch)
     tr.load_state_dict({k: v.float() for k, v in _read(folder, "transformer", "diffusion_pytorch_model.safetensors").items()})
-    vae = build_vae(scaling_factor=scaling)
-    vae.load_state_dict(_read(folder, "vae", "diffusion_pytorch_model.safetensors"))
+    vae = load_vae(folder, scaling_factor=scaling)
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te.eval(), vae=vae.eval(), transformer=tr.eval(),
                                scheduler=build_scheduler())
     pipe.set_progress_bar_config(disable=True)

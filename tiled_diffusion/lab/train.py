@@ -6,7 +6,11 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             seed and a random offset each), cached as uint8 in DIR/cache.
 2. vae      AutoencoderKL (lab/models.py) on random 64-px crops with flips: L1 + L1 of the image gradients (keeps
             edges) + a small KL. Convolutions and GroupNorm make it size-agnostic. --vae-from FOLDER reuses a
-            trained lab VAE instead (the world is unchanged, so the shipped one serves).
+            trained lab VAE instead (the world is unchanged, so the shipped one serves); --vae-init FOLDER
+            continues training one. --vae-noise 0 decodes the posterior mean while training: measured
+            2026-12-06 (NOTES issue 19), the posterior's noise (std ≈ 0.3 against a latent std ≈ 2) taught the
+            decoder to ignore the latents' fine detail: forest trunks came back as leaves (trunk share of
+            reconstructions 0 of the truth's) until the noise was removed (0.26 after 1500 steps).
 3. latents  every training image encoded once (posterior mean); the VAE's scaling_factor = 1 / latent std.
 4. dit      PixArtTransformer2DModel, ε-prediction on the LCM scheduler's schedule (linear betas 1e-4..0.02,
             t uniform in [0, 1000)), conditioned on the caption embeddings of the frozen, seeded tiny T5
@@ -176,11 +180,14 @@ def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def stage_vae(args, ckpt: str, images: torch.Tensor):
     path = os.path.join(ckpt, "vae.pt")
     torch.manual_seed(args.seed)
-    vae = models.build_vae()
     if args.vae_from:  # reuse a trained lab VAE (a model folder): the VAE is size-agnostic and the world unchanged
-        vae.load_state_dict(models._read(args.vae_from, "vae", "diffusion_pytorch_model.safetensors"))
         log(f"vae: loaded from {args.vae_from}")
-        return vae.eval(), []
+        return models.load_vae(args.vae_from).eval(), []
+    if args.vae_init:  # continue training a folder's VAE (its architecture; --vae-arch must not change it)
+        vae = models.load_vae(args.vae_init)
+        log(f"vae: initialised from {args.vae_init}")
+    else:
+        vae = models.build_vae(**(json.loads(args.vae_arch) if args.vae_arch else {}))
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     g = torch.Generator().manual_seed(args.seed + 1)
     start, history = 0, []
@@ -196,16 +203,17 @@ def stage_vae(args, ckpt: str, images: torch.Tensor):
     prog = Progress("vae", args.vae_steps, start)
     vae.train()
     n, size = images.shape[0], images.shape[-1]
+    crop = min(args.vae_crop, size)
     for step in range(start + 1, args.vae_steps + 1):
         for pg in opt.param_groups:
             pg["lr"] = _lr(step - 1, args.vae_steps, args.vae_lr, 100)
         idx = torch.randint(0, n, (args.vae_batch,), generator=g)
-        oy, ox = torch.randint(0, size - CROP + 1, (2,), generator=g).tolist()
-        x = _to_float(images[idx, :, oy:oy + CROP, ox:ox + CROP])
+        oy, ox = torch.randint(0, size - crop + 1, (2,), generator=g).tolist()
+        x = _to_float(images[idx, :, oy:oy + crop, ox:ox + crop])
         if torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + args.vae_noise * post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         loss = (rec - x).abs().mean() + _grad_l1(rec, x) + args.vae_kl * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -471,6 +479,13 @@ def parse_args(argv=None):
                    help="multi-aspect (and multi-size) latent crops, lab/models.BUCKETS, that fit --data-size")
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
     p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
+    p.add_argument("--vae-init", default="", help="a model folder whose trained VAE this run's stage 2 continues")
+    p.add_argument("--vae-arch", default="", help="JSON overrides of lab/models.VAE_CONFIG to train "
+                   f"(keys {', '.join(models.VAE_ARCH_KEYS)}; latent_channels stays 4, PixArt's)")
+    p.add_argument("--vae-crop", type=int, default=CROP, help="side of the VAE's random training crops (px)")
+    p.add_argument("--vae-noise", type=float, default=1.0,
+                   help="scale of the posterior sample's noise while training the VAE (1: z ~ q(z|x); 0: the posterior "
+                   "mean, which is what the DiT is trained on and what it must decode)")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
@@ -494,6 +509,8 @@ def parse_args(argv=None):
                    help="torch threads; 1 is fastest on a shared 2-core machine (idle threads spin-wait)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few images and steps (checks the command)")
     args = p.parse_args(argv)
+    if args.vae_arch and set(json.loads(args.vae_arch)) - set(models.VAE_ARCH_KEYS):
+        p.error(f"--vae-arch: only {', '.join(models.VAE_ARCH_KEYS)} may change, got {args.vae_arch}")
     if args.quick:
         args.images, args.vae_steps, args.dit_steps, args.lcm_steps, args.ckpt_every = 64, 20, 20, 10, 10
     return args
