@@ -60,7 +60,7 @@ namespace na {
 #define TD_NA __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma" TD_AMX_BF16_TARGET_EXTRA)))
 
 constexpr int kQ = 16;         // queries per segment (tile rows)
-constexpr int kTB = 16;        // key tiles (16 keys) per softmax block: S = 16 KiB, P = 8 KiB (L1)
+constexpr int kTB = 8;         // key tiles (16 keys) per softmax block: S 8 KiB + P 4 KiB per query row (L1)
 constexpr int kMaxD = 256;     // largest head dim taken (O group loop and the Q buffer are sized by it)
 constexpr float kLazy = 8.0f;  // the running max moves when a block's max exceeds it by more than this (log2)
 
@@ -75,18 +75,25 @@ struct Problem {
   const int32_t* xlo;  // [W]
   const int32_t* xhi;
   float scale;
+  int64_t q_row0;  // the canvas row of q's first row (rows pair from even canvas rows)
   uint16_t* out;  // contiguous [B, H, Hq, W, D] bf16
   float* lse;     // contiguous [B, H, Hq, W]
 };
 
+// The state of one query row's 16 queries (a step runs one or two rows).
+struct RowState {
+  alignas(64) float s[kQ][kTB * 16];     // the block's scores
+  alignas(64) uint16_t p[kQ][kTB * 16];  // its probabilities, bf16
+  alignas(64) float o[kQ][kMaxD];        // O, fp32 (Dp columns used)
+  alignas(64) uint16_t qb[kQ][kMaxD];    // Q, zero padded to Dq columns
+  alignas(64) float l[kQ][16];           // the softmax sums, 16 lanes per query
+  float m[kQ];                           // the running (lazy) max, log2 units
+  __mmask16 bm[kTB][kQ];                 // the block's masks: [tile][query]
+};
+
 struct Scratch {
   std::vector<uint16_t> kp, vp;  // the task's strip (see above)
-  alignas(64) float s[kQ][kTB * 16];
-  alignas(64) uint16_t p[kQ][kTB * 16];
-  alignas(64) float o[kQ][kMaxD];
-  alignas(64) uint16_t qb[kQ][kMaxD];
-  alignas(64) float l[kQ][16];
-  float m[kQ];
+  RowState r[2];
   std::vector<__mmask16> colmask;  // [column block of the strip][query]: the keys each query may see
 };
 
@@ -162,7 +169,7 @@ TD_NA inline void pack_row(const Problem& pr, const uint16_t* ksrc, const uint16
 
 // The scores of `nt` key tiles (global tiles g0.. of the row's flat sequence, nt even) against the 16 queries
 // in s.qb: s.s[i][16t + lane]. kr0 = the strip row of the first key row, nb = Wk/16 tiles per row.
-TD_NA inline void qk_block(const Scratch& s, const uint16_t* kp, int64_t kr0, int64_t g0, int nt, int64_t nb,
+TD_NA inline void qk_block(RowState& s, const uint16_t* kp, int64_t kr0, int64_t g0, int nt, int64_t nb,
                            int64_t Wk, int64_t D, int nqd, int64_t qstride) {
   const int64_t krow = D * Wk;  // elements per packed K row
   for (int t0 = 0; t0 < nt; t0 += 4) {
@@ -209,7 +216,7 @@ TD_NA inline void qk_block(const Scratch& s, const uint16_t* kp, int64_t kr0, in
         }
       }
     }
-    float* out = const_cast<float*>(&s.s[0][0]) + 16 * t0;
+    float* out = &s.s[0][0] + 16 * t0;
     constexpr int64_t ss = kTB * 16 * 4;
     TD_TILE_STORE(0, out, ss);
     TD_TILE_STORE(1, out + 16, ss);
@@ -221,7 +228,7 @@ TD_NA inline void qk_block(const Scratch& s, const uint16_t* kp, int64_t kr0, in
 // O[:, 16·j0 ..] += P · V over `nch` 32-key chunks starting at flat key f0 (even), for O column tiles
 // [j0, j0 + ng), ng <= 5.
 template <int NG>
-TD_NA inline void pv_group(Scratch& s, const uint16_t* vp, int64_t f0, int nch, int64_t D, int j0) {
+TD_NA inline void pv_group(RowState& s, const uint16_t* vp, int64_t f0, int nch, int64_t D, int j0) {
   constexpr int64_t os = kMaxD * 4, ps = kTB * 16 * 2;
   float* o = &s.o[0][16 * j0];
   TD_TILE_LOAD(0, o, os);
@@ -258,7 +265,7 @@ TD_NA inline void pv_group(Scratch& s, const uint16_t* vp, int64_t f0, int nch, 
   if (NG > 4) TD_TILE_STORE(4, o + 64, os);
 }
 
-TD_NA inline void pv_block(Scratch& s, const uint16_t* vp, int64_t f0, int nch, int64_t D) {
+TD_NA inline void pv_block(RowState& s, const uint16_t* vp, int64_t f0, int nch, int64_t D) {
   const int nod = static_cast<int>((D + 15) / 16);
   for (int j0 = 0; j0 < nod; j0 += 5) {
     switch (std::min(5, nod - j0)) {
@@ -271,9 +278,84 @@ TD_NA inline void pv_block(Scratch& s, const uint16_t* vp, int64_t f0, int nch, 
   }
 }
 
+// Two query rows at once (rows a and b share the key tiles): 2 x 2 tiles per step, every loaded tile feeds two
+// TDPBF16PS and no tile register is reloaded sooner than 4 instructions later (the tiles are not renamed: a
+// load into a register still read by an earlier TDPBF16PS waits for it; with one query row the K and V tiles
+// alternate in two registers and stall on that).
+TD_NA inline void qk_block2(RowState& a, RowState& b, const uint16_t* kp, int64_t kr0, int64_t g0, int nt,
+                            int64_t nb, int64_t Wk, int64_t D, int nqd) {
+  const int64_t krow = D * Wk;
+  constexpr int64_t qs = kMaxD * 2, ss = kTB * 16 * 4;
+  for (int t0 = 0; t0 < nt; t0 += 2) {
+    const int64_t ga = g0 + t0, gb = ga + 1;
+    const uint16_t* ka = kp + (kr0 + ga / nb) * krow + (ga % nb) * 32;
+    const uint16_t* kb = kp + (kr0 + gb / nb) * krow + (gb % nb) * 32;
+    TD_TILE_ZERO(0);
+    TD_TILE_ZERO(1);
+    TD_TILE_ZERO(2);
+    TD_TILE_ZERO(3);
+    for (int c = 0; c < nqd; ++c) {
+      const int64_t koff = static_cast<int64_t>(c) * 16 * Wk * 2;
+      TD_TILE_LOAD(4, a.qb[0] + 32 * c, qs);
+      TD_TILE_LOAD(6, ka + koff, Wk * 4);
+      TD_TILE_DPBF16PS(0, 4, 6);
+      TD_TILE_LOAD(7, kb + koff, Wk * 4);
+      TD_TILE_DPBF16PS(1, 4, 7);
+      TD_TILE_LOAD(5, b.qb[0] + 32 * c, qs);
+      TD_TILE_DPBF16PS(2, 5, 6);
+      TD_TILE_DPBF16PS(3, 5, 7);
+    }
+    TD_TILE_STORE(0, &a.s[0][16 * t0], ss);
+    TD_TILE_STORE(1, &a.s[0][16 * t0 + 16], ss);
+    TD_TILE_STORE(2, &b.s[0][16 * t0], ss);
+    TD_TILE_STORE(3, &b.s[0][16 * t0 + 16], ss);
+  }
+}
+
+template <bool TWO>  // O column tiles j and j + 1 (TWO) or j alone, of both rows
+TD_NA inline void pv_cols2(RowState& a, RowState& b, const uint16_t* vp, int64_t f0, int nch, int64_t D, int j) {
+  constexpr int64_t os = kMaxD * 4, ps = kTB * 16 * 2;
+  TD_TILE_LOAD(0, &a.o[0][16 * j], os);
+  TD_TILE_LOAD(2, &b.o[0][16 * j], os);
+  if (TWO) {
+    TD_TILE_LOAD(1, &a.o[0][16 * j + 16], os);
+    TD_TILE_LOAD(3, &b.o[0][16 * j + 16], os);
+  }
+  for (int c = 0; c < nch; ++c) {
+    const uint16_t* vt = vp + (f0 + 32 * c) * D + 32 * j;
+    TD_TILE_LOAD(4, &a.p[0][32 * c], ps);
+    TD_TILE_LOAD(6, vt, D * 4);
+    TD_TILE_DPBF16PS(0, 4, 6);
+    if (TWO) {
+      TD_TILE_LOAD(7, vt + 32, D * 4);
+      TD_TILE_DPBF16PS(1, 4, 7);
+    }
+    TD_TILE_LOAD(5, &b.p[0][32 * c], ps);
+    TD_TILE_DPBF16PS(2, 5, 6);
+    if (TWO) TD_TILE_DPBF16PS(3, 5, 7);
+  }
+  TD_TILE_STORE(0, &a.o[0][16 * j], os);
+  TD_TILE_STORE(2, &b.o[0][16 * j], os);
+  if (TWO) {
+    TD_TILE_STORE(1, &a.o[0][16 * j + 16], os);
+    TD_TILE_STORE(3, &b.o[0][16 * j + 16], os);
+  }
+}
+
+TD_NA inline void pv_block2(RowState& a, RowState& b, const uint16_t* vp, int64_t f0, int nch, int64_t D) {
+  const int nod = static_cast<int>((D + 15) / 16);
+  for (int j = 0; j < nod; j += 2) {
+    if (j + 1 < nod)
+      pv_cols2<true>(a, b, vp, f0, nch, D, j);
+    else
+      pv_cols2<false>(a, b, vp, f0, nch, D, j);
+  }
+}
+
 // Softmax of the block's scores for the 16 queries: updates m, l, rescales O rows when m moves, writes P.
 // mask(t, i): the allowed keys of tile t for query i.
-TD_NA inline void softmax_block(Scratch& s, int nt, const __mmask16 (*bm)[kQ], float c, int64_t Dp) {
+TD_NA inline void softmax_block(RowState& s, int nt, float c, int64_t Dp) {
+  const auto& bm = s.bm;
   for (int i = 0; i < kQ; ++i) {
     const float* si = s.s[i];
     __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -351,52 +433,83 @@ TD_NA inline void task(const Problem& pr, int64_t b, int64_t h, int64_t x0, Scra
   const uint16_t* vbase = pr.v + b * pr.vs[0] + h * pr.vs[1];
   int64_t packed = 0;  // strip rows [0, packed) hold key rows [r0, r0 + packed)
   const uint16_t* qbase = pr.q + b * pr.qs[0] + h * pr.qs[1] + x0 * pr.qs[3];
-  for (int64_t y = 0; y < pr.Hq; ++y) {
-    const int64_t lo = pr.ylo[y], hi = pr.yhi[y];
-    if (lo >= hi) {
-      empty_row(y);
+  for (int64_t y = 0; y < pr.Hq;) {
+    const int64_t lo0 = pr.ylo[y], hi0 = pr.yhi[y];
+    if (lo0 >= hi0) {
+      empty_row(y++);
       continue;
     }
-    for (const int64_t want = std::min(nrows, hi - r0 + ahead); packed < want; ++packed)
+    // Two rows per step when the next one starts a canvas row pair with this one (pairs start at even canvas
+    // rows, so a band cut at even rows pairs its rows as the whole canvas does: bitwise the same results) and
+    // their key rows nearly coincide (stride 1: one row more; GNA inside a group: the same rows).
+    int nr = 1;
+    int64_t u0 = lo0, u1 = hi0;
+    if (y + 1 < pr.Hq && (pr.q_row0 + y) % 2 == 0 && pr.ylo[y + 1] < pr.yhi[y + 1]) {
+      const int64_t v0 = std::min<int64_t>(lo0, pr.ylo[y + 1]), v1 = std::max<int64_t>(hi0, pr.yhi[y + 1]);
+      const int64_t big = std::max<int64_t>(hi0 - lo0, pr.yhi[y + 1] - pr.ylo[y + 1]);
+      if (v1 - v0 <= big + 1 + big / 8) nr = 2, u0 = v0, u1 = v1;
+    }
+    for (const int64_t want = std::min(nrows, u1 - r0 + ahead); packed < want; ++packed)
       pack_row(pr, kbase + (r0 + packed) * pr.ks[2], vbase + (r0 + packed) * pr.vs[2], c0, Wk,
                s.kp.data() + packed * row, s.vp.data() + packed * row);
-    // queries, zero padded to Dq columns and 16 rows
-    for (int i = 0; i < kQ; ++i)
-      for (int64_t d = 0; d < Dq; d += 32) {
-        const __mmask32 m = i < nq ? (D - d >= 32 ? 0xffffffffu : (1u << (D - d)) - 1u) : 0u;
-        _mm512_store_si512(s.qb[i] + d, _mm512_maskz_loadu_epi16(m, qbase + y * pr.qs[2] + i * pr.qs[3] + d));
+    for (int r = 0; r < nr; ++r) {
+      RowState& rs = s.r[r];
+      // queries, zero padded to Dq columns and 16 rows
+      for (int i = 0; i < kQ; ++i)
+        for (int64_t d = 0; d < Dq; d += 32) {
+          const __mmask32 m = i < nq ? (D - d >= 32 ? 0xffffffffu : (1u << (D - d)) - 1u) : 0u;
+          _mm512_store_si512(rs.qb[i] + d,
+                             _mm512_maskz_loadu_epi16(m, qbase + (y + r) * pr.qs[2] + i * pr.qs[3] + d));
+        }
+      for (int i = 0; i < kQ; ++i) {
+        rs.m[i] = ninf;
+        _mm512_store_ps(rs.l[i], _mm512_setzero_ps());
+        for (int64_t d = 0; d < Dp; d += 16) _mm512_store_ps(rs.o[i] + d, _mm512_setzero_ps());
       }
-    for (int i = 0; i < kQ; ++i) {
-      s.m[i] = ninf;
-      _mm512_store_ps(s.l[i], _mm512_setzero_ps());
-      for (int64_t d = 0; d < Dp; d += 16) _mm512_store_ps(s.o[i] + d, _mm512_setzero_ps());
     }
-    const int64_t kr0 = lo - r0, T = (hi - lo) * nb, T2 = round_up(T, 2);
-    __mmask16 bm[kTB][kQ];
+    const int64_t kr0 = u0 - r0, T = (u1 - u0) * nb, T2 = round_up(T, 2);
     for (int64_t g0 = 0; g0 < T2; g0 += kTB) {
       const int nt = static_cast<int>(std::min<int64_t>(kTB, T2 - g0));
-      for (int t = 0; t < nt; ++t)
-        for (int i = 0; i < kQ; ++i) bm[t][i] = g0 + t < T ? s.colmask[(g0 + t) % nb * kQ + i] : 0;
-      qk_block(s, s.kp.data(), kr0, g0, nt, nb, Wk, D, nqd, kMaxD * 2);
-      softmax_block(s, nt, bm, c, Dp);
-      pv_block(s, s.vp.data(), kr0 * Wk + 16 * g0, nt / 2, D);
+      for (int r = 0; r < nr; ++r) {  // a tile is allowed for the row's queries if its key row is in their window
+        const int64_t lo = pr.ylo[y + r], hi = pr.yhi[y + r];
+        for (int t = 0; t < nt; ++t) {
+          const int64_t g = g0 + t, krow_ = u0 + g / nb;
+          const bool in = g < T && krow_ >= lo && krow_ < hi;
+          for (int i = 0; i < kQ; ++i) s.r[r].bm[t][i] = in ? s.colmask[g % nb * kQ + i] : 0;
+        }
+      }
+      if (nr == 2) {
+        qk_block2(s.r[0], s.r[1], s.kp.data(), kr0, g0, nt, nb, Wk, D, nqd);
+        softmax_block(s.r[0], nt, c, Dp);
+        softmax_block(s.r[1], nt, c, Dp);
+        pv_block2(s.r[0], s.r[1], s.vp.data(), kr0 * Wk + 16 * g0, nt / 2, D);
+      } else {
+        qk_block(s.r[0], s.kp.data(), kr0, g0, nt, nb, Wk, D, nqd, kMaxD * 2);
+        softmax_block(s.r[0], nt, c, Dp);
+        pv_block(s.r[0], s.vp.data(), kr0 * Wk + 16 * g0, nt / 2, D);
+      }
     }
     // out = O / l, lse = (m + log2 l)·ln 2
-    uint16_t* orow = out0 + (y * W + x0) * D;
-    for (int i = 0; i < nq; ++i) {
-      const float l = _mm512_reduce_add_ps(_mm512_load_ps(s.l[i]));
-      if (!(l > 0.f)) {
-        std::memset(orow + i * D, 0, D * 2);
-        lse0[y * W + x0 + i] = ninf;
-        continue;
+    for (int r = 0; r < nr; ++r) {
+      const RowState& rs = s.r[r];
+      const int64_t yy = y + r;
+      uint16_t* orow = out0 + (yy * W + x0) * D;
+      for (int i = 0; i < nq; ++i) {
+        const float l = _mm512_reduce_add_ps(_mm512_load_ps(rs.l[i]));
+        if (!(l > 0.f)) {
+          std::memset(orow + i * D, 0, D * 2);
+          lse0[yy * W + x0 + i] = ninf;
+          continue;
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / l);
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(rs.o[i] + d), inv));
+          _mm256_mask_storeu_epi16(orow + i * D + d, tail16(D - d), (__m256i)o);
+        }
+        lse0[yy * W + x0 + i] = (rs.m[i] + std::log2(l)) * 0.6931471805599453f;
       }
-      const __m512 inv = _mm512_set1_ps(1.f / l);
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s.o[i] + d), inv));
-        _mm256_mask_storeu_epi16(orow + i * D + d, tail16(D - d), (__m256i)r);
-      }
-      lse0[y * W + x0 + i] = (s.m[i] + std::log2(l)) * 0.6931471805599453f;
     }
+    y += nr;
   }
 }
 

@@ -1,10 +1,12 @@
 // CPU kernel of `neighborhood_attention` for bf16 on AMX-BF16 (amx_attention.h holds the kernel and its design).
 // Private ops (namespace tiled_diffusion_C, declared here: only the CPU has them):
-//   neighborhood_attention_amx(q, k, v, ylo, yhi, xlo, xhi, scale) -> (out, lse)
+//   neighborhood_attention_amx(q, k, v, ylo, yhi, xlo, xhi, scale, q_row0=0) -> (out, lse)
 //       q [B, H, Hq, W, D], k/v [B, H, Hk, W, D] bf16, any strides with the last one 1; the window of query
 //       (y, x) is key rows [ylo[y], yhi[y]) (into k's rows) x columns [xlo[x], xhi[x]) (int32, from
-//       reference.neighborhood_bounds). out contiguous bf16, lse contiguous fp32 [B, H, Hq, W].
-//   neighborhood_attention_amx_out(..., scale, out, lse) -> ()
+//       reference.neighborhood_bounds); q_row0 = the canvas row of q's first row (a band's q_top: the kernel pairs
+//       rows from even canvas rows, so a band cut at an even row gives the whole canvas's rows bit for bit).
+//       out contiguous bf16, lse contiguous fp32 [B, H, Hq, W].
+//   neighborhood_attention_amx_out(..., scale, q_row0, out, lse) -> ()
 //       the same into given outputs (contiguous; the tests pass NaN-filled ones that must be fully overwritten).
 //   neighborhood_attention_amx_unavailable(head_dim) -> str
 //       "" when the kernel can run here for that head dim, else why not (the Python path then keeps torch's
@@ -41,7 +43,8 @@ std::string unavailable(int64_t head_dim) {
 
 void neighborhood_attention_amx_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& ylo, const at::Tensor& yhi, const at::Tensor& xlo,
-                                    const at::Tensor& xhi, double scale, at::Tensor& out, at::Tensor& lse) {
+                                    const at::Tensor& xhi, double scale, int64_t q_row0, at::Tensor& out,
+                                    at::Tensor& lse) {
   const char* op = "neighborhood_attention_amx: ";
   TORCH_CHECK(q.dim() == 5 && k.dim() == 5 && v.dim() == 5, op, "q, k, v must be 5-D [B, H, rows, W, D]");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
@@ -78,6 +81,7 @@ void neighborhood_attention_amx_out(const at::Tensor& q, const at::Tensor& k, co
   for (int i = 0; i < 4; ++i) pr.qs[i] = q.stride(i), pr.ks[i] = k.stride(i), pr.vs[i] = v.stride(i);
   pr.ylo = pyl, pr.yhi = pyh, pr.xlo = pxl, pr.xhi = pxh;
   pr.scale = static_cast<float>(scale);
+  pr.q_row0 = q_row0;
   pr.out = reinterpret_cast<uint16_t*>(out.data_ptr());
   pr.lse = lse.data_ptr<float>();
   td_cpu::na::run(pr, at::get_num_threads(), [](int64_t n, auto&& body) { at::parallel_for(0, n, 1, body); });
@@ -86,11 +90,12 @@ void neighborhood_attention_amx_out(const at::Tensor& q, const at::Tensor& k, co
 std::tuple<at::Tensor, at::Tensor> neighborhood_attention_amx(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& ylo,
                                                               const at::Tensor& yhi, const at::Tensor& xlo,
-                                                              const at::Tensor& xhi, double scale) {
+                                                              const at::Tensor& xhi, double scale,
+                                                              int64_t q_row0) {
   TORCH_CHECK(q.dim() == 5, "neighborhood_attention_amx: q must be 5-D [B, H, rows, W, D]");
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
-  neighborhood_attention_amx_out(q, k, v, ylo, yhi, xlo, xhi, scale, out, lse);
+  neighborhood_attention_amx_out(q, k, v, ylo, yhi, xlo, xhi, scale, q_row0, out, lse);
   return {out, lse};
 }
 
@@ -99,10 +104,10 @@ std::tuple<at::Tensor, at::Tensor> neighborhood_attention_amx(const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(tiled_diffusion_C, m) {
   m.def("neighborhood_attention_amx(Tensor q, Tensor k, Tensor v, Tensor ylo, Tensor yhi, Tensor xlo, Tensor xhi, "
-        "float scale) -> (Tensor, Tensor)");
+        "float scale, int q_row0=0) -> (Tensor, Tensor)");
   m.impl("neighborhood_attention_amx", c10::DispatchKey::CPU, TORCH_FN(td_na::neighborhood_attention_amx));
   m.def("neighborhood_attention_amx_out(Tensor q, Tensor k, Tensor v, Tensor ylo, Tensor yhi, Tensor xlo, "
-        "Tensor xhi, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+        "Tensor xhi, float scale, int q_row0, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.impl("neighborhood_attention_amx_out", c10::DispatchKey::CPU, TORCH_FN(td_na::neighborhood_attention_amx_out));
   m.def("neighborhood_attention_amx_unavailable(int head_dim) -> str", &td_na::unavailable);
 }

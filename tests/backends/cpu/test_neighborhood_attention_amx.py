@@ -36,7 +36,8 @@ def native_poisoned(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), s
     out = torch.full(q.shape, math.nan, dtype=torch.bfloat16)
     lse = torch.full(q.shape[:4], math.nan)
     _native.native_op("neighborhood_attention_amx_out")(q, k, v, ylo, yhi, xlo, xhi,
-                                                        1 / math.sqrt(D) if scale is None else scale, out, lse)
+                                                        1 / math.sqrt(D) if scale is None else scale, q_top, out,
+                                                        lse)
     return out, lse
 
 
@@ -87,7 +88,7 @@ def test_empty_windows_are_zero_and_minus_inf():
     xhi[[0, 7, 20]] = xlo[[0, 7, 20]]  # columns 0, 7, 20 empty
     out = torch.full(q.shape, math.nan, dtype=torch.bfloat16)
     lse = torch.full(q.shape[:4], math.nan)
-    _native.native_op("neighborhood_attention_amx_out")(q, k, v, ylo, yhi, xlo, xhi, 0.3, out, lse)
+    _native.native_op("neighborhood_attention_amx_out")(q, k, v, ylo, yhi, xlo, xhi, 0.3, 0, out, lse)
     allowed = torch.zeros(9, 21, 9, 21, dtype=torch.bool)
     for y in range(9):
         for x in range(21):
@@ -111,7 +112,9 @@ def test_empty_windows_are_zero_and_minus_inf():
                          ids=["aligned", "unaligned", "blocked-shifted", "bottom"])
 def test_band_equals_whole_canvas_rows_bitwise(case):
     """A band (q rows [a, b), k/v rows exactly what their windows need) gives those rows of the whole canvas bit
-    for bit, wherever the band starts: each query's keys are visited in the same order either way."""
+    for bit when it is cut at even canvas rows (or ends at the canvas' end), as the multi-process bands are (on
+    16-row grids): the kernel pairs rows from even canvas rows, so each query's keys are visited in the same
+    order either way. Cut elsewhere, rows pair differently: equal to rounding."""
     Ht, Wt, window, stride, clip, offset, (a, b) = case
     q, k, v = inputs(2, 2, Ht, Wt, 72, torch.bfloat16, seed=Ht + a)
     lo, hi = reference.neighborhood_bounds(Ht, window[0], stride[0], clip, offset[0])
@@ -119,7 +122,11 @@ def test_band_equals_whole_canvas_rows_bitwise(case):
     whole = native_poisoned(q, k, v, window, stride, clip, offset)
     part = native_poisoned(q[:, :, a:b], k[:, :, ka:kb], v[:, :, ka:kb], window, stride, clip, offset,
                            band=(Ht, a, ka))
-    assert torch.equal(part[0], whole[0][:, :, a:b]) and torch.equal(part[1], whole[1][:, :, a:b])
+    if a % 2 == 0 and (b % 2 == 0 or b == Ht):
+        assert torch.equal(part[0], whole[0][:, :, a:b]) and torch.equal(part[1], whole[1][:, :, a:b])
+    else:
+        torch.testing.assert_close(part[0].float(), whole[0][:, :, a:b].float(), atol=8e-3, rtol=0)
+        torch.testing.assert_close(part[1], whole[1][:, :, a:b], atol=LSE_ATOL, rtol=0)  # exp2 evaluated elsewhere
     # and the public op takes the kernel for the band form too
     out, lse = ops.neighborhood_attention(q[:, :, a:b], k[:, :, ka:kb], v[:, :, ka:kb], window, stride, clip,
                                           offset, band=(Ht, a, ka))

@@ -132,7 +132,7 @@ def _amx(q, k, v, window, stride, clip, offset, scale, band):
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _native_lib.native_op("neighborhood_attention_amx")(
-        q, k, v, i32(ylo[rows] - k_top), i32(yhi[rows] - k_top), i32(xlo), i32(xhi), scale)
+        q, k, v, i32(ylo[rows] - k_top), i32(yhi[rows] - k_top), i32(xlo), i32(xhi), scale, q_top)
 
 
 def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = False, offset=(0, 0),
