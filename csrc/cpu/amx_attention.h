@@ -16,25 +16,29 @@
 // Packed strip (per task, per key row r of the strip; D even):
 //   K  [r][D/2][Wk][2]  the VNNI layout of QKᵀ's B operand: the 16-key tile at column j, d-pairs 16c..16c+15 is
 //                       one AMX B tile at Kr + (16c·Wk + j)·2, row stride Wk·4 bytes.
-//   V  [r][Wk/2][D][2]  key pairs, PV's B operand; rows follow each other, so the keys of the strip are ONE flat
-//                       sequence (flat = r·Wk + col) and a 32-key PV chunk may straddle two rows: the 16-column
-//                       tile j of chunk f is at V + f·D + 32j, row stride D·4 bytes.
+//   V  [r][Wk/2][Dv][2] key pairs, PV's B operand, Dv = D rounded up to 16 (zero columns; see align64); rows
+//                       follow each other, so the keys of the strip are ONE flat sequence (flat = r·Wk + col) and
+//                       a 32-key PV chunk may straddle two rows: the 16-column tile j of chunk f is at
+//                       V + f·Dv + 32j, row stride Dv·4 bytes.
 // The tiles are all 16 rows x 64 bytes (one LDTILECFG per thread): for D = 72 the last d chunk of QKᵀ has 4 real
-// pairs and the last PV column tile 8 real columns. Q is zero padded to Dq = D rounded up to 32 in a small
+// pairs and the last PV column tile 8 real columns (and 8 zero ones). Q is zero padded to Dq = D rounded up to 32 in a small
 // buffer, so the K tile's extra 12 pair rows, which read the next key row's pairs, multiply zeros (those rows
-// must hold finite values: they are packed ahead, or zero rows past the strip's end); the V tile's extra columns
-// read the next pair's values and land in output columns >= D, which are never stored.
+// must hold finite values: they are packed ahead, or zero rows past the strip's end).
 //
-// Per query row (16 queries) and block of up to kTB key tiles (256 keys):
-//   QKᵀ: 4 score tiles at a time (tmm0-3), Q d-chunks alternating in tmm4/5, K tiles alternating in tmm6/7; the
-//        scores go to an L1 buffer S [16][256] fp32.
+// Per step of two query rows (32 queries; one row where rows do not pair, see task) and block of up to kTB key
+// tiles (128 keys):
+//   QKᵀ: 2 x 2 score tiles (tmm0-3: 2 rows x 2 key tiles), the rows' Q d-chunks in tmm4/5, K tiles in tmm6/7;
+//        the scores go to L1 buffers S [16][128] fp32 per row.
 //   softmax (AVX-512, per query): masked block max; the running max m is lazy: it moves (and O and l are
 //        rescaled) only when the block max exceeds it by more than kLazy (log2 units), so p = 2^(s·c - m) <= 2^8
 //        — exact in the end since out = O / l with both under the same m (FlashAttention-4's trick); p rounded to
-//        bf16 into P [16][256] (as SDPA does), the sum l kept in fp32 (16 lanes per query).
-//   PV:  O [16][Dp] fp32 (Dp = D rounded up to 16) lives in memory between blocks; up to 5 O column tiles at a
-//        time in tmm0-4, P chunks in tmm5, V tiles alternating in tmm6/7.
-// Keys per query computed: key rows x Wk (64 x 80 = 5120 for 64-token windows at stride 1; the window is 4096).
+//        bf16 into P [16][128] (as SDPA does), the sum l kept in fp32 (16 lanes per query).
+//   PV:  O [16][Dp] fp32 per row (Dp = D rounded up to 16) lives in L1 between blocks; 2 x 2 O tiles at a time
+//        (2 rows x 2 column tiles) in tmm0-3, the rows' P chunks in tmm4/5, V tiles in tmm6/7.
+//   Every loaded tile feeds two TDPBF16PS and no tile register is reloaded within 4 of them (tiles are not
+//   renamed). The one-row path (qk_block / pv_block) alternates K and V in two registers and is ~1.3x slower.
+// Keys per query computed: the step's key rows x Wk (stride 1, 64-token windows: 65 x 80 = 5200; the window
+// itself is 4096).
 //
 // exp2 (exp2_poly below): 2^x = 2^floor(x) · 2^f, f = x - floor(x) in [0, 1) from vreduceps, 2^f by a degree-3
 // polynomial fitted for relative error (max 7.5e-5 = 2^-13.7 on [0, 1), below P's bf16 rounding of 2^-9),
@@ -99,6 +103,12 @@ struct Scratch {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Tile rows that straddle two cache lines cost two line reads: the strips start on a 64-byte boundary and V's key
+// pairs are padded to Dv = D rounded up to 16 columns (64 bytes per 16-column tile row; 11% more V for D = 72).
+inline uint16_t* align64(uint16_t* p) {
+  return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
+}
+
 // 2^x for x <= 2^7 or so (see the header comment): lanes outside `keep` are 0.
 TD_NA inline __m512 exp2_poly(__m512 x, __mmask16 keep) {
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
@@ -133,7 +143,7 @@ TD_NA inline void release() { TD_TILE_RELEASE(); }
 
 // One key row of the strip: K [D/2][Wk][2] and V [Wk/2][D][2] from k/v row `src` (columns c0.., zero past W).
 TD_NA inline void pack_row(const Problem& pr, const uint16_t* ksrc, const uint16_t* vsrc, int64_t c0, int64_t Wk,
-                           uint16_t* kd, uint16_t* vd) {
+                           int64_t Dv, uint16_t* kd, uint16_t* vd) {
   const int64_t D = pr.D, xk = pr.ks[3], xv = pr.vs[3];
   uint32_t* k32 = reinterpret_cast<uint32_t*>(kd);
   for (int64_t j = 0; j < Wk; ++j) {
@@ -155,14 +165,14 @@ TD_NA inline void pack_row(const Problem& pr, const uint16_t* ksrc, const uint16
   const __m512i idx = _mm512_load_si512(kIdx);
   for (int64_t i = 0; i < Wk / 2; ++i) {
     const int64_t ca = c0 + 2 * i, cb = ca + 1;
-    uint16_t* dst = vd + i * 2 * D;
-    for (int64_t d = 0; d < D; d += 16) {
+    uint16_t* dst = vd + i * 2 * Dv;
+    for (int64_t d = 0; d < Dv; d += 16) {  // columns [D, Dv) are zeros
       const __mmask16 m = tail16(D - d);
       const __m256i a = ca < pr.W ? _mm256_maskz_loadu_epi16(m, vsrc + ca * xv + d) : _mm256_setzero_si256();
       const __m256i b = cb < pr.W ? _mm256_maskz_loadu_epi16(m, vsrc + cb * xv + d) : _mm256_setzero_si256();
       const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
       const __m512i r = _mm512_permutexvar_epi16(idx, ab);
-      _mm512_mask_storeu_epi16(dst + 2 * d, D - d >= 16 ? 0xffffffffu : (1u << (2 * (D - d))) - 1u, r);
+      _mm512_storeu_si512(dst + 2 * d, r);
     }
   }
 }
@@ -387,7 +397,7 @@ TD_NA inline void softmax_block(RowState& s, int nt, float c, int64_t Dp) {
 
 // One task: batch b, head h, query columns [x0, x0 + 16) ∩ [0, W), every query row.
 TD_NA inline void task(const Problem& pr, int64_t b, int64_t h, int64_t x0, Scratch& s) {
-  const int64_t D = pr.D, W = pr.W, Dq = round_up(D, 32), Dp = round_up(D, 16);
+  const int64_t D = pr.D, W = pr.W, Dq = round_up(D, 32), Dp = round_up(D, 16), Dv = Dp;
   const int nq = static_cast<int>(std::min<int64_t>(kQ, W - x0));
   const int nqd = static_cast<int>(Dq / 32);
   const float c = pr.scale * 1.4426950408889634f;  // scaled logits in log2 units
@@ -424,11 +434,14 @@ TD_NA inline void task(const Problem& pr, int64_t b, int64_t h, int64_t x0, Scra
   // Rows past the last key row read by the K tiles' padded d-chunks (and the odd block's padding tile): packed
   // ahead while they are real rows, zero rows past the strip. (Dq - D)/2 spare pairs span `spill` rows.
   const int64_t spill = (Dq - D + D - 1) / D;  // ceil((Dq - D) / D), 0 when D is a multiple of 32
-  const int64_t ahead = spill + 1, nrows = r1 - r0, row = D * Wk;
-  const size_t need = static_cast<size_t>((nrows + ahead + 1) * row + 64);
-  if (s.kp.size() < need) s.kp.resize(need), s.vp.resize(need);
-  std::memset(s.kp.data() + nrows * row, 0, (need - nrows * row) * 2);
-  std::memset(s.vp.data() + nrows * row, 0, (need - nrows * row) * 2);
+  const int64_t ahead = spill + 1, nrows = r1 - r0, row = D * Wk, vrow = Dv * Wk;
+  const int64_t kneed = (nrows + ahead + 1) * row + 64, vneed = (nrows + ahead + 1) * vrow + 64;
+  if (s.kp.size() < static_cast<size_t>(kneed + 32)) s.kp.resize(kneed + 32);
+  if (s.vp.size() < static_cast<size_t>(vneed + 32)) s.vp.resize(vneed + 32);
+  uint16_t* kp = align64(s.kp.data());
+  uint16_t* vp = align64(s.vp.data());
+  std::memset(kp + nrows * row, 0, (kneed - nrows * row) * 2);
+  std::memset(vp + nrows * vrow, 0, (vneed - nrows * vrow) * 2);
   const uint16_t* kbase = pr.k + b * pr.ks[0] + h * pr.ks[1];
   const uint16_t* vbase = pr.v + b * pr.vs[0] + h * pr.vs[1];
   int64_t packed = 0;  // strip rows [0, packed) hold key rows [r0, r0 + packed)
@@ -451,7 +464,7 @@ TD_NA inline void task(const Problem& pr, int64_t b, int64_t h, int64_t x0, Scra
     }
     for (const int64_t want = std::min(nrows, u1 - r0 + ahead); packed < want; ++packed)
       pack_row(pr, kbase + (r0 + packed) * pr.ks[2], vbase + (r0 + packed) * pr.vs[2], c0, Wk,
-               s.kp.data() + packed * row, s.vp.data() + packed * row);
+               Dv, kp + packed * row, vp + packed * vrow);
     for (int r = 0; r < nr; ++r) {
       RowState& rs = s.r[r];
       // queries, zero padded to Dq columns and 16 rows
@@ -479,14 +492,14 @@ TD_NA inline void task(const Problem& pr, int64_t b, int64_t h, int64_t x0, Scra
         }
       }
       if (nr == 2) {
-        qk_block2(s.r[0], s.r[1], s.kp.data(), kr0, g0, nt, nb, Wk, D, nqd);
+        qk_block2(s.r[0], s.r[1], kp, kr0, g0, nt, nb, Wk, D, nqd);
         softmax_block(s.r[0], nt, c, Dp);
         softmax_block(s.r[1], nt, c, Dp);
-        pv_block2(s.r[0], s.r[1], s.vp.data(), kr0 * Wk + 16 * g0, nt / 2, D);
+        pv_block2(s.r[0], s.r[1], vp, kr0 * Wk + 16 * g0, nt / 2, Dv);
       } else {
-        qk_block(s.r[0], s.kp.data(), kr0, g0, nt, nb, Wk, D, nqd, kMaxD * 2);
+        qk_block(s.r[0], kp, kr0, g0, nt, nb, Wk, D, nqd, kMaxD * 2);
         softmax_block(s.r[0], nt, c, Dp);
-        pv_block(s.r[0], s.vp.data(), kr0 * Wk + 16 * g0, nt / 2, D);
+        pv_block(s.r[0], vp, kr0 * Wk + 16 * g0, nt / 2, Dv);
       }
     }
     // out = O / l, lse = (m + log2 l)·ln 2
