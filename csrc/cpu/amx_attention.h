@@ -145,19 +145,17 @@ TD_NA inline void release() { TD_TILE_RELEASE(); }
 TD_NA inline void pack_row(const Problem& pr, const uint16_t* ksrc, const uint16_t* vsrc, int64_t c0, int64_t Wk,
                            int64_t Dv, uint16_t* kd, uint16_t* vd) {
   const int64_t D = pr.D, xk = pr.ks[3], xv = pr.vs[3];
+  // K: for each d-pair, one 16-lane dword gather over 16 keys (columns past W read as 0), one aligned store
+  // (Wk is a multiple of 16 and the strip 64-byte aligned): the transpose of [keys][D/2] dwords
   uint32_t* k32 = reinterpret_cast<uint32_t*>(kd);
-  for (int64_t j = 0; j < Wk; ++j) {
-    const int64_t c = c0 + j;
-    if (c < pr.W) {
-      const uint16_t* s = ksrc + c * xk;
-      for (int64_t p = 0; p < D / 2; ++p) {
-        uint32_t w;
-        std::memcpy(&w, s + 2 * p, 4);
-        k32[p * Wk + j] = w;
-      }
-    } else {
-      for (int64_t p = 0; p < D / 2; ++p) k32[p * Wk + j] = 0;
-    }
+  const __m512i kidx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(xk / 2)));
+  for (int64_t j = 0; j < Wk; j += 16) {
+    const __mmask16 live = tail16(pr.W - (c0 + j));
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(ksrc + (c0 + j) * xk);
+    for (int64_t p = 0; p < D / 2; ++p)
+      _mm512_store_si512(k32 + p * Wk + j,
+                         _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, kidx, src + p, 4));
   }
   // V pairs: out[2d] = key 2i, out[2d + 1] = key 2i + 1, 16 d at a time with one vpermt2w
   alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,

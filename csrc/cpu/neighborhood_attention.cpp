@@ -73,12 +73,14 @@ void neighborhood_attention_amx_out(const at::Tensor& q, const at::Tensor& k, co
   for (int64_t x = 0; x < W; ++x)
     TORCH_CHECK(pxl[x] >= pxh[x] || (pxl[x] >= 0 && pxh[x] <= W), op, "column ", x, "'s window [", pxl[x], ", ",
                 pxh[x], ") is outside the ", W, " columns");
+  // the K packing gathers (d, d + 1) pairs as dwords at a column stride of stride(3) / 2 dwords
+  const at::Tensor kk = k.stride(3) % 2 != 0 ? k.contiguous() : k;
   td_cpu::na::Problem pr{};
   pr.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
-  pr.k = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  pr.k = reinterpret_cast<const uint16_t*>(kk.data_ptr());
   pr.v = reinterpret_cast<const uint16_t*>(v.data_ptr());
   pr.B = B, pr.H = H, pr.Hq = Hq, pr.Hk = Hk, pr.W = W, pr.D = D;
-  for (int i = 0; i < 4; ++i) pr.qs[i] = q.stride(i), pr.ks[i] = k.stride(i), pr.vs[i] = v.stride(i);
+  for (int i = 0; i < 4; ++i) pr.qs[i] = q.stride(i), pr.ks[i] = kk.stride(i), pr.vs[i] = v.stride(i);
   pr.ylo = pyl, pr.yhi = pyh, pr.xlo = pxl, pr.xhi = pxh;
   pr.scale = static_cast<float>(scale);
   pr.q_row0 = q_row0;

@@ -143,6 +143,18 @@ def test_strided_inputs():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_odd_column_stride():
+    """A view whose column stride is odd (elements): k is copied before the K packing's dword gathers."""
+    q, k, v = inputs(1, 2, 7, 9, 40, torch.bfloat16, seed=8)
+    kb = torch.empty(1, 2, 7, 9 * 41 + 1, dtype=torch.bfloat16).normal_()
+    kv = kb.as_strided(k.shape, (2 * 7 * (9 * 41 + 1), 7 * (9 * 41 + 1), 9 * 41 + 1, 41, 1), 1)
+    kv.copy_(k)
+    assert kv.stride(3) % 2 == 1 and torch.equal(kv, k)
+    a = native_poisoned(q, k, v, (3, 5))
+    b = native_poisoned(q, kv, v, (3, 5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_scale():
     q, k, v = inputs(1, 2, 10, 18, 40, torch.bfloat16, seed=7)
     out, lse = native_poisoned(q, k, v, (5, 5), scale=0.37)
