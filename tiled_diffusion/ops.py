@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import reference
 from .backends import int8 as _int8
 from .backends.cpu import isa
-from .backends.cpu.neighborhood_attention import neighborhood_attention_cpu
+from .backends.cpu.neighborhood_attention import amx_unavailable, neighborhood_attention_cpu
 from .backends.cpu.seam_blend import blend_lcm_step_cpu, seam_blend_cpu
 from .backends.cpu.window_attention import window_attention_cpu
 
@@ -513,7 +513,11 @@ def _neighborhood_attention_impl(q, k, v, window, stride=(1, 1), clip=False, off
             return neighborhood_attention_triton(q, k, v, window, stride, clip, offset, scale, band)
         choose("neighborhood_attention", dev, "blocked SDPA", why)
     elif dev.type == "cpu":
-        choose("neighborhood_attention", dev, "CPU path", "query blocks grouped by mask, fused CPU flash")
+        why = amx_unavailable(q)
+        if why is None:
+            choose("neighborhood_attention", dev, "AMX kernel", "bf16 on an AMX-BF16 CPU")
+        else:
+            choose("neighborhood_attention", dev, "CPU path", f"query blocks grouped by mask, fused CPU flash ({why})")
     else:
         choose("neighborhood_attention", dev, "blocked SDPA", f"no kernel for device type {dev.type}")
     return neighborhood_attention_cpu(q, k, v, window, stride, clip, offset, scale, band)

@@ -1,4 +1,4 @@
-// The AMX tile operations the int8 GEMM uses, behind a thin layer of macros so that the same kernel source
+// The AMX tile operations the int8 GEMM and the bf16 attention use, behind a thin layer of macros so that the same kernel source
 // builds either with the real instructions or, with TD_AMX_EMULATE=1, with a scalar emulation of them
 // (tests/backends/cpu/amx_emulation.cpp: proves the packing and index math on machines without AMX, the way
 // tests/backends/cuda/int8_gemm_mma_emulation.cpp does for the CUDA MMA layout).
@@ -9,6 +9,11 @@
 // c.i32[m][n] += sum_{k < colsb(a)/4} sum_{i<4} a.s8[m][4k+i] * b.s8[k][4n+i], which requires rows(c) = rows(a),
 // colsb(c) = colsb(b), rows(b) = colsb(a)/4 (else #UD: the emulation aborts); TILESTORED writes rows x colsb
 // bytes. The emulation also aborts on a tile instruction before LDTILECFG (the hardware raises #UD).
+// TDPBF16PS c, a, b (AMX-BF16, used by the neighbourhood attention kernel, amx_attention.h): for m < rows(a),
+// n < colsb(c)/4: c.f32[m][n] += sum_{k < colsb(a)/4} (a.bf16[m][2k]*b.bf16[k][2n] + a.bf16[m][2k+1]*b.bf16[k][2n+1]),
+// each pair summed in fp32 before the accumulate, same shape rules as TDPBSSD. The hardware also treats denormal
+// inputs as zero and flushes denormal results; the emulation does not model that (the kernel runs with
+// MXCSR.FTZ/DAZ, and its tests use normal inputs).
 #pragma once
 
 #include <cstdint>
@@ -40,7 +45,7 @@ struct Tile {
 };
 inline thread_local Tile reg[8];
 inline thread_local bool configured = false;
-inline thread_local long long dp_count = 0;  // TDPBSSDs issued (the test checks the kernel issues what it should)
+inline thread_local long long dp_count = 0;  // TDPBSSDs / TDPBF16PSs issued (the test checks the kernel issues what it should)
 
 [[noreturn]] inline void fault(const char* what) {
   std::fprintf(stderr, "AMX emulation: #UD: %s\n", what);
@@ -98,9 +103,36 @@ inline void dpbssd(int ci, int ai, int bi) {
   ++dp_count;
 }
 
+inline float bf16_bits_to_float(const uint8_t* p) {
+  uint32_t u = static_cast<uint32_t>(p[0] | (p[1] << 8)) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void dpbf16ps(int ci, int ai, int bi) {
+  Tile &c = tile(ci), &a = tile(ai), &b = tile(bi);
+  if (c.rows != a.rows || c.colsb != b.colsb || b.rows * 4 != a.colsb || c.colsb % 4 || a.colsb % 4)
+    fault("TDPBF16PS tile shapes do not match");
+  for (int m = 0; m < c.rows; ++m)
+    for (int n = 0; n < c.colsb / 4; ++n) {
+      float acc;
+      std::memcpy(&acc, &c.b[m][4 * n], 4);
+      for (int k = 0; k < a.colsb / 4; ++k) {
+        const float pair = bf16_bits_to_float(&a.b[m][4 * k]) * bf16_bits_to_float(&b.b[k][4 * n]) +
+                           bf16_bits_to_float(&a.b[m][4 * k + 2]) * bf16_bits_to_float(&b.b[k][4 * n + 2]);
+        acc += pair;
+      }
+      std::memcpy(&c.b[m][4 * n], &acc, 4);
+    }
+  ++dp_count;
+}
+
 }  // namespace td_amx::emu
 
 #define TD_AMX_TARGET_EXTRA ""
+#define TD_AMX_BF16_TARGET_EXTRA ""
+#define TD_TILE_DPBF16PS(c, a, b) ::td_amx::emu::dpbf16ps(c, a, b)
 #define TD_TILE_LOADCONFIG(cfg) ::td_amx::emu::loadconfig(cfg)
 #define TD_TILE_RELEASE() ::td_amx::emu::release()
 #define TD_TILE_ZERO(t) ::td_amx::emu::zero(t)
@@ -116,6 +148,8 @@ inline void dpbssd(int ci, int ai, int bi) {
 // compiler from moving the plain stores that fill a buffer past the tile load that reads it (and the reads
 // of a stored tile before the store).
 #define TD_AMX_TARGET_EXTRA ",amx-tile,amx-int8"
+#define TD_AMX_BF16_TARGET_EXTRA ",amx-tile,amx-bf16"
+#define TD_TILE_DPBF16PS(c, a, b) _tile_dpbf16ps(c, a, b)
 #define TD_TILE_LOADCONFIG(cfg) _tile_loadconfig(cfg)
 #define TD_TILE_RELEASE() _tile_release()
 #define TD_TILE_ZERO(t) _tile_zero(t)

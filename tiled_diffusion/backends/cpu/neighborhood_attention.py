@@ -1,9 +1,19 @@
-"""CPU path of `neighborhood_attention`: query blocks through torch's fused CPU flash attention, grouped by mask.
+"""CPU path of `neighborhood_attention`: our AMX-BF16 kernel for bf16, else query blocks through torch's fused CPU
+flash attention, grouped by mask.
 
 Layouts as the op: q, k, v [B, H, Ht, Wt, D] (any strides); returns out [B, H, Ht, Wt, D] (q's dtype), lse
 [B, H, Ht, Wt] fp32 (natural log).
 
-How:
+Which path (`amx_unavailable` says why not the kernel):
+* bf16 inputs, a CPU whose ISA probe says amx (backends/cpu/isa.py; TD_CPU_ISA=avx512 forces the torch path) and has
+  AMX-BF16 + AVX512-BF16, an even head dim <= 256: the native kernel `tiled_diffusion_C::neighborhood_attention_amx`
+  (csrc/cpu/amx_attention.h: 16-query row segments over their exact key rows and the union of their key columns,
+  64 x 80 = 5120 keys per query for 64-token windows; online softmax on AVX-512, QKᵀ and PV on AMX tiles), fed
+  the per-row and per-column key ranges of `neighborhood_bounds` (any window / stride / clip / offset / band).
+* everything else — fp32 and fp16 inputs, CPUs without AMX (AMD Zen 4, older Xeons), odd or > 256 head dims, an
+  explicit `block`, other devices — takes the torch path below.
+
+The torch path:
 * Each axis is cut into query blocks of `block` tokens (a multiple of the stride, aligned to the stride groups).
   A block's key band is the union of its queries' windows ([min start, max end) per axis), so a 2-D query block
   attends one rectangle of keys, with a boolean mask inside it (the outer AND of the two axes' masks).
@@ -28,6 +38,7 @@ from typing import Optional
 
 import torch
 
+from ... import _native as _native_lib
 from ...reference import neighborhood_bounds
 from .window_attention import _explicit, _flash_cpu
 
@@ -95,9 +106,39 @@ def _even(xs: list[int]) -> bool:
     return len(xs) < 3 or all(b - a == xs[1] - xs[0] for a, b in zip(xs, xs[1:]))
 
 
+def amx_unavailable(q: torch.Tensor) -> Optional[str]:
+    """None when the native AMX kernel takes q (and k, v: same dtype and head dim), else why not, in words."""
+    if q.device.type != "cpu":
+        return f"not on the CPU ({q.device.type})"
+    if q.dtype != torch.bfloat16:
+        return f"{q.dtype} inputs (the kernel takes bfloat16)"
+    lib = _native_lib.lib()
+    if lib is None:
+        return "tiled_diffusion._C is not built"
+    try:
+        why = lib.neighborhood_attention_amx_unavailable(q.shape[-1])
+    except (AttributeError, RuntimeError):
+        return "tiled_diffusion._C has no neighborhood_attention_amx (rebuild it)"
+    return why or None
+
+
+def _amx(q, k, v, window, stride, clip, offset, scale, band):
+    """The native kernel: per query row its key rows (relative to k's rows), per column its key columns."""
+    Ht, Wt, D = q.shape[2], q.shape[3], q.shape[4]
+    canvas_h, q_top, k_top = band if band[0] else (Ht, 0, 0)
+    ylo, yhi = neighborhood_bounds(canvas_h, window[0], stride[0], clip, offset[0])
+    xlo, xhi = neighborhood_bounds(Wt, window[1], stride[1], clip, offset[1])
+    rows = slice(q_top, q_top + Ht)
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _native_lib.native_op("neighborhood_attention_amx")(
+        q, k, v, i32(ylo[rows] - k_top), i32(yhi[rows] - k_top), i32(xlo), i32(xhi), scale, q_top)
+
+
 def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = False, offset=(0, 0),
                                scale: Optional[float] = None, band=(0, 0, 0), block: Optional[int] = None):
-    """Inputs are assumed checked (ops.check_neighborhood_attention; band as there). Off the CPU (until a kernel
+    """Inputs are assumed checked (ops.check_neighborhood_attention; band as there). bf16 on an AMX-BF16 CPU runs
+    the native kernel (unless `block` asks for the torch path's query blocks); off the CPU (until a kernel
     exists) the same blocks run through public SDPA with an explicit logsumexp."""
     B, H, Ht, Wt, D = q.shape
     dev = q.device
@@ -105,6 +146,8 @@ def neighborhood_attention_cpu(q, k, v, window, stride=(1, 1), clip: bool = Fals
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if B * H * Ht * Wt * D == 0:
         return q.new_zeros((B, H, Ht, Wt, D)), torch.full((B, H, Ht, Wt), -math.inf, device=dev)
+    if block is None and amx_unavailable(q) is None:
+        return _amx(q, k, v, window, stride, clip, offset, scale, band)
     canvas_h, q_top, k_top = band if band[0] else (Ht, 0, 0)
     ys = _axis_blocks(canvas_h, window[0], stride[0], clip, offset[0], block_size(stride[0], block),
                       (q_top, Ht, k_top))
