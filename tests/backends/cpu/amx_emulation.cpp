@@ -13,8 +13,7 @@
 #define TD_AMX_EMULATE 1
 #include "amx_gemm.h"
 #include "pack.h"
-
-#include <sys/mman.h>
+#include "guarded.h"
 
 #include <cmath>
 #include <cstdio>
@@ -34,17 +33,6 @@ static Dt parse_dt(const char* s) {
   if (v == "i8") return Dt::i8;
   std::fprintf(stderr, "bad dtype %s\n", s);
   std::exit(2);
-}
-
-// n bytes that end exactly at a PROT_NONE page: any read past the end faults (the B tail tiles, masked loads).
-template <typename T>
-static T* guarded(int64_t count, uint8_t fill) {
-  const size_t n = static_cast<size_t>(count) * sizeof(T), pg = 4096, total = (n + pg - 1) / pg * pg + pg;
-  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED || mprotect(static_cast<char*>(base) + total - pg, pg, PROT_NONE) != 0) std::abort();
-  T* p = reinterpret_cast<T*>(static_cast<char*>(base) + total - pg - n);
-  std::memset(p, fill, n);
-  return p;
 }
 
 static float bf16_to_f(uint16_t h) {
