@@ -73,14 +73,14 @@ def test_shipped_model_loads_offline(lab_pipe, monkeypatch):
 
 
 # Thresholds of the shipped model's 1x tests, from its measured figures on these exact samples (seed 0, 8 per
-# family, 4 LCM steps; lab model v1.1, the 2026-12-06 v-weighted one, issue 19): KID 1.18 vs 4.22 for pixel noise
-# (share 0.28; v1 read 1.00, share 0.24, on these 32 — at 32 samples KID's estimator noise exceeds the models'
-# difference, which 256 samples show: 0.40 vs v1's 0.67, NOTES); prompt fidelity ocean 8/8, sunset 6/8, forest
-# 8/8, city 3/8. Each fidelity floor is the measured share less one sample (a sample near the classifier's
-# boundary may flip with the thread count's float reassociation); the KID margin is the one the model was first
-# held to (half the noise's), 1.8 times the measured share.
+# family, 4 LCM steps; lab model v1.3, issue 19; the same at 1 and 2 threads): KID 0.67 vs 7.92 for pixel noise
+# (share 0.084, on the model's own VAE features; v1.1 read share 0.28 on its own — at 32 samples KID's estimator
+# noise is large, 256 samples on one fixed extractor say 0.215 vs v1.1's 0.40, NOTES); prompt fidelity ocean 8/8,
+# sunset 7/8, forest 7/8, city 4/8. Each fidelity floor is the measured share less one sample (a sample near the
+# classifier's boundary may flip with the thread count's float reassociation); the KID margin is the one the model
+# was first held to (half the noise's), 6 times the measured share.
 KID_MODEL_MAX_SHARE = 0.5
-FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 5 / 8, "forest": 7 / 8, "city": 2 / 8}
+FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 6 / 8, "forest": 6 / 8, "city": 3 / 8}
 N_PER_FAMILY = 8  # 1x samples per family shared by the KID and fidelity tests (one batched pipe call, ~6 s)
 
 
@@ -164,6 +164,21 @@ def test_bucket_batch_draws_one_shape_of_windows():
         h, w = row.shape[-2:]
         assert any(torch.equal(row, src[:, a:a + h, b:b + w]) for a in range(11 - h) for b in range(13 - w))
 
+
+
+def test_buckets_keep_their_pixel_size_for_an_f4_vae():
+    """lab/train._buckets: models.BUCKETS are f8 latent px; on an f4 VAE's latents (twice the side for the same
+    images) each bucket doubles, so the DiT trains on the same pixel crops whichever VAE made the latents."""
+    from types import SimpleNamespace
+
+    from tiled_diffusion.lab import models, train
+
+    args = SimpleNamespace(data_size=160, buckets=True)
+    f8 = train._buckets(args, torch.zeros(1, 4, 20, 20))
+    f4 = train._buckets(args, torch.zeros(1, 4, 40, 40))
+    assert f8 == [b for b in models.BUCKETS if max(b) <= 20] and len(set(f8)) > 1
+    assert f4 == [(2 * h, 2 * w) for h, w in f8]
+    assert train._buckets(SimpleNamespace(data_size=128, buckets=False), torch.zeros(1, 4, 32, 32)) == [(32, 32)]
 
 def test_gallery_smoke(tmp_path):
     """`python -m tiled_diffusion.lab.gallery` at its smallest: the sheet, the plot and the figures written."""
@@ -275,3 +290,24 @@ def test_trainer_refuses_vae_arch_keys_it_cannot_change(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--out", "x", "--vae-arch", '{"latent_channels": 8}'])
     assert "--vae-arch: only block_out_channels" in capsys.readouterr().err
+
+
+def test_vae_with_three_widths_is_f4_and_round_trips_through_a_folder(tmp_path):
+    """models.build_vae makes one down / up block per entry of block_out_channels, so `--vae-arch` with three widths
+    trains an f4 VAE (the lab's f8 VAE erases the lit windows, NOTES issue 19) that load_vae reads back."""
+    from tiled_diffusion.lab import models
+    from tiled_diffusion.vae import vae_scale_factor
+
+    torch.manual_seed(0)
+    vae = models.build_vae(block_out_channels=(8, 16, 24), layers_per_block=1).eval()
+    assert vae_scale_factor(vae) == 4
+    x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        assert z.shape == (2, 4, 6, 10)
+        assert vae.decode(z).sample.shape == x.shape
+    vae.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    back = models.load_vae(str(tmp_path))
+    assert len(back.config.down_block_types) == 3
+    sd = back.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in vae.state_dict().items())

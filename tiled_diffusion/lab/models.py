@@ -69,7 +69,10 @@ def with_sigma_channels(tr):
 def build_vae(**overrides):
     from diffusers import AutoencoderKL  # as above: not at import
 
-    return AutoencoderKL(**{**VAE_CONFIG, **overrides})
+    cfg = {**VAE_CONFIG, **overrides}
+    n = len(cfg["block_out_channels"])  # one down / up block per width: 3 widths make an f4 VAE, 4 an f8 one
+    cfg["down_block_types"], cfg["up_block_types"] = ("DownEncoderBlock2D",) * n, ("UpDecoderBlock2D",) * n
+    return AutoencoderKL(**cfg)
 
 
 def build_scheduler():

@@ -10,14 +10,18 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             continues training one. --vae-noise 0 decodes the posterior mean while training: measured
             2026-12-06 (NOTES issue 19), the posterior's noise (std ≈ 0.3 against a latent std ≈ 2) taught the
             decoder to ignore the latents' fine detail: forest trunks came back as leaves (trunk share of
-            reconstructions 0 of the truth's) until the noise was removed (0.26 after 1500 steps).
+            reconstructions 0 of the truth's) until the noise was removed (0.26 after 1500 steps). --vae-arch
+            with three block_out_channels trains an f4 VAE: measured 2026-12-06 (NOTES issue 19), f8 VAEs of
+            either width tried decode the lit windows as building grey (window share 0), the f4 one carries them
+            (0.89 of the truth's, 36.6 dB); its latents are 2× the side, so the DiT takes --arch patch_size 4.
 3. latents  every training image encoded once (posterior mean); the VAE's scaling_factor = 1 / latent std.
 4. dit      PixArtTransformer2DModel, ε-prediction on the LCM scheduler's schedule (linear betas 1e-4..0.02,
             t uniform in [0, 1000)), conditioned on the caption embeddings of the frozen, seeded tiny T5
             (10% of captions dropped to "" so classifier-free guidance is possible). An EMA of the weights is
             what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
-            (PixArt-α's multi-aspect buckets; those that fit the cached latents), so --data-size above
-            TRAIN_SIZE gives aspect ratios and larger token grids. --arch overrides the transformer's config.
+            (PixArt-α's multi-aspect buckets, in f8 latent px, doubled for an f4 VAE; those that fit the cached
+            latents), so --data-size above TRAIN_SIZE gives aspect ratios and larger token grids. --arch
+            overrides the transformer's config.
             --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
             (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
             ε-loss there hardly depends on the image or caption, yet the LCM sampler's first step decides the
@@ -284,9 +288,12 @@ def bucket_batch(x0_all: torch.Tensor, families: torch.Tensor, batch: int, bucke
 
 
 def _buckets(args, latents: torch.Tensor):
+    """lab/models.BUCKETS (f8 latent px) in the latents' own px: ×2 for an f4 VAE, so a bucket keeps its pixel size."""
     H, W = latents.shape[-2:]
-    out = [b for b in models.BUCKETS if b[0] <= H and b[1] <= W] if args.buckets else []
-    return out or [(min(H, models.TRAIN_SIZE // models.VAE_SCALE), min(W, models.TRAIN_SIZE // models.VAE_SCALE))]
+    k = models.VAE_SCALE * W // args.data_size
+    out = [(h * k, w * k) for h, w in models.BUCKETS if h * k <= H and w * k <= W] if args.buckets else []
+    side = models.TRAIN_SIZE // models.VAE_SCALE * k
+    return out or [(min(H, side), min(W, side))]
 
 
 LOSS_WEIGHTS = ("eps", "x0", "v")
@@ -481,7 +488,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
     p.add_argument("--vae-init", default="", help="a model folder whose trained VAE this run's stage 2 continues")
     p.add_argument("--vae-arch", default="", help="JSON overrides of lab/models.VAE_CONFIG to train "
-                   f"(keys {', '.join(models.VAE_ARCH_KEYS)}; latent_channels stays 4, PixArt's)")
+                   f"(keys {', '.join(models.VAE_ARCH_KEYS)}; latent_channels stays 4, PixArt's; three "
+                   "block_out_channels make an f4 VAE: give the DiT --arch '{\"patch_size\": 4}' to keep its tokens 16 px)")
     p.add_argument("--vae-crop", type=int, default=CROP, help="side of the VAE's random training crops (px)")
     p.add_argument("--vae-noise", type=float, default=1.0,
                    help="scale of the posterior sample's noise while training the VAE (1: z ~ q(z|x); 0: the posterior "
