@@ -165,7 +165,6 @@ def test_bucket_batch_draws_one_shape_of_windows():
         assert any(torch.equal(row, src[:, a:a + h, b:b + w]) for a in range(11 - h) for b in range(13 - w))
 
 
-
 def test_buckets_keep_their_pixel_size_for_an_f4_vae():
     """lab/train._buckets: models.BUCKETS are f8 latent px; on an f4 VAE's latents (twice the side for the same
     images) each bucket doubles, so the DiT trains on the same pixel crops whichever VAE made the latents."""
@@ -179,6 +178,7 @@ def test_buckets_keep_their_pixel_size_for_an_f4_vae():
     assert f8 == [b for b in models.BUCKETS if max(b) <= 20] and len(set(f8)) > 1
     assert f4 == [(2 * h, 2 * w) for h, w in f8]
     assert train._buckets(SimpleNamespace(data_size=128, buckets=False), torch.zeros(1, 4, 32, 32)) == [(32, 32)]
+
 
 def test_gallery_smoke(tmp_path):
     """`python -m tiled_diffusion.lab.gallery` at its smallest: the sheet, the plot and the figures written."""

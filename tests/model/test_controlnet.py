@@ -576,7 +576,8 @@ def test_controlnet_through_the_cli_with_int8_on_every_isa(cli_controlnet):
     procs = {}
     for name in isas:
         argv = [sys.executable, "-m", "tiled_diffusion", "generate", "--model", "tiny", "--prompt", "a cat",
-                "--size", "256x256", "--steps", "1", "--int8", "w8a8", "--dtype", "fp32", "--controlnet", str(cli_controlnet / "net"),
+                "--size", "256x256", "--steps", "1", "--int8", "w8a8", "--dtype", "fp32",
+                "--controlnet", str(cli_controlnet / "net"),
                 "--control-image", str(cli_controlnet / "edges.png"), "--out", str(cli_controlnet / f"{name}.png")]
         env = {**os.environ, "TD_CPU_ISA": name, "OMP_NUM_THREADS": "1"}
         procs[name] = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

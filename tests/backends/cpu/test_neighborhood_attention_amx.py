@@ -27,12 +27,20 @@ def _bounds(n, w, s, clip, o, rows=None, k_top=0):
     return (lo - k_top).to(torch.int32), (hi - k_top).to(torch.int32)
 
 
-def native_poisoned(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None, band=None):
-    """The private op into NaN-filled outputs (every element must be written)."""
-    B, H, Hq, W, D = q.shape
+def kernel_bounds(q, window, stride, clip, offset, band):
+    """(ylo, yhi, xlo, xhi, q_top): the int32 key ranges the kernel takes for q [B, H, Hq, W, D], as the op passes
+    them (band = (canvas rows, q_top, k_top) or None for the whole canvas)."""
+    Hq, W = q.shape[2], q.shape[3]
     canvas_h, q_top, k_top = band if band else (Hq, 0, 0)
     ylo, yhi = _bounds(canvas_h, window[0], stride[0], clip, offset[0], (q_top, q_top + Hq), k_top)
     xlo, xhi = _bounds(W, window[1], stride[1], clip, offset[1])
+    return ylo, yhi, xlo, xhi, q_top
+
+
+def native_poisoned(q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), scale=None, band=None):
+    """The private op into NaN-filled outputs (every element must be written)."""
+    D = q.shape[-1]
+    ylo, yhi, xlo, xhi, q_top = kernel_bounds(q, window, stride, clip, offset, band)
     out = torch.full(q.shape, math.nan, dtype=torch.bfloat16)
     lse = torch.full(q.shape[:4], math.nan)
     _native.native_op("neighborhood_attention_amx_out")(q, k, v, ylo, yhi, xlo, xhi,

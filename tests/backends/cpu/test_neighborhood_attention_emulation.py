@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.backends.cpu.test_neighborhood_attention_amx import LSE_ATOL, WHY, _bounds, native_poisoned
+from tests.backends.cpu.test_neighborhood_attention_amx import LSE_ATOL, WHY, kernel_bounds, native_poisoned
 from tests.helpers import ROOT, build_emulator
 from tests.ops.test_neighborhood_attention import _check_against_reference, inputs
 from tiled_diffusion import reference
@@ -32,9 +32,7 @@ def emulator(tmp_path_factory):
 def emulated(emulator, tmp_path, q, k, v, window, stride=(1, 1), clip=False, offset=(0, 0), band=None, threads=2):
     """The emulated kernel's (out, lse) for q [B, H, Hq, W, D] and k/v [B, H, Hk, W, D] (bf16)."""
     B, H, Hq, W, D = q.shape
-    canvas_h, q_top, k_top = band if band else (Hq, 0, 0)
-    ylo, yhi = _bounds(canvas_h, window[0], stride[0], clip, offset[0], (q_top, q_top + Hq), k_top)
-    xlo, xhi = _bounds(W, window[1], stride[1], clip, offset[1])
+    ylo, yhi, xlo, xhi, q_top = kernel_bounds(q, window, stride, clip, offset, band)
     bits = lambda t: t.contiguous().view(torch.int16).numpy().tobytes()  # noqa: E731
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     src.write_bytes(np.array([B, H, Hq, k.shape[2], W, D, q_top], np.int64).tobytes()
