@@ -180,6 +180,32 @@ def test_buckets_keep_their_pixel_size_for_an_f4_vae():
     assert train._buckets(SimpleNamespace(data_size=128, buckets=False), torch.zeros(1, 4, 32, 32)) == [(32, 32)]
 
 
+def test_mode_seams_follow_the_model_geometry():
+    """lab/quality.mode_seams draws seams in pixels from the model's VAE factor and patch: an f4 VAE with patch 4
+    has PixArt's 16-px token (f8, patch 2), so every mode's seams are the same pixel lines, all on the token grid."""
+    from tiled_diffusion.lab import quality
+
+    f8, f4 = quality.Geometry(8, 2), quality.Geometry(4, 4)
+    assert f8.token == f4.token == 16
+    for m in quality.MODES:
+        for size in (256, 400):
+            a, b = quality.mode_seams(m, size, size, f8), quality.mode_seams(m, size, size, f4)
+            assert a == b, (m.name, size)
+            assert all(0 < v < size and v % 16 == 0 for v in a[0] + a[1]), (m.name, size, a)
+    md = next(m for m in quality.MODES if m.mode == "multidiffusion")
+    assert quality.mode_seams(md, 256, 256, f4)[0]  # overlapping tiles: seams exist
+
+
+def test_tiny_configs_are_the_shipped_models(lab_pipe):
+    """The CLI's config-only checks (memory estimate, ranks) for --model tiny read the model that runs."""
+    from tiled_diffusion.cli import generate as G
+
+    assert G.vae_scale_factor("tiny") == lab_pipe.vae_scale_factor
+    cfg = G.transformer_config("tiny")
+    for k in ("patch_size", "num_attention_heads", "attention_head_dim", "num_layers", "sample_size"):
+        assert getattr(cfg, k) == lab_pipe.transformer.config[k], k
+
+
 def test_gallery_smoke(tmp_path):
     """`python -m tiled_diffusion.lab.gallery` at its smallest: the sheet, the plot and the figures written."""
     pytest.importorskip("matplotlib")

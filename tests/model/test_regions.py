@@ -74,6 +74,18 @@ def test_full_canvas_region_has_no_soft_border():
     assert torch.equal(rp.weights()[0], torch.zeros(H // 8, W // 8))
 
 
+def test_weights_follow_the_vae_factor():
+    """An f4 VAE's latent is twice as fine: at_scale(4) gives [P, H/4, W/4] weights whose 2x2 means are the f8
+    weights (hard edges on 8-px lines, so both grids cut them the same); the original object is unchanged."""
+    rp = R.RegionalPrompts("bg", ["0,0,80,48:cat", "40,16,160,96:dog"], W, H, feather=0)
+    f4 = rp.at_scale(4)
+    assert rp.at_scale(8) is rp and f4 is not rp and rp.vae_scale == 8
+    w4, w8 = f4.weights(), rp.weights()
+    assert w4.shape == (3, H // 4, W // 4) and w8.shape == (3, H // 8, W // 8)
+    assert torch.allclose(w4.sum(0), torch.ones(H // 4, W // 4), atol=1e-6)
+    assert torch.equal(torch.nn.functional.avg_pool2d(w4[None], 2)[0], w8)
+
+
 def test_each_distinct_prompt_encoded_once():
     calls = []
 

@@ -158,8 +158,8 @@ def check_before_launch(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise G.RequestError(str(e)) from None
     try:  # every rank must get a band (or a tile): refused here, not in N tracebacks after the launch
-        G.Dd.check_ranks(cfg, G.transformer_config(args.model), G.VAE_SCALE_FACTOR, args.nproc, width=args.size[0],
-                         height=args.size[1], guidance_scale=args.guidance_scale)
+        G.Dd.check_ranks(cfg, G.transformer_config(args.model), G.vae_scale_factor(args.model), args.nproc,
+                         width=args.size[0], height=args.size[1], guidance_scale=args.guidance_scale)
     except ValueError as e:
         raise G.RequestError(str(e)) from None
     su = G.setup(args)

@@ -20,13 +20,14 @@ import torch
 
 from .. import parallel as Dd
 from .. import pipeline as P
-from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, MODES, VAE_SCALE_FACTOR, TiledConfig, check_size
+from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW, MODES, TiledConfig, check_size
 from ..model.int8 import resolve_mode
 from ..pipeline.api import encode
 from ..pipeline.loading import LoadError, checkpoint_files, load_pipeline, read_header
 from ..pipeline.sampler import check_memory, estimate_memory
 from ..pipeline.swaps import quantize_text_encoder
-from ..tiny import tiny_pipeline, tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
+from ..lab.models import MODEL_DIR as TINY_MODEL_DIR
+from ..tiny import tiny_pipeline, tiny_text_encoder, tiny_tokenizer
 from . import checks as C
 from .checks import RequestError
 from .guidance import check_guidance
@@ -60,16 +61,18 @@ def _component_config(model: str, component: str) -> dict:
 
 
 def transformer_config(model: str):
-    if model == "tiny":
-        return tiny_transformer().config
-    return SimpleNamespace(**_component_config(model, "transformer"))
+    """The transformer's config as stored (for 'tiny': the shipped lab model's, the one that runs)."""
+    return SimpleNamespace(**_component_config(TINY_MODEL_DIR if model == "tiny" else model, "transformer"))
 
 
 def _vae_config(model: str) -> dict:
     """The VAE's config (the memory estimate builds its shapes on the meta device; nothing is loaded)."""
-    if model == "tiny":
-        return dict(tiny_vae().config)
-    return _component_config(model, "vae")
+    return _component_config(TINY_MODEL_DIR if model == "tiny" else model, "vae")
+
+
+def vae_scale_factor(model: str, vae_config: Optional[dict] = None) -> int:
+    """Image pixels per latent pixel of the model's VAE (diffusers' rule: 2^(down blocks - 1); 8 for PixArt's)."""
+    return 2 ** (len((vae_config or _vae_config(model))["block_out_channels"]) - 1)
 
 
 TEXT_PARTS = ("tokenizer", "text_encoder")
@@ -317,7 +320,7 @@ def check_request_memory(args, cfg: TiledConfig, su: "Setup", w: int, h: int) ->
     vae_config = _vae_config(args.model)
     est = estimate_memory(transformer_config(args.model), height=h, width=w, cfg=cfg, dtype=su.dtype,
                           guidance_scale=args.guidance_scale, int8=su.int8, vae=vae_config,
-                          vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+                          vae_scale_factor=vae_scale_factor(args.model, vae_config),
                           text_encoder_bytes=_text_encoder_bytes(args.model, su.dtype, su.text_encoder_int8),
                           text_encoder_alone=True)
     try:

@@ -47,7 +47,8 @@ def _to_pil(img: torch.Tensor, cell: int, seams=None, size: int = 0):
     return tile
 
 
-def contact_sheet(path: str, sheets: dict, modes, cell: int = 112, example=None) -> None:
+def contact_sheet(path: str, sheets: dict, modes, cell: int = 112, example=None,
+                  geo: quality.Geometry = quality.Geometry()) -> None:
     """sheets: {size: {column name: images [4, 3, size, size] (one per family)}}."""
     fams = list(world.FAMILIES)
     by_name = {m.name: m for m in modes}
@@ -69,7 +70,7 @@ def contact_sheet(path: str, sheets: dict, modes, cell: int = 112, example=None)
         prev = size
         draw.text((x + 2, 14), name.replace("cross_tile", "ct").replace("multidiffusion", "md")[:18], fill="black")
         m = by_name.get(name)
-        seams = quality.mode_seams(m, size, size) if m is not None and m.mode != "global" else None
+        seams = quality.mode_seams(m, size, size, geo) if m is not None and m.mode != "global" else None
         for r, fam in enumerate(fams):
             sheet.paste(_to_pil(sheets[size][name][r], cell, seams, size), (x, head + r * cell))
         x += cell
@@ -127,6 +128,7 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
         gt_count: int = 16, model_dir=None, example: bool = True, docs: bool = False, log=print) -> dict:
     os.makedirs(out, exist_ok=True)
     pipe = quality.accelerated_pipeline(model_dir)
+    geo = quality.Geometry.of(pipe)
     chosen = [m for m in quality.MODES if m.name in modes]
     fams = list(world.FAMILIES)
     n = per_family * len(fams)
@@ -139,19 +141,19 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
         gt, gt2 = quality.ground_truth(size, gt_count), quality.ground_truth(size, gt_count, offset=gt_count)
         gt_fams = [k % len(fams) for k in range(gt_count)]
         gt_feats = quality.vae_features(pipe.vae, gt)
-        ct = quality.mode_seams(quality.Mode("cross_tile", "cross_tile"), size, size)
+        ct = quality.mode_seams(quality.Mode("cross_tile", "cross_tile"), size, size, geo)
         sheets[size] = {"ground truth": gt2[: len(fams)]}
         row = {"kid": quality.kid_to(quality.vae_features(pipe.vae, gt2), gt_feats),
-               "seam_ratio": quality.seam_score(gt2, ct), **quality.prompt_scores(gt2, gt_fams, gt, gt_fams)}
+               "seam_ratio": quality.seam_score(gt2, ct, geo), **quality.prompt_scores(gt2, gt_fams, gt, gt_fams)}
         row["structure"] = _structure_distance(row)
         figures["ground truth"][str(size)] = row
         for m in chosen:
             imgs = torch.cat([quality._generate(pipe, m, world.CAPTIONS[families[s]], size, steps, s).float().clamp(-1, 1)
                               for s in range(n)])
             sheets[size][m.name] = imgs[: len(fams)]
-            seams = ct if m.mode == "global" else quality.mode_seams(m, size, size)
+            seams = ct if m.mode == "global" else quality.mode_seams(m, size, size, geo)
             row = {"kid": quality.kid_to(quality.vae_features(pipe.vae, imgs), gt_feats),
-                   "seam_ratio": quality.seam_score(imgs, seams), **quality.prompt_scores(imgs, families, gt, gt_fams)}
+                   "seam_ratio": quality.seam_score(imgs, seams, geo), **quality.prompt_scores(imgs, families, gt, gt_fams)}
             row["structure"] = _structure_distance(row)
             figures["modes"][m.name][str(size)] = row
             log(f"gallery {size}² {m.name}: kid {row['kid']:.3f} fidelity {row['fidelity']:.2f} "
@@ -167,7 +169,7 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
         fid = quality.fid.fidelity(img.float().clamp(-1, 1), [caption])
         figures["example"] = {"caption": caption, "size": side, "fidelity": fid, "seconds": time.perf_counter() - t0}
         log(f"gallery example {side}² '{caption}': classified as asked: {bool(fid)}")
-    contact_sheet(os.path.join(out, "gallery.png"), sheets, chosen, example=ex)
+    contact_sheet(os.path.join(out, "gallery.png"), sheets, chosen, example=ex, geo=geo)
     plot(os.path.join(out, "quality.png"), figures)
     with open(os.path.join(out, "gallery.json"), "w") as f:
         json.dump(figures, f, indent=2)

@@ -4,7 +4,8 @@ ground truth rendered from the same world at the same size (benchmarks/bench_qua
 Per (canvas size, mode), over the same seeds (seed s draws family s mod 4 and its caption):
 
 - seam_ratio   mean |∇| across the mode's own tile seams / mean |∇| at the other lines of the same phase on the
-               model's token grid (`metrics.seam_ratio(period=SEAM_PERIOD)`, 16 px = patch 2 × VAE 8). Every
+               model's token grid (`metrics.seam_ratio(period=Geometry.token)`, 16 px = patch 2 × VAE 8, or patch
+               4 × VAE 4). Every
                seam of every mode is a token boundary, and the model draws its own texture on that grid (its
                patch embedding and output unpatchify work per 16-px token), so the baseline must be the other
                token boundaries: against all 8-px lines (the suite's metric until 2026-12-06) a mode with no seam
@@ -51,8 +52,23 @@ from . import models, structure, world
 
 CROSS_TILE_PX = models.TRAIN_SIZE // 2  # as PixArt's 512-px tiles for its 1024-px training size
 MULTIDIFFUSION_PX = models.TRAIN_SIZE  # multidiffusion tiles are whole training-size images
-SEAM_PERIOD = models.VAE_SCALE * models.TRANSFORMER_CONFIG.get("patch_size", 2)  # px: one token of the model
 GT_SEED0 = 1_000_000  # ground-truth world seeds: far from the trainer's (seed·100000 + i, i < images)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """A model's pixel geometry: the VAE's factor and the transformer's patch. Seams are drawn in pixels from it and
+    scored on its token grid (`token` px: 16 for PixArt's f8 VAE with patch 2, and for an f4 VAE with patch 4)."""
+    vae: int = 8
+    patch: int = 2
+
+    @property
+    def token(self) -> int:
+        return self.vae * self.patch
+
+    @classmethod
+    def of(cls, pipe) -> "Geometry":
+        return cls(int(pipe.vae_scale_factor), int(pipe.transformer.config.patch_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,17 +116,18 @@ QUICK_MODES = ("global", "cross_tile r1", "cross_tile r0 (independent)", "multid
 # ------------------------------------------------------------------------------------------- seams
 
 
-def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[int], list[int]]:
+def mode_seams(m: Mode, width: int, height: int, geo: Geometry = Geometry()) -> tuple[list[int], list[int]]:
     """(seams_y, seams_x) in pixels of the tile grid the mode works on (global: the cross_tile grid, a control)."""
     if m.mode == "multidiffusion":
-        cfg = TiledConfig(**m.kwargs()).validate()
-        g = pixel_grid(cfg, height // 8, width // 8, 1, patch)
-        edges = lambda origins, t, size: sorted({v * 8 for o in origins for v in (o, o + t) if 0 < v * 8 < size})  # noqa: E731
+        cfg, f = TiledConfig(**m.kwargs()).validate(), geo.vae
+        g = pixel_grid(cfg, height // f, width // f, 1, geo.patch, vae_scale_factor=f)
+        edges = lambda origins, t, size: sorted({v * f for o in origins for v in (o, o + t) if 0 < v * f < size})  # noqa: E731
         return edges(g.origins_y, g.th, height), edges(g.origins_x, g.tw, width)
     kw = m.kwargs() if m.mode == "cross_tile" else {"tile": CROSS_TILE_PX}
     t = kw["tile"]
     if kw.get("window") is not None:  # token-centred: the stride groups' edges, or (stride 1) the control grid
-        t = max(1, round(kw.get("stride", 0) * models.TRAIN_SIZE / 16)) * 16 if kw.get("stride") else CROSS_TILE_PX
+        tok = geo.token
+        t = max(1, round(kw.get("stride", 0) * models.TRAIN_SIZE / tok)) * tok if kw.get("stride") else CROSS_TILE_PX
     ys, xs = metrics.grid_seams(t, height), metrics.grid_seams(t, width)
     if kw.get("shift"):  # odd steps run on the grid shifted by half a tile
         ys = sorted(set(ys) | set(metrics.grid_seams(t, height, t // 2)))
@@ -118,12 +135,13 @@ def mode_seams(m: Mode, width: int, height: int, patch: int = 2) -> tuple[list[i
     return ys, xs
 
 
-def seam_score(images: torch.Tensor, seams: tuple[list[int], list[int]]) -> Optional[float]:
+def seam_score(images: torch.Tensor, seams: tuple[list[int], list[int]],
+               geo: Geometry = Geometry()) -> Optional[float]:
     """Mean over images of the seam ratio at `seams` (token-grid phase baseline); None without seams (one tile)."""
     ys, xs = seams
     if not ys and not xs:
         return None
-    return statistics.fmean(metrics.seam_ratio(img, ys, xs, period=SEAM_PERIOD) for img in images)
+    return statistics.fmean(metrics.seam_ratio(img, ys, xs, period=geo.token) for img in images)
 
 
 # ---------------------------------------------------------------------------------------- features
@@ -193,6 +211,7 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
     """
     os.makedirs(out_dir, exist_ok=True)
     pipe = accelerated_pipeline(model_dir)
+    geo = Geometry.of(pipe)
     chosen = [m for m in MODES if modes is None or m.name in modes]
     if pipe_call_available() and (modes is None or PIPE_CALL.name in modes):
         chosen.append(PIPE_CALL)
@@ -220,24 +239,25 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
             log(f"quality {size}²: {m.name} {statistics.median(times):.2f} s/image")
             rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": m.name, "time_s": statistics.median(times)})
         ref = images.get("global")
-        ct_seams = mode_seams(Mode("cross_tile", "cross_tile"), size, size)
+        ct_seams = mode_seams(Mode("cross_tile", "cross_tile"), size, size, geo)
         for row in rows[-len(chosen):]:
             m = next(mm for mm in chosen if mm.name == row["mode"])
             imgs = images[m.name]
-            row["seam_ratio"] = seam_score(imgs, ct_seams if m.mode == "global" else mode_seams(m, size, size))
+            row["seam_ratio"] = seam_score(imgs, ct_seams if m.mode == "global" else mode_seams(m, size, size, geo),
+                                           geo)
             row["kid"] = kid_to(vae_features(pipe.vae, imgs), gt_feats)
             row["spectrum"] = metrics.spectrum_distance(imgs, gt)
             row["psnr_global"] = (statistics.fmean(metrics.psnr(a, b) for a, b in zip(imgs, ref))
                                   if ref is not None and m.name != "global" else None)
             row.update(prompt_scores(imgs, [s % len(fams) for s in range(seeds)], gt, gt_fams, net))
         rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": "ground truth", "time_s": None,
-                     "seam_ratio": seam_score(gt2, ct_seams), "kid": kid_to(vae_features(pipe.vae, gt2), gt_feats),
+                     "seam_ratio": seam_score(gt2, ct_seams, geo), "kid": kid_to(vae_features(pipe.vae, gt2), gt_feats),
                      "spectrum": metrics.spectrum_distance(gt2, gt), "psnr_global": None,
                      **prompt_scores(gt2, gt_fams, gt, gt_fams, net)})
         sheet = os.path.join(out_dir, f"contact_{size}.png")
         truth = torch.stack([world.render(fams[s % len(fams)], GT_SEED0 + 10**5 + s, 0, 0, size, size)
                              for s in range(min(seeds, sheet_rows))])
-        contact_sheet(sheet, {"ground truth (other world)": truth, **images}, chosen, size, sheet_rows)
+        contact_sheet(sheet, {"ground truth (other world)": truth, **images}, chosen, size, sheet_rows, geo=geo)
         details[f"{size}"] = {"contact_sheet": sheet}
         log(f"quality {size}²: wrote {sheet}")
     P.restore(pipe)
@@ -273,7 +293,8 @@ def _generate(pipe, m: Mode, caption: str, size: int, steps: int, seed: int) -> 
     return out.images * 2 - 1
 
 
-def contact_sheet(path: str, images: dict, modes, size: int, rows: int, cell: int = 192) -> None:
+def contact_sheet(path: str, images: dict, modes, size: int, rows: int, cell: int = 192,
+                  geo: Geometry = Geometry()) -> None:
     """One seed per row, one mode per column (ground truth first), the mode's seams drawn in red, names on top."""
     names = list(images)
     n_rows = min(rows, min(v.shape[0] for v in images.values()))
@@ -284,7 +305,7 @@ def contact_sheet(path: str, images: dict, modes, size: int, rows: int, cell: in
     for c, name in enumerate(names):
         draw.text((c * cell + 3, 1), name[:30], fill="black")
         m = by_name.get(name)
-        seams = mode_seams(m, size, size) if m is not None and m.mode != "global" else ([], [])
+        seams = mode_seams(m, size, size, geo) if m is not None and m.mode != "global" else ([], [])
         for r in range(n_rows):
             arr = ((images[name][r].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((cell, cell), Image.BILINEAR)

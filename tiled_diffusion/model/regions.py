@@ -21,6 +21,7 @@ Layouts: weights fp32 [P, H/8, W/8] (latent pixels); text [B, P·S, C] with prom
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-VAE_SCALE = 8
+VAE_SCALE = 8  # PixArt's VAE; a pipeline with another factor asks `at_scale(pipe.vae_scale_factor)`
 
 
 class RegionError(ValueError):
@@ -73,8 +74,9 @@ def _ramp(coords: torch.Tensor, lo: float, hi: float, size: int, feather: float)
 class RegionalPrompts:
     """The background prompt and regions of one canvas; `prompts` are the distinct texts (background first)."""
 
-    def __init__(self, prompt: str, regions: Sequence, width: int, height: int, feather: float = 64.0):
-        self.width, self.height, self.feather = width, height, float(feather)
+    def __init__(self, prompt: str, regions: Sequence, width: int, height: int, feather: float = 64.0,
+                 vae_scale: int = VAE_SCALE):
+        self.width, self.height, self.feather, self.vae_scale = width, height, float(feather), int(vae_scale)
         self.regions = [parse_region(r) if isinstance(r, str) else r for r in regions]
         for r in self.regions:
             if not (0 <= r.x0 < r.x1 <= width and 0 <= r.y0 < r.y1 <= height):
@@ -93,12 +95,21 @@ class RegionalPrompts:
     def num_prompts(self) -> int:
         return len(self.prompts)
 
+    def at_scale(self, vae_scale: int) -> "RegionalPrompts":
+        """These regions for a VAE of factor `vae_scale` (self when it is already theirs, else a copy)."""
+        if int(vae_scale) == self.vae_scale:
+            return self
+        out = copy.copy(self)
+        out.vae_scale, out._weights, out._tokens = int(vae_scale), None, {}
+        return out
+
     def weights(self) -> torch.Tensor:
-        """fp32 [P, H/8, W/8]: per latent pixel, the weight of each distinct prompt (sums to 1)."""
+        """fp32 [P, H/f, W/f] (f = vae_scale): per latent pixel, the weight of each distinct prompt (sums to 1)."""
         if self._weights is None:
-            lh, lw = self.height // VAE_SCALE, self.width // VAE_SCALE
-            ys = (torch.arange(lh, dtype=torch.float32) + 0.5) * VAE_SCALE
-            xs = (torch.arange(lw, dtype=torch.float32) + 0.5) * VAE_SCALE
+            f = self.vae_scale
+            lh, lw = self.height // f, self.width // f
+            ys = (torch.arange(lh, dtype=torch.float32) + 0.5) * f
+            xs = (torch.arange(lw, dtype=torch.float32) + 0.5) * f
             layers = [torch.ones(lh, lw)]
             for r in self.regions:
                 f = min(self.feather, (r.x1 - r.x0) / 2, (r.y1 - r.y0) / 2)

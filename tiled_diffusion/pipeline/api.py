@@ -102,6 +102,7 @@ def generate(pipe, prompt=None, *, width: int, height: int, steps: int = 4, seed
     if regions:
         regional = regions if isinstance(regions, RegionalPrompts) else RegionalPrompts(prompt, regions, width,
                                                                                          height)
+        regional = regional.at_scale(st.vae_scale_factor)
         if prompt_embeds is None:  # every distinct prompt encoded once
             prompt_embeds = regional.encode(lambda ps: encode(pipe, ps, negative_prompt, guidance_scale),
                                             guidance_scale)
