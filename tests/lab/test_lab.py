@@ -1,4 +1,6 @@
 """The quality lab: the procedural world (tiled_diffusion/lab/world.py)."""
+import math
+
 import pytest
 import torch
 
@@ -204,6 +206,53 @@ def test_tiny_configs_are_the_shipped_models(lab_pipe):
     cfg = G.transformer_config("tiny")
     for k in ("patch_size", "num_attention_heads", "attention_head_dim", "num_layers", "sample_size"):
         assert getattr(cfg, k) == lab_pipe.transformer.config[k], k
+
+
+def test_position_jitter_gives_crops_of_a_stretched_canvas():
+    """lab/train.CanvasPositions: a jittered step's tokens carry the rows of diffusers' own sincos table of the
+    larger canvas at each row's offset (what cross_tile's canvas_stretched gives a window there); without
+    --pos-jitter nothing is hooked and the generator is not touched (old recipes keep their random streams)."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from tiled_diffusion.lab import models, train
+
+    torch.manual_seed(0)
+    tr = models.build_transformer(num_layers=1)
+    pe = tr.pos_embed
+    g = torch.Generator().manual_seed(3)
+    off = train.CanvasPositions(1.0, tr)
+    off.draw((12, 16), 4, g)
+    assert off.delta is None and not off.hooks
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
+    x = torch.randn(5, tr.config.in_channels, 12, 16)
+    plain = pe(x)
+    jit = train.CanvasPositions(4.0, tr)
+    seen = 0
+    for _ in range(12):
+        state = g.get_state()
+        jit.draw((12, 16), 5, g)
+        if jit.delta is None:
+            continue
+        seen += 1
+        g2 = torch.Generator()  # replay the draw: c, then each row's offset
+        g2.set_state(state)
+        torch.rand(1, generator=g2)
+        c = math.exp(torch.rand(1, generator=g2).item() * math.log(4.0))
+        h, w = 6, 8
+        ch, cw = max(h, round(h * c)), max(w, round(w * c))
+        oy, ox = torch.randint(0, ch - h + 1, (5,), generator=g2), torch.randint(0, cw - w + 1, (5,), generator=g2)
+        table = get_2d_sincos_pos_embed(pe.pos_embed.shape[-1], (ch, cw), base_size=pe.base_size,
+                                        interpolation_scale=pe.interpolation_scale, output_type="pt")
+        table = table.float().reshape(ch, cw, -1)
+        got = pe(x)
+        own = get_2d_sincos_pos_embed(pe.pos_embed.shape[-1], (h, w), base_size=pe.base_size,
+                                      interpolation_scale=pe.interpolation_scale, output_type="pt").float()
+        for r in range(5):
+            crop = table[oy[r]:oy[r] + h, ox[r]:ox[r] + w].reshape(h * w, -1)
+            assert torch.allclose(got[r], plain[r] - own + crop, atol=1e-5), r
+    assert 3 <= seen <= 10  # about half of the steps
+    jit.remove()
+    assert torch.equal(pe(x), plain)
 
 
 def test_gallery_smoke(tmp_path):

@@ -141,6 +141,9 @@ def stage_data(args, cache: str) -> tuple[torch.Tensor, torch.Tensor]:
     path = os.path.join(cache, "data.pt")
     if os.path.exists(path):
         d = torch.load(path)
+        if d["images"].shape[-1] != args.data_size:  # the run's record (lab_training.json) must say what was used
+            raise SystemExit(f"train: {path} holds {d['images'].shape[-1]}-px images, not --data-size "
+                             f"{args.data_size}: pass that size or another --out")
         return d["images"], d["families"]
     n, size, chunk = args.images, args.data_size, 256
     fams = torch.arange(n) % len(world.FAMILIES)
@@ -292,10 +295,14 @@ def _buckets(args, latents: torch.Tensor):
     H, W = latents.shape[-2:]
     k = models.VAE_SCALE * W // args.data_size
     out = [(h * k, w * k) for h, w in models.BUCKETS if h * k <= H and w * k <= W] if args.buckets else []
+    if args.buckets and len(out) < len(models.BUCKETS):
+        log(f"dit: warning: {len(models.BUCKETS) - len(out)} of {len(models.BUCKETS)} buckets do not fit "
+            f"--data-size {args.data_size} and are dropped (all fit from {BUCKETS_PX} px)")
     side = models.TRAIN_SIZE // models.VAE_SCALE * k
     return out or [(min(H, side), min(W, side))]
 
 
+BUCKETS_PX = max(max(b) for b in models.BUCKETS) * models.VAE_SCALE  # the data size every bucket fits in
 LOSS_WEIGHTS = ("eps", "x0", "v")
 
 
@@ -310,6 +317,48 @@ def loss_weights(alphas_cumprod: torch.Tensor, kind: str, cap: float) -> torch.T
     a = alphas_cumprod.double()
     w = {"eps": torch.ones_like(a), "x0": (1 - a) / a, "v": 1 / a}[kind].clamp(max=cap)
     return (w / w.mean()).float()
+
+
+class CanvasPositions:
+    """--pos-jitter C: on half of the steps, the batch's token crop carries the positions of a crop of a canvas c
+    times larger per side (c log-uniform in [1, C], one c per step, one random offset per row), stretched onto the
+    trained range as inference's default `canvas_stretched` does (model/positional.py). That is what a cross_tile
+    window sees on a c²× canvas: the training size's content at c× the position density. A model trained at one
+    density draws a fine speckle there instead of the world's shapes (measured, NOTES issue 19), as if the denser
+    positions asked for smaller things.
+
+    Installed as a forward hook on the transformers' patch embeddings that adds (canvas crop − own grid) to their
+    output; `draw` sets the next forward's positions (None: the model's own)."""
+
+    def __init__(self, max_scale: float, *transformers):
+        self.max_scale, self.delta = float(max_scale), None
+        pe = transformers[0].pos_embed
+        self.dim, self.base, self.interp = pe.pos_embed.shape[-1], pe.base_size, pe.interpolation_scale
+        self.patch = pe.patch_size
+        self.hooks = [t.pos_embed.register_forward_hook(self._add) for t in transformers] if max_scale > 1 else []
+
+    def _add(self, module, inputs, out):
+        return out if self.delta is None else out + self.delta.to(out.dtype)
+
+    def draw(self, latent_hw: tuple[int, int], batch: int, g: torch.Generator) -> None:
+        self.delta = None
+        if not self.hooks or torch.rand(1, generator=g).item() < 0.5:  # no draws without jitter: old streams kept
+            return
+        from ..model.positional import positional_embedding
+
+        h, w = latent_hw[0] // self.patch, latent_hw[1] // self.patch
+        c = math.exp(torch.rand(1, generator=g).item() * math.log(self.max_scale))
+        ch, cw = max(h, round(h * c)), max(w, round(w * c))
+        off = torch.stack([torch.randint(0, ch - h + 1, (batch,), generator=g),
+                           torch.randint(0, cw - w + 1, (batch,), generator=g)], dim=1)
+        kw = dict(base=self.base, interp=self.interp, device="cpu")
+        crop = positional_embedding("canvas_stretched", self.dim, (ch, cw), (h, w), off, **kw)
+        self.delta = crop - positional_embedding("canvas_stretched", self.dim, (h, w), (h, w), None, **kw)
+
+    def remove(self) -> None:
+        for hk in self.hooks:
+            hk.remove()
+        self.delta = None
 
 
 def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
@@ -335,10 +384,12 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     prog = Progress("dit", args.dit_steps, start)
     tr.train()
     no_cond = {"resolution": None, "aspect_ratio": None}
+    positions = CanvasPositions(args.pos_jitter, tr)
     for step in range(start + 1, args.dit_steps + 1):
         for pg in opt.param_groups:
             pg["lr"] = _lr(step - 1, args.dit_steps, args.dit_lr, 300)
         x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g)
+        positions.draw(x0.shape[-2:], args.dit_batch, g)
         cap = cap.clone()
         cap[torch.rand(args.dit_batch, generator=g) < 0.1] = empty
         t = torch.randint(0, ab.numel(), (args.dit_batch,), generator=g)
@@ -358,6 +409,7 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
                 pe.lerp_(p, 1 - d)
         _record(prog, step, loss, history, args.ckpt_every, args.dit_steps,
                 lambda: _checkpoint(path, tr, ema, "ema", opt, g, step, history))
+    positions.remove()
     return ema.eval(), history
 
 
@@ -421,10 +473,12 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
         return consistency(eps(model, x, t, cap), x, t, ab, ts)
 
     prog = Progress("lcm", args.lcm_steps, start)
+    positions = CanvasPositions(args.pos_jitter, teacher, student, target)  # all three see the same positions
     for step in range(start + 1, args.lcm_steps + 1):
         for pg in opt.param_groups:
             pg["lr"] = _lr(step - 1, args.lcm_steps, args.lcm_lr, 100)
         x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g)
+        positions.draw(x0.shape[-2:], args.dit_batch, g)
         t1 = grid[torch.randint(0, grid.numel(), (args.dit_batch,), generator=g)]
         t0 = (t1 - k).clamp_min(0)
         noise = torch.randn(x0.shape, generator=g)
@@ -450,6 +504,7 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
                 pt.lerp_(p, 1 - args.lcm_ema)
         _record(prog, step, loss, history, args.ckpt_every, args.lcm_steps,
                 lambda: _checkpoint(path, student, target, "target", opt, g, step, history))
+    positions.remove()
     return target.eval(), history
 
 
@@ -484,6 +539,9 @@ def parse_args(argv=None):
                    help="side of the rendered training images (px); larger than the buckets, crops are drawn")
     p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=True,
                    help="multi-aspect (and multi-size) latent crops, lab/models.BUCKETS, that fit --data-size")
+    p.add_argument("--pos-jitter", type=float, default=1.0,
+                   help="train half the steps at canvas position densities up to this side ratio (CanvasPositions; "
+                        "1: off)")
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
     p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
     p.add_argument("--vae-init", default="", help="a model folder whose trained VAE this run's stage 2 continues")
@@ -551,6 +609,7 @@ def main(argv=None) -> int:
         times["lcm_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_all  # this invocation only (a resumed run counts from its start)
     meta = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "train_size": models.TRAIN_SIZE,
+            "dit_buckets": sorted(set(_buckets(args, latents))),
             "captions": world.FAMILIES, "vae_psnr_db": psnr, "scaling_factor": scale, "times": times,
             "vae_loss": vae_hist, "dit_loss": dit_hist, "lcm_loss": lcm_hist, "threads": torch.get_num_threads()}
     export(args, args.out, vae, tr, scale, meta)
