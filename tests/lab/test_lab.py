@@ -180,6 +180,9 @@ def test_buckets_keep_their_pixel_size_for_an_f4_vae():
     assert f8 == [b for b in models.BUCKETS if max(b) <= 20] and len(set(f8)) > 1
     assert f4 == [(2 * h, 2 * w) for h, w in f8]
     assert train._buckets(SimpleNamespace(data_size=128, buckets=False), torch.zeros(1, 4, 32, 32)) == [(32, 32)]
+    default = train.parse_args(["--out", "unused"])  # the default data size fits every bucket (v1.3's 128 fit one)
+    side = default.data_size // models.VAE_SCALE
+    assert len(train._buckets(default, torch.zeros(1, 4, side, side))) == len(models.BUCKETS)
 
 
 def test_mode_seams_follow_the_model_geometry():

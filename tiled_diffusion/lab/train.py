@@ -2,8 +2,8 @@
 
 Stages (each resumable: rerun the same command and it continues from the last checkpoint in DIR/ckpt):
 
-1. data     render `--images` world crops of --data-size² px (default TRAIN_SIZE; families in turn, a fresh world
-            seed and a random offset each), cached as uint8 in DIR/cache.
+1. data     render `--images` world crops of --data-size² px (default 160: every bucket fits; families in turn,
+            a fresh world seed and a random offset each), cached as uint8 in DIR/cache.
 2. vae      AutoencoderKL (lab/models.py) on random 64-px crops with flips: L1 + L1 of the image gradients (keeps
             edges) + a small KL. Convolutions and GroupNorm make it size-agnostic. --vae-from FOLDER reuses a
             trained lab VAE instead (the world is unchanged, so the shipped one serves); --vae-init FOLDER
@@ -20,8 +20,10 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             (10% of captions dropped to "" so classifier-free guidance is possible). An EMA of the weights is
             what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
             (PixArt-α's multi-aspect buckets, in f8 latent px, doubled for an f4 VAE; those that fit the cached
-            latents), so --data-size above TRAIN_SIZE gives aspect ratios and larger token grids. --arch
-            overrides the transformer's config.
+            latents), so --data-size above TRAIN_SIZE gives aspect ratios and larger token grids (all of them
+            from 160 px; at 128 only the square one fits, as for lab models up to v1.3). --pos-jitter C trains
+            half the steps with the positions a cross_tile window has on a canvas up to C× the side
+            (CanvasPositions). --arch overrides the transformer's config.
             --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
             (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
             ε-loss there hardly depends on the image or caption, yet the LCM sampler's first step decides the
@@ -535,8 +537,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (checkpoints, cache, and the model in OUT/model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=2048, help="training images rendered from the world")
-    p.add_argument("--data-size", type=int, default=models.TRAIN_SIZE,
-                   help="side of the rendered training images (px); larger than the buckets, crops are drawn")
+    p.add_argument("--data-size", type=int, default=BUCKETS_PX,
+                   help="side of the rendered training images (px; default: the largest bucket's, so every bucket "
+                        "fits); larger than a bucket, crops are drawn")
     p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=True,
                    help="multi-aspect (and multi-size) latent crops, lab/models.BUCKETS, that fit --data-size")
     p.add_argument("--pos-jitter", type=float, default=1.0,
