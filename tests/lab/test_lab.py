@@ -174,12 +174,18 @@ def test_buckets_keep_their_pixel_size_for_an_f4_vae():
 
     from tiled_diffusion.lab import models, train
 
-    args = SimpleNamespace(data_size=160, buckets=True)
+    args = SimpleNamespace(data_size=160, buckets=True, arch="")
     f8 = train._buckets(args, torch.zeros(1, 4, 20, 20))
     f4 = train._buckets(args, torch.zeros(1, 4, 40, 40))
     assert f8 == [b for b in models.BUCKETS if max(b) <= 20] and len(set(f8)) > 1
     assert f4 == [(2 * h, 2 * w) for h, w in f8]
     assert train._buckets(SimpleNamespace(data_size=128, buckets=False), torch.zeros(1, 4, 32, 32)) == [(32, 32)]
+    # the transformer's training field follows the VAE: 16 latent px at f8, 32 at f4 (the canvas forward sizes its
+    # windows by it); --arch still overrides
+    assert train.dit_arch(args, torch.zeros(1, 4, 20, 20))["sample_size"] == 16
+    assert train.dit_arch(args, torch.zeros(1, 4, 40, 40))["sample_size"] == 32
+    assert train.dit_arch(SimpleNamespace(data_size=160, arch='{"sample_size": 8}'), torch.zeros(1, 4, 40, 40)) == \
+        {"sample_size": 8}
     default = train.parse_args(["--out", "unused"])  # the default data size fits every bucket (v1.3's 128 fit one)
     side = default.data_size // models.VAE_SCALE
     assert len(train._buckets(default, torch.zeros(1, 4, side, side))) == len(models.BUCKETS)

@@ -32,7 +32,10 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, norm_num_gro
 # ~the training area at ratios 1:1 to 1:1.67 (square weighted ×3), plus one larger square (1.56× the area) so the
 # model also sees more tokens than at 128² (what a tile of a larger canvas asks of it).
 BUCKETS = ((16, 16),) * 3 + ((14, 18), (18, 14), (12, 20), (20, 12), (20, 20))
-ARCH_KEYS = ("num_attention_heads", "attention_head_dim", "num_layers", "cross_attention_dim", "patch_size")
+# what a folder's transformer config decides (and `lab.train --arch` may change); sample_size and interpolation_scale
+# set the positional grid (base = sample_size / patch tokens), so they travel with the weights
+ARCH_KEYS = ("num_attention_heads", "attention_head_dim", "num_layers", "cross_attention_dim", "patch_size",
+             "sample_size", "interpolation_scale")
 VAE_ARCH_KEYS = ("block_out_channels", "layers_per_block", "norm_num_groups")  # what `lab.train --vae-arch` may change
 
 SCHEDULER_CONFIG = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",

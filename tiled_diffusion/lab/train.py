@@ -292,6 +292,14 @@ def bucket_batch(x0_all: torch.Tensor, families: torch.Tensor, batch: int, bucke
     return x0, families[idx]
 
 
+def dit_arch(args, latents: torch.Tensor) -> dict:
+    """The transformer's config overrides: --arch over a sample_size of the training size in the latents' own px
+    (32 for an f4 VAE: the model's training field, which the canvas forward's windows are sized by)."""
+    k = models.VAE_SCALE * latents.shape[-1] // args.data_size
+    own = {"sample_size": models.TRAIN_SIZE // models.VAE_SCALE * k}
+    return {**own, **(json.loads(args.arch) if args.arch else {})}
+
+
 def _buckets(args, latents: torch.Tensor):
     """lab/models.BUCKETS (f8 latent px) in the latents' own px: ×2 for an f4 VAE, so a bucket keeps its pixel size."""
     H, W = latents.shape[-2:]
@@ -366,7 +374,7 @@ class CanvasPositions:
 def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
     path = os.path.join(ckpt, "dit.pt")
     torch.manual_seed(args.seed + 2)
-    arch = json.loads(args.arch) if args.arch else {}
+    arch = dit_arch(args, latents)
     tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema.load_state_dict(tr.state_dict())
