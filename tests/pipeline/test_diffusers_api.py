@@ -226,5 +226,6 @@ def test_generate_with_a_list_of_prompts_equals_pipe_call(pipe, gs):
                       progress=False, fused_step=False)
     theirs = pipe(prompts, width=W, height=H, num_inference_steps=2, guidance_scale=gs, output_type="latent",
                   generator=torch.Generator().manual_seed(0), clean_caption=False).images
-    assert ours.shape == (2, 4, H // 8, W // 8)
+    f = pipe.vae_scale_factor
+    assert ours.shape == (2, 4, H // f, W // f)
     assert torch.equal(ours, theirs)

@@ -51,7 +51,7 @@ def test_pipe_call_equals_generate_lcm(pipe, mode, tile, gs):
     P.accelerate(pipe, mode=mode, tile=tile, int8=None, text_encoder_int8=False)
     a = call(pipe, guidance_scale=gs)
     b = ours(pipe, guidance_scale=gs, fused_step=False)
-    assert a.shape == (1, 4, H // 8, W // 8)
+    assert a.shape == (1, 4, H // pipe.vae_scale_factor, W // pipe.vae_scale_factor)
     assert torch.equal(a, b)
     if mode == "multidiffusion":  # generate's default fuses the blend with the LCM step
         assert rel_err(ours(pipe, guidance_scale=gs), a) < 1e-4
@@ -119,7 +119,8 @@ def test_transformer_sees_the_requested_canvas_with_default_arguments(pipe):
         out = pipe(PROMPT, width=W, height=H, num_inference_steps=1, generator=gen, clean_caption=False).images
     finally:
         handle.remove()
-    assert seen == [(2, 4, H // 8, W // 8)]  # diffusers' default guidance_scale 4.5: CFG rows batched
+    f = pipe.vae_scale_factor
+    assert seen == [(2, 4, H // f, W // f)]  # diffusers' default guidance_scale 4.5: CFG rows batched
     assert out[0].size == (W, H)
     with pytest.warns(UserWarning, match="binning"):
         call(pipe, steps=1, use_resolution_binning=True)
@@ -130,15 +131,16 @@ def test_request_within_the_bins_keeps_diffusers_binning(pipe):
     P.accelerate(pipe, tile=128, int8=None, text_encoder_int8=False)
     handle = pipe.transformer.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     try:
-        # the tiny model (sample_size 16) has no bins in diffusers (its binning raises): never binned
+        # the tiny model (128 px) has no bins in diffusers: never binned
+        f = pipe.vae_scale_factor
         call(pipe, w=128, h=96, steps=1)
-        assert seen[-1][2:] == (96 // 8, 128 // 8)
-        # a 256-px model (sample_size 32) has: within them, not a bin -> snapped to the nearest, as diffusers does
-        pipe.transformer.register_to_config(sample_size=32)
+        assert seen[-1][2:] == (96 // f, 128 // f)
+        # a 256-px model has: within them, not a bin -> snapped to the nearest, as diffusers does
+        pipe.transformer.register_to_config(sample_size=256 // f)
         call(pipe, w=320, h=160, steps=1)
     finally:
         handle.remove()
-    assert len(seen) == 2 and seen[1][2:] != (160 // 8, 320 // 8)
+    assert len(seen) == 2 and seen[1][2:] != (160 // f, 320 // f)
 
 
 def test_restore_returns_pipe_call_to_its_original_output(pipe):
@@ -159,7 +161,8 @@ def test_output_types_and_callback(pipe):
     steps = []
     pil = call(pipe, steps=2, output_type="pil", callback=lambda i, t, lat: steps.append((i, tuple(lat.shape))))
     assert pil[0].size == (W, H)
-    assert steps == [(0, (1, 4, H // 8, W // 8)), (1, (1, 4, H // 8, W // 8))]
+    f = pipe.vae_scale_factor
+    assert steps == [(0, (1, 4, H // f, W // f)), (1, (1, 4, H // f, W // f))]
     pt = call(pipe, steps=2, output_type="pt")
     assert pt.shape == (1, 3, H, W) and 0 <= pt.min() and pt.max() <= 1
     ref = P.generate(pipe, PROMPT, width=W, height=H, steps=2, seed=0, output_type="pt", progress=False)

@@ -162,10 +162,12 @@ def _revert_class(obj, old_cls):
 
 def _bin_area(pipe) -> int:
     """The largest area (px²) among the resolution bins the pipeline would snap a request to; 0 for a model
-    diffusers has no bins for (a sample_size other than 32/64/128/256, e.g. the lab's 16: its binning raises)."""
-    bins = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
-            32: "ASPECT_RATIO_256_BIN"}
-    sample = pipe.transformer.config.sample_size
+    without bins of its training size in pixels (sample_size × VAE factor other than 256/512/1024/2048, e.g. the
+    lab model's 128: diffusers picks its table by sample_size alone, as if every VAE were f8, so an f4 model's
+    requests would be snapped to bins of twice its size)."""
+    bins = {2048: "ASPECT_RATIO_2048_BIN", 1024: "ASPECT_RATIO_1024_BIN", 512: "ASPECT_RATIO_512_BIN",
+            256: "ASPECT_RATIO_256_BIN"}
+    sample = pipe.transformer.config.sample_size * pipe.vae_scale_factor
     table = getattr(pa, bins.get(sample, ""), None)
     if table is None:
         table = getattr(ps, bins.get(sample, ""), None)
