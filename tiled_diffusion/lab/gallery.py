@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import pipeline as P
+from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW
 from . import models, quality, world
 
 GALLERY_MODES = ("global", "cross_tile r1", "cross_tile r1 shift", "multidiffusion 50%")
@@ -164,7 +165,8 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
         caption, side = EXAMPLE
         t0 = time.perf_counter()
         img = P.generate(pipe, caption, width=side, height=side, steps=steps, seed=0, output_type="pt_raw",
-                         progress=False, mode="cross_tile", tile=None, radius=1)
+                         progress=False, mode="cross_tile", tile=None, radius=1, window=DEFAULT_WINDOW,
+                         stride=DEFAULT_STRIDE)  # the CLI's defaults (the suite's pipe runs tile-blocked windows)
         ex = (caption, img[0].float().clamp(-1, 1))
         fid = quality.fid.fidelity(img.float().clamp(-1, 1), [caption])
         figures["example"] = {"caption": caption, "size": side, "fidelity": fid, "seconds": time.perf_counter() - t0}
