@@ -27,12 +27,11 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
             (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
             ε-loss there hardly depends on the image or caption, yet the LCM sampler's first step decides the
-            scene family at t = 999, where x0(ε̂) amplifies ε̂'s error ~160×. The shipped model (v1.1) was trained
-            with v weighting, γ 100 for 10k steps then γ 1000 for 4k (lab_training.json "recipe"): the teacher's
-            x0(ε̂) at t = 999 from pure noise is classified as the caption's family for 86% of 64 samples (ε-loss,
-            4k steps: 47%), and 4-step samples at 1× read KID 0.40 vs v1's 0.67 (256 samples). Known weakness that
-            remains: sunset and city captions still give a family mixture (fidelity 81% and 45%; city samples
-            drift to forest or ocean), and structure (suns, trunks, lit windows) is mostly missing at 1×.
+            scene family at t = 999, where x0(ε̂) amplifies ε̂'s error ~160×. v1.1 was trained with v weighting,
+            γ 100 for 10k steps then γ 1000 for 4k: the teacher's x0(ε̂) at t = 999 from pure noise is classified
+            as the caption's family for 86% of 64 samples (ε-loss, 4k steps: 47%), and 4-step samples at 1× read
+            KID 0.40 vs v1's 0.67 (256 samples). Every later model keeps that loss; the shipped one's full recipe
+            is in its lab_training.json ("vae_recipe", "dit_recipe"), its figures in NOTES (issue 19).
 5. lcm      latent consistency distillation of the EMA ε-model (`stage_lcm`): 4 LCM steps of an un-distilled
             model draw the captions' mean colours, the distilled one draws structure (--lcm-steps 0 skips it).
             --lcm-guidance w distils the classifier-free-guided teacher (LCM's w; 1: conditional only).
