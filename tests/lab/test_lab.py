@@ -374,6 +374,9 @@ def test_trainer_refuses_vae_arch_keys_it_cannot_change(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--out", "x", "--vae-arch", '{"latent_channels": 8}'])
     assert "--vae-arch: only block_out_channels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--pos-jitter", "0.5"])
+    assert "--pos-jitter: a canvas side ratio >= 1" in capsys.readouterr().err
 
 
 def test_vae_with_three_widths_is_f4_and_round_trips_through_a_folder(tmp_path):

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import PixArtAlphaPipeline
 
+from ..model.positional import positional_embedding
 from . import models, world
 from .text import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
 
@@ -353,8 +354,6 @@ class CanvasPositions:
         self.delta = None
         if not self.hooks or torch.rand(1, generator=g).item() < 0.5:  # no draws without jitter: old streams kept
             return
-        from ..model.positional import positional_embedding
-
         h, w = latent_hw[0] // self.patch, latent_hw[1] // self.patch
         c = math.exp(torch.rand(1, generator=g).item() * math.log(self.max_scale))
         ch, cw = max(h, round(h * c)), max(w, round(w * c))
@@ -587,6 +586,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.vae_arch and set(json.loads(args.vae_arch)) - set(models.VAE_ARCH_KEYS):
         p.error(f"--vae-arch: only {', '.join(models.VAE_ARCH_KEYS)} may change, got {args.vae_arch}")
+    if not args.pos_jitter >= 1:
+        p.error(f"--pos-jitter: a canvas side ratio >= 1 (1: off), got {args.pos_jitter}")
     if args.quick:
         args.images, args.vae_steps, args.dit_steps, args.lcm_steps, args.ckpt_every = 64, 20, 20, 10, 10
     return args

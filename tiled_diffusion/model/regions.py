@@ -16,7 +16,7 @@ How the weights act, per mode:
 - ``multidiffusion``: MultiDiffusion's region blending (Bar-Tal et al. 2023, eq. 5): the canvas forward runs once
   per distinct prompt and the ε predictions are mixed with the latent-pixel weights (P forwards per step).
 
-Layouts: weights fp32 [P, H/8, W/8] (latent pixels); text [B, P·S, C] with prompt p at [p·S, (p+1)·S).
+Layouts: weights fp32 [P, H/f, W/f] (latent pixels of a VAE of factor f, 8 for PixArt); text [B, P·S, C] with prompt p at [p·S, (p+1)·S).
 """
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ class RegionalPrompts:
     def weights(self) -> torch.Tensor:
         """fp32 [P, H/f, W/f] (f = vae_scale): per latent pixel, the weight of each distinct prompt (sums to 1)."""
         if self._weights is None:
-            f = self.vae_scale
-            lh, lw = self.height // f, self.width // f
-            ys = (torch.arange(lh, dtype=torch.float32) + 0.5) * f
-            xs = (torch.arange(lw, dtype=torch.float32) + 0.5) * f
+            s = self.vae_scale
+            lh, lw = self.height // s, self.width // s
+            ys = (torch.arange(lh, dtype=torch.float32) + 0.5) * s
+            xs = (torch.arange(lw, dtype=torch.float32) + 0.5) * s
             layers = [torch.ones(lh, lw)]
             for r in self.regions:
                 f = min(self.feather, (r.x1 - r.x0) / 2, (r.y1 - r.y0) / 2)
