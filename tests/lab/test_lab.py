@@ -398,3 +398,35 @@ def test_vae_with_three_widths_is_f4_and_round_trips_through_a_folder(tmp_path):
     assert len(back.config.down_block_types) == 3
     sd = back.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in vae.state_dict().items())
+
+
+def test_dit_init_grows_a_folder_transformer_without_changing_its_function(tmp_path, capsys):
+    """`lab.train --dit-init FOLDER` (train.grown_from): a trained folder's transformer deepened k× by identity blocks
+    computes what the folder's does (ε channels), source block i sits at i·k, and the folder's config rules."""
+    from tiled_diffusion.lab import models, train
+
+    torch.manual_seed(0)
+    small = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, num_layers=3, sample_size=12,
+                                     interpolation_scale=2)
+    with torch.no_grad():  # diffusers zero-inits nothing we rely on, but make every projection clearly non-zero
+        for p in small.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    models.with_sigma_channels(small).save_pretrained(str(tmp_path / "transformer"), safe_serialization=True)
+    grown, arch = train.grown_from(str(tmp_path), 6)
+    assert arch["num_layers"] == 6 and arch["sample_size"] == 12 and arch["interpolation_scale"] == 2
+    g = torch.Generator().manual_seed(1)
+    x, e = torch.randn(2, 4, 10, 14, generator=g), torch.randn(2, 5, 32, generator=g)
+    kw = dict(encoder_hidden_states=e, timestep=torch.tensor([999, 137]),
+              added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        want = small(x, **kw).sample
+        got = grown(x, **kw).sample
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grown.transformer_blocks[4].attn1.to_q.weight, small.transformer_blocks[2].attn1.to_q.weight)
+    assert not grown.transformer_blocks[3].ff.net[2].weight.any()
+    with pytest.raises(SystemExit, match="not a multiple"):
+        train.grown_from(str(tmp_path), 4)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6, "patch_size": 4}'])
+    assert "--arch differs in {'patch_size': 4}" in capsys.readouterr().err

@@ -23,7 +23,8 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             latents), so --data-size above TRAIN_SIZE gives aspect ratios and larger token grids (all of them
             from 160 px; at 128 only the square one fits, as for lab models up to v1.3). --pos-jitter C trains
             half the steps with the positions a cross_tile window has on a canvas up to C× the side
-            (CanvasPositions). --arch overrides the transformer's config.
+            (CanvasPositions). --arch overrides the transformer's config; --dit-init FOLDER starts from a
+            trained folder's transformer, deepened by identity blocks (grown_from).
             --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
             (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
             ε-loss there hardly depends on the image or caption, yet the LCM sampler's first step decides the
@@ -38,7 +39,7 @@ Stages (each resumable: rerun the same command and it continues from the last ch
 6. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
             DIR/model/lab_training.json (configs, steps, losses, times).
 
-Why one file of ~530 lines: it is one recipe, the six stages in the order they run, each resumable through the same
+Why one file of ~680 lines: it is one recipe, the six stages in the order they run, each resumable through the same
 checkpoint helpers; split, a reader would follow one training run across files.
 
 Everything is drawn from seeded torch.Generators whose states are checkpointed, so a resumed run continues the
@@ -300,12 +301,45 @@ def dit_arch(args, latents: torch.Tensor) -> dict:
     return {**own, **(json.loads(args.arch) if args.arch else {})}
 
 
-def _buckets(args, latents: torch.Tensor):
+@torch.no_grad()
+def grown_from(folder: str, num_layers: int):
+    """--dit-init: a trained lab folder's transformer (its shipped EMA weights, ε channels only) grown to
+    `num_layers`, a multiple k of its depth: source block i becomes block i·k and the blocks between start as
+    identities (the output projections of their self-attention, cross-attention and feed-forward are zero, so each
+    adds nothing to the residual stream). The grown model computes the source's function exactly, so training
+    starts from the trained model instead of from noise; its config (positions included) is the source's."""
+    arch = {**models._arch(folder, "transformer", models.ARCH_KEYS), "num_layers": num_layers}
+    src = {k: v.float() for k, v in models._read(folder, "transformer", "diffusion_pytorch_model.safetensors").items()}
+    depth = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("transformer_blocks."))
+    if num_layers % depth:
+        raise SystemExit(f"--dit-init: num_layers {num_layers} is not a multiple of {folder}'s {depth} layers")
+    k = num_layers // depth
+    p, c = arch["patch_size"], models.TRAIN_OUT_CHANNELS
+    for name in ("proj_out.weight", "proj_out.bias"):  # drop the exported zero σ half (models.with_sigma_channels)
+        t = src[name]
+        src[name] = t.reshape((p * p, -1) + t.shape[1:])[:, :c].reshape((p * p * c,) + t.shape[1:])
+    tr = models.build_transformer(out_channels=c, **arch)
+    sd = tr.state_dict()
+    for name, v in src.items():
+        if name.startswith("transformer_blocks."):
+            _, i, rest = name.split(".", 2)
+            name = f"transformer_blocks.{int(i) * k}.{rest}"
+        sd[name] = v
+    for i in range(num_layers):
+        if i % k:
+            for proj in ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2"):
+                sd[f"transformer_blocks.{i}.{proj}.weight"].zero_()
+                sd[f"transformer_blocks.{i}.{proj}.bias"].zero_()
+    tr.load_state_dict(sd)
+    return tr, arch
+
+
+def _buckets(args, latents: torch.Tensor, warn: bool = True):
     """lab/models.BUCKETS (f8 latent px) in the latents' own px: ×2 for an f4 VAE, so a bucket keeps its pixel size."""
     H, W = latents.shape[-2:]
     k = models.VAE_SCALE * W // args.data_size
     out = [(h * k, w * k) for h, w in models.BUCKETS if h * k <= H and w * k <= W] if args.buckets else []
-    if args.buckets and len(out) < len(models.BUCKETS):
+    if warn and args.buckets and len(out) < len(models.BUCKETS):
         log(f"dit: warning: {len(models.BUCKETS) - len(out)} of {len(models.BUCKETS)} buckets do not fit "
             f"--data-size {args.data_size} and are dropped (all fit from {BUCKETS_PX} px)")
     side = models.TRAIN_SIZE // models.VAE_SCALE * k
@@ -373,7 +407,10 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     path = os.path.join(ckpt, "dit.pt")
     torch.manual_seed(args.seed + 2)
     arch = dit_arch(args, latents)
-    tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
+    if args.dit_init:
+        tr, arch = grown_from(args.dit_init, arch.get("num_layers", models.TRANSFORMER_CONFIG["num_layers"]))
+    else:
+        tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema.load_state_dict(tr.state_dict())
     ema.requires_grad_(False)
@@ -552,6 +589,9 @@ def parse_args(argv=None):
                    help="train half the steps at canvas position densities up to this side ratio (CanvasPositions; "
                         "1: off)")
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
+    p.add_argument("--dit-init", default="", help="a trained lab model folder whose transformer this run's DiT starts "
+                   "from, deepened to --arch's num_layers (a multiple of its depth) by identity blocks (grown_from); "
+                   "its other --arch keys must match the folder's")
     p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
     p.add_argument("--vae-init", default="", help="a model folder whose trained VAE this run's stage 2 continues")
     p.add_argument("--vae-arch", default="", help="JSON overrides of lab/models.VAE_CONFIG to train "
@@ -586,6 +626,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.vae_arch and set(json.loads(args.vae_arch)) - set(models.VAE_ARCH_KEYS):
         p.error(f"--vae-arch: only {', '.join(models.VAE_ARCH_KEYS)} may change, got {args.vae_arch}")
+    if args.dit_init and set(json.loads(args.arch or "{}")) - {"num_layers"}:
+        src = models._arch(args.dit_init, "transformer", models.ARCH_KEYS)
+        clash = {k: v for k, v in json.loads(args.arch).items() if k != "num_layers" and src.get(k) != v}
+        if clash:
+            p.error(f"--dit-init: the transformer's config is {args.dit_init}'s; --arch differs in {clash}")
     if not args.pos_jitter >= 1:
         p.error(f"--pos-jitter: a canvas side ratio >= 1 (1: off), got {args.pos_jitter}")
     if args.quick:
@@ -620,7 +665,7 @@ def main(argv=None) -> int:
         times["lcm_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_all  # this invocation only (a resumed run counts from its start)
     meta = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "train_size": models.TRAIN_SIZE,
-            "dit_buckets": sorted(set(_buckets(args, latents))),
+            "dit_buckets": sorted(set(_buckets(args, latents, warn=False))),
             "captions": world.FAMILIES, "vae_psnr_db": psnr, "scaling_factor": scale, "times": times,
             "vae_loss": vae_hist, "dit_loss": dit_hist, "lcm_loss": lcm_hist, "threads": torch.get_num_threads()}
     export(args, args.out, vae, tr, scale, meta)
