@@ -301,21 +301,26 @@ def test_quality_suite_quick(tmp_path, monkeypatch):
     assert (tmp_path / "contact_256.png").stat().st_size > 0
 
 
-def test_lcm_distillation_trains_what_the_scheduler_samples():
-    """The distillation's consistency function (lab/train.py) is LCMScheduler.step's `denoised` at every
-    timestep the shipped scheduler visits, and the boundary condition holds (f(x, 0) = x)."""
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_lcm_distillation_trains_what_the_scheduler_samples(prediction):
+    """The distillation's consistency function (lab/train.py) of the transformer's output read as ε (as_eps) is
+    LCMScheduler.step's `denoised` at every timestep the shipped scheduler visits, for either prediction type, and
+    the boundary condition holds (f(x, 0) = x)."""
     from tiled_diffusion.lab import models
     from tiled_diffusion.lab import train
 
-    sched = models.build_scheduler()
+    sched = models.build_scheduler(prediction)
     sched.set_timesteps(4)
     ab = sched.alphas_cumprod.float()
     g = torch.Generator().manual_seed(0)
     x, e = torch.randn(1, 4, 6, 5, generator=g), torch.randn(1, 4, 6, 5, generator=g)
     for t in sched.timesteps:
         want = sched.step(e, t, x, generator=torch.Generator().manual_seed(1)).denoised
-        got = train.consistency(e, x, t.view(1), ab, sched.config.timestep_scaling)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got = train.consistency(train.as_eps(e, x, t.view(1), ab, prediction), x, t.view(1), ab,
+                                sched.config.timestep_scaling)
+        # v through ε in fp32: x − (1 − ᾱ)x cancels at t = 999 (ᾱ = 4e-5), an error ~ 6e-8·|x| / sqrt(ᾱ) ≈ 3e-5
+        tol = 1e-5 if prediction == "epsilon" else 1e-4
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     zero = torch.zeros(1, dtype=torch.long)
     torch.testing.assert_close(train.consistency(e, x, zero, ab, sched.config.timestep_scaling), x)
 
@@ -430,3 +435,19 @@ def test_dit_init_grows_a_folder_transformer_without_changing_its_function(tmp_p
     with pytest.raises(SystemExit):
         train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6, "patch_size": 4}'])
     assert "--arch differs in {'patch_size': 4}" in capsys.readouterr().err
+
+
+def test_v_prediction_output_is_the_epsilon_it_means():
+    """train.as_eps: a v-model's output for (x0, ε) at t is v = sqrt(ᾱ)ε − sqrt(1 − ᾱ)x0; read as ε it gives ε back
+    at every t (in float64 here: the identity is exact), and an ε-model's output passes through unchanged."""
+    from tiled_diffusion.lab import models, train
+
+    ab = models.build_scheduler().alphas_cumprod.double()
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0, 1, 250, 500, 999])
+    x0, eps = torch.randn(5, 4, 3, 7, generator=g).double(), torch.randn(5, 4, 3, 7, generator=g).double()
+    a = ab[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    torch.testing.assert_close(train.as_eps(v, xt, t, ab, "v_prediction"), eps, rtol=1e-12, atol=1e-12)
+    assert train.as_eps(eps, xt, t, ab, "epsilon") is eps

@@ -4,7 +4,8 @@ Sizes were chosen for speed on a 2-core CPU (every test that uses `--model tiny`
 training image (16² latent, 8² tokens), a 4-layer PixArt transformer of width 48 (3 heads × 16), a VAE with 16/32
 channels and no mid-block attention (a global attention would not tile and costs O(canvas²)), and the frozen,
 seeded tiny T5 of `tiny.py` (width 32) whose caption embeddings the transformer's caption projection learns to
-read. The noise schedule is PixArt-δ's (LCMScheduler, linear betas 1e-4..0.02, ε-prediction).
+read. The noise schedule is PixArt-δ's (LCMScheduler, linear betas 1e-4..0.02, ε-prediction; a folder's scheduler
+config may say v_prediction instead, `lab.train --prediction`).
 """
 from __future__ import annotations
 
@@ -78,10 +79,13 @@ def build_vae(**overrides):
     return AutoencoderKL(**cfg)
 
 
-def build_scheduler():
+PREDICTIONS = ("epsilon", "v_prediction")  # what the lab's transformer may output (`lab.train --prediction`)
+
+
+def build_scheduler(prediction_type: str = "epsilon"):
     from diffusers import LCMScheduler  # as above: not at import
 
-    return LCMScheduler(**SCHEDULER_CONFIG)
+    return LCMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type})
 
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "tiny_model")
@@ -122,6 +126,8 @@ def load_lab_pipeline(folder: str = MODEL_DIR):
         raise FileNotFoundError(f"no lab model in {folder!r} (train one: python -m tiled_diffusion.lab.train --out DIR)")
     with open(os.path.join(folder, "vae", "config.json")) as f:
         scaling = json.load(f)["scaling_factor"]
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        prediction = json.load(f).get("prediction_type", "epsilon")
     arch = _arch(folder, "transformer", ARCH_KEYS)
     tok = tiny_tokenizer()
     te = tiny_text_encoder(len(tok))
@@ -133,6 +139,6 @@ def load_lab_pipeline(folder: str = MODEL_DIR):
     tr.load_state_dict({k: v.float() for k, v in _read(folder, "transformer", "diffusion_pytorch_model.safetensors").items()})
     vae = load_vae(folder, scaling_factor=scaling)
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te.eval(), vae=vae.eval(), transformer=tr.eval(),
-                               scheduler=build_scheduler())
+                               scheduler=build_scheduler(prediction))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -15,8 +15,8 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             either width tried decode the lit windows as building grey (window share 0), the f4 one carries them
             (0.89 of the truth's, 36.6 dB); its latents are 2× the side, so the DiT takes --arch patch_size 4.
 3. latents  every training image encoded once (posterior mean); the VAE's scaling_factor = 1 / latent std.
-4. dit      PixArtTransformer2DModel, ε-prediction on the LCM scheduler's schedule (linear betas 1e-4..0.02,
-            t uniform in [0, 1000)), conditioned on the caption embeddings of the frozen, seeded tiny T5
+4. dit      PixArtTransformer2DModel, ε-prediction (--prediction v_prediction: v, see as_eps) on the LCM
+            scheduler's schedule (linear betas 1e-4..0.02, t uniform in [0, 1000)), conditioned on the caption embeddings of the frozen, seeded tiny T5
             (10% of captions dropped to "" so classifier-free guidance is possible). An EMA of the weights is
             what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
             (PixArt-α's multi-aspect buckets, in f8 latent px, doubled for an f4 VAE; those that fit the cached
@@ -441,8 +441,8 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
         noise = torch.randn(x0.shape, generator=g)
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = tr(xt, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
-                  added_cond_kwargs=no_cond).sample
+        pred = as_eps(tr(xt, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
+                         added_cond_kwargs=no_cond).sample, xt, t, ab, args.prediction)
         loss = (weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -468,6 +468,19 @@ def lcm_scalings(t: torch.Tensor, timestep_scaling: float) -> tuple[torch.Tensor
     at t = 0 it is x_t itself (the consistency boundary condition), exactly as the scheduler applies it."""
     st = t.double() * timestep_scaling
     return (SIGMA_DATA ** 2 / (st ** 2 + SIGMA_DATA ** 2)).float(), (st / (st ** 2 + SIGMA_DATA ** 2).sqrt()).float()
+
+
+def as_eps(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+           prediction: str) -> torch.Tensor:
+    """The ε a transformer output means (per batch row t): itself for ε-prediction; for v-prediction
+    (v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0) ε = sqrt(ᾱ)·v + sqrt(1 − ᾱ)·x_t, so ε̂ − ε = sqrt(ᾱ)·(v̂ − v) and every loss
+    below stays an ε-loss. Why v (measured 2026-12-07, NOTES issue 19): x0 = (x_t − sqrt(1 − ᾱ)·ε̂) / sqrt(ᾱ)
+    multiplies an ε-model's error by up to 160 at t = 999 and 3.4 at t = 500, and a 96-wide model's per-token
+    errors came out as 16-px mosaics; a v-model's x0 = sqrt(ᾱ)·x_t − sqrt(1 − ᾱ)·v̂ does not amplify them."""
+    if prediction == "epsilon":
+        return out
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * out + (1 - a).sqrt() * x
 
 
 def consistency(e: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -511,8 +524,8 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
     no_cond = {"resolution": None, "aspect_ratio": None}
 
     def eps(model, x, t, cap):
-        return model(x, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
-                     added_cond_kwargs=no_cond).sample
+        return as_eps(model(x, encoder_hidden_states=embeds[cap], encoder_attention_mask=masks[cap], timestep=t,
+                            added_cond_kwargs=no_cond).sample, x, t, ab, args.prediction)
 
     def f(model, x, t, cap):
         return consistency(eps(model, x, t, cap), x, t, ab, ts)
@@ -564,7 +577,7 @@ def export(args, out: str, vae, transformer, scale: float, meta: dict) -> str:
     vae.register_to_config(scaling_factor=scale)
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=vae,
                                transformer=models.with_sigma_channels(transformer),
-                               scheduler=models.build_scheduler())
+                               scheduler=models.build_scheduler(args.prediction))
     folder = os.path.join(out, "model")
     save_pretrained_offline(pipe, folder, safe_serialization=True)
     with open(os.path.join(folder, "lab_training.json"), "w") as f:
@@ -605,6 +618,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
+    p.add_argument("--prediction", choices=models.PREDICTIONS, default="epsilon",
+                   help="what the transformer outputs (PixArt's ε, or v: see as_eps); the exported scheduler says it")
     p.add_argument("--dit-steps", type=int, default=10000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=8e-4)
