@@ -17,8 +17,8 @@ Stages (each resumable: rerun the same command and it continues from the last ch
 3. latents  every training image encoded once (posterior mean); the VAE's scaling_factor = 1 / latent std.
 4. dit      PixArtTransformer2DModel, ε-prediction (--prediction v_prediction: v, see as_eps) on the LCM
             scheduler's schedule (linear betas 1e-4..0.02, t uniform in [0, 1000)), conditioned on the caption
-            embeddings of the frozen, seeded tiny T5 (10% of captions dropped to "" so classifier-free guidance is possible). An EMA of the weights is
-            what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
+            embeddings of the frozen, seeded tiny T5 (10% of captions dropped to "" so classifier-free guidance is
+            possible). An EMA of the weights is what ships. Batches are random latent windows of one shape per step, drawn from lab/models.BUCKETS
             (PixArt-α's multi-aspect buckets, in f8 latent px, doubled for an f4 VAE; those that fit the cached
             latents), so --data-size above TRAIN_SIZE gives aspect ratios and larger token grids (all of them
             from 160 px; at 128 only the square one fits, as for lab models up to v1.3). --pos-jitter C trains
