@@ -163,10 +163,10 @@ def test_blend_lcm_step_vs_reference(impl, with_noise, dtype):
     _lcm_check(prev, den, tiles, oy, ox, w, sample, noise, coeffs)
 
 
-def _pixart_lcm_scheduler():
+def _pixart_lcm_scheduler(prediction_type="epsilon"):
     from diffusers import LCMScheduler
 
-    s = LCMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+    s = LCMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type=prediction_type)
     s.set_timesteps(4)
     return s
 
@@ -175,16 +175,17 @@ def test_lcm_schedule_is_pixart_lcm():
     assert _pixart_lcm_scheduler().timesteps.tolist() == [999, 759, 499, 259]
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("impl", ["cpu", "triton"])
 @pytest.mark.parametrize("case", list(LCM_CASES))
-def test_blend_lcm_step_matches_diffusers_every_step(case, impl):
-    """Every step of a 4-step schedule: the fused op equals LCMScheduler.step on the blended ε canvas,
-    with the noise the scheduler's own generator draws."""
+def test_blend_lcm_step_matches_diffusers_every_step(case, impl, prediction):
+    """Every step of a 4-step schedule: the fused op equals LCMScheduler.step on the blended canvas of model
+    outputs (ε, or v through lcm_coefficients' rewritten pair), with the noise the scheduler's own generator draws."""
     H, W, tile, overlap, B, C = LCM_CASES[case]
     g = _grid(H, W, tile, overlap, B)
     oy, ox = g.origins()
     w = g.blend_weights("gaussian")
-    sched = _pixart_lcm_scheduler()
+    sched = _pixart_lcm_scheduler(prediction)
     gen_sched = torch.Generator().manual_seed(1234)
     gen_ours = torch.Generator().manual_seed(1234)
     sample = torch.randn(B, C, H, W)

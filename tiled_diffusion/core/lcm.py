@@ -10,16 +10,22 @@ import weakref
 import torch
 
 
+PREDICTIONS = ("epsilon", "v_prediction")  # the model outputs one fused LCM step can take
+
+
 def lcm_coefficients(scheduler, step_index: int) -> dict:
     """The scalars `blend_lcm_step` takes for step `step_index` of `scheduler.timesteps` (set_timesteps done).
 
-    Mirrors LCMScheduler.step for prediction_type "epsilon" without thresholding/clipping:
+    Mirrors LCMScheduler.step without thresholding/clipping:
     returns {"timestep", "sqrt_alpha_t", "sqrt_beta_t", "c_skip", "c_out", "sqrt_alpha_prev", "sqrt_beta_prev",
     "last"}; "last" = the final step, where the op gets noise=None (prev_sample = denoised).
+    The op's x0 is (sample − sqrt_beta_t·out) / sqrt_alpha_t, ε-prediction's. A v-prediction model's x0 is
+    √ᾱ·sample − √(1−ᾱ)·v, the same formula with sqrt_alpha_t = 1/√ᾱ and sqrt_beta_t = √(1−ᾱ)/√ᾱ: those are
+    returned for it, so one fused op serves both (the lab's v-model, `lab.train --prediction`).
     """
     cfg = scheduler.config
-    if cfg.prediction_type != "epsilon":
-        raise ValueError(f"lcm_coefficients: only prediction_type='epsilon' is supported, got {cfg.prediction_type!r}")
+    if cfg.prediction_type not in PREDICTIONS:
+        raise ValueError(f"lcm_coefficients: prediction_type must be one of {PREDICTIONS}, got {cfg.prediction_type!r}")
     if cfg.thresholding or cfg.clip_sample:
         raise ValueError("lcm_coefficients: thresholding/clip_sample are not fused; disable them in the scheduler")
     timesteps = scheduler.timesteps
@@ -34,10 +40,13 @@ def lcm_coefficients(scheduler, step_index: int) -> dict:
     a_t = ac[t]
     a_prev = ac[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
     c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    div, k = a_t.sqrt(), (1 - a_t).sqrt()
+    if cfg.prediction_type == "v_prediction":
+        div, k = 1 / a_t.sqrt(), (1 - a_t).sqrt() / a_t.sqrt()
     return {
         "timestep": t,
-        "sqrt_alpha_t": float(a_t.sqrt()),
-        "sqrt_beta_t": float((1 - a_t).sqrt()),
+        "sqrt_alpha_t": float(div),
+        "sqrt_beta_t": float(k),
         "c_skip": float(c_skip),
         "c_out": float(c_out),
         "sqrt_alpha_prev": float(torch.as_tensor(a_prev).sqrt()),

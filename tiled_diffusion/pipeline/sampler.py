@@ -173,7 +173,7 @@ def _batched(added: dict, n: int) -> dict:
 
 def _can_fuse(scheduler) -> bool:
     c = scheduler.config
-    return (isinstance(scheduler, LCMScheduler) and c.prediction_type == "epsilon" and not c.thresholding
+    return (isinstance(scheduler, LCMScheduler) and c.prediction_type in lcm.PREDICTIONS and not c.thresholding
             and not c.clip_sample)
 
 
