@@ -745,7 +745,8 @@ def blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise, sqrt_alp
     one pass: returns (prev_sample, denoised), contiguous, in sample's dtype. denoised = c_skip·sample +
     c_out·(sample − sqrt_beta_t·ε)/sqrt_alpha_t; prev_sample = sqrt_alpha_prev·denoised + sqrt_beta_prev·noise
     (noise None: prev_sample = denoised). tiles/origins/weights as in seam_blend; noise like sample or None;
-    sqrt_alpha_t != 0. Fast paths: CUDA Triton, CPU with the step folded into the blend weights."""
+    sqrt_alpha_t != 0 (a v-prediction model's step is this formula with core/lcm.lcm_coefficients' rewritten pair).
+    Fast paths: CUDA Triton, CPU with the step folded into the blend weights."""
     register_triton_ops()
     return torch.ops.tiled_diffusion.blend_lcm_step(tiles, origins_y, origins_x, weights, sample, noise,
                                                     sqrt_alpha_t, sqrt_beta_t, c_skip, c_out, sqrt_alpha_prev,
