@@ -432,6 +432,11 @@ def test_dit_init_grows_a_folder_transformer_without_changing_its_function(tmp_p
     assert not grown.transformer_blocks[3].ff.net[2].weight.any()
     with pytest.raises(SystemExit, match="not a multiple"):
         train.grown_from(str(tmp_path), 4)
+    same, arch = train.grown_from(str(tmp_path))  # no depth asked: the folder's own
+    assert arch["num_layers"] == 3 and all(torch.equal(v, small.state_dict()[k]) for k, v in same.state_dict().items())
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--dit-init", str(tmp_path / "nowhere")])
+    assert "--dit-init: no trained lab model in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6, "patch_size": 4}'])
     assert "--arch differs in {'patch_size': 4}" in capsys.readouterr().err

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from ..core.lcm import PREDICTIONS  # what the lab's transformer may output (`lab.train --prediction`)
+
 TRAIN_SIZE = 128  # pixels: the image size the lab model is trained at
 VAE_SCALE = 8
 
@@ -77,9 +79,6 @@ def build_vae(**overrides):
     n = len(cfg["block_out_channels"])  # one down / up block per width: 3 widths make an f4 VAE, 4 an f8 one
     cfg["down_block_types"], cfg["up_block_types"] = ("DownEncoderBlock2D",) * n, ("UpDecoderBlock2D",) * n
     return AutoencoderKL(**cfg)
-
-
-PREDICTIONS = ("epsilon", "v_prediction")  # what the lab's transformer may output (`lab.train --prediction`)
 
 
 def build_scheduler(prediction_type: str = "epsilon"):

@@ -302,15 +302,16 @@ def dit_arch(args, latents: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def grown_from(folder: str, num_layers: int):
+def grown_from(folder: str, num_layers: int | None = None):
     """--dit-init: a trained lab folder's transformer (its shipped EMA weights, ε channels only) grown to
-    `num_layers`, a multiple k of its depth: source block i becomes block i·k and the blocks between start as
+    `num_layers` (default: its own depth), a multiple k of its depth: source block i becomes block i·k and the blocks between start as
     identities (the output projections of their self-attention, cross-attention and feed-forward are zero, so each
     adds nothing to the residual stream). The grown model computes the source's function exactly, so training
     starts from the trained model instead of from noise; its config (positions included) is the source's."""
-    arch = {**models._arch(folder, "transformer", models.ARCH_KEYS), "num_layers": num_layers}
+    arch = models._arch(folder, "transformer", models.ARCH_KEYS)
+    depth = arch["num_layers"]
+    num_layers = arch["num_layers"] = num_layers or depth
     src = {k: v.float() for k, v in models._read(folder, "transformer", "diffusion_pytorch_model.safetensors").items()}
-    depth = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("transformer_blocks."))
     if num_layers % depth:
         raise SystemExit(f"--dit-init: num_layers {num_layers} is not a multiple of {folder}'s {depth} layers")
     k = num_layers // depth
@@ -408,7 +409,7 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     torch.manual_seed(args.seed + 2)
     arch = dit_arch(args, latents)
     if args.dit_init:
-        tr, arch = grown_from(args.dit_init, arch.get("num_layers", models.TRANSFORMER_CONFIG["num_layers"]))
+        tr, arch = grown_from(args.dit_init, arch.get("num_layers"))  # --arch's depth, else the folder's
     else:
         tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
@@ -641,6 +642,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.vae_arch and set(json.loads(args.vae_arch)) - set(models.VAE_ARCH_KEYS):
         p.error(f"--vae-arch: only {', '.join(models.VAE_ARCH_KEYS)} may change, got {args.vae_arch}")
+    if args.dit_init and not os.path.exists(os.path.join(args.dit_init, "transformer", "config.json")):
+        p.error(f"--dit-init: no trained lab model in {args.dit_init!r} (a folder lab.train wrote in OUT/model)")
     if args.dit_init and set(json.loads(args.arch or "{}")) - {"num_layers"}:
         src = models._arch(args.dit_init, "transformer", models.ARCH_KEYS)
         clash = {k: v for k, v in json.loads(args.arch).items() if k != "num_layers" and src.get(k) != v}
