@@ -438,8 +438,48 @@ def test_dit_init_grows_a_folder_transformer_without_changing_its_function(tmp_p
         train.parse_args(["--out", "x", "--dit-init", str(tmp_path / "nowhere")])
     assert "--dit-init: no trained lab model in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6, "patch_size": 4}'])
-    assert "--arch differs in {'patch_size': 4}" in capsys.readouterr().err
+        train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6, "num_attention_heads": 2}'])
+    assert "--arch differs in {'num_attention_heads': 2}" in capsys.readouterr().err
+
+
+def test_dit_init_refines_the_patch_keeping_positions_and_piecewise_constant_embeddings(tmp_path, capsys):
+    """`--dit-init FOLDER --arch '{"patch_size": q}'` (grown_from/_refined): the blocks are the folder's; a q-token's
+    position is that of the spot it covers (interpolation_scale × p/q, so the q-grid's every (p/q)-th token carries
+    the p-token's position); on a latent constant over each p-token the q-tokens embed as their p-token did; the
+    output rows are the p-block means; a q not dividing p is refused."""
+    from tiled_diffusion.lab import models, train
+
+    torch.manual_seed(0)
+    src = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, num_layers=2, sample_size=16, patch_size=4,
+                                   interpolation_scale=2)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    models.with_sigma_channels(src).save_pretrained(str(tmp_path / "transformer"), safe_serialization=True)
+    fine, arch = train.grown_from(str(tmp_path), None, 2)
+    assert arch["patch_size"] == 2 and arch["interpolation_scale"] == 4 and arch["num_layers"] == 2
+    assert fine.pos_embed.height == 8 and fine.pos_embed.base_size == 8
+    assert torch.equal(fine.transformer_blocks[1].ff.net[2].weight, src.transformer_blocks[1].ff.net[2].weight)
+    pos_p = src.pos_embed.pos_embed.reshape(4, 4, -1)
+    pos_q = fine.pos_embed.pos_embed.reshape(8, 8, -1)
+    torch.testing.assert_close(pos_q[::2, ::2], pos_p, rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 3, 5, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)  # constant per p-token
+    with torch.no_grad():
+        e_p, e_q = src.pos_embed.proj(x), fine.pos_embed.proj(x)
+    assert e_p.abs().mean() > 0.1
+    for i in range(2):
+        for j in range(2):
+            torch.testing.assert_close(e_q[..., i::2, j::2], e_p, rtol=1e-5, atol=1e-5)
+    w_p = src.proj_out.weight.reshape(4, 4, 4, -1)  # (pixel row, pixel col, channel, D)
+    w_q = fine.proj_out.weight.reshape(2, 2, 4, -1)
+    torch.testing.assert_close(w_q[1, 0], w_p[2:4, 0:2].mean(dim=(0, 1)), rtol=1e-6, atol=1e-7)
+    with pytest.raises(SystemExit, match="does not divide"):
+        train.grown_from(str(tmp_path), None, 3)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"patch_size": 3}'])
+    assert "must divide" in capsys.readouterr().err
+    assert train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"patch_size": 2}']).arch
 
 
 def test_v_prediction_output_is_the_epsilon_it_means():

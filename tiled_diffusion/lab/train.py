@@ -24,7 +24,7 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             from 160 px; at 128 only the square one fits, as for lab models up to v1.3). --pos-jitter C trains
             half the steps with the positions a cross_tile window has on a canvas up to C× the side
             (CanvasPositions). --arch overrides the transformer's config; --dit-init FOLDER starts from a
-            trained folder's transformer, deepened by identity blocks (grown_from).
+            trained folder's transformer, deepened by identity blocks or re-cut to a finer patch (grown_from).
             --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
             (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
             ε-loss there hardly depends on the image or caption, yet the LCM sampler's first step decides the
@@ -302,23 +302,32 @@ def dit_arch(args, latents: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def grown_from(folder: str, num_layers: int | None = None):
+def grown_from(folder: str, num_layers: int | None = None, patch_size: int | None = None):
     """--dit-init: a trained lab folder's transformer (its shipped EMA weights, ε channels only) grown to
-    `num_layers` (default: its own depth), a multiple k of its depth: source block i becomes block i·k and the blocks between start as
-    identities (the output projections of their self-attention, cross-attention and feed-forward are zero, so each
-    adds nothing to the residual stream). The grown model computes the source's function exactly, so training
-    starts from the trained model instead of from noise; its config (positions included) is the source's."""
+    `num_layers` (default: its own depth), a multiple k of its depth: source block i becomes block i·k and the blocks
+    between start as identities (the output projections of their self-attention, cross-attention and feed-forward are
+    zero, so each adds nothing to the residual stream). The grown model computes the source's function exactly, so
+    training starts from the trained model instead of from noise; its config (positions included) is the source's.
+
+    `patch_size` q dividing the folder's p (finer tokens): the blocks are kept and the two ends re-cut (`_refined`),
+    with interpolation_scale ×p/q so every token keeps the position of the spot it covers. Not exact (each token now
+    sees a (p/q)²-th of its former area), but it starts from what the blocks learned instead of from noise."""
     arch = models._arch(folder, "transformer", models.ARCH_KEYS)
-    depth = arch["num_layers"]
+    depth, p = arch["num_layers"], arch["patch_size"]
     num_layers = arch["num_layers"] = num_layers or depth
+    q = arch["patch_size"] = patch_size or p
     src = {k: v.float() for k, v in models._read(folder, "transformer", "diffusion_pytorch_model.safetensors").items()}
     if num_layers % depth:
         raise SystemExit(f"--dit-init: num_layers {num_layers} is not a multiple of {folder}'s {depth} layers")
-    k = num_layers // depth
-    p, c = arch["patch_size"], models.TRAIN_OUT_CHANNELS
+    if p % q:
+        raise SystemExit(f"--dit-init: patch_size {q} does not divide {folder}'s patch_size {p}")
+    k, c = num_layers // depth, models.TRAIN_OUT_CHANNELS
     for name in ("proj_out.weight", "proj_out.bias"):  # drop the exported zero σ half (models.with_sigma_channels)
         t = src[name]
         src[name] = t.reshape((p * p, -1) + t.shape[1:])[:, :c].reshape((p * p * c,) + t.shape[1:])
+    if q != p:
+        arch["interpolation_scale"] = arch["interpolation_scale"] * p // q
+        src.update(_refined(src, p, q, c))
     tr = models.build_transformer(out_channels=c, **arch)
     sd = tr.state_dict()
     for name, v in src.items():
@@ -333,6 +342,21 @@ def grown_from(folder: str, num_layers: int | None = None):
                 sd[f"transformer_blocks.{i}.{proj}.bias"].zero_()
     tr.load_state_dict(sd)
     return tr, arch
+
+
+def _refined(src: dict, p: int, q: int, c: int) -> dict:
+    """The patch embedding and output projection of patch p re-cut for patch q | p, read as the p-model seen at
+    (p/q)× zoom: a q-token's pixel (i, j) stands for the r × r block (r = p/q) of p-pixels it magnifies, so its input
+    weight is that block's sum (a token on a field constant over the p-token it lies in embeds exactly as that p-token
+    did), and its output rows are the block's mean (the p-token's prediction averaged over the pixel's area)."""
+    r = p // q
+    w = src["pos_embed.proj.weight"]  # [D, C_in, p, p]
+    out = {"pos_embed.proj.weight": w.reshape(w.shape[0], w.shape[1], q, r, q, r).sum(dim=(3, 5))}
+    for name in ("proj_out.weight", "proj_out.bias"):  # rows ordered (pixel row, pixel col, channel)
+        t = src[name]
+        t = t.reshape((q, r, q, r, c) + t.shape[1:]).mean(dim=(1, 3))
+        out[name] = t.reshape((q * q * c,) + t.shape[3:])
+    return out
 
 
 def _buckets(args, latents: torch.Tensor, warn: bool = True):
@@ -409,7 +433,7 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     torch.manual_seed(args.seed + 2)
     arch = dit_arch(args, latents)
     if args.dit_init:
-        tr, arch = grown_from(args.dit_init, arch.get("num_layers"))  # --arch's depth, else the folder's
+        tr, arch = grown_from(args.dit_init, arch.get("num_layers"), arch.get("patch_size"))  # --arch's, else the folder's
     else:
         tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
@@ -604,8 +628,8 @@ def parse_args(argv=None):
                         "1: off)")
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
     p.add_argument("--dit-init", default="", help="a trained lab model folder whose transformer this run's DiT starts "
-                   "from, deepened to --arch's num_layers (a multiple of its depth) by identity blocks (grown_from); "
-                   "its other --arch keys must match the folder's")
+                   "from, deepened to --arch's num_layers (a multiple of its depth) by identity blocks and re-cut to "
+                   "a patch_size dividing its own (grown_from); its other --arch keys must match the folder's")
     p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
     p.add_argument("--vae-init", default="", help="a model folder whose trained VAE this run's stage 2 continues")
     p.add_argument("--vae-arch", default="", help="JSON overrides of lab/models.VAE_CONFIG to train "
@@ -644,11 +668,16 @@ def parse_args(argv=None):
         p.error(f"--vae-arch: only {', '.join(models.VAE_ARCH_KEYS)} may change, got {args.vae_arch}")
     if args.dit_init and not os.path.exists(os.path.join(args.dit_init, "transformer", "config.json")):
         p.error(f"--dit-init: no trained lab model in {args.dit_init!r} (a folder lab.train wrote in OUT/model)")
+    grows = {"num_layers", "patch_size"}  # what --dit-init may change (grown_from); the rest is the folder's
     if args.dit_init and set(json.loads(args.arch or "{}")) - {"num_layers"}:
         src = models._arch(args.dit_init, "transformer", models.ARCH_KEYS)
-        clash = {k: v for k, v in json.loads(args.arch).items() if k != "num_layers" and src.get(k) != v}
+        arch = json.loads(args.arch)
+        clash = {k: v for k, v in arch.items() if k not in grows and src.get(k) != v}
         if clash:
             p.error(f"--dit-init: the transformer's config is {args.dit_init}'s; --arch differs in {clash}")
+        if src["patch_size"] % arch.get("patch_size", src["patch_size"]):
+            p.error(f"--dit-init: --arch patch_size {arch['patch_size']} must divide {args.dit_init}'s "
+                    f"{src['patch_size']} (finer tokens only)")
     if not args.pos_jitter >= 1:
         p.error(f"--pos-jitter: a canvas side ratio >= 1 (1: off), got {args.pos_jitter}")
     if args.quick:
