@@ -478,7 +478,10 @@ def test_dit_init_refines_the_patch_keeping_positions_and_piecewise_constant_emb
         train.grown_from(str(tmp_path), None, 3)
     with pytest.raises(SystemExit):
         train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"patch_size": 3}'])
-    assert "must divide" in capsys.readouterr().err
+    assert "must be a positive divisor of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not a traceback from `% 0`
+        train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"patch_size": 0}'])
+    assert "must be a positive divisor of" in capsys.readouterr().err
     assert train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"patch_size": 2}']).arch
 
 

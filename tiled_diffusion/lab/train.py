@@ -326,7 +326,7 @@ def grown_from(folder: str, num_layers: int | None = None, patch_size: int | Non
         t = src[name]
         src[name] = t.reshape((p * p, -1) + t.shape[1:])[:, :c].reshape((p * p * c,) + t.shape[1:])
     if q != p:
-        arch["interpolation_scale"] = arch["interpolation_scale"] * p // q
+        arch["interpolation_scale"] = arch["interpolation_scale"] * (p // q)  # exact for any scale: q | p
         src.update(_refined(src, p, q, c))
     tr = models.build_transformer(out_channels=c, **arch)
     sd = tr.state_dict()
@@ -675,9 +675,10 @@ def parse_args(argv=None):
         clash = {k: v for k, v in arch.items() if k not in grows and src.get(k) != v}
         if clash:
             p.error(f"--dit-init: the transformer's config is {args.dit_init}'s; --arch differs in {clash}")
-        if src["patch_size"] % arch.get("patch_size", src["patch_size"]):
-            p.error(f"--dit-init: --arch patch_size {arch['patch_size']} must divide {args.dit_init}'s "
-                    f"{src['patch_size']} (finer tokens only)")
+        q = arch.get("patch_size", src["patch_size"])
+        if not isinstance(q, int) or q < 1 or src["patch_size"] % q:
+            p.error(f"--dit-init: --arch patch_size {arch['patch_size']} must be a positive divisor of "
+                    f"{args.dit_init}'s {src['patch_size']} (finer tokens only)")
     if not args.pos_jitter >= 1:
         p.error(f"--pos-jitter: a canvas side ratio >= 1 (1: off), got {args.pos_jitter}")
     if args.quick:
