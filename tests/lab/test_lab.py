@@ -438,7 +438,8 @@ def test_dit_init_grows_a_folder_transformer_without_changing_its_function(tmp_p
         train.parse_args(["--out", "x", "--dit-init", str(tmp_path / "nowhere")])
     assert "--dit-init: no trained lab model in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6, "num_attention_heads": 2}'])
+        train.parse_args(["--out", "x", "--dit-init", str(tmp_path),
+                          "--arch", '{"num_layers": 6, "num_attention_heads": 2}'])
     assert "--arch differs in {'num_attention_heads': 2}" in capsys.readouterr().err
 
 

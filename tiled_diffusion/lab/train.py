@@ -433,7 +433,8 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     torch.manual_seed(args.seed + 2)
     arch = dit_arch(args, latents)
     if args.dit_init:
-        tr, arch = grown_from(args.dit_init, arch.get("num_layers"), arch.get("patch_size"))  # --arch's, else the folder's
+        # --arch's depth and patch, else the folder's
+        tr, arch = grown_from(args.dit_init, arch.get("num_layers"), arch.get("patch_size"))
     else:
         tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
     ema = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, **arch)
