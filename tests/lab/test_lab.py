@@ -441,6 +441,10 @@ def test_dit_init_grows_a_folder_transformer_without_changing_its_function(tmp_p
         train.parse_args(["--out", "x", "--dit-init", str(tmp_path),
                           "--arch", '{"num_layers": 6, "num_attention_heads": 2}'])
     assert "--arch differs in {'num_attention_heads': 2}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused at parse time, before the data and VAE stages run
+        train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 4}'])
+    assert "must be a positive multiple of" in capsys.readouterr().err
+    assert train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6}']).arch
 
 
 def test_dit_init_refines_the_patch_keeping_positions_and_piecewise_constant_embeddings(tmp_path, capsys):

@@ -670,7 +670,7 @@ def parse_args(argv=None):
     if args.dit_init and not os.path.exists(os.path.join(args.dit_init, "transformer", "config.json")):
         p.error(f"--dit-init: no trained lab model in {args.dit_init!r} (a folder lab.train wrote in OUT/model)")
     grows = {"num_layers", "patch_size"}  # what --dit-init may change (grown_from); the rest is the folder's
-    if args.dit_init and set(json.loads(args.arch or "{}")) - {"num_layers"}:
+    if args.dit_init and args.arch:  # refused here, before the data and VAE stages run, not at the DiT stage
         src = models._arch(args.dit_init, "transformer", models.ARCH_KEYS)
         arch = json.loads(args.arch)
         clash = {k: v for k, v in arch.items() if k not in grows and src.get(k) != v}
@@ -680,6 +680,10 @@ def parse_args(argv=None):
         if not isinstance(q, int) or q < 1 or src["patch_size"] % q:
             p.error(f"--dit-init: --arch patch_size {arch['patch_size']} must be a positive divisor of "
                     f"{args.dit_init}'s {src['patch_size']} (finer tokens only)")
+        n = arch.get("num_layers", src["num_layers"])
+        if not isinstance(n, int) or n < 1 or n % src["num_layers"]:
+            p.error(f"--dit-init: --arch num_layers {n} must be a positive multiple of {args.dit_init}'s "
+                    f"{src['num_layers']} layers (identity blocks between them)")
     if not args.pos_jitter >= 1:
         p.error(f"--pos-jitter: a canvas side ratio >= 1 (1: off), got {args.pos_jitter}")
     if args.quick:
