@@ -59,9 +59,14 @@ def reload(folder):
 
 
 def test_save_pretrained_after_accelerate_reloads_as_the_original_model(pipe, tmp_path):
-    """Kept originals (the default): plain diffusers reloads the exact float model -> the same image, bitwise."""
+    """Kept originals (the default): plain diffusers reloads the exact float model (every saved tensor bitwise the
+    original) -> the same image. The image is compared to fp32 rounding, not bitwise: the reloaded weights sit in
+    other (safetensors-aligned) buffers and a BLAS may block its sums by alignment (MKL's conditional
+    reproducibility: bitwise here on an AMX Xeon, not on the CI's Zen 4), ~1e-7 relative per sum, < 1e-5 after
+    2 steps and the VAE."""
     before = call(pipe, output_type="pt")
-    float_keys = {c: set(getattr(pipe, c).state_dict()) for c in ("transformer", "text_encoder")}
+    originals = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()}
+                 for c in ("transformer", "text_encoder")}
     P.accelerate(pipe, tile=128, int8="w8a8")
     assert any(isinstance(m, Int8Linear) for m in pipe.transformer.modules())
     assert any(isinstance(m, Int8Embedding) for m in pipe.text_encoder.modules())
@@ -70,8 +75,10 @@ def test_save_pretrained_after_accelerate_reloads_as_the_original_model(pipe, tm
         saved = saved_tensors(tmp_path, comp)
         assert not [k for k in saved if k.endswith("weight_scale")]
         assert all(t.is_floating_point() for t in saved.values()), comp
-        assert set(saved) <= float_keys[comp]
-    assert torch.equal(call(reload(tmp_path), output_type="pt"), before)
+        assert set(saved) <= set(originals[comp])
+        assert all(torch.equal(t, originals[comp][k]) for k, t in saved.items()), comp
+    after = call(reload(tmp_path), output_type="pt")
+    assert after.shape == before.shape and rel_err(after, before) < 1e-5
 
 
 def test_save_without_originals_writes_dequantized_floats(pipe, tmp_path):
