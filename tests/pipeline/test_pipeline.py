@@ -165,3 +165,29 @@ def test_int8_auto_is_the_default_and_follows_resolve_mode(pipe):
     assert any(isinstance(m, Int8Linear) for m in pipe.transformer.modules()) == (expected is not None)
     assert P.accelerate(pipe, int8="auto", text_encoder_int8=False) is pipe  # the same resolved settings: no-op
     P.restore(pipe)
+
+
+@pytest.mark.parametrize("p,c,d", [(2, 4, 96), (4, 4, 24), (2, 3, 17)])
+def test_patch_tokens_is_the_conv_and_band_stable(p, c, d):
+    """model.positional.patch_tokens: PatchEmbed's conv as one GEMM over flattened patches — the conv's values (fp32:
+    the same 4·p² products summed in another order, < 1e-6 relative) in raster token order, and any band of token
+    rows embeds bitwise as those rows of the whole input (what a rank's band relies on; the conv's kernel choice
+    depends on the input's extent, so its rows need not)."""
+    from tiled_diffusion.model.positional import patch_tokens
+
+    gen = torch.Generator().manual_seed(p * 100 + d)
+    conv = torch.nn.Conv2d(c, d, p, stride=p)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        conv.bias.copy_(torch.randn(d, generator=gen))
+        h, w = 37, 11  # token rows, columns
+        x = torch.randn(2, c, h * p, w * p, generator=gen)
+        full = patch_tokens(conv, x)
+        ref = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=p)
+        ref = ref.flatten(2).transpose(1, 2)
+        assert full.shape == (2, h * w, d)
+        assert ((full.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+        for a, b in ((0, 5), (13, 37), (20, 29)):
+            assert torch.equal(patch_tokens(conv, x[:, :, a * p:b * p]), full[:, a * w:b * w])
+        odd = torch.nn.Conv2d(c, d, 3, stride=1, padding=1)  # not a patchify conv: left to torch
+        assert torch.equal(patch_tokens(odd, x), odd(x).flatten(2).transpose(1, 2))

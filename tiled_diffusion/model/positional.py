@@ -93,6 +93,22 @@ def positional_embedding(mode: str, dim: int, canvas: tuple[int, int], tile: tup
     return emb[ys[:, :, None], xs[:, None, :]].reshape(offsets.shape[0], h * w, dim)
 
 
+def patch_tokens(proj: torch.nn.Conv2d, latent: torch.Tensor) -> torch.Tensor:
+    """PatchEmbed's conv (kernel = stride = p, no padding) as one GEMM over the tokens' flattened patches: latent
+    [B, C, h·p, w·p] -> [B, h·w, D] in raster order, the same products as the conv. Why: each token's row of a GEMM
+    is the same dot product whatever the number of rows, while the conv's oneDNN kernel choice depends on the
+    input's extent (lab model v1.6, 4->96 channels, p 2: the rows of a 64-row band differed by 1 ulp from the
+    same rows of the 160-row canvas's conv), so a rank's band (parallel/) embeds bitwise as the one-process canvas
+    does only this way."""
+    if (proj.kernel_size != proj.stride or proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1
+            or proj.kernel_size[0] != proj.kernel_size[1]):
+        return proj(latent).flatten(2).transpose(1, 2)  # not a patchify conv: diffusers' own path
+    B, C, H, W = latent.shape
+    p = proj.kernel_size[0]
+    t = latent.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    return torch.nn.functional.linear(t, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+
+
 class CanvasPatchEmbed(PatchEmbed):
     """PatchEmbed that knows where its input sits on the canvas (read from `self._td_state`, a TileContext).
 
@@ -109,8 +125,10 @@ class CanvasPatchEmbed(PatchEmbed):
         if st is None or st.canvas_tokens is None or self.pos_embed is None or self.pos_embed_max_size:
             return super().forward(latent)
         h, w = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
-        x = self.proj(latent)
-        x = x.flatten(2).transpose(1, 2)  # BCHW -> BNC (raster order)
+        if st.grid is not None or st.neighborhood is not None:  # a canvas cut into windows: maybe into bands
+            x = patch_tokens(self.proj, latent)
+        else:  # one whole input (global, a multidiffusion tile): diffusers' conv, so global equals the plain pipeline
+            x = self.proj(latent).flatten(2).transpose(1, 2)  # BCHW -> BNC (raster order)
         if self.layer_norm:
             x = self.norm(x)
         if st.positional == "tile_local" and st.grid is not None:
