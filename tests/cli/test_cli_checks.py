@@ -167,12 +167,12 @@ def test_nproc_bad_request_is_one_line_from_the_launcher(tmp_path, capsys, monke
 
 
 def test_nproc_more_ranks_than_row_bands_is_one_line_from_the_launcher(tmp_path, capsys, monkeypatch):
-    """256² has 16 token rows: one 16-row block of the default token-centred windows, so 3 ranks are refused
-    before any worker starts (each worker used to fail with its own traceback)."""
+    """256x128 has 16 token rows (the tiny model's 8-px tokens): one 16-row block of the default token-centred
+    windows, so 3 ranks are refused before any worker starts (each worker used to fail with its own traceback)."""
     from tiled_diffusion import parallel as distributed
 
     monkeypatch.setattr(distributed, "launch_local", lambda *a: pytest.fail("workers started"))
-    err = one_line(capsys, gen(tmp_path, "--nproc", "3", "--size", "256x256"))
+    err = one_line(capsys, gen(tmp_path, "--nproc", "3", "--size", "256x128"))
     assert "3 ranks but the canvas has only 1 row blocks of 16 tokens" in err
 
 

@@ -75,9 +75,9 @@ def test_shipped_model_loads_offline(lab_pipe, monkeypatch):
 
 
 # Thresholds of the shipped model's 1x tests, from its measured figures on these exact samples (seed 0, 8 per
-# family, 4 LCM steps; lab model v1.5, issue 19; the same at 1 and 2 threads): KID -0.020 vs 3.77 for pixel noise
-# (share -0.005, on the model's own VAE features; at 32 samples the estimator reads |KID| < 0.1 between two
-# ground-truth sets, 256 samples on one fixed extractor say 0.088 vs v1.4's 0.132, NOTES); prompt fidelity 8/8 for
+# family, 4 LCM steps; lab model v1.6, issue 19; the same at 1 and 2 threads): KID -0.140 vs 3.77 for pixel noise
+# (share -0.037, on the model's own VAE features; at 32 samples the estimator reads |KID| < 0.1 between two
+# ground-truth sets, 256 samples on one fixed extractor say 0.055 vs v1.5's 0.075, NOTES); prompt fidelity 8/8 for
 # every family. Each fidelity floor is the measured share less one sample (a sample near the classifier's boundary
 # may flip with the thread count's float reassociation); the KID margin, a tenth of the noise's distance (0.38),
 # sits above the estimator's spread at this count (0.1) and far below the earlier models' margin (half).

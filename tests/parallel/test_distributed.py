@@ -355,10 +355,11 @@ def test_token_centred_bands_are_checked_before_any_work():
     pipe = tiny_pipeline()
     P.accelerate(pipe, mode="cross_tile", int8=None, text_encoder_int8=False)  # default: token-centred
     try:
-        D.check_world(pipe, 3, width=256, height=640)  # 40 token rows: blocks of 16, 16, 8
+        px = pipe.vae_scale_factor * pipe.transformer.config.patch_size  # one token row in pixels
+        D.check_world(pipe, 3, width=256, height=40 * px)  # 40 token rows: blocks of 16, 16, 8
         with pytest.raises(ValueError, match="4 ranks but the canvas has only 3 row blocks of 16 tokens"):
-            D.check_world(pipe, 4, width=256, height=640)
-        D.check_world(pipe, 2, width=256, height=640, window=None, shift=True)  # shifted blocks: token rows too
+            D.check_world(pipe, 4, width=256, height=40 * px)
+        D.check_world(pipe, 2, width=256, height=40 * px, window=None, shift=True)  # shifted blocks: token rows too
     finally:
         P.restore(pipe)
     try:

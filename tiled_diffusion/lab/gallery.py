@@ -30,7 +30,11 @@ from .. import pipeline as P
 from ..core.config import DEFAULT_STRIDE, DEFAULT_WINDOW
 from . import models, quality, world
 
-GALLERY_MODES = ("global", "cross_tile r1", "cross_tile r1 shift", "multidiffusion 50%")
+# the untiled model, the CLI's default (token-centred windows), tile-blocked windows, overlapping tiles
+DEFAULT_MODE = next(m.name for m in quality.MODES
+                    if (dict(m.overrides).get("window"), dict(m.overrides).get("stride")) == (DEFAULT_WINDOW,
+                                                                                            DEFAULT_STRIDE))
+GALLERY_MODES = ("global", DEFAULT_MODE, "cross_tile r1", "multidiffusion 50%")
 EXAMPLE = ("a city at night", 1024)  # the README's first example: tiled-diffusion generate --size 1024x1024
 
 

@@ -4,10 +4,10 @@ ground truth rendered from the same world at the same size (benchmarks/bench_qua
 Per (canvas size, mode), over the same seeds (seed s draws family s mod 4 and its caption):
 
 - seam_ratio   mean |∇| across the mode's own tile seams / mean |∇| at the other lines of the same phase on the
-               model's token grid (`metrics.seam_ratio(period=Geometry.token)`, 16 px = patch 2 × VAE 8, or patch
-               4 × VAE 4). Every
+               model's token grid (`metrics.seam_ratio(period=Geometry.token)`: 16 px = patch 2 × VAE 8 for PixArt,
+               8 px = patch 2 × VAE 4 for the shipped lab model). Every
                seam of every mode is a token boundary, and the model draws its own texture on that grid (its
-               patch embedding and output unpatchify work per 16-px token), so the baseline must be the other
+               patch embedding and output unpatchify work per token), so the baseline must be the other
                token boundaries: against all 8-px lines (the suite's metric until 2026-12-06) a mode with no seam
                at all read 1.13 on any 64-px grid, at every offset (benchmarks/NOTES.md, issue 18).
                cross_tile: its token grid (plus the half-tile shifted grid when shift is on); multidiffusion:
@@ -58,7 +58,8 @@ GT_SEED0 = 1_000_000  # ground-truth world seeds: far from the trainer's (seed·
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """A model's pixel geometry: the VAE's factor and the transformer's patch. Seams are drawn in pixels from it and
-    scored on its token grid (`token` px: 16 for PixArt's f8 VAE with patch 2, and for an f4 VAE with patch 4)."""
+    scored on its token grid (`token` px: 16 for PixArt's f8 VAE with patch 2, 8 for the lab model's f4 VAE with
+    patch 2)."""
     vae: int = 8
     patch: int = 2
 
@@ -99,7 +100,7 @@ MODES = (
     Mode("cross_tile r1 train-size tiles", "cross_tile", (("radius", 1), ("tile", models.TRAIN_SIZE))),
     Mode("cross_tile r1 shift train-size tiles", "cross_tile", (("radius", 1), ("shift", True),
                                                                 ("tile", models.TRAIN_SIZE))),
-    # token-centred windows (issue 18), window and stride in multiples of the training size (8 tokens here)
+    # token-centred windows (issue 18), window and stride in multiples of the training size (16 tokens, lab v1.6)
     Mode("window 0.5x stride 1", "cross_tile", (("window", 0.5), ("stride", 0.0))),
     Mode("window 0.75x stride 1", "cross_tile", (("window", 0.75), ("stride", 0.0))),
     Mode("window 1x stride 1", "cross_tile", (("window", 1.0), ("stride", 0.0))),
