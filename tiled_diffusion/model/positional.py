@@ -105,7 +105,8 @@ def patch_tokens(proj: torch.nn.Conv2d, latent: torch.Tensor) -> torch.Tensor:
         return proj(latent).flatten(2).transpose(1, 2)  # not a patchify conv: diffusers' own path
     B, C, H, W = latent.shape
     p = proj.kernel_size[0]
-    t = latent.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    t = latent.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
+    t = t.reshape(B, (H // p) * (W // p), C * p * p)  # the conv weight's (C, p, p) order per token
     return torch.nn.functional.linear(t, proj.weight.reshape(proj.out_channels, -1), proj.bias)
 
 
