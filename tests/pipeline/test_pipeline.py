@@ -6,7 +6,7 @@ from diffusers import PixArtSigmaPipeline
 from tiled_diffusion import pipeline as P
 from tiled_diffusion.pipeline import swaps
 from tiled_diffusion.model.attention import CrossTileAttnProcessor
-from tiled_diffusion.model.positional import CanvasPatchEmbed
+from tiled_diffusion.model.positional import CanvasPatchEmbed, patch_tokens
 from tiled_diffusion.tiny import tiny_pipeline
 
 PROMPT = "a small dog in the snow"
@@ -173,8 +173,6 @@ def test_patch_tokens_is_the_conv_and_band_stable(p, c, d):
     the same 4·p² products summed in another order, < 1e-6 relative) in raster token order, and any band of token
     rows embeds bitwise as those rows of the whole input (what a rank's band relies on; the conv's kernel choice
     depends on the input's extent, so its rows need not)."""
-    from tiled_diffusion.model.positional import patch_tokens
-
     gen = torch.Generator().manual_seed(p * 100 + d)
     conv = torch.nn.Conv2d(c, d, p, stride=p)
     with torch.no_grad():
