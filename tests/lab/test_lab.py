@@ -167,6 +167,64 @@ def test_bucket_batch_draws_one_shape_of_windows():
         assert any(torch.equal(row, src[:, a:a + h, b:b + w]) for a in range(11 - h) for b in range(13 - w))
 
 
+def test_field_scale_batches_hold_larger_fields_with_fewer_rows():
+    """--field-scale F: about half the batches are F× the bucket's side with 1/F² the rows (the same tokens), each
+    row still a window of one cached latent; F = 1 draws nothing extra (old recipes keep their streams); a data size
+    that cannot hold the larger fields is refused."""
+    from types import SimpleNamespace
+
+    from tiled_diffusion.lab import train
+
+    lat = torch.randn(3, 4, 20, 24, generator=torch.Generator().manual_seed(1))
+    fam = torch.tensor([0, 1, 2])
+    shapes = set()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(16):
+        x0, f = train.bucket_batch(lat, fam, 8, [(5, 6)], g, field_scale=2)
+        shapes.add((x0.shape[0],) + tuple(x0.shape[2:]))
+        row, src = x0[0], lat[int(f[0])]
+        h, w = row.shape[-2:]
+        assert any(torch.equal(row, src[:, a:a + h, b:b + w]) for a in range(21 - h) for b in range(25 - w))
+    assert shapes == {(8, 5, 6), (2, 10, 12)}
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    train.bucket_batch(lat, fam, 8, [(5, 6)], g1, field_scale=1)
+    train.bucket_batch(lat, fam, 8, [(5, 6)], g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    with pytest.raises(SystemExit, match="--field-scale 2 makes fields of up to 256 px"):
+        train._buckets(SimpleNamespace(data_size=128, buckets=False, field_scale=2), torch.zeros(1, 4, 32, 32))
+
+
+def test_windowed_fields_attend_as_the_canvas_forward():
+    """lab/train.WindowedFields: on a field larger than the training field, every attn1 is the token-centred
+    window attention of the canvas forward's default (reference.neighborhood_attention, window = training field,
+    stride one token); on a field the window covers it is diffusers' own attention, bitwise; removed, the
+    processors are the originals again."""
+    from tiled_diffusion.lab import models, train
+    from tiled_diffusion.reference import neighborhood_attention
+
+    torch.manual_seed(0)
+    tr = models.build_transformer(num_layers=2, sample_size=8, patch_size=2)  # a 4-token window
+    attn = tr.transformer_blocks[0].attn1
+    before = [b.attn1.processor for b in tr.transformer_blocks]
+    fields = train.WindowedFields(tr)
+    assert fields.window == 4
+    H, D = attn.heads, attn.inner_dim // attn.heads
+    h, w = 5, 7  # token field, odd and larger than the window along both axes
+    x = torch.randn(2, h * w, attn.query_dim, dtype=torch.float64)
+    attn.double()
+    fields.set((2 * h, 2 * w), 2)
+    got = attn(x)
+    q, k, v = (f(x).view(2, h, w, H, D).permute(0, 3, 1, 2, 4) for f in (attn.to_q, attn.to_k, attn.to_v))
+    ref, _ = neighborhood_attention(q, k, v, [4, 4])
+    want = attn.to_out[0](ref.permute(0, 2, 3, 1, 4).reshape(2, h * w, H * D))
+    assert torch.allclose(got, want, atol=1e-10), (got - want).abs().max()
+    fields.set((8, 6), 2)  # 4x3 tokens: inside the window, diffusers' attention
+    x = x[:, :12]
+    assert fields.mask is None and torch.equal(attn(x), before[0](attn, x))
+    fields.remove()
+    assert [b.attn1.processor for b in tr.transformer_blocks] == before
+
+
 def test_buckets_keep_their_pixel_size_for_an_f4_vae():
     """lab/train._buckets: models.BUCKETS are f8 latent px; on an f4 VAE's latents (twice the side for the same
     images) each bucket doubles, so the DiT trains on the same pixel crops whichever VAE made the latents."""
@@ -174,12 +232,12 @@ def test_buckets_keep_their_pixel_size_for_an_f4_vae():
 
     from tiled_diffusion.lab import models, train
 
-    args = SimpleNamespace(data_size=160, buckets=True, arch="")
+    args = SimpleNamespace(data_size=160, buckets=True, arch="", field_scale=1)
     f8 = train._buckets(args, torch.zeros(1, 4, 20, 20))
     f4 = train._buckets(args, torch.zeros(1, 4, 40, 40))
     assert f8 == [b for b in models.BUCKETS if max(b) <= 20] and len(set(f8)) > 1
     assert f4 == [(2 * h, 2 * w) for h, w in f8]
-    assert train._buckets(SimpleNamespace(data_size=128, buckets=False), torch.zeros(1, 4, 32, 32)) == [(32, 32)]
+    assert train._buckets(SimpleNamespace(data_size=128, buckets=False, field_scale=1), torch.zeros(1, 4, 32, 32)) == [(32, 32)]
     # the transformer's training field follows the VAE: 16 latent px at f8, 32 at f4 (the canvas forward sizes its
     # windows by it); --arch still overrides
     assert train.dit_arch(args, torch.zeros(1, 4, 20, 20))["sample_size"] == 16

@@ -23,7 +23,10 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             latents), so --data-size above TRAIN_SIZE gives aspect ratios and larger token grids (all of them
             from 160 px; at 128 only the square one fits, as for lab models up to v1.3). --pos-jitter C trains
             half the steps with the positions a cross_tile window has on a canvas up to C× the side
-            (CanvasPositions). --arch overrides the transformer's config; --dit-init FOLDER starts from a
+            (CanvasPositions). --field-scale F makes half the batches F× the side with 1/F² the rows, their
+            self-attention the canvas forward's token-centred windows of the training field (WindowedFields), so
+            the model learns fields where every token's window differs from its neighbour's, as on a large canvas.
+            --arch overrides the transformer's config; --dit-init FOLDER starts from a
             trained folder's transformer, deepened by identity blocks or re-cut to a finer patch (grown_from).
             --loss-weight v|x0 (--loss-weight-cap γ) weights the ε-MSE per t as the v / x0 loss, capped at γ
             (`loss_weights`). Why (measured 2026-12-06, NOTES issue 19): with this schedule ᾱ(t > 700) ≈ 0, so the
@@ -39,7 +42,7 @@ Stages (each resumable: rerun the same command and it continues from the last ch
 6. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
             DIR/model/lab_training.json (configs, steps, losses, times).
 
-Why one file of ~680 lines: it is one recipe, the six stages in the order they run, each resumable through the same
+Why one file of ~790 lines: it is one recipe, the six stages in the order they run, each resumable through the same
 checkpoint helpers; split, a reader would follow one training run across files.
 
 Everything is drawn from seeded torch.Generators whose states are checkpointed, so a resumed run continues the
@@ -61,6 +64,7 @@ import torch.nn.functional as F
 from diffusers import PixArtAlphaPipeline
 
 from ..model.positional import positional_embedding
+from ..reference import neighborhood_bounds
 from . import models, world
 from .text import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
 
@@ -278,13 +282,17 @@ def caption_embeddings(texts) -> tuple[torch.Tensor, torch.Tensor]:
     return te(ids.input_ids, attention_mask=ids.attention_mask)[0], ids.attention_mask
 
 
-def bucket_batch(x0_all: torch.Tensor, families: torch.Tensor, batch: int, buckets, g: torch.Generator):
+def bucket_batch(x0_all: torch.Tensor, families: torch.Tensor, batch: int, buckets, g: torch.Generator,
+                 field_scale: int = 1):
     """A training batch of latent crops of one aspect-ratio bucket (PixArt-α's multi-aspect training: every batch
     one shape, the shape drawn per step from `buckets`, (h, w) latent pixels, repeats weighting them): (x0 [B, 4,
-    h, w], family [B]). Each row is an independent random window of a cached latent: the world is stationary, so a
+    h, w], family [B]). field_scale F > 1: half the batches are F× the bucket's side with 1/F² the rows (the same
+    tokens per step), which WindowedFields attends as the canvas forward does. Each row is an independent random window of a cached latent: the world is stationary, so a
     latent crop is a crop of the world (the VAE is convolutional; its border effects are those of a canvas's
     interior, which is what a tiled canvas asks for)."""
     h, w = buckets[int(torch.randint(0, len(buckets), (1,), generator=g))]
+    if field_scale > 1 and torch.rand(1, generator=g).item() < 0.5:  # no draw at 1: old streams kept
+        h, w, batch = h * field_scale, w * field_scale, max(1, batch // field_scale ** 2)
     n, _, H, W = x0_all.shape
     idx = torch.randint(0, n, (batch,), generator=g)
     oy = torch.randint(0, H - h + 1, (batch,), generator=g).tolist()
@@ -368,7 +376,12 @@ def _buckets(args, latents: torch.Tensor, warn: bool = True):
         log(f"dit: warning: {len(models.BUCKETS) - len(out)} of {len(models.BUCKETS)} buckets do not fit "
             f"--data-size {args.data_size} and are dropped (all fit from {BUCKETS_PX} px)")
     side = models.TRAIN_SIZE // models.VAE_SCALE * k
-    return out or [(min(H, side), min(W, side))]
+    out = out or [(min(H, side), min(W, side))]
+    F_ = args.field_scale
+    if any(h * F_ > H or w * F_ > W for h, w in out):
+        raise SystemExit(f"train: --field-scale {F_} makes fields of up to {max(max(b) for b in out) * F_ * args.data_size // W} px, "
+                         f"larger than --data-size {args.data_size}")
+    return out
 
 
 BUCKETS_PX = max(max(b) for b in models.BUCKETS) * models.VAE_SCALE  # the data size every bucket fits in
@@ -428,6 +441,53 @@ class CanvasPositions:
         self.delta = None
 
 
+class WindowedFields:
+    """Self-attention (attn1) of a token field larger than the model's training field, as the CLI's default
+    canvas forward attends it: each query sees the window of the training field's side centred on it (token-
+    centred windows, stride one token, shifted inward at the border: reference.neighborhood_bounds, the op's own
+    definition). A field no larger than the window keeps diffusers' full attention, which it equals. Why: a model
+    trained only on fields its window covers has never seen a neighbour's window differ from its own, and on a
+    16× canvas every token's does (--field-scale).
+
+    Installed as the attn1 processors of the transformers; `set` gives the next forward's token field."""
+
+    def __init__(self, *transformers):
+        t = transformers[0]
+        self.window = t.config.sample_size // t.config.patch_size
+        self.mask = None
+        self.attns = [b.attn1 for tr in transformers for b in tr.transformer_blocks]
+        self.old = [a.processor for a in self.attns]
+        for a in self.attns:
+            a.set_processor(self)
+
+    def set(self, latent_hw: tuple[int, int], patch: int) -> None:
+        h, w = latent_hw[0] // patch, latent_hw[1] // patch
+        if h <= self.window and w <= self.window:
+            self.mask = None
+            return
+        axes = []
+        for n in (h, w):
+            lo, hi = neighborhood_bounds(n, self.window)
+            j = torch.arange(n)
+            axes.append((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]))
+        self.mask = (axes[0][:, None, :, None] & axes[1][None, :, None, :]).reshape(h * w, h * w)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if self.mask is None or encoder_hidden_states is not None or attention_mask is not None:
+            return self.old[0](attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        B, N, _ = hidden_states.shape
+        q, k, v = (f(hidden_states).view(B, N, attn.heads, -1).transpose(1, 2)
+                   for f in (attn.to_q, attn.to_k, attn.to_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).transpose(1, 2).reshape(B, N, -1)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+    def remove(self) -> None:
+        for a, p in zip(self.attns, self.old):
+            a.set_processor(p)
+        self.mask = None
+
+
 def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, scale: float):
     path = os.path.join(ckpt, "dit.pt")
     torch.manual_seed(args.seed + 2)
@@ -456,14 +516,17 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
     tr.train()
     no_cond = {"resolution": None, "aspect_ratio": None}
     positions = CanvasPositions(args.pos_jitter, tr)
+    fields = WindowedFields(tr)
     for step in range(start + 1, args.dit_steps + 1):
         for pg in opt.param_groups:
             pg["lr"] = _lr(step - 1, args.dit_steps, args.dit_lr, 300)
-        x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g)
-        positions.draw(x0.shape[-2:], args.dit_batch, g)
+        x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g, args.field_scale)
+        B = x0.shape[0]
+        positions.draw(x0.shape[-2:], B, g)
+        fields.set(x0.shape[-2:], tr.config.patch_size)
         cap = cap.clone()
-        cap[torch.rand(args.dit_batch, generator=g) < 0.1] = empty
-        t = torch.randint(0, ab.numel(), (args.dit_batch,), generator=g)
+        cap[torch.rand(B, generator=g) < 0.1] = empty
+        t = torch.randint(0, ab.numel(), (B,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -481,6 +544,7 @@ def stage_dit(args, ckpt: str, latents: torch.Tensor, families: torch.Tensor, sc
         _record(prog, step, loss, history, args.ckpt_every, args.dit_steps,
                 lambda: _checkpoint(path, tr, ema, "ema", opt, g, step, history))
     positions.remove()
+    fields.remove()
     return ema.eval(), history
 
 
@@ -558,12 +622,14 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
 
     prog = Progress("lcm", args.lcm_steps, start)
     positions = CanvasPositions(args.pos_jitter, teacher, student, target)  # all three see the same positions
+    fields = WindowedFields(teacher, student, target)  # and the same windows
     for step in range(start + 1, args.lcm_steps + 1):
         for pg in opt.param_groups:
             pg["lr"] = _lr(step - 1, args.lcm_steps, args.lcm_lr, 100)
-        x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g)
-        positions.draw(x0.shape[-2:], args.dit_batch, g)
-        t1 = grid[torch.randint(0, grid.numel(), (args.dit_batch,), generator=g)]
+        x0, cap = bucket_batch(x0_all, families, args.dit_batch, buckets, g, args.field_scale)
+        positions.draw(x0.shape[-2:], x0.shape[0], g)
+        fields.set(x0.shape[-2:], student.config.patch_size)
+        t1 = grid[torch.randint(0, grid.numel(), (x0.shape[0],), generator=g)]
         t0 = (t1 - k).clamp_min(0)
         noise = torch.randn(x0.shape, generator=g)
         a1 = ab[t1].view(-1, 1, 1, 1)
@@ -589,6 +655,7 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
         _record(prog, step, loss, history, args.ckpt_every, args.lcm_steps,
                 lambda: _checkpoint(path, student, target, "target", opt, g, step, history))
     positions.remove()
+    fields.remove()
     return target.eval(), history
 
 
@@ -627,6 +694,10 @@ def parse_args(argv=None):
     p.add_argument("--pos-jitter", type=float, default=1.0,
                    help="train half the steps at canvas position densities up to this side ratio (CanvasPositions; "
                         "1: off)")
+    p.add_argument("--field-scale", type=int, default=1,
+                   help="half the batches are fields this many times a bucket's side (1/F² the rows), attended by "
+                        "token-centred windows of the training field as the canvas forward does (WindowedFields); "
+                        "--data-size must hold them")
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
     p.add_argument("--dit-init", default="", help="a trained lab model folder whose transformer this run's DiT starts "
                    "from, deepened to --arch's num_layers (a multiple of its depth) by identity blocks and re-cut to "
@@ -684,6 +755,8 @@ def parse_args(argv=None):
         if not isinstance(n, int) or n < 1 or n % src["num_layers"]:
             p.error(f"--dit-init: --arch num_layers {n} must be a positive multiple of {args.dit_init}'s "
                     f"{src['num_layers']} layers (identity blocks between them)")
+    if args.field_scale < 1:
+        p.error(f"--field-scale: a whole side ratio >= 1 (1: off), got {args.field_scale}")
     if not args.pos_jitter >= 1:
         p.error(f"--pos-jitter: a canvas side ratio >= 1 (1: off), got {args.pos_jitter}")
     if args.quick:
