@@ -70,7 +70,8 @@ Probe probe() {
     why = "cpuid: no AMX-TILE/AMX-INT8";
   else if (!(os_tiles || simulate_refusal))
     why = "the OS does not enable the AMX tile state (XCR0 bits 17/18 off)";
-  else if (!avx512)
+  // a simulated AMX CPU has AVX-512 too (every AMX CPU does): only the refusal is simulated, on any host
+  else if (!(avx512 || simulate_refusal))
     why = "AMX needs AVX-512 too (quantize and epilogue), and " + p.why[static_cast<int>(Isa::avx512)];
   else
     why = request_tile_permission(simulate_refusal);
