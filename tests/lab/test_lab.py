@@ -75,14 +75,14 @@ def test_shipped_model_loads_offline(lab_pipe, monkeypatch):
 
 
 # Thresholds of the shipped model's 1x tests, from its measured figures on these exact samples (seed 0, 8 per
-# family, 4 LCM steps; lab model v1.6, issue 19; the same at 1 and 2 threads): KID -0.140 vs 3.77 for pixel noise
-# (share -0.037, on the model's own VAE features; at 32 samples the estimator reads |KID| < 0.1 between two
-# ground-truth sets, 256 samples on one fixed extractor say 0.055 vs v1.5's 0.075, NOTES); prompt fidelity 8/8 for
-# every family. Each fidelity floor is the measured share less one sample (a sample near the classifier's boundary
+# family, 4 LCM steps; lab model v1.7, issue 19; the same at 1 and 2 threads): KID -0.074 vs 3.77 for pixel noise
+# (share -0.020, on the model's own VAE features; at 32 samples the estimator reads |KID| < 0.1 between two
+# ground-truth sets, 256 samples on one fixed extractor say 0.041 vs v1.6's 0.055, NOTES); prompt fidelity 8/8 for
+# ocean, sunset and city, 7/8 for forest (31 of 32 forest samples at 256). Each fidelity floor is the measured share less one sample (a sample near the classifier's boundary
 # may flip with the thread count's float reassociation); the KID margin, a tenth of the noise's distance (0.38),
 # sits above the estimator's spread at this count (0.1) and far below the earlier models' margin (half).
 KID_MODEL_MAX_SHARE = 0.1
-FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 7 / 8, "forest": 7 / 8, "city": 7 / 8}
+FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 7 / 8, "forest": 6 / 8, "city": 7 / 8}
 N_PER_FAMILY = 8  # 1x samples per family shared by the KID and fidelity tests (one batched pipe call, ~6 s)
 
 

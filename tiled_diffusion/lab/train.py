@@ -42,7 +42,7 @@ Stages (each resumable: rerun the same command and it continues from the last ch
 6. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
             DIR/model/lab_training.json (configs, steps, losses, times).
 
-Why one file of ~790 lines: it is one recipe, the six stages in the order they run, each resumable through the same
+Why one file of ~800 lines: it is one recipe, the six stages in the order they run, each resumable through the same
 checkpoint helpers; split, a reader would follow one training run across files.
 
 Everything is drawn from seeded torch.Generators whose states are checkpointed, so a resumed run continues the
