@@ -456,7 +456,7 @@ class WindowedFields:
         self.window = t.config.sample_size // t.config.patch_size
         self.mask = None
         self.attns = [b.attn1 for tr in transformers for b in tr.transformer_blocks]
-        self.old = [a.processor for a in self.attns]
+        self.old = {id(a): a.processor for a in self.attns}
         for a in self.attns:
             a.set_processor(self)
 
@@ -475,7 +475,9 @@ class WindowedFields:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         if self.mask is None or encoder_hidden_states is not None or attention_mask is not None:
-            return self.old[0](attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self.old[id(attn)](attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args,
+                                      **kwargs)
+        # PixArt's attn1 as AttnProcessor2_0 runs it: no q/k norms, group norm or residual inside the processor
         B, N, _ = hidden_states.shape
         q, k, v = (f(hidden_states).view(B, N, attn.heads, -1).transpose(1, 2)
                    for f in (attn.to_q, attn.to_k, attn.to_v))
@@ -483,8 +485,8 @@ class WindowedFields:
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
     def remove(self) -> None:
-        for a, p in zip(self.attns, self.old):
-            a.set_processor(p)
+        for a in self.attns:
+            a.set_processor(self.old[id(a)])
         self.mask = None
 
 
