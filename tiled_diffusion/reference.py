@@ -117,6 +117,13 @@ def neighborhood_bounds(n: int, window: int, stride: int = 1, clip: bool = False
     return start, start + w
 
 
+def neighborhood_axis_mask(n: int, window: int, stride: int = 1, clip: bool = False, offset: int = 0) -> torch.Tensor:
+    """bool [n, n]: along one canvas axis of n tokens, whether query i may attend key j (neighborhood_bounds)."""
+    lo, hi = neighborhood_bounds(n, window, stride, clip, offset)
+    j = torch.arange(n)
+    return (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
+
+
 def neighborhood_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -146,11 +153,8 @@ def neighborhood_attention(
     masks = []
     for n, w, s, o, rows in ((canvas_h, window[0], stride[0], offset[0], (q_top, Ht, k_top, Hk)),
                              (Wt, window[1], stride[1], offset[1], (0, Wt, 0, Wt))):
-        lo, hi = neighborhood_bounds(n, w, s, clip, o)
         q0, nq, k0, nk = rows
-        lo, hi = lo[q0:q0 + nq] - k0, hi[q0:q0 + nq] - k0
-        j = torch.arange(nk)
-        masks.append((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]))  # [query, key] along the axis
+        masks.append(neighborhood_axis_mask(n, w, s, clip, o)[q0:q0 + nq, k0:k0 + nk])  # [query, key] on the axis
     my, mx = masks
     allowed = (my[:, None, :, None] & mx[None, :, None, :]).reshape(Ht * Wt, Hk * Wt).to(q.device)
     qf = q.double().reshape(B, H, Ht * Wt, D)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from diffusers import PixArtAlphaPipeline
 
 from ..model.positional import positional_embedding
-from ..reference import neighborhood_bounds
+from ..reference import neighborhood_axis_mask
 from . import models, world
 from .text import SEED, save_pretrained_offline, tiny_text_encoder, tiny_tokenizer
 
@@ -287,9 +287,9 @@ def bucket_batch(x0_all: torch.Tensor, families: torch.Tensor, batch: int, bucke
     """A training batch of latent crops of one aspect-ratio bucket (PixArt-α's multi-aspect training: every batch
     one shape, the shape drawn per step from `buckets`, (h, w) latent pixels, repeats weighting them): (x0 [B, 4,
     h, w], family [B]). field_scale F > 1: half the batches are F× the bucket's side with 1/F² the rows (the same
-    tokens per step), which WindowedFields attends as the canvas forward does. Each row is an independent random window of a cached latent: the world is stationary, so a
-    latent crop is a crop of the world (the VAE is convolutional; its border effects are those of a canvas's
-    interior, which is what a tiled canvas asks for)."""
+    tokens per step), which WindowedFields attends as the canvas forward does. Each row is an independent random
+    window of a cached latent: the world is stationary, so a latent crop is a crop of the world (the VAE is
+    convolutional; its border effects are those of a canvas's interior, which is what a tiled canvas asks for)."""
     h, w = buckets[int(torch.randint(0, len(buckets), (1,), generator=g))]
     if field_scale > 1 and torch.rand(1, generator=g).item() < 0.5:  # no draw at 1: old streams kept
         h, w, batch = h * field_scale, w * field_scale, max(1, batch // field_scale ** 2)
@@ -377,10 +377,11 @@ def _buckets(args, latents: torch.Tensor, warn: bool = True):
             f"--data-size {args.data_size} and are dropped (all fit from {BUCKETS_PX} px)")
     side = models.TRAIN_SIZE // models.VAE_SCALE * k
     out = out or [(min(H, side), min(W, side))]
-    F_ = args.field_scale
-    if any(h * F_ > H or w * F_ > W for h, w in out):
-        raise SystemExit(f"train: --field-scale {F_} makes fields of up to {max(max(b) for b in out) * F_ * args.data_size // W} px, "
-                         f"larger than --data-size {args.data_size}")
+    f = args.field_scale
+    if any(h * f > H or w * f > W for h, w in out):
+        px = max(max(b) for b in out) * f * args.data_size // W
+        raise SystemExit(f"train: --field-scale {f} makes fields of up to {px} px, larger than --data-size "
+                         f"{args.data_size}")
     return out
 
 
@@ -444,7 +445,7 @@ class CanvasPositions:
 class WindowedFields:
     """Self-attention (attn1) of a token field larger than the model's training field, as the CLI's default
     canvas forward attends it: each query sees the window of the training field's side centred on it (token-
-    centred windows, stride one token, shifted inward at the border: reference.neighborhood_bounds, the op's own
+    centred windows, stride one token, shifted inward at the border: reference.neighborhood_axis_mask, the op's own
     definition). A field no larger than the window keeps diffusers' full attention, which it equals. Why: a model
     trained only on fields its window covers has never seen a neighbour's window differ from its own, and on a
     16× canvas every token's does (--field-scale).
@@ -465,12 +466,8 @@ class WindowedFields:
         if h <= self.window and w <= self.window:
             self.mask = None
             return
-        axes = []
-        for n in (h, w):
-            lo, hi = neighborhood_bounds(n, self.window)
-            j = torch.arange(n)
-            axes.append((j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]))
-        self.mask = (axes[0][:, None, :, None] & axes[1][None, :, None, :]).reshape(h * w, h * w)
+        my, mx = neighborhood_axis_mask(h, self.window), neighborhood_axis_mask(w, self.window)
+        self.mask = (my[:, None, :, None] & mx[None, :, None, :]).reshape(h * w, h * w)  # raster query x key
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
