@@ -189,3 +189,13 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "p.png"
     harness.plot_rows({"attention": rows}, str(path), "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lab_yardstick_refuses_an_unknown_mode_in_one_line(capsys):
+    import lab_yardstick
+
+    with pytest.raises(SystemExit):
+        lab_yardstick.main(["--modes", "window 1x stride 1", "no such mode"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--modes: not in lab.quality.MODES: no such mode"), err
+    assert set(lab_yardstick.MODES_16X) <= {m.name for m in lab_yardstick.quality.MODES}
