@@ -52,12 +52,15 @@ def main(argv=None) -> None:
         r = measure(model, args.x1, args.x16, args.modes, os.path.join(out, f"model{i}"))
         print(f"\n{model}  (1x: {args.x1} seeds/family; 16x: {args.x16}; truth-vs-truth 1x KID "
               f"{fmt(r['1x truth']['kid'])}, 16x {fmt(r['16x']['ground truth']['kid'])})")
-        print(f"  {'row':28s}" + "".join(f"{c:>10s}" for c in COLUMNS))
         rows = [("1x global", r["1x"])] + [(f"16x {m}", r["16x"][m]) for m in args.modes]
+        width = max(len(name) for name, _ in rows)
+        print(f"  {'row':{width}s}" + "".join(f"{c:>10s}" for c in COLUMNS))
         for name, row in rows:
-            print(f"  {name:28s}" + "".join(f"{fmt(row[c]):>10s}" for c in COLUMNS))
+            print(f"  {name:{width}s}" + "".join(f"{fmt(row[c]):>10s}" for c in COLUMNS))
         best = min(args.modes, key=lambda m: r["16x"][m]["kid"])
-        print(f"  best 16x ({best}) / 1x KID: {r['16x'][best]['kid'] / r['1x']['kid']:.2f}")
+        one_x = r["1x"]["kid"]  # at few seeds the estimate can be <= 0: no ratio then
+        ratio = f"{r['16x'][best]['kid'] / one_x:.2f}" if one_x > 0 else "— (1x KID <= 0: too few seeds)"
+        print(f"  best 16x ({best}) / 1x KID: {ratio}")
     print(f"\nwrote {out}")
 
 
