@@ -8,8 +8,9 @@ structure):
 - best ÷ 1×: the lowest 16× KID over the 1× KID (the issue's target: ≤ 2).
 
 Run: `OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/lab_yardstick.py [MODEL ...] [--x1 64] [--x16 8]`
-(one thread keeps the float kernels' summation order fixed across hosts; 64/8 take ~10 min per model on a 2-core
-machine). Writes each model's quality.json and contact sheets under --out and prints one table.
+(one thread keeps the float kernels' summation order fixed across hosts; 64/8 take ~14 min per model on a 2-core
+AMD EPYC, two models side by side). Writes each model's quality.json and contact sheets under --out and prints
+one table.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ COLUMNS = ("kid", "fidelity", "waves", "suns", "trunks", "windows")
 
 
 def measure(model: str, x1: int, x16: int, modes, out: str) -> dict:
-    """{"1x": row, "16x": {mode: row}} for one model folder."""
+    """{"1x": row, "1x truth": the second truth set's row, "16x": {mode: row, "ground truth": row}} for a folder."""
     one = quality.run(os.path.join(out, "x1"), scales=(1,), seeds=4 * x1, gt_count=4 * x1, modes=("global",),
                       model_dir=model, log=lambda m: None)
     sixteen = quality.run(os.path.join(out, "x16"), scales=(16,), seeds=4 * x16, gt_count=4 * x16, modes=modes,
@@ -47,6 +48,11 @@ def main(argv=None) -> None:
     unknown = set(args.modes) - {m.name for m in quality.MODES}
     if unknown:
         p.error(f"--modes: not in lab.quality.MODES: {', '.join(sorted(unknown))}")
+    if min(args.x1, args.x16) < 1:
+        p.error(f"--x1 and --x16: seeds per family, at least 1 (got {args.x1}, {args.x16})")
+    for model in args.models:
+        if not os.path.exists(os.path.join(model, "model_index.json")):
+            p.error(f"no lab model in {model!r} (a folder written by python -m tiled_diffusion.lab.train)")
     out = args.out or tempfile.mkdtemp(prefix="lab-yardstick-")
     for i, model in enumerate(args.models):
         r = measure(model, args.x1, args.x16, args.modes, os.path.join(out, f"model{i}"))

@@ -191,7 +191,7 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lab_yardstick_refuses_an_unknown_mode_in_one_line(capsys):
+def test_lab_yardstick_refuses_bad_input_in_one_line(capsys, tmp_path):
     import lab_yardstick
 
     with pytest.raises(SystemExit):
@@ -199,3 +199,7 @@ def test_lab_yardstick_refuses_an_unknown_mode_in_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--modes: not in lab.quality.MODES: no such mode"), err
     assert set(lab_yardstick.MODES_16X) <= {m.name for m in lab_yardstick.quality.MODES}
+    for argv, says in ((["--x16", "0"], "at least 1 (got 64, 0)"), ([str(tmp_path)], "no lab model in")):
+        with pytest.raises(SystemExit):
+            lab_yardstick.main(argv)
+        assert says in capsys.readouterr().err.strip().splitlines()[-1]
