@@ -700,7 +700,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
     p.add_argument("--dit-init", default="", help="a trained lab model folder whose transformer this run's DiT starts "
                    "from, deepened to --arch's num_layers (a multiple of its depth) by identity blocks and re-cut to "
-                   "a patch_size dividing its own (grown_from); its other --arch keys must match the folder's")
+                   "a patch_size dividing its own (grown_from); its other --arch keys must match the folder's. A "
+                   "model folder holds the LCM-distilled network, not its teacher: a continuation re-learns the "
+                   "teacher first (benchmarks/NOTES.md: 3500 + 500 steps improved v1.6, 1200-2000 + 300 did not)")
     p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
     p.add_argument("--vae-init", default="", help="a model folder whose trained VAE this run's stage 2 continues")
     p.add_argument("--vae-arch", default="", help="JSON overrides of lab/models.VAE_CONFIG to train "
