@@ -80,8 +80,8 @@ def test_shipped_model_loads_offline(lab_pipe, monkeypatch):
 # ground-truth sets, 256 samples on one fixed extractor say 0.041 vs v1.6's 0.055, NOTES); prompt fidelity 8/8 for
 # ocean, sunset and city, 7/8 for forest (62 of 64 forest samples at 256). Each fidelity floor is the measured
 # share less one sample (a sample near the classifier's boundary may flip with the thread count's float
-# reassociation); the KID margin, a tenth of the noise's distance (0.38),
-# sits above the estimator's spread at this count (0.1) and far below the earlier models' margin (half).
+# reassociation); the KID margin, a tenth of the noise's distance (0.38), sits above the estimator's spread at this
+# count (0.1) and far below the earlier models' margin (half).
 KID_MODEL_MAX_SHARE = 0.1
 FIDELITY_MIN = {"ocean": 7 / 8, "sunset": 7 / 8, "forest": 6 / 8, "city": 7 / 8}
 N_PER_FAMILY = 8  # 1x samples per family shared by the KID and fidelity tests (one batched pipe call, ~6 s)
