@@ -507,6 +507,33 @@ def test_dit_init_grows_a_folder_transformer_without_changing_its_function(tmp_p
     assert train.parse_args(["--out", "x", "--dit-init", str(tmp_path), "--arch", '{"num_layers": 6}']).arch
 
 
+def test_dit_init_prefers_the_folders_teacher_stored_fp16(tmp_path):
+    """A folder that keeps its distillation's teacher (export: DIR/model/teacher) is continued from the teacher, not
+    from the consistency model in transformer/; store_fp16 halves the stored floats and grown_from upcasts them."""
+    from tiled_diffusion.lab import models, train
+
+    def saved(seed, sub):
+        torch.manual_seed(seed)
+        tr = models.build_transformer(out_channels=models.TRAIN_OUT_CHANNELS, num_layers=2, sample_size=8)
+        models.with_sigma_channels(tr).save_pretrained(str(tmp_path / sub), safe_serialization=True)
+        return tr
+
+    student = saved(0, "transformer")
+    assert train.dit_source(str(tmp_path)) == "transformer"
+    teacher = saved(1, train.TEACHER)
+    assert train.dit_source(str(tmp_path)) == train.TEACHER
+    weights = tmp_path / train.TEACHER / "diffusion_pytorch_model.safetensors"
+    fp32_bytes = weights.stat().st_size
+    train.store_fp16(str(tmp_path))
+    assert weights.stat().st_size < 0.6 * fp32_bytes
+    got, _ = train.grown_from(str(tmp_path))
+    name = "transformer_blocks.1.attn1.to_q.weight"
+    want = teacher.state_dict()[name]
+    assert got.state_dict()[name].dtype == torch.float32
+    torch.testing.assert_close(got.state_dict()[name], want.half().float(), rtol=0, atol=0)
+    assert not torch.allclose(want, student.state_dict()[name])
+
+
 def test_dit_init_refines_the_patch_keeping_positions_and_piecewise_constant_embeddings(tmp_path, capsys):
     """`--dit-init FOLDER --arch '{"patch_size": q}'` (grown_from/_refined): the blocks are the folder's; a q-token's
     position is that of the spot it covers (interpolation_scale × p/q, so the q-grid's every (p/q)-th token carries

@@ -40,7 +40,12 @@ Stages (each resumable: rerun the same command and it continues from the last ch
             model draw the captions' mean colours, the distilled one draws structure (--lcm-steps 0 skips it).
             --lcm-guidance w distils the classifier-free-guided teacher (LCM's w; 1: conditional only).
 6. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
-            DIR/model/lab_training.json (configs, steps, losses, times).
+            DIR/model/lab_training.json (configs, steps, losses, times). The transformer and VAE weights are stored
+            fp16 (models.py upcasts them on load: the figures are those of what ships). When stage 5 ran, the
+            teacher (the EMA ε-model it distilled) is kept beside the pipeline in DIR/model/teacher: diffusers
+            loads only model_index.json's components, and --dit-init continues from the teacher, not from the
+            consistency model (a continuation of the distilled network must first re-learn a teacher: measured
+            2026-12-07, NOTES issue 19, 1200-2000 + 300 steps from v1.7's distilled network were ~6x worse at 1x).
 
 Why one file of ~800 lines: it is one recipe, the six stages in the order they run, each resumable through the same
 checkpoint helpers; split, a reader would follow one training run across files.
@@ -311,7 +316,8 @@ def dit_arch(args, latents: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def grown_from(folder: str, num_layers: int | None = None, patch_size: int | None = None):
-    """--dit-init: a trained lab folder's transformer (its shipped EMA weights, ε channels only) grown to
+    """--dit-init: a trained lab folder's transformer (its teacher when the folder keeps one, else its shipped
+    weights; ε channels only) grown to
     `num_layers` (default: its own depth), a multiple k of its depth: source block i becomes block i·k and the blocks
     between start as identities (the output projections of their self-attention, cross-attention and feed-forward are
     zero, so each adds nothing to the residual stream). The grown model computes the source's function exactly, so
@@ -320,11 +326,12 @@ def grown_from(folder: str, num_layers: int | None = None, patch_size: int | Non
     `patch_size` q dividing the folder's p (finer tokens): the blocks are kept and the two ends re-cut (`_refined`),
     with interpolation_scale ×p/q so every token keeps the position of the spot it covers. Not exact (each token now
     sees a (p/q)²-th of its former area), but it starts from what the blocks learned instead of from noise."""
-    arch = models._arch(folder, "transformer", models.ARCH_KEYS)
+    sub = dit_source(folder)
+    arch = models._arch(folder, sub, models.ARCH_KEYS)
     depth, p = arch["num_layers"], arch["patch_size"]
     num_layers = arch["num_layers"] = num_layers or depth
     q = arch["patch_size"] = patch_size or p
-    src = {k: v.float() for k, v in models._read(folder, "transformer", "diffusion_pytorch_model.safetensors").items()}
+    src = {k: v.float() for k, v in models._read(folder, sub, "diffusion_pytorch_model.safetensors").items()}
     if num_layers % depth:
         raise SystemExit(f"--dit-init: num_layers {num_layers} is not a multiple of {folder}'s {depth} layers")
     if p % q:
@@ -661,7 +668,27 @@ def stage_lcm(args, ckpt: str, teacher, latents: torch.Tensor, families: torch.T
 # --------------------------------------------------------------------------------------------- export
 
 
-def export(args, out: str, vae, transformer, scale: float, meta: dict) -> str:
+TEACHER = "teacher"  # the model folder's subfolder holding the distillation's teacher (--dit-init reads it first)
+
+
+def dit_source(folder: str) -> str:
+    """The subfolder of a lab model folder that --dit-init continues: the teacher when the folder keeps one."""
+    return TEACHER if os.path.exists(os.path.join(folder, TEACHER, "config.json")) else "transformer"
+
+
+def store_fp16(folder: str, components=("transformer", "vae", TEACHER)) -> None:
+    """Rewrite the float weights of a model folder's components in fp16 (half the bytes; the lab's loaders upcast
+    to fp32). A component the folder lacks is skipped."""
+    from safetensors.torch import load_file, save_file
+
+    for sub in components:
+        f = os.path.join(folder, sub, "diffusion_pytorch_model.safetensors")
+        if os.path.exists(f):
+            sd = load_file(f)
+            save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, f)
+
+
+def export(args, out: str, vae, transformer, scale: float, meta: dict, teacher=None) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         tok = tiny_tokenizer()
@@ -672,6 +699,12 @@ def export(args, out: str, vae, transformer, scale: float, meta: dict) -> str:
                                scheduler=models.build_scheduler(args.prediction))
     folder = os.path.join(out, "model")
     save_pretrained_offline(pipe, folder, safe_serialization=True)
+    if teacher is not None:
+        models.with_sigma_channels(teacher).save_pretrained(os.path.join(folder, TEACHER), safe_serialization=True)
+    store_fp16(folder)
+    fp16 = "transformer, teacher and vae" if teacher is not None else "transformer and vae"
+    meta = {**meta, "storage": f"{fp16} weights stored fp16 (lab/models.py upcasts them to fp32 on load); text "
+            "encoder fp32"}
     with open(os.path.join(folder, "lab_training.json"), "w") as f:
         json.dump(meta, f, indent=2)
     size = sum(os.path.getsize(os.path.join(r, fn)) for r, _, fs in os.walk(folder) for fn in fs)
@@ -698,11 +731,12 @@ def parse_args(argv=None):
                         "token-centred windows of the training field as the canvas forward does (WindowedFields); "
                         "--data-size must hold them")
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
-    p.add_argument("--dit-init", default="", help="a trained lab model folder whose transformer this run's DiT starts "
-                   "from, deepened to --arch's num_layers (a multiple of its depth) by identity blocks and re-cut to "
-                   "a patch_size dividing its own (grown_from); its other --arch keys must match the folder's. A "
-                   "model folder holds the LCM-distilled network, not its teacher: a continuation re-learns the "
-                   "teacher first (benchmarks/NOTES.md: 3500 + 500 steps improved v1.6, 1200-2000 + 300 did not)")
+    p.add_argument("--dit-init", default="", help="a trained lab model folder whose DiT this run's starts from: its "
+                   "teacher/ (the ε-model its LCM stage distilled) when it keeps one, else its transformer; deepened "
+                   "to --arch's num_layers (a multiple of its depth) by identity blocks and re-cut to a patch_size "
+                   "dividing its own (grown_from); its other --arch keys must match the folder's. Folders without a "
+                   "teacher (up to v1.7) hold only the LCM-distilled network: a continuation re-learns the teacher "
+                   "first (benchmarks/NOTES.md: 3500 + 500 steps improved v1.6, 1200-2000 + 300 did not)")
     p.add_argument("--vae-from", default="", help="a model folder whose trained VAE is reused (skips stage 2)")
     p.add_argument("--vae-init", default="", help="a model folder whose trained VAE this run's stage 2 continues")
     p.add_argument("--vae-arch", default="", help="JSON overrides of lab/models.VAE_CONFIG to train "
@@ -743,7 +777,7 @@ def parse_args(argv=None):
         p.error(f"--dit-init: no trained lab model in {args.dit_init!r} (a folder lab.train wrote in OUT/model)")
     grows = {"num_layers", "patch_size"}  # what --dit-init may change (grown_from); the rest is the folder's
     if args.dit_init and args.arch:  # refused here, before the data and VAE stages run, not at the DiT stage
-        src = models._arch(args.dit_init, "transformer", models.ARCH_KEYS)
+        src = models._arch(args.dit_init, dit_source(args.dit_init), models.ARCH_KEYS)
         arch = json.loads(args.arch)
         clash = {k: v for k, v in arch.items() if k not in grows and src.get(k) != v}
         if clash:
@@ -785,9 +819,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     tr, dit_hist = stage_dit(args, ckpt, latents, families, scale)
     times["dit_s"] = time.perf_counter() - t0
-    lcm_hist = []
+    lcm_hist, teacher = [], None
     if args.lcm_steps > 0:
         t0 = time.perf_counter()
+        teacher = copy.deepcopy(tr)  # shipped beside the student; a copy, clear of what stage_lcm installs on tr
         tr, lcm_hist = stage_lcm(args, ckpt, tr, latents, families, scale)
         times["lcm_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_all  # this invocation only (a resumed run counts from its start)
@@ -795,7 +830,7 @@ def main(argv=None) -> int:
             "dit_buckets": sorted(set(_buckets(args, latents, warn=False))),
             "captions": world.FAMILIES, "vae_psnr_db": psnr, "scaling_factor": scale, "times": times,
             "vae_loss": vae_hist, "dit_loss": dit_hist, "lcm_loss": lcm_hist, "threads": torch.get_num_threads()}
-    export(args, args.out, vae, tr, scale, meta)
+    export(args, args.out, vae, tr, scale, meta, teacher)
     log(f"done in {times['total_s'] / 60:.1f} min")
     return 0
 
