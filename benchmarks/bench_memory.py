@@ -252,10 +252,19 @@ def suite(quick: bool) -> list[dict]:
 
 
 def test_memory_quick():
+    """`bench --suite memory --quick`, table and schema included: CI's bench stage skips this suite because it
+    runs here."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import harness  # benchmarks/harness.py (its folder on sys.path: lines above)
+
     rows = suite(quick=True)
     assert [r["config"] for r in rows][:2] == ["bf16", "int8"]
     assert rows[2]["config"].startswith("generate") and rows[2]["decode_s"] > 0
     assert all(r["peak_rss_gb"] > 0 for r in rows)
+    harness.print_table("memory (quick)", rows)
+    normal = harness.normalize_rows(rows, "memory")
+    assert len({r["case"] for r in normal}) == len(rows)  # compare joins rows on `case`: each one distinct
 
 
 if __name__ == "__main__":

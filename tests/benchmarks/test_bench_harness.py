@@ -182,6 +182,20 @@ def test_bad_shape_is_one_line(capsys):
     assert "M,K,N" in str(e.value)
 
 
+def test_skip_leaves_suites_out_and_refuses_bad_names_in_one_line(tmp_path, capsys):
+    others = [n for n in cli.SUITES if n != "blend"]
+    rows = _bench(tmp_path, ["--suite", "all", "--quick", "--skip", ",".join(others)])
+    assert set(rows) == {"blend"} and rows["blend"]
+    assert cli.main(["bench", "--suite", "pipeline", "--skip", "pipeline"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "tiled-diffusion bench: error: --skip leaves no suite to run (--suite pipeline)"]
+    for bad in ("memroy", ",", "memory,nope"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--skip", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--skip: not a suite" in err and "suites: gemm" in err
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [{"method": "ours", "height": h, "width": h, "n": 3, "min": t, "median": t, "p20": t, "p80": t * 1.1,

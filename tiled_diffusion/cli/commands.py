@@ -61,7 +61,10 @@ def bench(args: argparse.Namespace) -> int:
         import torch  # not at the top: `--help` and argument errors stay free of torch
 
         torch.set_num_threads(args.threads)
-    names = list(SUITES) if args.suite == "all" else [args.suite]
+    names = [n for n in (SUITES if args.suite == "all" else [args.suite]) if n not in args.skip]
+    if not names:
+        print(f"tiled-diffusion bench: error: --skip leaves no suite to run (--suite {args.suite})", file=sys.stderr)
+        return 2
     env = harness.environment()
     print(harness.describe(env))
     results = {}
@@ -227,11 +230,22 @@ def add_upscale_arguments(u: argparse.ArgumentParser) -> None:
     u.add_argument("--json", default=None, help="write per-stage timings and peak memory here")
 
 
+def _suite_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"not a suite: {', '.join(unknown) or repr(text)} (suites: {', '.join(SUITES)})")
+    return names
+
+
 def add_bench_arguments(b: argparse.ArgumentParser, suite: str | None) -> None:
     """`bench`'s flags: the common ones, then those of `suite` (its module's add_arguments) when one is named."""
     b.add_argument("compare", nargs="*", default=None, metavar="compare A.json B.json",
                    help="compare two --json files row by row (ratio, interval, verdict)")
     b.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    b.add_argument("--skip", type=_suite_list, default=(), metavar="SUITE[,SUITE]",
+                   help="leave these suites out of the run (CI skips memory: its test stage runs the same quick "
+                        "suite, benchmarks/bench_memory.py::test_memory_quick)")
     b.add_argument("--quick", action="store_true", help="tiny sizes (what CI runs)")
     b.add_argument("--json", default=None, help="also write the rows and environment to this file "
                                                 "(schema: benchmarks/SCHEMA.md)")
