@@ -234,7 +234,8 @@ def _suite_list(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in SUITES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"not a suite: {', '.join(unknown) or repr(text)} (suites: {', '.join(SUITES)})")
+        raise argparse.ArgumentTypeError(f"not a suite: {', '.join(unknown) or repr(text)} "
+                                         f"(suites: {', '.join(SUITES)})")
     return names
 
 

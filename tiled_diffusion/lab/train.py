@@ -42,7 +42,7 @@ Stages (each resumable: rerun the same command and it continues from the last ch
 6. export   a diffusers PixArtAlphaPipeline folder in DIR/model (safetensors; tokenizer loadable offline), plus
             DIR/model/lab_training.json (configs, steps, losses, times). The transformer and VAE weights are stored
             fp16 (models.py upcasts them on load: the figures are those of what ships). When stage 5 ran, the
-            teacher (the EMA ε-model it distilled) is kept beside the pipeline in DIR/model/teacher: diffusers
+            teacher (the EMA model it distilled) is kept beside the pipeline in DIR/model/teacher: diffusers
             loads only model_index.json's components, and --dit-init continues from the teacher, not from the
             consistency model (a continuation of the distilled network must first re-learn a teacher: measured
             2026-12-07, NOTES issue 19, 1200-2000 + 300 steps from v1.7's distilled network were ~6x worse at 1x).
@@ -317,10 +317,9 @@ def dit_arch(args, latents: torch.Tensor) -> dict:
 @torch.no_grad()
 def grown_from(folder: str, num_layers: int | None = None, patch_size: int | None = None):
     """--dit-init: a trained lab folder's transformer (its teacher when the folder keeps one, else its shipped
-    weights; ε channels only) grown to
-    `num_layers` (default: its own depth), a multiple k of its depth: source block i becomes block i·k and the blocks
-    between start as identities (the output projections of their self-attention, cross-attention and feed-forward are
-    zero, so each adds nothing to the residual stream). The grown model computes the source's function exactly, so
+    weights; ε channels only) grown to `num_layers` (default: its own depth), a multiple k of its depth: source
+    block i becomes block i·k and the blocks between start as identities (the output projections of their
+    self-attention, cross-attention and feed-forward are zero, so each adds nothing to the residual stream). The grown model computes the source's function exactly, so
     training starts from the trained model instead of from noise; its config (positions included) is the source's.
 
     `patch_size` q dividing the folder's p (finer tokens): the blocks are kept and the two ends re-cut (`_refined`),
@@ -732,7 +731,7 @@ def parse_args(argv=None):
                         "--data-size must hold them")
     p.add_argument("--arch", default="", help="JSON overrides of lab/models.TRANSFORMER_CONFIG to train")
     p.add_argument("--dit-init", default="", help="a trained lab model folder whose DiT this run's starts from: its "
-                   "teacher/ (the ε-model its LCM stage distilled) when it keeps one, else its transformer; deepened "
+                   "teacher/ (the EMA model its LCM stage distilled) when it keeps one, else its transformer; deepened "
                    "to --arch's num_layers (a multiple of its depth) by identity blocks and re-cut to a patch_size "
                    "dividing its own (grown_from); its other --arch keys must match the folder's. Folders without a "
                    "teacher (up to v1.7) hold only the LCM-distilled network: a continuation re-learns the teacher "
