@@ -5,7 +5,8 @@ structure):
 - 1×: `global` at the training size, X1 seeds per family, against 4·X1 ground-truth crops; a second, independent
   truth set reads the KID noise floor.
 - 16×: the named modes at 4× the training side, X16 seeds per family, against 4·X16 ground-truth canvases.
-- best ÷ 1×: the lowest 16× KID over the 1× KID (the issue's target: ≤ 2).
+- best ÷ 1×: the lowest 16× KID over the 1× KID (the issue's target: ≤ 2), with its standard error from the two
+  KIDs' (`kid_se`, first-order: (se16/k16)² + (se1/k1)² relative; the two rows share no samples).
 
 Run: `OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/lab_yardstick.py [MODEL ...] [--x1 64] [--x16 8]`
 (one thread keeps the float kernels' summation order fixed across hosts; 64/8 take ~14 min per model on a 2-core
@@ -21,7 +22,7 @@ import tempfile
 from tiled_diffusion.lab import models, quality
 
 MODES_16X = ("window 0.75x stride 1", "window 1x stride 1", "cross_tile r0 shift", "cross_tile r1")
-COLUMNS = ("kid", "fidelity", "waves", "suns", "trunks", "windows")
+COLUMNS = ("kid ± se", "fidelity", "waves", "suns", "trunks", "windows")
 
 
 def measure(model: str, x1: int, x16: int, modes, out: str) -> dict:
@@ -35,6 +36,22 @@ def measure(model: str, x1: int, x16: int, modes, out: str) -> dict:
 
 def fmt(v) -> str:
     return "—" if v is None else f"{v:.3f}"
+
+
+def kid_cell(row) -> str:
+    """'0.041±0.012': the KID and its standard error."""
+    return fmt(row["kid"]) + ("" if row.get("kid_se") is None else f"±{row['kid_se']:.3f}")
+
+
+def ratio(best: dict, one_x: dict) -> str:
+    """best 16× KID ÷ 1× KID, ± its first-order standard error; none when the 1× KID is not above its own error
+    (a ratio to an estimate that may be 0 says nothing)."""
+    k1, k16 = one_x["kid"], best["kid"]
+    if k1 <= 0 or k1 <= (one_x.get("kid_se") or 0):
+        return f"— (1x KID {kid_cell(one_x)} is not above its error)"
+    r = k16 / k1
+    se = r * ((best["kid_se"] / k16) ** 2 + (one_x["kid_se"] / k1) ** 2) ** 0.5 if k16 > 0 else None
+    return f"{r:.2f}" + ("" if se is None else f" ± {se:.2f}")
 
 
 def main(argv=None) -> None:
@@ -57,16 +74,14 @@ def main(argv=None) -> None:
     for i, model in enumerate(args.models):
         r = measure(model, args.x1, args.x16, args.modes, os.path.join(out, f"model{i}"))
         print(f"\n{model}  (1x: {args.x1} seeds/family; 16x: {args.x16}; truth-vs-truth 1x KID "
-              f"{fmt(r['1x truth']['kid'])}, 16x {fmt(r['16x']['ground truth']['kid'])})")
+              f"{kid_cell(r['1x truth'])}, 16x {kid_cell(r['16x']['ground truth'])})")
         rows = [("1x global", r["1x"])] + [(f"16x {m}", r["16x"][m]) for m in args.modes]
         width = max(len(name) for name, _ in rows)
-        print(f"  {'row':{width}s}" + "".join(f"{c:>10s}" for c in COLUMNS))
+        print(f"  {'row':{width}s}{COLUMNS[0]:>14s}" + "".join(f"{c:>10s}" for c in COLUMNS[1:]))
         for name, row in rows:
-            print(f"  {name:{width}s}" + "".join(f"{fmt(row[c]):>10s}" for c in COLUMNS))
+            print(f"  {name:{width}s}{kid_cell(row):>14s}" + "".join(f"{fmt(row[c]):>10s}" for c in COLUMNS[1:]))
         best = min(args.modes, key=lambda m: r["16x"][m]["kid"])
-        one_x = r["1x"]["kid"]  # at few seeds the estimate can be <= 0: no ratio then
-        ratio = f"{r['16x'][best]['kid'] / one_x:.2f}" if one_x > 0 else "— (1x KID <= 0: too few seeds)"
-        print(f"  best 16x ({best}) / 1x KID: {ratio}")
+        print(f"  best 16x ({best}) / 1x KID: {ratio(r['16x'][best], r['1x'])}")
     print(f"\nwrote {out}")
 
 

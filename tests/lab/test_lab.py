@@ -357,6 +357,8 @@ def test_quality_suite_quick(tmp_path, monkeypatch):
         {r["mode"] for r in scored}
     for r in scored:
         assert math.isfinite(r["kid"]) and math.isfinite(r["spectrum"]) and math.isfinite(r["seam_ratio"]), r
+        # one seed: one image, no spread to read; the 2-canvas ground-truth row has one
+        assert (r["kid_se"] > 0) if r["mode"] == "ground truth" else (r["kid_se"] is None), r
     assert json.loads((tmp_path / "quality.json").read_text())["rows"]
     assert (tmp_path / "contact_256.png").stat().st_size > 0
 

@@ -17,6 +17,9 @@ Per (canvas size, mode), over the same seeds (seed s draws family s mod 4 and it
                features of the lab VAE's encoder (per-channel mean and std after each down block and the
                mid-block, standardised by the ground truth's statistics). The `ground truth` row is a second,
                independent ground-truth set: the noise floor of the estimate.
+- kid_se       the KID's standard error (`metrics.kid_se`: jackknife deleting one whole image of either set at a
+               time, since an image's patches are not independent samples; None from a single image). Rows share their ground truth, so a
+               difference between two rows is better known than their two errors suggest.
 - spectrum     `metrics.spectrum_distance` to the ground-truth canvases (mean |Δ log10 power| per radial bin).
 - psnr_global  PSNR against `global` at the same seed (agreement with the untiled model).
 - fidelity     prompt fidelity: share of the samples the family classifier (lab/fidelity.py, trained on
@@ -165,10 +168,24 @@ def vae_features(vae, images: torch.Tensor, patch: int = models.TRAIN_SIZE) -> t
     return torch.cat(feats, dim=1).float()
 
 
+def _standardised(features: torch.Tensor, reference: torch.Tensor):
+    mu, sd = reference.mean(0), reference.std(0).clamp(min=1e-6)
+    return (features - mu) / sd, (reference - mu) / sd
+
+
 def kid_to(features: torch.Tensor, reference: torch.Tensor) -> float:
     """KID after standardising both sets with the reference's per-feature mean and std."""
-    mu, sd = reference.mean(0), reference.std(0).clamp(min=1e-6)
-    return metrics.kid((features - mu) / sd, (reference - mu) / sd)
+    return metrics.kid(*_standardised(features, reference))
+
+
+def kid_se_to(features: torch.Tensor, reference: torch.Tensor, per_image: int,
+              ref_per_image: int) -> Optional[float]:
+    """kid_to's standard error (vae_features rows come `per_image` patches per image, image-major); None when a
+    set holds a single image, from which no spread can be read."""
+    if min(len(features) // per_image, len(reference) // ref_per_image) < 2:
+        return None
+    f, r = _standardised(features, reference)
+    return metrics.kid_se(f, r, torch.arange(len(f)) // per_image, torch.arange(len(r)) // ref_per_image)
 
 
 # ------------------------------------------------------------------------------------ ground truth
@@ -226,6 +243,7 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
         gt = ground_truth(size, gt_count)
         gt2 = ground_truth(size, gt_count, offset=gt_count)
         gt_feats = vae_features(pipe.vae, gt)
+        per_image = (size // models.TRAIN_SIZE) ** 2  # vae_features' patches per canvas
         gt_fams = [k % len(fams) for k in range(gt_count)]
         log(f"quality {size}²: ground truth {time.perf_counter() - t0:.1f} s")
         images: dict[str, torch.Tensor] = {}
@@ -246,13 +264,16 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
             imgs = images[m.name]
             row["seam_ratio"] = seam_score(imgs, ct_seams if m.mode == "global" else mode_seams(m, size, size, geo),
                                            geo)
-            row["kid"] = kid_to(vae_features(pipe.vae, imgs), gt_feats)
+            feats = vae_features(pipe.vae, imgs)
+            row["kid"], row["kid_se"] = kid_to(feats, gt_feats), kid_se_to(feats, gt_feats, per_image, per_image)
             row["spectrum"] = metrics.spectrum_distance(imgs, gt)
             row["psnr_global"] = (statistics.fmean(metrics.psnr(a, b) for a, b in zip(imgs, ref))
                                   if ref is not None and m.name != "global" else None)
             row.update(prompt_scores(imgs, [s % len(fams) for s in range(seeds)], gt, gt_fams, net))
+        gt2_feats = vae_features(pipe.vae, gt2)
         rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": "ground truth", "time_s": None,
-                     "seam_ratio": seam_score(gt2, ct_seams, geo), "kid": kid_to(vae_features(pipe.vae, gt2), gt_feats),
+                     "seam_ratio": seam_score(gt2, ct_seams, geo), "kid": kid_to(gt2_feats, gt_feats),
+                     "kid_se": kid_se_to(gt2_feats, gt_feats, per_image, per_image),
                      "spectrum": metrics.spectrum_distance(gt2, gt), "psnr_global": None,
                      **prompt_scores(gt2, gt_fams, gt, gt_fams, net)})
         sheet = os.path.join(out_dir, f"contact_{size}.png")

@@ -110,21 +110,60 @@ def psnr(image: torch.Tensor, reference: torch.Tensor, peak_to_peak: float = 2.0
     return float("inf") if mse == 0 else 10 * math.log10(peak_to_peak**2 / mse)
 
 
+def _kid_kernels(features_a: torch.Tensor, features_b: torch.Tensor):
+    """The checked fp64 kernel matrices (k_aa, k_bb, k_ab) of kid's polynomial kernel."""
+    a, b = features_a.double(), features_b.double()
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"kid: features must be [N, D] and [M, D], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"kid: need at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
+    d = a.shape[1]
+    return (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+
+
+def _mmd2(k_aa: torch.Tensor, k_bb: torch.Tensor, k_ab: torch.Tensor) -> float:
+    n, m = k_aa.shape[0], k_bb.shape[0]
+    return float((k_aa.sum() - k_aa.diagonal().sum()) / (n * (n - 1))
+                 + (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1)) - 2 * k_ab.mean())
+
+
 def kid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """Kernel inception distance: unbiased MMD² between feature sets [N, D] and [M, D] (N, M ≥ 2) with the
     polynomial kernel k(x, y) = (x·y / D + 1)³ (Bińkowski et al. 2018). 0 in expectation for one distribution;
     the unbiased estimate can be slightly negative."""
-    a, b = features_a.double(), features_b.double()
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"kid: features must be [N, D] and [M, D], got {tuple(a.shape)} and {tuple(b.shape)}")
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    if n < 2 or m < 2:
-        raise ValueError(f"kid: need at least 2 samples per set, got {n} and {m}")
-    k_aa = (a @ a.T / d + 1) ** 3
-    k_bb = (b @ b.T / d + 1) ** 3
-    k_ab = (a @ b.T / d + 1) ** 3
-    return float((k_aa.sum() - k_aa.diagonal().sum()) / (n * (n - 1))
-                 + (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1)) - 2 * k_ab.mean())
+    return _mmd2(*_kid_kernels(features_a, features_b))
+
+
+def kid_se(features_a: torch.Tensor, features_b: torch.Tensor, groups_a=None, groups_b=None) -> float:
+    """Standard error of `kid(features_a, features_b)`: the delete-a-group jackknife over both sets, whose
+    variances add (each set is a random draw).
+
+    groups_a / groups_b: [N] / [M] labels of samples that are not independent and are deleted together (the
+    patches of one image: deleting one patch at a time would read their correlation as extra samples and
+    understate the error). Default: every sample its own group. Each set needs at least 2 groups, and 2 samples
+    left without any one of them."""
+    k_aa, k_bb, k_ab = _kid_kernels(features_a, features_b)
+    var = 0.0
+    for side, groups in ((0, groups_a), (1, groups_b)):
+        n = (k_aa if side == 0 else k_bb).shape[0]
+        labels = torch.arange(n) if groups is None else torch.as_tensor(groups).reshape(-1)
+        if labels.numel() != n:
+            raise ValueError(f"kid_se: {labels.numel()} group labels for {n} samples")
+        ids = labels.unique()
+        if ids.numel() < 2:
+            raise ValueError(f"kid_se: need at least 2 groups per set, got {ids.numel()}")
+        thetas = []
+        for g in ids:
+            keep = (labels != g).nonzero().flatten()
+            if keep.numel() < 2:
+                raise ValueError(f"kid_se: deleting group {g.item()} leaves {keep.numel()} sample(s); need 2")
+            if side == 0:
+                thetas.append(_mmd2(k_aa[keep][:, keep], k_bb, k_ab[keep]))
+            else:
+                thetas.append(_mmd2(k_aa, k_bb[keep][:, keep], k_ab[:, keep]))
+        t = torch.tensor(thetas, dtype=torch.float64)
+        var += float((t - t.mean()).pow(2).sum()) * (len(t) - 1) / len(t)
+    return var ** 0.5
 
 
 # Power floor added before the log: the noise of 8-bit quantization of [-1, 1] images ((2/255)² / 12 per pixel, a
