@@ -146,9 +146,11 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
         gt, gt2 = quality.ground_truth(size, gt_count), quality.ground_truth(size, gt_count, offset=gt_count)
         gt_fams = [k % len(fams) for k in range(gt_count)]
         gt_feats = quality.vae_features(pipe.vae, gt)
+        per_image = (size // models.TRAIN_SIZE) ** 2
         ct = quality.mode_seams(quality.Mode("cross_tile", "cross_tile"), size, size, geo)
         sheets[size] = {"ground truth": gt2[: len(fams)]}
-        row = {"kid": quality.kid_to(quality.vae_features(pipe.vae, gt2), gt_feats),
+        row = {"kid": quality.kid_to(quality.vae_features(pipe.vae, gt2), gt_feats, gt_fams, gt_fams,
+                                     per_image),
                "seam_ratio": quality.seam_score(gt2, ct, geo), **quality.prompt_scores(gt2, gt_fams, gt, gt_fams)}
         row["structure"] = _structure_distance(row)
         figures["ground truth"][str(size)] = row
@@ -157,11 +159,13 @@ def run(out: str, sizes=(128, 256, 512), modes=GALLERY_MODES, per_family: int = 
                               for s in range(n)])
             sheets[size][m.name] = imgs[: len(fams)]
             seams = ct if m.mode == "global" else quality.mode_seams(m, size, size, geo)
-            row = {"kid": quality.kid_to(quality.vae_features(pipe.vae, imgs), gt_feats),
+            row = {"kid": quality.kid_to(quality.vae_features(pipe.vae, imgs), gt_feats, families, gt_fams,
+                                         per_image),
                    "seam_ratio": quality.seam_score(imgs, seams, geo), **quality.prompt_scores(imgs, families, gt, gt_fams)}
             row["structure"] = _structure_distance(row)
             figures["modes"][m.name][str(size)] = row
-            log(f"gallery {size}² {m.name}: kid {row['kid']:.3f} fidelity {row['fidelity']:.2f} "
+            kid = row["kid"] if row["kid"] is None else round(row["kid"], 3)  # None below 2 seeds per family
+            log(f"gallery {size}² {m.name}: kid {kid} fidelity {row['fidelity']:.2f} "
                 f"structure {row['structure'] if row['structure'] is None else round(row['structure'], 2)}")
         log(f"gallery {size}²: {time.perf_counter() - t0:.0f} s")
     ex = None

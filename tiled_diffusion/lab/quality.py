@@ -15,11 +15,12 @@ Per (canvas size, mode), over the same seeds (seed s draws family s mod 4 and it
                the cross_tile grid as controls (what "no seam" reads).
 - kid          KID between 128-px patches of the samples and of ground-truth canvases of the same size, on
                features of the lab VAE's encoder (per-channel mean and std after each down block and the
-               mid-block, standardised by the ground truth's statistics). The `ground truth` row is a second,
-               independent ground-truth set: the noise floor of the estimate.
+               mid-block, standardised by the ground truth's statistics), stratified by family and never pairing
+               two patches of one image (`kid_to`; None below 2 images per family). The `ground truth` row is a
+               second, independent ground-truth set: what a perfect model reads (0 in expectation).
 - kid_se       the KID's standard error (`metrics.kid_se`: jackknife deleting one whole image of either set at a
-               time, since an image's patches are not independent samples; None from a single image). Rows share their ground truth, so a
-               difference between two rows is better known than their two errors suggest.
+               time; None below 3 images per family). Rows share their ground truth, so a difference between two
+               rows is better known than their two errors suggest.
 - spectrum     `metrics.spectrum_distance` to the ground-truth canvases (mean |Δ log10 power| per radial bin).
 - psnr_global  PSNR against `global` at the same seed (agreement with the untiled model).
 - fidelity     prompt fidelity: share of the samples the family classifier (lab/fidelity.py, trained on
@@ -34,6 +35,7 @@ Layouts: images [B, 3, H, W] in [-1, 1].
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -173,19 +175,42 @@ def _standardised(features: torch.Tensor, reference: torch.Tensor):
     return (features - mu) / sd, (reference - mu) / sd
 
 
-def kid_to(features: torch.Tensor, reference: torch.Tensor) -> float:
-    """KID after standardising both sets with the reference's per-feature mean and std."""
-    return metrics.kid(*_standardised(features, reference))
+def _design(families, per_image: int):
+    """(strata, groups) of vae_features rows: `per_image` patches per image, image-major."""
+    fam = torch.as_tensor(list(families))
+    return fam.repeat_interleave(per_image), torch.arange(len(fam)).repeat_interleave(per_image)
 
 
-def kid_se_to(features: torch.Tensor, reference: torch.Tensor, per_image: int,
-              ref_per_image: int) -> Optional[float]:
-    """kid_to's standard error (vae_features rows come `per_image` patches per image, image-major); None when a
-    set holds a single image, from which no spread can be read."""
-    if min(len(features) // per_image, len(reference) // ref_per_image) < 2:
+def _fewest_images(families) -> int:
+    return min(collections.Counter(int(f) for f in families).values())
+
+
+def kid_to(features: torch.Tensor, reference: torch.Tensor, families=None, ref_families=None,
+           per_image: int = 1) -> Optional[float]:
+    """KID after standardising both sets with the reference's per-feature mean and std.
+
+    With the images' families (rows: `per_image` patches per image, image-major) it is stratified by family and
+    never pairs two patches of one image (metrics.kid): the suite's sets are designed (seed s draws family s mod 4),
+    and the plain statistic reads such sets low (NOTES, issue 19, thirteenth session). None when a family has a
+    single image in either set (no independent pair in it)."""
+    f, r = _standardised(features, reference)
+    if families is None:
+        return metrics.kid(f, r)
+    if min(_fewest_images(families), _fewest_images(ref_families)) < 2:
+        return None
+    (sa, ga), (sb, gb) = _design(families, per_image), _design(ref_families, per_image)
+    return metrics.kid(f, r, sa, sb, ga, gb)
+
+
+def kid_se_to(features: torch.Tensor, reference: torch.Tensor, families, ref_families,
+              per_image: int = 1) -> Optional[float]:
+    """kid_to's standard error (metrics.kid_se: whole images deleted); None below 3 images of a family in either
+    set (a deletion must leave each family an independent pair)."""
+    if min(_fewest_images(families), _fewest_images(ref_families)) < 3:
         return None
     f, r = _standardised(features, reference)
-    return metrics.kid_se(f, r, torch.arange(len(f)) // per_image, torch.arange(len(r)) // ref_per_image)
+    (sa, ga), (sb, gb) = _design(families, per_image), _design(ref_families, per_image)
+    return metrics.kid_se(f, r, sa, sb, ga, gb)
 
 
 # ------------------------------------------------------------------------------------ ground truth
@@ -264,16 +289,18 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
             imgs = images[m.name]
             row["seam_ratio"] = seam_score(imgs, ct_seams if m.mode == "global" else mode_seams(m, size, size, geo),
                                            geo)
-            feats = vae_features(pipe.vae, imgs)
-            row["kid"], row["kid_se"] = kid_to(feats, gt_feats), kid_se_to(feats, gt_feats, per_image, per_image)
+            feats, fams_s = vae_features(pipe.vae, imgs), [s % len(fams) for s in range(seeds)]
+            row["kid"] = kid_to(feats, gt_feats, fams_s, gt_fams, per_image)
+            row["kid_se"] = kid_se_to(feats, gt_feats, fams_s, gt_fams, per_image)
             row["spectrum"] = metrics.spectrum_distance(imgs, gt)
             row["psnr_global"] = (statistics.fmean(metrics.psnr(a, b) for a, b in zip(imgs, ref))
                                   if ref is not None and m.name != "global" else None)
             row.update(prompt_scores(imgs, [s % len(fams) for s in range(seeds)], gt, gt_fams, net))
         gt2_feats = vae_features(pipe.vae, gt2)
         rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": "ground truth", "time_s": None,
-                     "seam_ratio": seam_score(gt2, ct_seams, geo), "kid": kid_to(gt2_feats, gt_feats),
-                     "kid_se": kid_se_to(gt2_feats, gt_feats, per_image, per_image),
+                     "seam_ratio": seam_score(gt2, ct_seams, geo),
+                     "kid": kid_to(gt2_feats, gt_feats, gt_fams, gt_fams, per_image),
+                     "kid_se": kid_se_to(gt2_feats, gt_feats, gt_fams, gt_fams, per_image),
                      "spectrum": metrics.spectrum_distance(gt2, gt), "psnr_global": None,
                      **prompt_scores(gt2, gt_fams, gt, gt_fams, net)})
         sheet = os.path.join(out_dir, f"contact_{size}.png")

@@ -121,46 +121,78 @@ def _kid_kernels(features_a: torch.Tensor, features_b: torch.Tensor):
     return (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
 
 
-def _mmd2(k_aa: torch.Tensor, k_bb: torch.Tensor, k_ab: torch.Tensor) -> float:
-    n, m = k_aa.shape[0], k_bb.shape[0]
-    return float((k_aa.sum() - k_aa.diagonal().sum()) / (n * (n - 1))
-                 + (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1)) - 2 * k_ab.mean())
+def _labels(labels, n: int, what: str, default: str) -> torch.Tensor:
+    if labels is None:
+        return torch.arange(n) if default == "own" else torch.zeros(n, dtype=torch.long)
+    t = torch.as_tensor(labels).reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"kid: {t.numel()} {what} labels for {n} samples")
+    return t
 
 
-def kid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+def _within(k: torch.Tensor, strata: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """E k(x, x') over two independent draws of one set's population: per stratum pair (f, h), the mean over the
+    pairs of different groups, weighted by the strata's shares π_f·π_h. One stratum and every sample its own group
+    is the plain U-statistic's off-diagonal mean."""
+    _, idx = strata.unique(return_inverse=True)
+    onehot = torch.nn.functional.one_hot(idx).double()
+    valid = (groups[:, None] != groups[None, :]).double()
+    counts = onehot.T @ valid @ onehot
+    if (counts == 0).any():
+        raise ValueError("kid: a stratum holds a single group (no pair of independent samples in it)")
+    share = onehot.mean(0)
+    return ((onehot.T @ (k * valid) @ onehot) / counts * share[:, None] * share[None, :]).sum()
+
+
+def _mmd2(k_aa, k_bb, k_ab, sa, sb, ga, gb) -> float:
+    # the cross term's plain mean already weights stratum pair (f, h) by π_f(a)·π_h(b)
+    return float(_within(k_aa, sa, ga) + _within(k_bb, sb, gb) - 2 * k_ab.mean())
+
+
+def kid(features_a: torch.Tensor, features_b: torch.Tensor, strata_a=None, strata_b=None, groups_a=None,
+        groups_b=None) -> float:
     """Kernel inception distance: unbiased MMD² between feature sets [N, D] and [M, D] (N, M ≥ 2) with the
     polynomial kernel k(x, y) = (x·y / D + 1)³ (Bińkowski et al. 2018). 0 in expectation for one distribution;
-    the unbiased estimate can be slightly negative."""
-    return _mmd2(*_kid_kernels(features_a, features_b))
+    the unbiased estimate can be slightly negative.
 
-
-def kid_se(features_a: torch.Tensor, features_b: torch.Tensor, groups_a=None, groups_b=None) -> float:
-    """Standard error of `kid(features_a, features_b)`: the delete-a-group jackknife over both sets, whose
-    variances add (each set is a random draw).
-
-    groups_a / groups_b: [N] / [M] labels of samples that are not independent and are deleted together (the
-    patches of one image: deleting one patch at a time would read their correlation as extra samples and
-    understate the error). Default: every sample its own group. Each set needs at least 2 groups, and 2 samples
-    left without any one of them."""
+    For sets that are not i.i.d. draws, two kinds of labels keep it unbiased:
+    - strata_a / strata_b: a designed set (e.g. exactly 64 images of each of 4 families) is no i.i.d. draw from
+      the mixture: its off-diagonal pairs hold fewer same-stratum pairs than independent draws would (63/255, not
+      1/4), and since same-family pairs have the larger kernel, the plain statistic reads low — two ground-truth
+      sets of the lab world, -0.04 at 256 vs 256 (benchmarks/NOTES.md). With strata, each stratum pair is
+      weighted by its shares.
+    - groups_a / groups_b: samples that are not independent (the patches of one image) are never paired within a
+      set, as the plain statistic never pairs a sample with itself.
+    Default: one stratum, every sample its own group (the plain statistic)."""
     k_aa, k_bb, k_ab = _kid_kernels(features_a, features_b)
+    n, m = k_aa.shape[0], k_bb.shape[0]
+    return _mmd2(k_aa, k_bb, k_ab, _labels(strata_a, n, "strata", "one"), _labels(strata_b, m, "strata", "one"),
+                 _labels(groups_a, n, "group", "own"), _labels(groups_b, m, "group", "own"))
+
+
+def kid_se(features_a: torch.Tensor, features_b: torch.Tensor, strata_a=None, strata_b=None, groups_a=None,
+           groups_b=None) -> float:
+    """Standard error of `kid` (same arguments): the delete-a-group jackknife over both sets, whose variances add
+    (each set is a random draw). Deleting one whole group at a time matters: deleting one patch of an image would
+    read the patches' correlation as extra samples and understate the error. Each set needs at least 2 groups."""
+    k_aa, k_bb, k_ab = _kid_kernels(features_a, features_b)
+    n, m = k_aa.shape[0], k_bb.shape[0]
+    sa, sb = _labels(strata_a, n, "strata", "one"), _labels(strata_b, m, "strata", "one")
+    ga, gb = _labels(groups_a, n, "group", "own"), _labels(groups_b, m, "group", "own")
     var = 0.0
-    for side, groups in ((0, groups_a), (1, groups_b)):
-        n = (k_aa if side == 0 else k_bb).shape[0]
-        labels = torch.arange(n) if groups is None else torch.as_tensor(groups).reshape(-1)
-        if labels.numel() != n:
-            raise ValueError(f"kid_se: {labels.numel()} group labels for {n} samples")
-        ids = labels.unique()
+    for side, groups in ((0, ga), (1, gb)):
+        ids = groups.unique()
         if ids.numel() < 2:
             raise ValueError(f"kid_se: need at least 2 groups per set, got {ids.numel()}")
         thetas = []
         for g in ids:
-            keep = (labels != g).nonzero().flatten()
+            keep = (groups != g).nonzero().flatten()
             if keep.numel() < 2:
                 raise ValueError(f"kid_se: deleting group {g.item()} leaves {keep.numel()} sample(s); need 2")
             if side == 0:
-                thetas.append(_mmd2(k_aa[keep][:, keep], k_bb, k_ab[keep]))
+                thetas.append(_mmd2(k_aa[keep][:, keep], k_bb, k_ab[keep], sa[keep], sb, ga[keep], gb))
             else:
-                thetas.append(_mmd2(k_aa, k_bb[keep][:, keep], k_ab[:, keep]))
+                thetas.append(_mmd2(k_aa, k_bb[keep][:, keep], k_ab[:, keep], sa, sb[keep], ga, gb[keep]))
         t = torch.tensor(thetas, dtype=torch.float64)
         var += float((t - t.mean()).pow(2).sum()) * (len(t) - 1) / len(t)
     return var ** 0.5
