@@ -50,7 +50,8 @@ def ratio(best: dict, one_x: dict) -> str:
     if k1 <= 0 or k1 <= (one_x.get("kid_se") or 0):
         return f"— (1x KID {kid_cell(one_x)} is not above its error)"
     r = k16 / k1
-    se = r * ((best["kid_se"] / k16) ** 2 + (one_x["kid_se"] / k1) ** 2) ** 0.5 if k16 > 0 else None
+    errors = (best.get("kid_se"), one_x.get("kid_se"))  # None below 3 seeds per family
+    se = r * ((errors[0] / k16) ** 2 + (errors[1] / k1) ** 2) ** 0.5 if k16 > 0 and None not in errors else None
     return f"{r:.2f}" + ("" if se is None else f" ± {se:.2f}")
 
 
@@ -65,8 +66,8 @@ def main(argv=None) -> None:
     unknown = set(args.modes) - {m.name for m in quality.MODES}
     if unknown:
         p.error(f"--modes: not in lab.quality.MODES: {', '.join(sorted(unknown))}")
-    if min(args.x1, args.x16) < 1:
-        p.error(f"--x1 and --x16: seeds per family, at least 1 (got {args.x1}, {args.x16})")
+    if min(args.x1, args.x16) < 2:  # a family's KID needs two images (quality.kid_to), its error three
+        p.error(f"--x1 and --x16: seeds per family, at least 2 (got {args.x1}, {args.x16})")
     for model in args.models:
         if not os.path.exists(os.path.join(model, "model_index.json")):
             p.error(f"no lab model in {model!r} (a folder written by python -m tiled_diffusion.lab.train)")

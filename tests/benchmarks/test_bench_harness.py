@@ -213,7 +213,7 @@ def test_lab_yardstick_refuses_bad_input_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--modes: not in lab.quality.MODES: no such mode"), err
     assert set(lab_yardstick.MODES_16X) <= {m.name for m in lab_yardstick.quality.MODES}
-    for argv, says in ((["--x16", "0"], "at least 1 (got 64, 0)"), ([str(tmp_path)], "no lab model in")):
+    for argv, says in ((["--x16", "1"], "at least 2 (got 64, 1)"), ([str(tmp_path)], "no lab model in")):
         with pytest.raises(SystemExit):
             lab_yardstick.main(argv)
         assert says in capsys.readouterr().err.strip().splitlines()[-1]
@@ -225,6 +225,7 @@ def test_lab_yardstick_ratio_carries_both_errors_and_refuses_a_1x_kid_within_its
     # 0.09 / 0.041 = 2.195; relative error √((0.03/0.09)² + (0.01/0.041)²) = 0.413 → ± 0.906
     assert lab_yardstick.ratio({"kid": 0.09, "kid_se": 0.03}, {"kid": 0.041, "kid_se": 0.01}) == "2.20 ± 0.91"
     assert lab_yardstick.ratio({"kid": -0.01, "kid_se": 0.03}, {"kid": 0.041, "kid_se": 0.01}) == "-0.24"
+    assert lab_yardstick.ratio({"kid": 0.09, "kid_se": None}, {"kid": 0.041, "kid_se": 0.01}) == "2.20"
     for one_x in ({"kid": 0.02, "kid_se": 0.03}, {"kid": -0.01, "kid_se": 0.01}):
         assert lab_yardstick.ratio({"kid": 0.09, "kid_se": 0.03}, one_x).startswith("— (1x KID ")
     assert lab_yardstick.kid_cell({"kid": 0.0414, "kid_se": 0.0123}) == "0.041±0.012"
