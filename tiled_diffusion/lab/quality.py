@@ -295,7 +295,7 @@ def run(out_dir: str, scales=(1, 4, 16), seeds: int = 8, steps: int = 4, modes=N
             row["spectrum"] = metrics.spectrum_distance(imgs, gt)
             row["psnr_global"] = (statistics.fmean(metrics.psnr(a, b) for a, b in zip(imgs, ref))
                                   if ref is not None and m.name != "global" else None)
-            row.update(prompt_scores(imgs, [s % len(fams) for s in range(seeds)], gt, gt_fams, net))
+            row.update(prompt_scores(imgs, fams_s, gt, gt_fams, net))
         gt2_feats = vae_features(pipe.vae, gt2)
         rows.append({"size": f"{size}²", "area": f"{scale}x", "mode": "ground truth", "time_s": None,
                      "seam_ratio": seam_score(gt2, ct_seams, geo),

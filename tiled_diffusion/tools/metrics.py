@@ -121,9 +121,10 @@ def _kid_kernels(features_a: torch.Tensor, features_b: torch.Tensor):
     return (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
 
 
-def _labels(labels, n: int, what: str, default: str) -> torch.Tensor:
+def _labels(labels, n: int, what: str) -> torch.Tensor:
+    """Checked [n] labels; default: one stratum, or every sample its own group."""
     if labels is None:
-        return torch.arange(n) if default == "own" else torch.zeros(n, dtype=torch.long)
+        return torch.arange(n) if what == "group" else torch.zeros(n, dtype=torch.long)
     t = torch.as_tensor(labels).reshape(-1)
     if t.numel() != n:
         raise ValueError(f"kid: {t.numel()} {what} labels for {n} samples")
@@ -169,8 +170,8 @@ def kid(features_a: torch.Tensor, features_b: torch.Tensor, strata_a=None, strat
     Default: one stratum, every sample its own group (the plain statistic)."""
     k_aa, k_bb, k_ab = _kid_kernels(features_a, features_b)
     n, m = k_aa.shape[0], k_bb.shape[0]
-    return _mmd2(k_aa, k_bb, k_ab, _labels(strata_a, n, "strata", "one"), _labels(strata_b, m, "strata", "one"),
-                 _labels(groups_a, n, "group", "own"), _labels(groups_b, m, "group", "own"))
+    return _mmd2(k_aa, k_bb, k_ab, _labels(strata_a, n, "strata"), _labels(strata_b, m, "strata"),
+                 _labels(groups_a, n, "group"), _labels(groups_b, m, "group"))
 
 
 def kid_se(features_a: torch.Tensor, features_b: torch.Tensor, strata_a=None, strata_b=None, groups_a=None,
@@ -180,8 +181,8 @@ def kid_se(features_a: torch.Tensor, features_b: torch.Tensor, strata_a=None, st
     read the patches' correlation as extra samples and understate the error. Each set needs at least 2 groups."""
     k_aa, k_bb, k_ab = _kid_kernels(features_a, features_b)
     n, m = k_aa.shape[0], k_bb.shape[0]
-    sa, sb = _labels(strata_a, n, "strata", "one"), _labels(strata_b, m, "strata", "one")
-    ga, gb = _labels(groups_a, n, "group", "own"), _labels(groups_b, m, "group", "own")
+    sa, sb = _labels(strata_a, n, "strata"), _labels(strata_b, m, "strata")
+    ga, gb = _labels(groups_a, n, "group"), _labels(groups_b, m, "group")
     var = 0.0
     for side, groups in ((0, ga), (1, gb)):
         ids = groups.unique()
